@@ -1,0 +1,157 @@
+"""The ``torch`` backend: every pass in PyTorch foreach ops. Runs on any device.
+
+This is the portable backend, not the fast one: each pass is a handful of foreach calls (one
+launch per op per ~chunk of tensors on CUDA, a Python-free loop on CPU) with temporaries. The
+update arithmetic follows torch.optim's own multi-tensor SGD/Adam op for op, in the storage
+dtype, so on fp32 it reproduces torch.optim to the last bit on most machines.
+
+Non-finite perturbation norm: ``e`` is scaled by 0. Elements whose gradient is inf/NaN still
+become NaN at the perturbed point (``0·inf``); the restore from ``w_old`` is exact regardless.
+The fused backends skip such elements instead (they can select per element without a sync).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper
+
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def _widen(tensors: list[Tensor]) -> list[Tensor]:
+    """fp16/bf16 → fp32; fp32 and fp64 stay as they are (compute in at least fp32)."""
+    return [t.float() if t.dtype in _NARROW else t for t in tensors]
+
+
+def _operator_T(params: list[Tensor], scaling: Scaling) -> list[Tensor] | None:
+    """The ASAM operator T per tensor (at least fp32, broadcastable), None for T = 1."""
+    if scaling.kind == "none":
+        return None
+    if scaling.kind == "element":
+        t = torch._foreach_abs(_widen(params))
+        if scaling.eta != 0.0:
+            torch._foreach_add_(t, scaling.eta)
+        return t
+    out = []
+    for w in params:  # filter-wise: one norm per slice along dim 0, no foreach op for that
+        (w,) = _widen([w])
+        if w.dim() >= 2:
+            n = torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
+        else:
+            n = w.abs()
+        out.append(n + scaling.eta)
+    return out
+
+
+def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | None]:
+    """u = T·g (at least fp32) and T."""
+    g = _widen(group.grads)
+    t = _operator_T(group.params, group.scaling)
+    return (g if t is None else torch._foreach_mul(g, t)), t
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+        total = None
+        for group in groups:
+            u, _ = _scaled_grads(group)
+            if u:
+                part = torch.stack(torch._foreach_norm(u, q)).pow(q).sum()
+                total = part if total is None else total + part  # promotes fp32 + fp64
+        return total.float() if total.dtype in _NARROW else total
+
+    def perturb(
+        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
+    ) -> None:
+        finite = torch.isfinite(norm_sum)
+        skipped.copy_(~finite)
+        if math.isinf(p):
+            inv_denom = torch.ones_like(norm_sum)
+        else:
+            inv_denom = (norm_sum.pow(1.0 / p) + eps).reciprocal()
+        inv_denom = torch.where(finite, inv_denom, torch.zeros_like(inv_denom))
+        q = 1.0 if math.isinf(p) else p / (p - 1.0)
+        for group in groups:
+            if not group.params:
+                continue
+            u, t = _scaled_grads(group)
+            if q == 2.0:  # e ∝ T·u = T²·g
+                e = torch._foreach_mul(u, t) if t is not None else torch._foreach_mul(u, 1.0)
+            else:  # e ∝ T·sign(u)·|u|^(q-1)
+                e = torch._foreach_sign(u)
+                if q != 1.0:
+                    torch._foreach_mul_(e, torch._foreach_pow(torch._foreach_abs(u), q - 1.0))
+                if t is not None:
+                    torch._foreach_mul_(e, t)
+            torch._foreach_mul_(e, inv_denom * group.rho)
+            torch._foreach_copy_(group.w_old, group.params)
+            torch._foreach_add_(group.params, e)
+
+    def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
+        if params:
+            torch._foreach_copy_(params, w_old)
+
+    def restore_sgd(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        momentum_buffers: list[Tensor],
+        hyper: SGDHyper,
+        fresh_buffers: bool,
+    ) -> None:
+        if not params:
+            return
+        self.restore(params, w_old)
+        d = torch._foreach_neg(grads) if hyper.maximize else grads
+        if hyper.weight_decay != 0:
+            d = torch._foreach_add(d, params, alpha=hyper.weight_decay)
+        if hyper.momentum != 0:
+            if fresh_buffers:
+                torch._foreach_copy_(momentum_buffers, d)
+            else:
+                torch._foreach_mul_(momentum_buffers, hyper.momentum)
+                torch._foreach_add_(momentum_buffers, d, alpha=1 - hyper.dampening)
+            if hyper.nesterov:
+                d = torch._foreach_add(d, momentum_buffers, alpha=hyper.momentum)
+            else:
+                d = momentum_buffers
+        torch._foreach_add_(params, d, alpha=-hyper.lr)
+
+    def restore_adam(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        hyper: AdamHyper,
+    ) -> None:
+        if not params:
+            return
+        self.restore(params, w_old)
+        g = torch._foreach_neg(grads) if hyper.maximize else grads
+        if hyper.weight_decay != 0:
+            if hyper.decoupled:
+                torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+            else:
+                g = torch._foreach_add(g, params, alpha=hyper.weight_decay)
+        torch._foreach_lerp_(exp_avgs, g, 1 - hyper.beta1)
+        torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - hyper.beta2)
+        if hyper.amsgrad:
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+            second = max_exp_avg_sqs
+        else:
+            second = exp_avg_sqs
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, hyper.bias_correction2_sqrt)
+        torch._foreach_add_(denom, hyper.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -hyper.step_size)

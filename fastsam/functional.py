@@ -1,0 +1,170 @@
+"""The passes of one sharpness-aware step, and the contract every backend implements.
+
+A SAM-family step is three passes over memory (DESIGN.md §2):
+
+    A  perturbation_norm   S = Σ_groups Σ_tensors Σ_i |u_i|^q,  u = T·g         (one reduction)
+    B  perturb             w_old ← w;  w ← w + e,  e = ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps)
+    C  restore_*           w ← update(w_old, g_adv, state)                        (one pass)
+
+``T`` is the ASAM operator (1 for plain SAM; see :class:`Scaling`), ``q`` the dual exponent of
+``p`` (1/p + 1/q = 1). For p = 2 this is ``e = ρ·T²·g / (‖T·g‖₂ + eps)``; for p = ∞ it is
+``e = ρ·T·sign(g)`` (the sign perturbation, no denominator).
+
+Every backend (torch, triton, later cpu/cuda) subclasses :class:`Backend` and implements each
+pass with exactly the signature given here; the optimizers in ``fastsam.optimizers`` collect
+tensors and call these methods, nothing else. All arithmetic is fp32 whatever the storage dtype
+(bf16/fp16 values are widened on load and rounded once on store).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import Tensor
+
+__all__ = [
+    "Scaling",
+    "PerturbGroup",
+    "SGDHyper",
+    "AdamHyper",
+    "Backend",
+    "dual_exponent",
+]
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """The ASAM operator ``T`` applied to one parameter group.
+
+    kind:
+        ``"none"``: T = 1 (plain SAM).
+        ``"element"``: T = |w| + eta (element-wise ASAM; eta = 0 is the popular PyTorch SAM's
+        ``adaptive=True``).
+        ``"filter"``: T = ‖w[i, ...]‖₂ + eta broadcast over filter i (dim 0) for tensors with
+        ndim ≥ 2, |w| + eta for 1-D tensors (filter-wise ASAM).
+    """
+
+    kind: Literal["none", "element", "filter"] = "none"
+    eta: float = 0.0
+
+
+@dataclass
+class PerturbGroup:
+    """The tensors of one parameter group that take part in the perturbation.
+
+    ``params[i]``, ``grads[i]`` and ``w_old[i]`` have the same shape, dtype and device;
+    ``w_old`` are the persistent copy buffers the perturb pass writes.
+    """
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    w_old: list[Tensor]
+    rho: float
+    scaling: Scaling
+
+
+@dataclass(frozen=True)
+class SGDHyper:
+    """torch.optim.SGD hyper-parameters of one group (torch.optim's exact semantics)."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    weight_decay: float
+    nesterov: bool
+    maximize: bool
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """torch.optim.Adam/AdamW hyper-parameters of one group; ``step`` is after the increment."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool  # AdamW: w ← w·(1 - lr·wd) instead of g ← g + wd·w
+    amsgrad: bool
+    maximize: bool
+    step: float
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1.0 - self.beta1**self.step)
+
+    @property
+    def bias_correction2_sqrt(self) -> float:
+        return (1.0 - self.beta2**self.step) ** 0.5
+
+
+def dual_exponent(p: float) -> float:
+    """q with 1/p + 1/q = 1 (p = 2 → 2, p = ∞ → 1)."""
+    return 1.0 if math.isinf(p) else p / (p - 1.0)
+
+
+class Backend:
+    """The passes of DESIGN.md §2. A backend overrides every method below.
+
+    No method synchronises with the host: reductions stay on the device as 0-d fp32 tensors.
+    """
+
+    name: str = "abstract"
+
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+        """Pass A. Return ``S = Σ |T·g|^q`` over every tensor of every group as a 0-d fp32
+        tensor on the parameters' device (fp32 accumulation)."""
+        raise NotImplementedError
+
+    def perturb(
+        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
+    ) -> None:
+        """Pass B. ``w_old ← w`` and ``w ← w + e`` for every tensor (formula in the module
+        docstring, ``rho`` per group). If ``norm_sum`` is not finite the perturbation is zero
+        and ``skipped`` (0-d fp32) is set to 1, else to 0."""
+        raise NotImplementedError
+
+    def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
+        """Pass C without an update: ``w ← w_old`` exactly."""
+        raise NotImplementedError
+
+    def restore_sgd(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        momentum_buffers: list[Tensor],
+        hyper: SGDHyper,
+        fresh_buffers: bool,
+    ) -> None:
+        """Pass C fused with torch.optim.SGD::
+
+            d = ±g + wd·w_old
+            buf = d                      if fresh_buffers  (torch.optim's first step)
+            buf = m·buf + (1 - damp)·d   otherwise
+            d = d + m·buf if nesterov else buf          (when m ≠ 0)
+            w = w_old - lr·d
+
+        ``momentum_buffers`` is empty when momentum is 0. ``w_old[i]`` may be ``params[i]``
+        itself (a parameter that was not perturbed)."""
+        raise NotImplementedError
+
+    def restore_adam(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        hyper: AdamHyper,
+    ) -> None:
+        """Pass C fused with torch.optim.Adam/AdamW (every tensor at the same ``hyper.step``)::
+
+            w = w_old·(1 - lr·wd) if decoupled;  g = ±g (+ wd·w_old if not decoupled)
+            m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
+            w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)
+
+        ``max_exp_avg_sqs`` is empty unless amsgrad."""
+        raise NotImplementedError
