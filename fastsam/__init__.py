@@ -1,0 +1,18 @@
+"""fastsam: fused sharpness-aware minimization for PyTorch.
+
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+See README.md for the two-step and closure usage.
+"""
+from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
+from .optimizers import ASAM, SAM, asam_param_groups
+
+__version__ = "0.1.0"
+__all__ = [
+    "SAM",
+    "ASAM",
+    "asam_param_groups",
+    "frozen_bn_stats",
+    "disable_running_stats",
+    "enable_running_stats",
+]

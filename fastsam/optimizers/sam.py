@@ -1,0 +1,80 @@
+"""SAM (Foret et al., 2021), drop-in compatible with the popular PyTorch implementation."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import Scaling
+from ._base import SharpnessAwareOptimizer
+
+
+class SAM(SharpnessAwareOptimizer):
+    r"""Sharpness-aware minimization around any torch.optim base optimizer.
+
+    Each step evaluates the gradient at the worst point of a p-norm ball of radius ρ:
+
+    .. math::
+        u = T\,g,\qquad
+        e = \rho\,\frac{T\,\mathrm{sign}(u)\,|u|^{q-1}}{\|u\|_q^{q/p} + \epsilon},\qquad
+        w \leftarrow \mathrm{update}\big(w,\ \nabla L(w + e)\big)
+
+    with 1/p + 1/q = 1, T = 1 (SAM) or T = |w| (``adaptive=True``: the popular implementation's
+    ASAM, ``e = ρ·w²·g / (‖|w|·g‖₂ + eps)``). p = 2 gives ``e = ρ·g / (‖g‖₂ + eps)``;
+    p = ∞ gives the sign perturbation ``e = ρ·sign(g)``. The norm is one global norm over every
+    parameter with a gradient in every group; ρ may differ per group.
+
+    Args:
+        params: parameters or parameter groups (a group may set ``rho`` and ``adaptive``).
+        base_optimizer: a ``torch.optim.Optimizer`` class, built over the same groups with
+            ``base_kwargs``, or an already-built instance over exactly these parameters.
+        rho (float, default 0.05): radius of the neighbourhood.
+        adaptive (bool, default False): scale by T = |w| (ASAM as in the popular implementation;
+            see :class:`fastsam.ASAM` for the paper's T = |w| + eta and filter-wise T).
+        p (float, default 2): norm of the ball; ``float('inf')`` or any p > 1.
+        eps (float, default 1e-12): added to the norm in the denominator.
+        backend (str, optional): ``"torch"`` or ``"triton"``; default: ``FASTSAM_BACKEND``, else
+            automatic.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
+
+    Example:
+        >>> import torch, fastsam
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = fastsam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        p: float = 2,
+        eps: float = 1e-12,
+        backend: str | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho, adaptive=adaptive),
+            p=p,
+            eps=eps,
+            backend=backend,
+            base_kwargs=base_kwargs,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+
+    def _scaling(self, group: dict[str, Any]) -> Scaling:
+        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
