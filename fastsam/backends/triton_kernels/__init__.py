@@ -1,0 +1,1 @@
+"""Triton kernels (arithmetic only); launchers live in fastsam/backends/triton.py."""

@@ -1,0 +1,187 @@
+"""Triton-specific behaviour: launch counts, pointer-table caching, many tiny tensors, mixed
+dtypes, non-finite norms, and (on a GPU) full-size and > 2^31-element tensors.
+
+Numerical parity over whole steps is in test_parity.py (shared by every backend)."""
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_TRITON
+from harness import Landscape, clone_params, drive, make_params
+from oracle import OracleSAM
+
+import fastsam
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def _backend(opt):
+    return opt._backend_for(DEVICE)
+
+
+def _launches_per_step(n_tensors, base_cls, **kw):
+    shapes = [(3 + (i % 5),) for i in range(n_tensors)]
+    params = make_params(shapes, torch.float32, DEVICE)
+    opt = fastsam.SAM(params, base_cls, backend="triton", **kw)
+    land = Landscape(shapes)
+    drive(opt, params, land, 1)  # first step allocates state (SGD: a fresh-buffer launch)
+    before = _backend(opt).launches
+    drive(opt, params, land, 2)
+    return (_backend(opt).launches - before) / 2
+
+
+@pytest.mark.parametrize(
+    "base_cls,kw",
+    [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)), (torch.optim.AdamW, dict(lr=1e-3))],
+)
+def test_launches_independent_of_tensor_count(base_cls, kw):
+    few = _launches_per_step(4, base_cls, **kw)
+    many = _launches_per_step(320, base_cls, **kw)
+    assert few == many == 4  # norm partials, norm sum, perturb, restore+update
+
+
+def test_many_tiny_tensors_match_oracle():
+    shapes = [(1 + (i * 7) % 13,) for i in range(320)]
+    params = make_params(shapes, torch.float64, DEVICE, seed=2)
+    ref = clone_params(params)
+    opt = fastsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend="triton")
+    oracle = OracleSAM([{"params": ref, "rho": 0.1, "T": ("none", 0.0)}], torch.optim.SGD,
+                       foreach=False, lr=0.05, momentum=0.9)
+    land = Landscape(shapes, seed=3)
+    drive(opt, params, land, 7)
+    drive(oracle, ref, land, 7)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
+def test_table_rebuilt_when_gradients_move():
+    """Old gradient tensors stay alive (their memory keeps stale values) while new ones are
+    allocated elsewhere: a stale address table would read the old gradients."""
+    shapes = [(4097,), (7,), (33, 5)]
+    params = make_params(shapes, torch.float64, DEVICE, seed=4)
+    ref = clone_params(params)
+    opt = fastsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend="triton")
+    oracle = OracleSAM([{"params": ref, "rho": 0.1, "T": ("none", 0.0)}], torch.optim.SGD,
+                       foreach=False, lr=0.05, momentum=0.9)
+    land = Landscape(shapes, seed=5)
+    graveyard = []
+    for _ in range(4):
+        for o, ps in ((opt, params), (oracle, ref)):
+            land.set_grads(ps)
+            graveyard += [p.grad for p in ps]  # keep every old gradient alive
+            o.first_step(zero_grad=True)
+            land.set_grads(ps)
+            graveyard += [p.grad for p in ps]
+            o.second_step(zero_grad=True)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    assert len(_backend(opt)._tables) > 2  # new addresses, new tables
+
+
+def test_mixed_dtypes_in_one_group():
+    shapes = [(4097,), (7,), (6, 3, 3, 3), (65,)]
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64]
+    params = [p.to(dt) for p, dt in zip(make_params(shapes, torch.float64, DEVICE, 6), dtypes)]
+    params = [torch.nn.Parameter(p.detach()) for p in params]
+    ref = clone_params(params)
+    opt = fastsam.ASAM(params, torch.optim.Adam, rho=0.5, normalization="filter", lr=1e-2,
+                       backend="triton")
+    oracle = OracleSAM([{"params": ref, "rho": 0.5, "T": ("filter", 0.01)}], torch.optim.Adam,
+                       foreach=False, lr=1e-2)
+    land = Landscape(shapes, seed=7)
+    drive(opt, params, land, 7)
+    drive(oracle, ref, land, 7)
+    assert _backend(opt).launches > 0
+    for p, r in zip(params, ref):
+        tol = dict(rtol=1e-5, atol=1e-5) if p.dtype == torch.float32 else {}
+        torch.testing.assert_close(p, r, **tol)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_non_finite_norm_skips_perturbation(bad):
+    params = make_params([(4097,), (7,)], torch.float32, DEVICE, seed=8)
+    before = [p.detach().clone() for p in params]
+    opt = fastsam.SAM(params, torch.optim.SGD, lr=0.1, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[1].grad[3] = bad
+    opt.first_step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)  # bit-identical: nothing perturbed
+    assert float(opt._skipped) == 1.0
+    opt.second_step()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.first_step()
+    assert float(opt._skipped) == 0.0
+    assert not torch.equal(params[0], before[0])
+
+
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton: parameters are on cpu"):
+        fastsam.SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1,
+                    backend="triton")
+
+
+def test_non_contiguous_parameter_is_refused():
+    base = torch.randn(8, 6, device=DEVICE)
+    p = torch.nn.Parameter(base.t())  # a non-contiguous leaf
+    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, backend="triton")
+    p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        opt.first_step()
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_resnet50_set_on_gpu():
+    """The full ResNet-50 parameter set, 3 steps of SAM + SGD momentum: triton vs the oracle."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from param_sets import resnet50
+
+    shapes = resnet50()
+    params = make_params(shapes, torch.float32, "cuda", seed=9)
+    ref = clone_params(params)
+    opt = fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.01, momentum=0.9, backend="triton")
+    oracle = OracleSAM([{"params": ref, "rho": 0.05, "T": ("none", 0.0)}], torch.optim.SGD,
+                       foreach=False, lr=0.01, momentum=0.9)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+        for o, ps in ((opt, params), (oracle, ref)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            o.first_step()
+            for p, g in zip(ps, grads):
+                p.grad = (g * 0.5 + p.detach() * 0.1)
+            o.second_step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_tensor_over_2_pow_31_elements():
+    """int64 offsets: a bf16 tensor of 2^31 + 1 elements, checked at its far end."""
+    n = 2**31 + 1
+    need = 4 * 2 * n + 8 * 2**20  # w, g, w_old, grad copies in bf16, plus slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < 1.5 * need:
+        pytest.skip(f"needs about {1.5 * need / 2**30:.0f} GiB of free GPU memory")
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16))
+    w.grad = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    tail = slice(n - 4096, n)
+    w0 = w.detach()[tail].float().clone()
+    g0 = w.grad[tail].float().clone()
+    norm = torch.linalg.vector_norm(w.grad, dtype=torch.float32)
+    opt = fastsam.SAM([w], torch.optim.SGD, rho=0.05, lr=0.1, backend="triton")
+    opt.first_step()
+    expected = (w0 + 0.05 * g0 / (norm + 1e-12)).to(torch.bfloat16)
+    assert torch.equal(w.detach()[tail], expected)
+    assert torch.equal(opt._w_old[w][tail].float(), w0)
+    opt.second_step()  # grad unchanged: w = w_old - lr * g
+    assert torch.equal(w.detach()[tail], (w0 - 0.1 * g0).to(torch.bfloat16))
