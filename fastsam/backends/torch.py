@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper
+from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper, dual_exponent
 
 
 _NARROW = (torch.float16, torch.bfloat16)
@@ -76,20 +76,33 @@ class TorchBackend(Backend):
         else:
             inv_denom = (norm_sum.pow(1.0 / p) + eps).reciprocal()
         inv_denom = torch.where(finite, inv_denom, torch.zeros_like(inv_denom))
-        q = 1.0 if math.isinf(p) else p / (p - 1.0)
+        q = dual_exponent(p)
+        # On CPU a tensor's value is a plain memory read (no device to wait for): reading the
+        # scale lets plain SAM update w in place without an e temporary, which on CPU costs
+        # more in first-touch page faults of a fresh 4-bytes-per-parameter buffer than in bytes.
+        on_cpu = norm_sum.device.type == "cpu"
         for group in groups:
             if not group.params:
                 continue
+            scale = inv_denom * group.rho
             u, t = _scaled_grads(group)
-            if q == 2.0:  # e ∝ T·u = T²·g
-                e = torch._foreach_mul(u, t) if t is not None else torch._foreach_mul(u, 1.0)
-            else:  # e ∝ T·sign(u)·|u|^(q-1)
+            if q == 2.0 and t is None and on_cpu:
+                torch._foreach_copy_(group.w_old, group.params)
+                torch._foreach_add_(group.params, u, alpha=scale.item())
+                continue
+            if q == 2.0 and t is None:  # e = scale·g: one read of g, one write of e
+                e = torch._foreach_mul(u, scale)
+            elif q == 2.0:  # e = scale·T·u (u = T·g is a temporary: scaled in place)
+                torch._foreach_mul_(u, t)
+                torch._foreach_mul_(u, scale)
+                e = u
+            else:  # e = scale·T·sign(u)·|u|^(q-1)
                 e = torch._foreach_sign(u)
                 if q != 1.0:
                     torch._foreach_mul_(e, torch._foreach_pow(torch._foreach_abs(u), q - 1.0))
                 if t is not None:
                     torch._foreach_mul_(e, t)
-            torch._foreach_mul_(e, inv_denom * group.rho)
+                torch._foreach_mul_(e, scale)
             torch._foreach_copy_(group.w_old, group.params)
             torch._foreach_add_(group.params, e)
 
