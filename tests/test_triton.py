@@ -180,8 +180,11 @@ def test_tensor_over_2_pow_31_elements():
     norm = torch.linalg.vector_norm(w.grad, dtype=torch.float32)
     opt = fastsam.SAM([w], torch.optim.SGD, rho=0.05, lr=0.1, backend="triton")
     opt.first_step()
-    expected = (w0 + 0.05 * g0 / (norm + 1e-12)).to(torch.bfloat16)
-    assert torch.equal(w.detach()[tail], expected)
-    assert torch.equal(opt._w_old[w][tail].float(), w0)
+    # The reference norm sums in another order, and the kernel may fuse w + s*g into one FMA:
+    # results agree to one bf16 rounding (relative 2^-8).
+    one_ulp = dict(rtol=2**-7, atol=1e-6)
+    expected = w0 + 0.05 * g0 / (norm + 1e-12)
+    torch.testing.assert_close(w.detach()[tail].float(), expected, **one_ulp)
+    assert torch.equal(opt._w_old[w][tail].float(), w0)  # the copy is exact
     opt.second_step()  # grad unchanged: w = w_old - lr * g
-    assert torch.equal(w.detach()[tail], (w0 - 0.1 * g0).to(torch.bfloat16))
+    torch.testing.assert_close(w.detach()[tail].float(), w0 - 0.1 * g0, **one_ulp)
