@@ -5,8 +5,8 @@ norm stage 1 + norm stage 2 + perturb + restore/update = 4. Each extra dtype com
 one launch per pass, each extra parameter group one restore/update launch.
 
 Each launch walks a segment table (tensor index, start, length) and reads base addresses from
-int64 tables, both built on the host once and cached: a table is rebuilt only when a pointer,
-a size or a per-tensor option changes (e.g. gradients re-allocated by
+int64 tables, both built on the host once and cached: a table is rebuilt only when an address,
+a shape or a per-group option (other than rho, read from a small per-step array) changes (e.g. gradients re-allocated by
 ``zero_grad(set_to_none=True)`` at a new address), and the upload is asynchronous from pinned
 memory, so the step never waits for the host. Scratch buffers (norm partials, filter norms,
 the norm itself) are cached too: after the first step a step allocates nothing on the device.
@@ -20,6 +20,7 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ except Exception as exc:  # keep the reason: shown when the backend is asked for
 
 BLOCK = 1024  # elements per loop iteration of a program
 CHUNK = 8 * BLOCK  # elements per segment (a program) for element-wise passes
+NUM_WARPS = 4
 SUM_BLOCK = 1024
 _MODES = {"none": 0, "element": 1, "filter": 2}
 _CACHE_SIZE = 32
@@ -87,8 +89,7 @@ class _Table:
         numels = torch.tensor([t.numel() for t in first], dtype=torch.int64)
         lens = torch.tensor(seg_lens, dtype=torch.int64)
         counts = (numels + lens - 1) // lens
-        n = len(first)
-        seg_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int32), counts)
+        seg_tensor = torch.repeat_interleave(torch.arange(len(first), dtype=torch.int32), counts)
         first_seg = torch.cumsum(counts, 0) - counts
         local = torch.arange(int(counts.sum()), dtype=torch.int64) - first_seg[seg_tensor]
         seg_start = local * lens[seg_tensor]
@@ -103,6 +104,8 @@ class _Table:
             name: _upload(torch.tensor(vals, dtype=dtype), device)
             for name, (dtype, vals) in per_tensor.items()
         }
+        self.ref = {role: ts[0] for role, ts in roles.items()}  # dtype carriers
+        self.acc = _acc(self.ref["w"])
         # Vector-width hints are valid when every base address is 16-byte aligned and every
         # segment starts at a multiple of BLOCK elements.
         self.aligned = all(
@@ -119,11 +122,70 @@ def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
             )
 
 
-def _partition(n: int, key: Callable[[int], Hashable]) -> dict[Hashable, list[int]]:
-    out: dict[Hashable, list[int]] = {}
-    for i in range(n):
-        out.setdefault(key(i), []).append(i)
-    return out
+def _by_dtypes(roles: dict[str, list[Tensor]]) -> list[list[int]]:
+    """Indices of the non-empty tensors, split by the dtype combination across roles."""
+    out: dict[tuple, list[int]] = {}
+    for i, w in enumerate(roles["w"]):
+        if w.numel() > 0:
+            out.setdefault(tuple(ts[i].dtype for ts in roles.values()), []).append(i)
+    return list(out.values())
+
+
+def _pick(roles: dict[str, list[Tensor]], idx: list[int]) -> dict[str, list[Tensor]]:
+    return {r: [ts[i] for i in idx] for r, ts in roles.items()}
+
+
+_shape = attrgetter("shape")
+
+
+def _layout_key(roles: dict[str, list[Tensor]]) -> tuple:
+    """What a table depends on: every address and every shape. Cheap enough for every step
+    (C calls through map), and any moved or re-allocated tensor changes it."""
+    return tuple(tuple(map(Tensor.data_ptr, ts)) for ts in roles.values()) + (
+        tuple(map(_shape, roles["w"])),
+    )
+
+
+class _PerturbPlan:
+    """The launches of passes A and B over a set of groups, and their scratch offsets."""
+
+    def __init__(self, groups: list[PerturbGroup]) -> None:
+        roles = {
+            "w": [p for g in groups for p in g.params],
+            "g": [t for g in groups for t in g.grads],
+            "old": [t for g in groups for t in g.w_old],
+        }
+        _check_dense(roles["w"], "a parameter")
+        _check_dense(roles["g"], "a gradient")
+        mode, eta, group_of, seg_lens = [], [], [], []
+        for k, group in enumerate(groups):
+            kind = _MODES[group.scaling.kind]
+            for p in group.params:
+                m = 1 if (kind == 2 and p.dim() < 2) else kind  # 1-D: element-wise T
+                mode.append(m)
+                eta.append(group.scaling.eta)
+                group_of.append(k)
+                seg_lens.append(p.numel() // p.shape[0] if m == 2 else CHUNK)
+        device = next(p.device for g in groups for p in g.params)
+        self.launches: list[tuple[_Table, int]] = []
+        self.n_segments = 0
+        for idx in _by_dtypes(roles):
+            table = _Table(
+                device,
+                _pick(roles, idx),
+                [seg_lens[i] for i in idx],
+                {
+                    "mode": (torch.int32, [mode[i] for i in idx]),
+                    "eta": (torch.float64, [eta[i] for i in idx]),
+                    "group": (torch.int32, [group_of[i] for i in idx]),
+                },
+            )
+            self.launches.append((table, self.n_segments))
+            self.n_segments += table.n_segments
+        # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
+        fp64 = any(p.dtype == torch.float64 for p in roles["w"])
+        self.acc = torch.float64 if fp64 else torch.float32
+        self.device = device
 
 
 class TritonBackend(Backend):
@@ -131,39 +193,28 @@ class TritonBackend(Backend):
 
     def __init__(self) -> None:
         self.launches = 0  # kernel launches so far: read by tests and benchmarks
-        self._tables: OrderedDict[Hashable, _Table] = OrderedDict()
-        self._scratch: dict[tuple, Tensor] = {}
+        self._plans: OrderedDict[Hashable, object] = OrderedDict()
         self._hyper: OrderedDict[Hashable, Tensor] = OrderedDict()
-        self._perturb_plan: list[tuple[_Table, dict, int, Tensor]] = []
+        self._scratch: dict[tuple, Tensor] = {}
+        self._pending: tuple[_PerturbPlan, Tensor] | None = None
 
     # ---------------------------------------------------------------- plumbing
     def _launch(self, kernel, n_programs: int, *args, **meta) -> None:
         if n_programs:
             self.launches += 1
-            kernel[(n_programs,)](*args, **meta)
+            kernel[(n_programs,)](*args, num_warps=NUM_WARPS, **meta)
 
-    def _table(
-        self,
-        roles: dict[str, list[Tensor]],
-        seg_lens: list[int],
-        per_tensor: dict[str, tuple[torch.dtype, list]] | None = None,
-    ) -> _Table:
-        per_tensor = per_tensor or {}
-        key = (
-            tuple((r, tuple(t.data_ptr() for t in ts)) for r, ts in roles.items()),
-            tuple(t.numel() for t in next(iter(roles.values()))),
-            tuple(seg_lens),
-            tuple((k, tuple(v)) for k, (_, v) in per_tensor.items()),
-        )
-        table = self._tables.get(key)
-        if table is None:
-            device = next(iter(roles.values()))[0].device
-            table = self._tables[key] = _Table(device, roles, seg_lens, per_tensor)
-            if len(self._tables) > _CACHE_SIZE:
-                self._tables.popitem(last=False)
+    def _cached(self, key: Hashable, build: Callable[[], object]):
+        """LRU cache of plans: a plan is rebuilt only when its key (addresses, shapes,
+        options) changes, e.g. after ``zero_grad(set_to_none=True)`` moved the gradients."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build()
+            if len(self._plans) > _CACHE_SIZE:
+                self._plans.popitem(last=False)
         else:
-            self._tables.move_to_end(key)
-        return table
+            self._plans.move_to_end(key)
+        return plan
 
     def _buffer(self, name: str, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (name, device, dtype)
@@ -185,92 +236,76 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- pass A
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        entries = []  # (param, grad, w_old, mode, eta, rho, segment length)
-        for group in groups:
-            mode = _MODES[group.scaling.kind]
-            for p, g, old in zip(group.params, group.grads, group.w_old):
-                if p.numel() == 0:
-                    continue
-                m = 1 if (mode == 2 and p.dim() < 2) else mode
-                seg_len = p.numel() // p.shape[0] if m == 2 else CHUNK
-                entries.append((p, g, old, m, group.scaling.eta, group.rho, seg_len))
-        device = next((e[0].device for e in entries), None) or next(
-            p.device for grp in groups for p in grp.params
+        key = ("perturb",) + tuple(
+            _layout_key({"w": g.params, "g": g.grads, "old": g.w_old}) + (g.scaling,)
+            for g in groups
         )
-        _check_dense([e[0] for e in entries], "a parameter")
-        _check_dense([e[1] for e in entries], "a gradient")
-        plans, offset = [], 0
-        by_dtype = _partition(len(entries), lambda i: (entries[i][0].dtype, entries[i][1].dtype))
-        for idx in by_dtype.values():
-            es = [entries[i] for i in idx]
-            table = self._table(
-                {"w": [e[0] for e in es], "g": [e[1] for e in es], "old": [e[2] for e in es]},
-                [e[6] for e in es],
-                {
-                    "mode": (torch.int32, [e[3] for e in es]),
-                    "eta": (torch.float64, [e[4] for e in es]),
-                    "rho": (torch.float64, [e[5] for e in es]),
-                },
-            )
-            plans.append((table, {"w": es[0][0], "g": es[0][1]}, offset))
-            offset += table.n_segments
-        # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
-        acc = torch.float64 if any(e[0].dtype == torch.float64 for e in entries) else torch.float32
-        partials = self._buffer("partials", offset, device, acc)
-        filter_T = self._buffer("filter_T", offset, device, acc)
-        norm_sum = self._buffer("norm_sum", 1, device, acc)[0]
-        hp = self._constants((q,), device)
+        plan = self._cached(key, lambda: _PerturbPlan(groups))
+        partials = self._buffer("partials", plan.n_segments, plan.device, plan.acc)
+        filter_T = self._buffer("filter_T", plan.n_segments, plan.device, plan.acc)
+        norm_sum = self._buffer("norm_sum", 1, plan.device, plan.acc)[0]
+        hp = self._constants((q,), plan.device)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
-        for table, ref, start in plans:
+        for table, start in plan.launches:
             self._launch(
                 K.norm_partials_kernel, table.n_segments,
                 *table.seg, table.addr["w"], table.addr["g"],
                 table.values["mode"], table.values["eta"],
-                partials[start:], filter_T[start:], hp, ref["w"], ref["g"],
-                QMODE=qmode, ACC=_acc(ref["w"]), ALIGNED=table.aligned, BLOCK=BLOCK,
+                partials[start:], filter_T[start:], hp, table.ref["w"], table.ref["g"],
+                QMODE=qmode, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
-        self._launch(K.sum_kernel, 1, partials, offset, norm_sum, ACC=_ACC[acc], BLOCK=SUM_BLOCK)
-        self._perturb_plan = [(table, ref, start, filter_T) for table, ref, start in plans]
+        self._launch(
+            K.sum_kernel, 1, partials, plan.n_segments, norm_sum,
+            ACC=_ACC[plan.acc], BLOCK=SUM_BLOCK,
+        )
+        self._pending = (plan, filter_T)
         return norm_sum
 
     # ---------------------------------------------------------------- pass B
     def perturb(
         self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
     ) -> None:
-        # Uses the tables and filter norms of the perturbation_norm call just made over the
-        # same groups (the engine always calls the two in a row).
+        # Uses the plan and filter norms of the perturbation_norm call just made over the same
+        # groups (the engine always calls the two in a row).
+        if self._pending is None:
+            raise RuntimeError("triton backend: perturb() must follow perturbation_norm()")
+        (plan, filter_T), self._pending = self._pending, None
         q = dual_exponent(p)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
-        hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), norm_sum.device)
-        if not self._perturb_plan:
+        hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)
+        rho = self._constants(tuple(float(g.rho) for g in groups), plan.device)
+        if not plan.launches:
             skipped.zero_()
-            return
-        for table, ref, start, filter_T in self._perturb_plan:
+        for table, start in plan.launches:
             self._launch(
                 K.perturb_kernel, table.n_segments,
                 *table.seg, table.addr["w"], table.addr["g"], table.addr["old"],
-                table.values["mode"], table.values["eta"], table.values["rho"],
-                filter_T[start:], norm_sum, skipped, hp, ref["w"], ref["g"],
-                QMODE=qmode, ACC=_acc(ref["w"]), ALIGNED=table.aligned, BLOCK=BLOCK,
+                table.values["mode"], table.values["eta"], table.values["group"], rho,
+                filter_T[start:], norm_sum, skipped, hp, table.ref["w"], table.ref["g"],
+                QMODE=qmode, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
-        self._perturb_plan = []
 
     # ---------------------------------------------------------------- pass C
-    def _update_tables(self, roles: dict[str, list[Tensor]]):
-        """Split tensors by dtype combination; yield (table, first tensor of each role)."""
-        live = [i for i, t in enumerate(roles["w"]) if t.numel() > 0]
-        _check_dense([roles[r][i] for r in roles for i in live], "a parameter or its state")
-        groups = _partition(len(live), lambda k: tuple(roles[r][live[k]].dtype for r in roles))
-        for ks in groups.values():
-            idx = [live[k] for k in ks]
-            sub = {r: [ts[i] for i in idx] for r, ts in roles.items()}
-            yield self._table(sub, [CHUNK] * len(idx)), {r: ts[0] for r, ts in sub.items()}
+    def _update_tables(self, roles: dict[str, list[Tensor]]) -> list[_Table]:
+        """One table per dtype combination of the roles (cached by addresses and shapes)."""
+
+        def build() -> list[_Table]:
+            _check_dense([t for ts in roles.values() for t in ts], "a parameter or its state")
+            device = roles["w"][0].device
+            return [
+                _Table(device, _pick(roles, idx), [CHUNK] * len(idx), {})
+                for idx in _by_dtypes(roles)
+            ]
+
+        if not roles["w"]:
+            return []
+        return self._cached(("update", tuple(roles)) + _layout_key(roles), build)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
-        for table, ref in self._update_tables({"w": params, "old": w_old}):
+        for table in self._update_tables({"w": params, "old": w_old}):
             self._launch(
                 K.restore_kernel, table.n_segments, *table.seg,
-                table.addr["w"], table.addr["old"], ref["w"],
+                table.addr["w"], table.addr["old"], table.ref["w"],
                 ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
@@ -288,14 +323,15 @@ class TritonBackend(Backend):
         if has_momentum:
             roles["buf"] = momentum_buffers
         constants = (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay)
-        for table, ref in self._update_tables(roles):
+        for table in self._update_tables(roles):
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
-                table.addr.get("buf", table.addr["w"]), self._constants(constants, ref["w"].device),
-                ref["w"], ref["g"], ref.get("buf", ref["w"]),
+                table.addr.get("buf", table.addr["w"]),
+                self._constants(constants, table.ref["w"].device),
+                table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
-                MAXIMIZE=hyper.maximize, ACC=_acc(ref["w"]), ALIGNED=table.aligned, BLOCK=BLOCK,
+                MAXIMIZE=hyper.maximize, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     def restore_adam(
@@ -315,13 +351,13 @@ class TritonBackend(Backend):
             hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
             hyper.step_size, hyper.bias_correction2_sqrt,
         )
-        for table, ref in self._update_tables(roles):
+        for table in self._update_tables(roles):
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
                 table.addr["v"], table.addr.get("vmax", table.addr["v"]),
-                self._constants(constants, ref["w"].device),
-                ref["w"], ref["g"], ref["m"],
+                self._constants(constants, table.ref["w"].device),
+                table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
-                ACC=_acc(ref["w"]), ALIGNED=table.aligned, BLOCK=BLOCK,
+                ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_not
 from typing import Any
 
 import torch
@@ -15,6 +18,50 @@ from torch.optim import Optimizer
 
 from ..backends import select_backend
 from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper, dual_exponent
+
+
+@dataclass
+class _StepPlan:
+    """Per group, the parameters that have a gradient and their persistent w_old buffers.
+
+    Collecting these costs a few microseconds per tensor in Python (tensor-keyed lookups,
+    device checks), so a plan is reused for as long as its key holds: the same parameters have
+    gradients, at the same addresses (a ``p.data = ...`` swap changes the address), with the
+    same param groups. Gradient tensors themselves are read afresh every step.
+    """
+
+    key: tuple
+    params: list[list[Tensor]]
+    w_old: list[list[Tensor]]
+    positions: list[list[int]]  # where each group's params sit in the flat parameter list
+    device: torch.device | None
+    has_complex: bool
+    states: list[list[dict]] | None = None  # per-parameter state dicts, looked up once
+
+    def grads(self, flat_grads: list) -> list[list[Tensor]]:
+        """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
+        out = []
+        for positions, params in zip(self.positions, self.params):
+            grads = list(map(flat_grads.__getitem__, positions))
+            if any(map(_is_sparse, grads)):
+                bad = next(p for p, g in zip(params, grads) if g.is_sparse)
+                raise RuntimeError(
+                    f"fastsam does not support sparse gradients (parameter of shape "
+                    f"{tuple(bad.shape)}); use a dense gradient or a sparse-aware optimizer"
+                )
+            out.append(grads)
+        return out
+
+
+_grad = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+
+
+def _canonical(device: torch.device) -> torch.device:
+    """``cuda`` and ``cuda:0`` (the current device) are one device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def check_finite_nonnegative(name: str, value: Any) -> float:
@@ -52,7 +99,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._q = dual_exponent(self._p)
         self._eps = check_finite_nonnegative("eps", eps)
         self._sam_defaults = dict(defaults)
-        self._perturbed: list[dict[Tensor, Tensor]] | None = None
+        self._perturbed: _StepPlan | None = None
+        self._plan: _StepPlan | None = None
+        self._layout_version = 0  # bumped when groups or loaded state change: plans expire
         self._w_old: dict[Tensor, Tensor] = {}
         self._skipped: Tensor | None = None
 
@@ -116,6 +165,7 @@ class SharpnessAwareOptimizer(Optimizer):
             self.base_optimizer.add_param_group(param_group)
         else:  # during Optimizer.__init__, before the base exists
             super().add_param_group(param_group)
+        self._layout_version = getattr(self, "_layout_version", 0) + 1
 
     # ----------------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -128,7 +178,11 @@ class SharpnessAwareOptimizer(Optimizer):
     def _backend_for(self, device: torch.device) -> Backend:
         backend = self._backends.get(device)
         if backend is None:
-            backend = self._backends[device] = select_backend(self._requested_backend, device)
+            key = _canonical(device)
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = select_backend(self._requested_backend, key)
+            self._backends[device] = self._backends[key] = backend
         return backend
 
     @property
@@ -137,18 +191,29 @@ class SharpnessAwareOptimizer(Optimizer):
         first = next(p for g in self.param_groups for p in g["params"])
         return self._backend_for(first.device).name
 
-    def _collect(self) -> tuple[list[PerturbGroup], torch.device | None]:
-        groups, device = [], None
+    def _step_plan(self) -> tuple[_StepPlan, list]:
+        """This step's plan, and the flat list of every parameter's gradient (or None)."""
+        if self.base_optimizer.state is not self.state:  # loaded behind our back: relink
+            self._link_base()
+            self._layout_version += 1
+        flat = [p for group in self.param_groups for p in group["params"]]
+        flat_grads = list(map(_grad, flat))
+        key = (
+            self._layout_version,
+            tuple(map(is_not, flat_grads, repeat(None))),
+            tuple(map(Tensor.data_ptr, flat)),
+        )
+        if self._plan is not None and self._plan.key == key:
+            return self._plan, flat_grads
+        params, w_old, positions, device, has_complex = [], [], [], None, False
+        offset = 0
         for group in self.param_groups:
-            params, grads, w_old = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"fastsam does not support sparse gradients (parameter of shape "
-                        f"{tuple(p.shape)}); use a dense gradient or a sparse-aware optimizer"
-                    )
+            n = len(group["params"])
+            positions.append([offset + i for i in range(n) if flat_grads[offset + i] is not None])
+            params.append([flat[i] for i in positions[-1]])
+            offset += n
+            w_old.append([])
+            for p in params[-1]:
                 if device is None:
                     device = p.device
                 elif p.device != device:
@@ -156,14 +221,15 @@ class SharpnessAwareOptimizer(Optimizer):
                         f"fastsam needs every parameter with a gradient on one device: found "
                         f"{device} and {p.device}"
                     )
+                has_complex |= p.is_complex()
                 buf = self._w_old.get(p)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or (
+                    buf.device != p.device
+                ):
                     buf = self._w_old[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                w_old.append(buf)
-            groups.append(PerturbGroup(params, grads, w_old, group["rho"], self._scaling(group)))
-        return groups, device
+                w_old[-1].append(buf)
+        self._plan = _StepPlan(key, params, w_old, positions, device, has_complex)
+        return self._plan, flat_grads
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -178,14 +244,20 @@ class SharpnessAwareOptimizer(Optimizer):
                 "first_step() was called twice without second_step() in between: the weights "
                 "are already perturbed. Call second_step() (or step()) to restore and update."
             )
-        groups, device = self._collect()
-        if device is not None:
-            backend = self._backend_for(device)
-            if self._skipped is None or self._skipped.device != device:
-                self._skipped = torch.zeros((), dtype=torch.float32, device=device)
+        plan, flat_grads = self._step_plan()
+        if plan.device is not None:
+            groups = [
+                PerturbGroup(ps, grads, olds, group["rho"], self._scaling(group))
+                for group, ps, grads, olds in zip(
+                    self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old
+                )
+            ]
+            backend = self._backend_for(plan.device)
+            if self._skipped is None or self._skipped.device != plan.device:
+                self._skipped = torch.zeros((), dtype=torch.float32, device=plan.device)
             norm_sum = backend.perturbation_norm(groups, self._q)
             backend.perturb(groups, norm_sum, self._p, self._eps, self._skipped)
-        self._perturbed = [dict(zip(g.params, g.w_old)) for g in groups]
+        self._perturbed = plan
         if zero_grad:
             self.zero_grad()
 
@@ -206,24 +278,35 @@ class SharpnessAwareOptimizer(Optimizer):
                 "perturbation to undo. Call first_step() after the first backward pass."
             )
         perturbed, self._perturbed = self._perturbed, None
-        perturbed += [{}] * (len(self.param_groups) - len(perturbed))
-        fused = self._fused_update_kind()
-        for group, saved in zip(self.param_groups, perturbed):
-            params = [p for p in group["params"] if p.grad is not None]
-            restore_only = [p for p in saved if p.grad is None or fused is None]
+        now, flat_grads = self._step_plan()
+        fused = self._fused_update_kind(now)
+        all_grads = now.grads(flat_grads) if fused else None
+        if fused and now.states is None:
+            # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
+            # torch.optim only ever replaces the whole state mapping, which expires the plan.
+            now.states = [[self.state[p] for p in ps] for ps in now.params]
+        for i, group in enumerate(self.param_groups):
+            if now is perturbed:  # the usual case: the same parameters have gradients
+                params, w_old = now.params[i], now.w_old[i]
+                restore_only, restore_from = ([], []) if fused else (params, w_old)
+            else:
+                saved = (
+                    dict(zip(perturbed.params[i], perturbed.w_old[i]))
+                    if i < len(perturbed.params) else {}
+                )
+                params = now.params[i]
+                restore_only = [p for p in saved if p.grad is None or fused is None]
+                restore_from = [saved[p] for p in restore_only]
+                # A parameter that was not perturbed (no gradient in the first pass) is its own
+                # w_old: the fused kernels read w_old and write w element by element.
+                w_old = [saved.get(p, p) for p in params]
             if restore_only:
-                backend = self._backend_for(restore_only[0].device)
-                backend.restore(restore_only, [saved[p] for p in restore_only])
+                self._backend_for(restore_only[0].device).restore(restore_only, restore_from)
             if fused is None or not params:
                 continue
             backend = self._backend_for(params[0].device)
-            # A parameter that was not perturbed (no gradient in the first pass) is its own
-            # w_old: the fused kernels read w_old and write w element by element.
-            w_old = [saved.get(p, p) for p in params]
-            if fused == "sgd":
-                self._fused_sgd(backend, group, params, w_old)
-            else:
-                self._fused_adam(backend, group, params, w_old)
+            update = self._fused_sgd if fused == "sgd" else self._fused_adam
+            update(backend, group, params, all_grads[i], w_old, now.states[i])
         if fused is None:
             self.base_optimizer.step()
         if zero_grad:
@@ -261,7 +344,7 @@ class SharpnessAwareOptimizer(Optimizer):
         return loss
 
     # ----------------------------------------------------------------- fused base updates
-    def _fused_update_kind(self) -> str | None:
+    def _fused_update_kind(self, plan: _StepPlan) -> str | None:
         """'sgd' or 'adam' when the base update can be fused with the restore, else None.
 
         Only the exact torch.optim classes qualify (a subclass may change step()), and only
@@ -284,11 +367,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 or any(isinstance(b, Tensor) for b in group["betas"])
             ):
                 return None
-            if any(p.is_complex() for p in group["params"]):
-                return None
-        return kind
+        return None if plan.has_complex else kind
 
-    def _fused_sgd(self, backend: Backend, group: dict, params: list, w_old: list) -> None:
+    def _fused_sgd(
+        self, backend: Backend, group: dict, params: list, grads: list, w_old: list, states: list
+    ) -> None:
         hyper = SGDHyper(
             lr=float(group["lr"]),
             momentum=group["momentum"],
@@ -298,34 +381,36 @@ class SharpnessAwareOptimizer(Optimizer):
             maximize=group.get("maximize", False),
         )
         if hyper.momentum == 0:
-            backend.restore_sgd(params, [p.grad for p in params], w_old, [], hyper, False)
+            backend.restore_sgd(params, grads, w_old, [], hyper, False)
+            return
+        bufs = [state.get("momentum_buffer") for state in states]
+        if all(map(is_not, bufs, repeat(None))):  # steady state: one call
+            backend.restore_sgd(params, grads, w_old, bufs, hyper, False)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
-        # call with fresh_buffers=True; in steady state that list is empty.
+        # call with fresh_buffers=True.
         for fresh in (False, True):
-            idx = [i for i, p in enumerate(params)
-                   if (self.state[p].get("momentum_buffer") is None) == fresh]
+            idx = [i for i, b in enumerate(bufs) if (b is None) == fresh]
             if not idx:
                 continue
-            if fresh:
-                for i in idx:
-                    self.state[params[i]]["momentum_buffer"] = torch.zeros_like(
-                        params[i], memory_format=torch.preserve_format
-                    )
-            ps = [params[i] for i in idx]
+            for i in idx if fresh else ():
+                bufs[i] = states[i]["momentum_buffer"] = torch.zeros_like(
+                    params[i], memory_format=torch.preserve_format
+                )
             backend.restore_sgd(
-                ps,
-                [p.grad for p in ps],
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
                 [w_old[i] for i in idx],
-                [self.state[p]["momentum_buffer"] for p in ps],
+                [bufs[i] for i in idx],
                 hyper,
                 fresh,
             )
 
-    def _fused_adam(self, backend: Backend, group: dict, params: list, w_old: list) -> None:
+    def _fused_adam(
+        self, backend: Backend, group: dict, params: list, grads: list, w_old: list, states: list
+    ) -> None:
         amsgrad = group["amsgrad"]
-        for p in params:
-            state = self.state[p]
+        for p, state in zip(params, states):
             if len(state) == 0:  # torch.optim.Adam's layout: CPU fp32 step, moments like p
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -334,12 +419,14 @@ class SharpnessAwareOptimizer(Optimizer):
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-        steps = [self.state[p]["step"] for p in params]
+        steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
-        # Tensors that joined late have a smaller step: one call per distinct step value.
+        # Tensors that joined late have a smaller step: one call per distinct step value. The
+        # steps are CPU tensors (torch.optim's layout), so reading them waits for no device.
+        values = torch.stack(steps).tolist()
         by_step: dict[float, list[int]] = {}
-        for i, s in enumerate(steps):
-            by_step.setdefault(float(s), []).append(i)
+        for i, value in enumerate(values):
+            by_step.setdefault(value, []).append(i)
         beta1, beta2 = group["betas"]
         decoupled = group.get(
             "decoupled_weight_decay", isinstance(self.base_optimizer, torch.optim.AdamW)
@@ -356,14 +443,14 @@ class SharpnessAwareOptimizer(Optimizer):
                 maximize=group.get("maximize", False),
                 step=step,
             )
-            ps = [params[i] for i in idx]
+            sts = [states[i] for i in idx]
             backend.restore_adam(
-                ps,
-                [p.grad for p in ps],
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
                 [w_old[i] for i in idx],
-                [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps],
-                [self.state[p]["max_exp_avg_sq"] for p in ps] if amsgrad else [],
+                [st["exp_avg"] for st in sts],
+                [st["exp_avg_sq"] for st in sts],
+                [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                 hyper,
             )
 
@@ -380,6 +467,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._refuse_when_perturbed("load_state_dict()")
         self.base_optimizer.load_state_dict(state_dict)
         self._link_base()
+        self._layout_version += 1
 
     def _refuse_when_perturbed(self, what: str) -> None:
         if self._perturbed is not None:

@@ -118,13 +118,14 @@ def sum_kernel(x, n, out, ACC: tl.constexpr, BLOCK: tl.constexpr):
 @triton.jit
 def perturb_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, mode_of, eta_of, rho_of,
+    w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
     filter_T, norm_sum, skipped, hp,
     W_REF, G_REF,
     QMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass B: w_old ← w (bit copy); w ← w + ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps), u = T·g.
-    A non-finite S leaves w untouched and sets skipped = 1 (else 0). hp = [q, 1/p, eps]."""
+    A non-finite S leaves w untouched and sets skipped = 1 (else 0). hp = [q, 1/p, eps]; ρ is
+    per group (rho_of_group[group_of[t]]), so a ρ schedule changes no table."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     inv_p = tl.load(hp + 1).to(ACC)
@@ -137,7 +138,8 @@ def perturb_kernel(
         inv_denom = 1.0 / (tl.sqrt(S) + eps)
     else:
         inv_denom = 1.0 / (tl.exp2(tl.log2(S) * inv_p) + eps)
-    scale = tl.where(ok, tl.load(rho_of + t).to(ACC) * inv_denom, 0.0)
+    rho = tl.load(rho_of_group + tl.load(group_of + t)).to(ACC)
+    scale = tl.where(ok, rho * inv_denom, 0.0)
     mode = tl.load(mode_of + t)
     eta = tl.load(eta_of + t).to(ACC)
     row_T = tl.load(filter_T + s).to(ACC)
