@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 
 def _backend(opt):
-    return opt._backend_for(DEVICE)
+    return opt._backend_for(opt.param_groups[0]["params"][0].device)
 
 
 def _launches_per_step(n_tensors, base_cls, **kw):
@@ -40,13 +40,19 @@ def test_launches_independent_of_tensor_count(base_cls, kw):
     assert few == many == 4  # norm partials, norm sum, perturb, restore+update
 
 
-def test_many_tiny_tensors_match_oracle():
-    shapes = [(1 + (i * 7) % 13,) for i in range(320)]
-    params = make_params(shapes, torch.float64, DEVICE, seed=2)
+def _sgd_pair(shapes, seed):
+    """fp64 parameters with a triton SAM + SGD-momentum optimizer, and the oracle's twin."""
+    params = make_params(shapes, torch.float64, DEVICE, seed=seed)
     ref = clone_params(params)
     opt = fastsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend="triton")
     oracle = OracleSAM([{"params": ref, "rho": 0.1, "T": ("none", 0.0)}], torch.optim.SGD,
                        foreach=False, lr=0.05, momentum=0.9)
+    return params, ref, opt, oracle
+
+
+def test_many_tiny_tensors_match_oracle():
+    shapes = [(1 + (i * 7) % 13,) for i in range(320)]
+    params, ref, opt, oracle = _sgd_pair(shapes, seed=2)
     land = Landscape(shapes, seed=3)
     drive(opt, params, land, 7)
     drive(oracle, ref, land, 7)
@@ -58,11 +64,7 @@ def test_table_rebuilt_when_gradients_move():
     """Old gradient tensors stay alive (their memory keeps stale values) while new ones are
     allocated elsewhere: a stale address table would read the old gradients."""
     shapes = [(4097,), (7,), (33, 5)]
-    params = make_params(shapes, torch.float64, DEVICE, seed=4)
-    ref = clone_params(params)
-    opt = fastsam.SAM(params, torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9, backend="triton")
-    oracle = OracleSAM([{"params": ref, "rho": 0.1, "T": ("none", 0.0)}], torch.optim.SGD,
-                       foreach=False, lr=0.05, momentum=0.9)
+    params, ref, opt, oracle = _sgd_pair(shapes, seed=4)
     land = Landscape(shapes, seed=5)
     graveyard = []
     for _ in range(4):
@@ -75,7 +77,7 @@ def test_table_rebuilt_when_gradients_move():
             o.second_step(zero_grad=True)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
-    assert len(_backend(opt)._tables) > 2  # new addresses, new tables
+    assert len(_backend(opt)._plans) > 2  # new addresses, new plans
 
 
 def test_mixed_dtypes_in_one_group():
