@@ -1,6 +1,6 @@
 """Which launch shape makes the Triton passes fastest? One run, several variants, one table.
 
-    python bench/triton_tuning.py --set gpt2-medium
+    python bench/triton_tuning.py --sets gpt2-medium resnet50
 
 Times a full SAM + SGD-momentum step (first_step + second_step) with the triton backend for
 each (BLOCK, CHUNK, num_warps) variant, against the same-run copy floor (40 B/element).
@@ -21,26 +21,32 @@ from param_sets import SETS  # noqa: E402
 from step import FLOOR_BYTES_PER_ELEMENT, copy_bandwidth, timed  # noqa: E402
 
 VARIANTS = [  # (BLOCK, segments of CHUNK = k * BLOCK elements, num_warps)
-    (1024, 8, 4), (1024, 4, 4), (1024, 16, 4), (2048, 4, 8), (2048, 8, 8), (4096, 2, 8),
-    (4096, 4, 16), (512, 16, 4),
+    (1024, 8, 4), (512, 16, 4), (512, 32, 4), (512, 8, 4), (512, 16, 2), (256, 32, 2),
+    (256, 64, 2), (4096, 4, 16), (2048, 8, 16), (1024, 16, 8),
 ]
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--set", default="gpt2-medium", choices=list(SETS))
+    parser.add_argument("--sets", nargs="+", default=["gpt2-medium"], choices=list(SETS))
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
     device = torch.device("cuda")
-    shapes = SETS[args.set]()
+    default = (tb.BLOCK, tb.CHUNK // tb.BLOCK, tb.NUM_WARPS)
+    for set_name in args.sets:
+        sweep(set_name, device, args.reps, default)
+    tb.BLOCK, tb.CHUNK, tb.NUM_WARPS = default[0], default[0] * default[1], default[2]
+
+
+def sweep(set_name, device, reps, default):
+    shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
     floor_ms = FLOOR_BYTES_PER_ELEMENT * numel / copy_bandwidth(numel, device, 20) * 1e3
-    default = (tb.BLOCK, tb.CHUNK // tb.BLOCK, tb.NUM_WARPS)
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=gen)
-    print(f"{args.set}: {numel} params, floor {floor_ms:.3f} ms")
+    print(f"{set_name}: {numel} params, floor {floor_ms:.3f} ms")
     print(f"{'BLOCK':>6} {'CHUNK':>6} {'warps':>5} {'median ms':>10} {'x floor':>8}")
     for block, k, warps in VARIANTS:
         tb.BLOCK, tb.CHUNK, tb.NUM_WARPS = block, k * block, warps
@@ -51,12 +57,10 @@ def main():
             opt.first_step()
             opt.second_step()
 
-        med = statistics.median(timed(step, device, args.reps, warmup=3)) * 1e3
+        med = statistics.median(timed(step, device, reps, warmup=3)) * 1e3
         mark = "*" if (block, k, warps) == default else ""
         print(f"{block:>6} {k * block:>6} {warps:>5} {med:>10.3f} {med / floor_ms:>8.2f} {mark}")
         del opt
-    tb.BLOCK, tb.CHUNK, tb.NUM_WARPS = default[0], default[0] * default[1], default[2]
-
 
 if __name__ == "__main__":
     main()
