@@ -66,9 +66,12 @@ class PerturbGroup:
 
 @dataclass(frozen=True)
 class SGDHyper:
-    """torch.optim.SGD hyper-parameters of one group (torch.optim's exact semantics)."""
+    """torch.optim.SGD hyper-parameters of one group (torch.optim's exact semantics).
 
-    lr: float
+    ``lr`` is a Python number or a one-element tensor; a tensor is read on the device by the
+    kernels, never by the host."""
+
+    lr: float | Tensor
     momentum: float
     dampening: float
     weight_decay: float
@@ -78,9 +81,10 @@ class SGDHyper:
 
 @dataclass(frozen=True)
 class AdamHyper:
-    """torch.optim.Adam/AdamW hyper-parameters of one group; ``step`` is after the increment."""
+    """torch.optim.Adam/AdamW hyper-parameters of one group; ``step`` is after the increment.
+    ``lr`` as in :class:`SGDHyper` (then ``step_size`` is a tensor too)."""
 
-    lr: float
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float
@@ -91,8 +95,13 @@ class AdamHyper:
     step: float
 
     @property
-    def step_size(self) -> float:
+    def step_size(self) -> float | Tensor:
         return self.lr / (1.0 - self.beta1**self.step)
+
+    @property
+    def decay(self) -> float | Tensor:
+        """AdamW's decoupled weight-decay factor 1 - lr·wd."""
+        return 1.0 - self.lr * self.weight_decay
 
     @property
     def bias_correction2_sqrt(self) -> float:

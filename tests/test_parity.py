@@ -60,6 +60,11 @@ BASES = {
     "adamw_amsgrad": (torch.optim.AdamW, {"lr": 1e-2, "weight_decay": 0.1, "amsgrad": True}),
     "adam_maximize": (torch.optim.Adam, {"lr": 1e-3, "maximize": True, "betas": (0.8, 0.99)}),
     "rmsprop_unfused": (torch.optim.RMSprop, {"lr": 1e-3, "momentum": 0.5}),
+    # lr as a tensor (as for LR schedules on device): fused, read on the device
+    "sgd_tensor_lr": (
+        torch.optim.SGD, {"lr": torch.tensor(0.05), "momentum": 0.9, "nesterov": True}
+    ),
+    "adamw_tensor_lr": (torch.optim.AdamW, {"lr": torch.tensor(1e-2), "weight_decay": 0.1}),
 }
 
 CASES = [(p, "sgd_momentum_wd") for p in PERTURBATIONS] + [("sam", b) for b in BASES][1:]

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper, dual_exponent
 
-
 _NARROW = (torch.float16, torch.bfloat16)
 
 
@@ -135,7 +134,10 @@ class TorchBackend(Backend):
                 d = torch._foreach_add(d, momentum_buffers, alpha=hyper.momentum)
             else:
                 d = momentum_buffers
-        torch._foreach_add_(params, d, alpha=-hyper.lr)
+        if isinstance(hyper.lr, Tensor):  # no host read: scale on the device
+            torch._foreach_sub_(params, torch._foreach_mul(d, hyper.lr.to(params[0].device)))
+        else:
+            torch._foreach_add_(params, d, alpha=-hyper.lr)
 
     def restore_adam(
         self,
@@ -151,9 +153,13 @@ class TorchBackend(Backend):
             return
         self.restore(params, w_old)
         g = torch._foreach_neg(grads) if hyper.maximize else grads
+        lr = hyper.lr.to(params[0].device) if isinstance(hyper.lr, Tensor) else hyper.lr
         if hyper.weight_decay != 0:
             if hyper.decoupled:
-                torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+                decay = hyper.decay
+                if isinstance(decay, Tensor):
+                    decay = decay.to(lr.device)
+                torch._foreach_mul_(params, decay)
             else:
                 g = torch._foreach_add(g, params, alpha=hyper.weight_decay)
         torch._foreach_lerp_(exp_avgs, g, 1 - hyper.beta1)
@@ -167,4 +173,9 @@ class TorchBackend(Backend):
         denom = torch._foreach_sqrt(second)
         torch._foreach_div_(denom, hyper.bias_correction2_sqrt)
         torch._foreach_add_(denom, hyper.eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denom, -hyper.step_size)
+        if isinstance(lr, Tensor):  # addcdiv takes only numbers: divide, then scale on device
+            update = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_mul_(update, hyper.step_size.to(lr.device))
+            torch._foreach_sub_(params, update)
+        else:
+            torch._foreach_addcdiv_(params, exp_avgs, denom, -hyper.step_size)

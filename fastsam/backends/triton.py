@@ -6,10 +6,11 @@ one launch per pass, each extra parameter group one restore/update launch.
 
 Each launch walks a segment table (tensor index, start, length) and reads base addresses from
 int64 tables, both built on the host once and cached: a table is rebuilt only when an address,
-a shape or a per-group option (other than rho, read from a small per-step array) changes (e.g. gradients re-allocated by
-``zero_grad(set_to_none=True)`` at a new address), and the upload is asynchronous from pinned
-memory, so the step never waits for the host. Scratch buffers (norm partials, filter norms,
-the norm itself) are cached too: after the first step a step allocates nothing on the device.
+a shape or a per-group option changes (e.g. gradients re-allocated by
+``zero_grad(set_to_none=True)`` at a new address; rho is read from a small per-step array, so a
+rho schedule rebuilds nothing). Uploads are asynchronous from pinned memory, so the step never
+waits for the host. Scratch buffers (norm partials, filter norms, the norm itself) are cached
+too: in steady state a step allocates nothing on the device.
 
 On CPU tensors the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``), which
 is how the test suite checks them without a GPU.
@@ -229,9 +230,17 @@ class TritonBackend(Backend):
             buf = self._scratch[key] = torch.empty(max(numel, 1), dtype=dtype, device=device)
         return buf
 
-    def _constants(self, values: tuple[float, ...], device: torch.device) -> Tensor:
+    def _constants(self, values: tuple, device: torch.device) -> Tensor:
         """Scalar hyper-parameters as an fp64 device array (Triton would round Python floats
-        to fp32), uploaded once per distinct tuple of values."""
+        to fp32), uploaded once per distinct tuple of values. A tensor value (lr as a tensor)
+        is copied in on the device each call: its value is never read by the host."""
+        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        if tensors:
+            numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
+            hp = self._constants(numbers, device).clone()
+            for i, v in tensors:
+                hp[i].copy_(v.reshape(()), non_blocking=True)
+            return hp
         key = (values, device)
         hp = self._hyper.get(key)
         if hp is None:
@@ -355,7 +364,7 @@ class TritonBackend(Backend):
             roles["vmax"] = max_exp_avg_sqs
         constants = (
             hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-            hyper.step_size, hyper.bias_correction2_sqrt,
+            hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
         )
         for table in self._update_tables(roles):
             self._launch(

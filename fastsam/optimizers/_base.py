@@ -57,6 +57,12 @@ _grad = attrgetter("grad")
 _is_sparse = attrgetter("is_sparse")
 
 
+def _lr(lr: float | Tensor) -> float | Tensor:
+    """A number as float; a tensor as is: the backends read it on the device, and quantities
+    derived from it (lr/(1 - β1^t), 1 - lr·wd) are tensor ops in its dtype, as in torch.optim."""
+    return lr.detach() if isinstance(lr, Tensor) else float(lr)
+
+
 def _canonical(device: torch.device) -> torch.device:
     """``cuda`` and ``cuda:0`` (the current device) are one device."""
     if device.type == "cuda" and device.index is None:
@@ -348,8 +354,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """'sgd' or 'adam' when the base update can be fused with the restore, else None.
 
         Only the exact torch.optim classes qualify (a subclass may change step()), and only
-        configurations whose state layout we reproduce: float lr/betas, no differentiable,
-        capturable or fused Adam, no complex parameters.
+        configurations whose state layout we reproduce: float betas, no differentiable,
+        capturable or fused Adam, no complex parameters. lr may be a number or a tensor.
         """
         kind = {
             torch.optim.SGD: "sgd",
@@ -359,7 +365,7 @@ class SharpnessAwareOptimizer(Optimizer):
         if kind is None:
             return None
         for group in self.param_groups:
-            if group.get("differentiable") or isinstance(group["lr"], Tensor):
+            if group.get("differentiable"):
                 return None
             if kind == "adam" and (
                 group.get("capturable")
@@ -373,7 +379,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self, backend: Backend, group: dict, params: list, grads: list, w_old: list, states: list
     ) -> None:
         hyper = SGDHyper(
-            lr=float(group["lr"]),
+            lr=_lr(group["lr"]),
             momentum=group["momentum"],
             dampening=group["dampening"],
             weight_decay=group["weight_decay"],
@@ -433,7 +439,7 @@ class SharpnessAwareOptimizer(Optimizer):
         )
         for step, idx in by_step.items():
             hyper = AdamHyper(
-                lr=float(group["lr"]),
+                lr=_lr(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],

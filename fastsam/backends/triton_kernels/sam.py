@@ -235,15 +235,17 @@ def adam_kernel(
     ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
-    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t)]."""
+    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay] (lr itself
+    is not read: only the derived values, which come from the host as torch.optim forms them,
+    in lr's dtype for a tensor lr)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
-    lr = tl.load(hp).to(ACC)
     beta1 = tl.load(hp + 1).to(ACC)
     beta2 = tl.load(hp + 2).to(ACC)
     eps = tl.load(hp + 3).to(ACC)
     weight_decay = tl.load(hp + 4).to(ACC)
     step_size = tl.load(hp + 5).to(ACC)
     bias_correction2_sqrt = tl.load(hp + 6).to(ACC)
+    decay = tl.load(hp + 7).to(ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
@@ -260,7 +262,7 @@ def adam_kernel(
         if MAXIMIZE:
             g = -g
         if DECOUPLED:
-            w = w * (1.0 - lr * weight_decay)
+            w = w * decay
         else:
             g = g + weight_decay * w
         m = tl.load(m_ptr + idx, mask=inside).to(ACC)
