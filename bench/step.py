@@ -25,9 +25,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fastsam  # noqa: E402
 from param_sets import SETS  # noqa: E402
 from popular_sam import PopularSAM  # noqa: E402
+
+import fastsam  # noqa: E402
 
 # fp32 SAM + SGD momentum, bytes per element (DESIGN.md §2): norm reads g (4), perturb reads w, g
 # and writes w, w_old (16), restore+update reads w_old, g, buf and writes w, buf (20).

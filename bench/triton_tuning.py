@@ -15,10 +15,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fastsam  # noqa: E402
-import fastsam.backends.triton as tb  # noqa: E402
 from param_sets import SETS  # noqa: E402
 from step import FLOOR_BYTES_PER_ELEMENT, copy_bandwidth, timed  # noqa: E402
+
+import fastsam  # noqa: E402
+import fastsam.backends.triton as tb  # noqa: E402
 
 VARIANTS = [  # (BLOCK, segments of CHUNK = k * BLOCK elements, num_warps)
     (1024, 8, 4), (512, 16, 4), (512, 32, 4), (512, 8, 4), (512, 16, 2), (256, 32, 2),
@@ -53,14 +54,13 @@ def sweep(set_name, device, reps, default):
         opt = fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=1e-3, momentum=0.9,
                           backend="triton")
 
-        def step():
+        def step(opt=opt):
             opt.first_step()
             opt.second_step()
 
         med = statistics.median(timed(step, device, reps, warmup=3)) * 1e3
         mark = "*" if (block, k, warps) == default else ""
         print(f"{block:>6} {k * block:>6} {warps:>5} {med:>10.3f} {med / floor_ms:>8.2f} {mark}")
-        del opt
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,6 @@ a loop that runs fastsam and the oracle side by side."""
 from __future__ import annotations
 
 import torch
-
 from oracle import OracleSAM
 
 # Odd sizes (DESIGN.md §4): scalars, a prime, just past a power of two, conv and matrix shapes,

@@ -52,7 +52,8 @@ class OracleSAM:
                     items.append((w, w.grad, operator_T(w, kind, eta), g["rho"]))
         out = []
         if self.p == 2:
-            norm = math.sqrt(sum(float(((t * gr) ** 2).sum(dtype=torch.float64)) for _, gr, t, _ in items))
+            squares = (float(((t * gr) ** 2).sum(dtype=torch.float64)) for _, gr, t, _ in items)
+            norm = math.sqrt(sum(squares))
             for w, gr, t, rho in items:
                 out.append((w, rho * t * t * gr / (norm + self.eps)))
         elif math.isinf(self.p):
@@ -60,7 +61,9 @@ class OracleSAM:
                 out.append((w, rho * t * torch.sign(gr)))
         else:
             q = self.p / (self.p - 1)
-            total = sum(float(((t * gr).abs() ** q).sum(dtype=torch.float64)) for _, gr, t, _ in items)
+            total = sum(
+                float(((t * gr).abs() ** q).sum(dtype=torch.float64)) for _, gr, t, _ in items
+            )
             denom = total ** (1 / self.p) + self.eps
             for w, gr, t, rho in items:
                 u = t * gr

@@ -162,7 +162,8 @@ def test_state_dict_keeps_base_state_and_moves_to_torch_optim():
 
     plain = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     plain.load_state_dict(sd)
-    assert torch.equal(plain.state[params[2]]["momentum_buffer"], opt.state[params[2]]["momentum_buffer"])
+    moved = plain.state[params[2]]["momentum_buffer"]
+    assert torch.equal(moved, opt.state[params[2]]["momentum_buffer"])
 
     again = _sgd_sam(params, rho=0.3)
     again.load_state_dict(plain.state_dict())  # rho survives through torch.optim's groups
