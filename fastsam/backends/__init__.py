@@ -1,7 +1,9 @@
 """Backend selection: explicit ``backend=`` > ``FASTSAM_BACKEND`` > automatic.
 
 Automatic: CUDA tensors get ``triton`` when Triton is importable, else ``torch``; CPU tensors
-get ``torch``. A request that cannot be honoured raises a ``RuntimeError`` that names every
+get ``cpu`` when the extension ``fastsam._C`` is built, else ``torch``. The ``cuda`` backend
+(the extension's CUDA kernels) is chosen only when asked for by name until it has been
+verified on a GPU. A request that cannot be honoured raises a ``RuntimeError`` that names every
 backend and why it was or was not usable, so the fix is in the message.
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from ..functional import Backend
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cpu", "cuda")
 ENV_VAR = "FASTSAM_BACKEND"
 
 
@@ -24,6 +26,10 @@ def _refusal(name: str, device: torch.device) -> str | None:
         from . import triton as triton_backend
 
         return triton_backend.unavailable_reason(device)
+    if name in ("cpu", "cuda"):
+        from . import native
+
+        return native.unavailable_reason(name, device)
     return f"unknown backend (choose from {', '.join(BACKENDS)})"
 
 
@@ -32,9 +38,13 @@ def _build(name: str) -> Backend:
         from .torch import TorchBackend
 
         return TorchBackend()
-    from .triton import TritonBackend
+    if name == "triton":
+        from .triton import TritonBackend
 
-    return TritonBackend()
+        return TritonBackend()
+    from .native import NativeBackend
+
+    return NativeBackend(name)
 
 
 def select_backend(requested: str | None, device: torch.device) -> Backend:
@@ -50,7 +60,7 @@ def select_backend(requested: str | None, device: torch.device) -> Backend:
         requested = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}="
     if requested is None:
-        order = ("triton", "torch") if device.type == "cuda" else ("torch",)
+        order = ("triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
             if _refusal(name, device) is None:
                 return _build(name)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper, dual_exponent
+from ._constants import ConstantArrays, upload
 
 try:
     import triton.language as tl
@@ -74,14 +75,6 @@ def _acc(t: Tensor):
     return _ACC[torch.float64 if t.dtype == torch.float64 else torch.float32]
 
 
-def _upload(host: Tensor, device: torch.device) -> Tensor:
-    if device.type == "cpu":
-        return host
-    # Pinned + non_blocking: the copy is queued on the stream, the host does not wait. A fresh
-    # pinned tensor per upload: the caching host allocator keeps it alive until the copy is done.
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 class _Table:
     """Device-side description of one launch: segments, addresses per role, per-tensor values."""
 
@@ -102,13 +95,13 @@ class _Table:
         seg_start = local * lens[seg_tensor]
         seg_len = torch.minimum(lens[seg_tensor], numels[seg_tensor] - seg_start)
         self.n_segments = int(seg_tensor.numel())
-        self.seg = tuple(_upload(x, device) for x in (seg_tensor, seg_start, seg_len))
+        self.seg = tuple(upload(x, device) for x in (seg_tensor, seg_start, seg_len))
         self.addr = {
-            role: _upload(torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64), device)
+            role: upload(torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64), device)
             for role, ts in roles.items()
         }
         self.values = {
-            name: _upload(torch.tensor(vals, dtype=dtype), device)
+            name: upload(torch.tensor(vals, dtype=dtype), device)
             for name, (dtype, vals) in per_tensor.items()
         }
         self.ref = {role: ts[0] for role, ts in roles.items()}  # dtype carriers
@@ -123,7 +116,7 @@ class _Table:
 def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
     for t in tensors:
         if not t.is_contiguous():
-            raise RuntimeError(
+            raise ValueError(
                 f"triton backend: {what} of shape {tuple(t.shape)} is not contiguous "
                 f"(strides {t.stride()}); make it contiguous or use backend='torch'"
             )
@@ -201,7 +194,7 @@ class TritonBackend(Backend):
     def __init__(self) -> None:
         self.launches = 0  # kernel launches so far: read by tests and benchmarks
         self._plans: OrderedDict[Hashable, object] = OrderedDict()
-        self._hyper: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._constants = ConstantArrays()
         self._scratch: dict[tuple, Tensor] = {}
         self._pending: tuple[_PerturbPlan, Tensor] | None = None
 
@@ -229,25 +222,6 @@ class TritonBackend(Backend):
         if buf is None or buf.numel() < numel:
             buf = self._scratch[key] = torch.empty(max(numel, 1), dtype=dtype, device=device)
         return buf
-
-    def _constants(self, values: tuple, device: torch.device) -> Tensor:
-        """Scalar hyper-parameters as an fp64 device array (Triton would round Python floats
-        to fp32), uploaded once per distinct tuple of values. A tensor value (lr as a tensor)
-        is copied in on the device each call: its value is never read by the host."""
-        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
-        if tensors:
-            numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
-            hp = self._constants(numbers, device).clone()
-            for i, v in tensors:
-                hp[i].copy_(v.reshape(()), non_blocking=True)
-            return hp
-        key = (values, device)
-        hp = self._hyper.get(key)
-        if hp is None:
-            hp = self._hyper[key] = _upload(torch.tensor(values, dtype=torch.float64), device)
-            if len(self._hyper) > _CACHE_SIZE:  # an lr schedule makes a new tuple every step
-                self._hyper.popitem(last=False)
-        return hp
 
     # ---------------------------------------------------------------- pass A
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:

@@ -1,0 +1,285 @@
+// CPU loops of the passes of DESIGN.md §2: arithmetic only (validation and tables are in
+// binding.cpp). Each pass is one sweep over memory, segments split across threads with
+// at::parallel_for; the per-element math is elementwise.h, shared with the CUDA kernels.
+//
+// Loops are written so gcc vectorises them without -ffast-math: reductions keep kLanes
+// independent accumulators (a fixed order that depends on the segment length only, so the
+// norm is bitwise the same for any thread count), and pointers of one sweep are __restrict__.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "elementwise.h"
+#include "kernels.h"
+
+namespace fastsam {
+namespace cpu {
+namespace {
+
+// Compute type: double for fp64 storage, float for fp32/fp16/bf16 (widened on load; c10's
+// conversions round to nearest even on store).
+template <typename S>
+using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename F>
+void with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(float{});
+    case kFloat64: return f(double{});
+    case kFloat16: return f(c10::Half{});
+    case kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void with_qmode(int qmode, F&& f) {
+  switch (qmode) {
+    case kQ2: return f(std::integral_constant<int, kQ2>{});
+    case kQ1: return f(std::integral_constant<int, kQ1>{});
+    default: return f(std::integral_constant<int, kQAny>{});
+  }
+}
+
+struct Segment {
+  int64_t tensor, start, len;
+};
+
+inline Segment segment(const Table& tab, int64_t s) {
+  return {tab.seg[3 * s], tab.seg[3 * s + 1], tab.seg[3 * s + 2]};
+}
+
+template <typename S>
+S* address(const Table& tab, int role, const Segment& seg) {
+  return reinterpret_cast<S*>(tab.addr[role * tab.n_tensors + seg.tensor]) + seg.start;
+}
+
+// f(segment index) for every segment; segments are split evenly across the threads.
+template <typename F>
+void for_each_segment(const Table& tab, F&& f) {
+  at::parallel_for(0, tab.n_segments, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) f(s);
+  });
+}
+
+constexpr int kLanes = 16;
+
+// Σ term(i) over [0, n) with kLanes accumulators: vectorisable, order fixed by n.
+template <typename A, typename F>
+A lane_sum(int64_t n, F&& term) {
+  A lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  }
+  for (int j = 0; i < n; ++i, ++j) lanes[j] += term(i);
+  A total = 0;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+template <typename S, int QM>
+void norm_segment(const Table& tab, const NormArgs& a, int64_t s) {
+  using A = Acc<S>;
+  const Segment seg = segment(tab, s);
+  const S* __restrict__ g = address<const S>(tab, kNormG, seg);
+  const S* __restrict__ w = address<const S>(tab, kNormW, seg);
+  const A q = A(a.q);
+  const A eta = A(tab.eta[seg.tensor]);
+  double partial = 0.0, row_T = 0.0;
+  switch (tab.mode[seg.tensor]) {
+    case kPlain:
+      partial = lane_sum<A>(seg.len, [&](int64_t i) { return pow_q<QM>(fs_abs(A(g[i])), q); });
+      break;
+    case kElement:
+      partial = lane_sum<A>(seg.len, [&](int64_t i) {
+        return pow_q<QM>(fs_abs((fs_abs(A(w[i])) + eta) * A(g[i])), q);
+      });
+      break;
+    default: {  // kFilter: the segment is one filter; T = ‖w[i]‖₂ + eta is constant over it
+      const A sq = lane_sum<A>(seg.len, [&](int64_t i) { return A(w[i]) * A(w[i]); });
+      const A gq = lane_sum<A>(seg.len, [&](int64_t i) { return pow_q<QM>(fs_abs(A(g[i])), q); });
+      const A T = fs_sqrt(sq) + eta;
+      partial = pow_q<QM>(T, q) * gq;
+      row_T = T;
+    }
+  }
+  a.partials[s] = partial;
+  a.row_T[s] = row_T;
+}
+
+template <typename S, int QM>
+void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv_denom,
+                     int64_t s) {
+  using A = Acc<S>;
+  const Segment seg = segment(tab, s);
+  S* __restrict__ w = address<S>(tab, kPertW, seg);
+  const S* __restrict__ g = address<const S>(tab, kPertG, seg);
+  S* __restrict__ old = address<S>(tab, kPertOld, seg);
+  if (!ok) {  // non-finite norm: no perturbation, w stays bit-identical
+    std::memcpy(old, w, seg.len * sizeof(S));
+    return;
+  }
+  const A scale = A(a.rho[tab.group[seg.tensor]]) * inv_denom;
+  const A q = A(a.q);
+  const A eta = A(tab.eta[seg.tensor]);
+  switch (tab.mode[seg.tensor]) {
+    case kPlain:
+      for (int64_t i = 0; i < seg.len; ++i) {
+        const S wi = w[i];
+        old[i] = wi;
+        w[i] = S(A(wi) + scale * direction<QM>(A(1), A(g[i]), q));
+      }
+      break;
+    case kElement:
+      for (int64_t i = 0; i < seg.len; ++i) {
+        const S wi = w[i];
+        old[i] = wi;
+        w[i] = S(A(wi) + scale * direction<QM>(fs_abs(A(wi)) + eta, A(g[i]), q));
+      }
+      break;
+    default: {
+      const A T = A(a.row_T[s]);
+      for (int64_t i = 0; i < seg.len; ++i) {
+        const S wi = w[i];
+        old[i] = wi;
+        w[i] = S(A(wi) + scale * direction<QM>(T, A(g[i]), q));
+      }
+    }
+  }
+}
+
+template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool MAXIMIZE>
+void sgd_segment(const Table& tab, const SgdArgs& a, int64_t s) {
+  using A = Acc<S>;
+  const Segment seg = segment(tab, s);
+  // w_old may be w itself (a parameter that was not perturbed): no __restrict__ on those two.
+  S* w = address<S>(tab, kSgdW, seg);
+  const S* old = address<const S>(tab, kSgdOld, seg);
+  const S* __restrict__ g = address<const S>(tab, kSgdG, seg);
+  S* __restrict__ buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
+  const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
+  const A weight_decay = A(a.hp[3]);
+  for (int64_t i = 0; i < seg.len; ++i) {
+    A b = (HAS_MOMENTUM && !FRESH) ? A(buf[i]) : A(0);
+    const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV, MAXIMIZE>(
+        A(old[i]), A(g[i]), b, lr, momentum, dampening, weight_decay);
+    if (HAS_MOMENTUM) buf[i] = S(b);
+    w[i] = S(updated);
+  }
+}
+
+template <typename S, bool DECOUPLED, bool AMSGRAD, bool MAXIMIZE>
+void adam_segment(const Table& tab, const AdamArgs& a, int64_t s) {
+  using A = Acc<S>;
+  const Segment seg = segment(tab, s);
+  S* w = address<S>(tab, kAdamW, seg);
+  const S* old = address<const S>(tab, kAdamOld, seg);
+  const S* __restrict__ g = address<const S>(tab, kAdamG, seg);
+  S* __restrict__ m = address<S>(tab, kAdamM, seg);
+  S* __restrict__ v = address<S>(tab, kAdamV, seg);
+  S* __restrict__ vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
+  const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
+                         A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+  for (int64_t i = 0; i < seg.len; ++i) {
+    A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
+    const A updated =
+        fastsam::adam<DECOUPLED, AMSGRAD, MAXIMIZE>(A(old[i]), A(g[i]), mi, vi, vmaxi, k);
+    m[i] = S(mi);
+    v[i] = S(vi);
+    if (AMSGRAD) vmax[i] = S(vmaxi);
+    w[i] = S(updated);
+  }
+}
+
+}  // namespace
+
+void norm_partials(const Table& t, const NormArgs& a) {
+  with_storage(t.dtype, [&](auto storage) {
+    using S = decltype(storage);
+    with_qmode(a.qmode, [&](auto qm) {
+      for_each_segment(t, [&](int64_t s) { norm_segment<S, decltype(qm)::value>(t, a, s); });
+    });
+  });
+}
+
+double sum_partials(const double* partials, int64_t n) {
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += partials[i];
+  return total;
+}
+
+void perturb(const Table& t, const PerturbArgs& a) {
+  with_storage(t.dtype, [&](auto storage) {
+    using S = decltype(storage);
+    using A = Acc<S>;
+    const A S_sum = a.norm_fp64 ? A(*static_cast<const double*>(a.norm_sum))
+                                : A(*static_cast<const float*>(a.norm_sum));
+    const bool ok = finite(S_sum);
+    with_qmode(a.qmode, [&](auto qm) {
+      constexpr int QM = decltype(qm)::value;
+      const A inv_denom = inverse_denominator<QM>(S_sum, A(a.inv_p), A(a.eps));
+      for_each_segment(t, [&](int64_t s) { perturb_segment<S, QM>(t, a, ok, inv_denom, s); });
+    });
+    *a.skipped = ok ? 0.0f : 1.0f;
+  });
+}
+
+void restore(const Table& t) {
+  with_storage(t.dtype, [&](auto storage) {
+    using S = decltype(storage);
+    for_each_segment(t, [&](int64_t s) {
+      const Segment seg = segment(t, s);
+      std::memcpy(address<S>(t, kRestoreW, seg), address<const S>(t, kRestoreOld, seg),
+                  seg.len * sizeof(S));
+    });
+  });
+}
+
+void sgd(const Table& t, const SgdArgs& a) {
+  with_storage(t.dtype, [&](auto storage) {
+    using S = decltype(storage);
+    with_bool(a.has_momentum, [&](auto m) {
+      with_bool(a.fresh, [&](auto f) {
+        with_bool(a.nesterov, [&](auto n) {
+          with_bool(a.maximize, [&](auto x) {
+            for_each_segment(t, [&](int64_t s) {
+              sgd_segment<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
+                          decltype(x)::value>(t, a, s);
+            });
+          });
+        });
+      });
+    });
+  });
+}
+
+void adam(const Table& t, const AdamArgs& a) {
+  with_storage(t.dtype, [&](auto storage) {
+    using S = decltype(storage);
+    with_bool(a.decoupled, [&](auto d) {
+      with_bool(a.amsgrad, [&](auto ams) {
+        with_bool(a.maximize, [&](auto x) {
+          for_each_segment(t, [&](int64_t s) {
+            adam_segment<S, decltype(d)::value, decltype(ams)::value, decltype(x)::value>(t, a,
+                                                                                         s);
+          });
+        });
+      });
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastsam

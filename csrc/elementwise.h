@@ -1,0 +1,103 @@
+// Per-element arithmetic of every pass, shared by the CPU (cpu_kernels.cpp) and CUDA
+// (cuda_kernels.cu) loops so the two backends compute the same formulas in the same order.
+// No torch headers: values arrive widened to the compute type A (float, or double for fp64
+// storage); the callers load and store the storage dtype.
+#pragma once
+
+#include <math.h>
+
+#ifdef __CUDACC__
+#define FASTSAM_HD __host__ __device__ __forceinline__
+#else
+#define FASTSAM_HD inline
+#endif
+
+namespace fastsam {
+
+// Per-tensor operator code of the ASAM scaling T (fastsam.functional.Scaling).
+enum Mode : int { kPlain = 0, kElement = 1, kFilter = 2 };
+// Dual exponent q of the perturbation: q = 2 (p = 2), q = 1 (p = inf), anything else.
+enum QMode : int { kQ2 = 0, kQ1 = 1, kQAny = 2 };
+
+FASTSAM_HD float fs_exp2(float x) { return exp2f(x); }
+FASTSAM_HD double fs_exp2(double x) { return exp2(x); }
+FASTSAM_HD float fs_log2(float x) { return log2f(x); }
+FASTSAM_HD double fs_log2(double x) { return log2(x); }
+FASTSAM_HD float fs_sqrt(float x) { return sqrtf(x); }
+FASTSAM_HD double fs_sqrt(double x) { return sqrt(x); }
+FASTSAM_HD float fs_abs(float x) { return fabsf(x); }
+FASTSAM_HD double fs_abs(double x) { return fabs(x); }
+
+// x^q for x >= 0 (0^q = 0 for q > 0: exp2(q * -inf) = 0).
+template <int QM, typename A>
+FASTSAM_HD A pow_q(A x, A q) {
+  if (QM == kQ2) return x * x;
+  if (QM == kQ1) return x;
+  return fs_exp2(q * fs_log2(x));
+}
+
+// T·sign(u)·|u|^(q-1) with u = T·g: the direction of e before the scale ρ / (S^(1/p) + eps).
+template <int QM, typename A>
+FASTSAM_HD A direction(A T, A g, A q) {
+  const A u = T * g;
+  if (QM == kQ2) return T * u;
+  const A sign = A(u > A(0)) - A(u < A(0));
+  if (QM == kQ1) return T * sign;
+  return T * sign * fs_exp2((q - A(1)) * fs_log2(fs_abs(u)));
+}
+
+// S is finite (neither inf nor NaN).
+template <typename A>
+FASTSAM_HD bool finite(A s) {
+  return s == s && fs_abs(s) < A(INFINITY);
+}
+
+// 1 / (S^(1/p) + eps), 1 for p = inf (the sign perturbation has no denominator).
+template <int QM, typename A>
+FASTSAM_HD A inverse_denominator(A S, A inv_p, A eps) {
+  if (QM == kQ1) return A(1);
+  if (QM == kQ2) return A(1) / (fs_sqrt(S) + eps);
+  return A(1) / (fs_exp2(fs_log2(S) * inv_p) + eps);
+}
+
+// torch.optim.SGD on one element (fastsam.functional.Backend.restore_sgd), from w_old.
+// hp = [lr, momentum, dampening, weight_decay]; buf is read unless FRESH and written back.
+template <bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool MAXIMIZE, typename A>
+FASTSAM_HD A sgd(A w, A g, A& buf, A lr, A momentum, A dampening, A weight_decay) {
+  A d = MAXIMIZE ? -g : g;
+  d = d + weight_decay * w;
+  if (HAS_MOMENTUM) {
+    buf = FRESH ? d : momentum * buf + (A(1) - dampening) * d;  // first step: buf = d
+    d = NESTEROV ? d + momentum * buf : buf;
+  }
+  return w - lr * d;
+}
+
+// The scalars of torch.optim.Adam/AdamW as the launchers pass them:
+// hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay].
+template <typename A>
+struct AdamScalars {
+  A beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decay;
+};
+
+// torch.optim.Adam/AdamW on one element, from w_old. m, v, vmax are read and written back.
+template <bool DECOUPLED, bool AMSGRAD, bool MAXIMIZE, typename A>
+FASTSAM_HD A adam(A w, A g, A& m, A& v, A& vmax, const AdamScalars<A>& s) {
+  if (MAXIMIZE) g = -g;
+  if (DECOUPLED) {
+    w = w * s.decay;
+  } else {
+    g = g + s.weight_decay * w;
+  }
+  m = m + (A(1) - s.beta1) * (g - m);  // lerp(m, g, 1 - β1)
+  v = s.beta2 * v + (A(1) - s.beta2) * g * g;
+  A second = v;
+  if (AMSGRAD) {
+    vmax = vmax > v ? vmax : v;
+    second = vmax;
+  }
+  const A denom = fs_sqrt(second) / s.bias_correction2_sqrt + s.eps;
+  return w - s.step_size * m / denom;
+}
+
+}  // namespace fastsam

@@ -1,0 +1,82 @@
+// The interface between the binding (binding.cpp: validation, tables, dispatch) and the
+// kernel files (cpu_kernels.cpp, cuda_kernels.cu: arithmetic only). No torch headers.
+//
+// A launch covers the tensors of one storage dtype through a *segment table*: segment s is
+// elements [start, start + len) of tensor `tensor`, and tensor t's base address for role r
+// (w, g, w_old, state...) is addr[r * n_tensors + t]. For the CPU the tables live in host
+// memory; for CUDA every pointer in a Table is a device pointer.
+#pragma once
+
+#include <cstdint>
+
+namespace fastsam {
+
+enum DType : int32_t { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct Table {
+  DType dtype;
+  int64_t n_tensors;
+  int64_t n_segments;
+  const int64_t* seg;    // 3 per segment: tensor, start, len
+  const int64_t* addr;   // role-major base addresses
+  const int64_t* mode;   // per tensor (perturbation passes): Mode of elementwise.h
+  const double* eta;     // per tensor: ASAM eta
+  const int64_t* group;  // per tensor: index into the per-group rho array
+};
+
+// Roles, in the order the binding fills addr.
+enum NormRole : int { kNormW = 0, kNormG = 1 };
+enum RestoreRole : int { kRestoreW = 0, kRestoreOld = 1 };
+enum PerturbRole : int { kPertW = 0, kPertG = 1, kPertOld = 2 };
+enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
+enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
+
+struct NormArgs {
+  int qmode;
+  double q;
+  double* partials;  // one per segment, in table order (written)
+  double* row_T;     // one per segment: the filter norm + eta of filter segments (written)
+};
+
+struct PerturbArgs {
+  int qmode;
+  double q, inv_p, eps;
+  const double* rho;      // per group
+  const double* row_T;    // as written by the norm pass over the same table
+  const void* norm_sum;   // 0-d, float or double (norm_fp64)
+  bool norm_fp64;
+  float* skipped;         // 0-d: 1 when norm_sum is not finite (w untouched), else 0
+};
+
+struct SgdArgs {
+  const double* hp;  // [lr, momentum, dampening, weight_decay]
+  bool has_momentum, fresh, nesterov, maximize;
+};
+
+struct AdamArgs {
+  const double* hp;  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd]
+  bool decoupled, amsgrad, maximize;
+};
+
+namespace cpu {
+void norm_partials(const Table& t, const NormArgs& a);
+// Σ partials[0:n] in index order.
+double sum_partials(const double* partials, int64_t n);
+void perturb(const Table& t, const PerturbArgs& a);
+void restore(const Table& t);
+void sgd(const Table& t, const SgdArgs& a);
+void adam(const Table& t, const AdamArgs& a);
+}  // namespace cpu
+
+namespace cuda {
+// Every function queues its kernels on `stream` (a cudaStream_t) and returns at once.
+void norm_partials(const Table& t, const NormArgs& a, void* stream);
+// out = Σ partials[0:n] in a fixed order (one block), stored as float or double.
+void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, void* stream);
+void perturb(const Table& t, const PerturbArgs& a, void* stream);
+void restore(const Table& t, void* stream);
+void sgd(const Table& t, const SgdArgs& a, void* stream);
+void adam(const Table& t, const AdamArgs& a, void* stream);
+}  // namespace cuda
+
+}  // namespace fastsam

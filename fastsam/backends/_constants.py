@@ -1,0 +1,49 @@
+"""Scalar hyper-parameters as small fp64 arrays on the parameters' device, shared by the
+fused backends (triton, cpu, cuda).
+
+Kernels read scalars from memory rather than from launch arguments: values stay fp64 (Triton
+would round Python floats to fp32) and a tensor value (an lr given as a tensor) is copied in on
+the device, never read by the host.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import torch
+from torch import Tensor
+
+_CACHE_SIZE = 32
+
+
+def upload(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without making the host wait."""
+    if device.type == "cpu":
+        return host
+    # Pinned + non_blocking: the copy is queued on the stream, the host does not wait. A fresh
+    # pinned tensor per upload: the caching host allocator keeps it alive until the copy is done.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+class ConstantArrays:
+    """fp64 device arrays of scalar values, one per distinct tuple of values (LRU-cached: an lr
+    schedule makes a new tuple every step, a fixed configuration uploads once)."""
+
+    def __init__(self) -> None:
+        self._arrays: OrderedDict[Hashable, Tensor] = OrderedDict()
+
+    def __call__(self, values: tuple, device: torch.device) -> Tensor:
+        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        if tensors:
+            numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
+            array = self(numbers, device).clone()
+            for i, v in tensors:
+                array[i].copy_(v.reshape(()), non_blocking=True)
+            return array
+        key = (values, device)
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = upload(torch.tensor(values, dtype=torch.float64), device)
+            if len(self._arrays) > _CACHE_SIZE:
+                self._arrays.popitem(last=False)
+        return array

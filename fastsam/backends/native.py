@@ -1,0 +1,151 @@
+"""The ``cpu`` and ``cuda`` backends: the operators of the compiled extension ``fastsam._C``.
+
+Each pass is one call of a ``torch.ops.fastsam`` operator over every tensor of the step
+(csrc/binding.cpp validates and builds the segment tables in C++; csrc/cpu_kernels.cpp and
+csrc/cuda_kernels.cu do the arithmetic, with the per-element formulas of csrc/elementwise.h).
+
+- ``cpu``: one sweep over memory per pass, segments of 32768 elements spread over the threads
+  of ``torch.get_num_threads()``; the norm is summed per segment and then in segment order, so
+  it is bitwise the same for any number of threads.
+- ``cuda``: one launch per pass and storage dtype (plus one to sum the norm's partials), with
+  the segment tables cached on the device and rebuilt only when an address or shape changes.
+
+The extension is optional (``FASTSAM_SKIP_BUILD=1``, or no compiler): its import error is kept
+and shown when one of these backends is asked for.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper
+from ._constants import ConstantArrays
+
+try:
+    from .. import _C  # noqa: F401  (importing registers torch.ops.fastsam.*)
+
+    _IMPORT_ERROR: BaseException | None = None
+except Exception as exc:  # keep the reason: shown when the backend is asked for
+    _IMPORT_ERROR = exc
+
+_MODES = {"none": 0, "element": 1, "filter": 2}
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why native backend ``name`` ("cpu" or "cuda") cannot run on ``device`` (None: it can)."""
+    if _IMPORT_ERROR is not None:
+        return (
+            f"the fastsam._C extension is not importable ({_IMPORT_ERROR!r}); reinstall with a "
+            "C++ compiler: pip install --no-build-isolation ."
+        )
+    if device.type != name:
+        return f"parameters are on {device.type}: the {name} backend takes {name} tensors"
+    if name == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastsam::norm", "CUDA"
+    ):
+        return (
+            "fastsam._C was built without CUDA kernels (the installed torch had no CUDA, or "
+            "nvcc was not found when fastsam was built)"
+        )
+    return None
+
+
+def _flatten(groups: list[PerturbGroup]):
+    """The per-group lists the perturbation operators take."""
+    return (
+        [p for g in groups for p in g.params],
+        [t for g in groups for t in g.grads],
+        [len(g.params) for g in groups],
+        [_MODES[g.scaling.kind] for g in groups],
+        [float(g.scaling.eta) for g in groups],
+    )
+
+
+class NativeBackend(Backend):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._constants = ConstantArrays()
+        self._scratch: dict[tuple, Tensor] = {}
+
+    def _buffer(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """A persistent buffer per (name, device, dtype); the operators grow ``scratch``."""
+        key = (name, device, dtype)
+        buf = self._scratch.get(key)
+        if buf is None:
+            shape = () if name == "norm" else (0,)
+            buf = self._scratch[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return buf
+
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+        params, grads, sizes, modes, etas = _flatten(groups)
+        device = params[0].device
+        # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
+        fp64 = any(p.dtype == torch.float64 for p in params)
+        out = self._buffer("norm", device, torch.float64 if fp64 else torch.float32)
+        scratch = self._buffer("scratch", device, torch.float64)
+        torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch)
+        return out
+
+    def perturb(
+        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
+    ) -> None:
+        # Reads the filter norms the perturbation_norm call just made over the same groups
+        # left in ``scratch`` (the engine always calls the two in a row).
+        params, grads, sizes, modes, etas = _flatten(groups)
+        w_old = [t for g in groups for t in g.w_old]
+        rhos = [float(g.rho) for g in groups]
+        scratch = self._buffer("scratch", params[0].device, torch.float64)
+        q = 1.0 if math.isinf(p) else p / (p - 1.0)
+        torch.ops.fastsam.perturb(
+            params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped
+        )
+
+    def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
+        if params:
+            torch.ops.fastsam.restore(params, w_old)
+
+    def restore_sgd(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        momentum_buffers: list[Tensor],
+        hyper: SGDHyper,
+        fresh_buffers: bool,
+    ) -> None:
+        if not params:
+            return
+        hp = self._constants(
+            (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay), params[0].device
+        )
+        buffers = momentum_buffers if hyper.momentum != 0 else []
+        torch.ops.fastsam.sgd(
+            params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers
+        )
+
+    def restore_adam(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        w_old: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        max_exp_avg_sqs: list[Tensor],
+        hyper: AdamHyper,
+    ) -> None:
+        if not params:
+            return
+        hp = self._constants(
+            (
+                hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+                hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
+            ),
+            params[0].device,
+        )
+        torch.ops.fastsam.adam(
+            params, grads, w_old, exp_avgs, exp_avg_sqs,
+            max_exp_avg_sqs if hyper.amsgrad else [], hp,
+            hyper.decoupled, hyper.amsgrad, hyper.maximize,
+        )
