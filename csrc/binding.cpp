@@ -18,15 +18,18 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #ifdef FASTSAM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <list>
@@ -187,12 +190,6 @@ std::vector<HostTable> build_tables(const Lists& lists, const PerTensor* options
   return tables;
 }
 
-int64_t total_segments(const std::vector<HostTable>& tables) {
-  int64_t n = 0;
-  for (const auto& tab : tables) n += tab.n_segments();
-  return n;
-}
-
 int qmode_of(double q) { return q == 2.0 ? kQ2 : q == 1.0 ? kQ1 : kQAny; }
 
 void check_exponents(const char* op, double q) {
@@ -224,88 +221,280 @@ void check_hp(const char* op, const at::Tensor& hp, at::TensorList w, int64_t n)
                    hp.scalar_type());
 }
 
-// ------------------------------------------------------------------------------------------
-// CPU
+// The tables of one operator call as the kernels read them, plus what keeps them alive.
+struct Tables {
+  std::vector<HostTable> host;
+  std::vector<Table> views;  // host pointers (CPU) or device pointers (CUDA)
+  int64_t n_segments = 0;
+  at::Tensor device_blob;    // CUDA: every table's arrays in one int64 device tensor
+  std::vector<double> rho;   // CUDA perturb: the per-group rho last uploaded...
+  at::Tensor rho_device;     // ...and its device copy
+};
+using TablesPtr = std::shared_ptr<Tables>;
 
-void norm_cpu(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
-              at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
-              at::Tensor& out, at::Tensor& scratch) {
+TablesPtr host_tables(const Lists& lists, const PerTensor* options, int64_t chunk) {
+  auto out = std::make_shared<Tables>();
+  out->host = build_tables(lists, options, chunk);
+  for (const auto& tab : out->host) {
+    out->views.push_back(tab.view());
+    out->n_segments += tab.n_segments();
+  }
+  return out;
+}
+
+// Each device runs the passes through the same few calls: `Cpu` and `Cuda` below.
+struct Cpu {
+  static constexpr c10::DeviceType type = c10::DeviceType::CPU;
+
+  explicit Cpu(c10::Device) {}
+  TablesPtr tables(const char*, const Lists& lists, const PerTensor* options) const {
+    return host_tables(lists, options, kCpuChunk);
+  }
+  const double* rho(Tables&, at::ArrayRef<double> rho) const { return rho.data(); }
+  void norm_partials(const Table& t, const NormArgs& a) const { cpu::norm_partials(t, a); }
+  void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
+    out.fill_(cpu::sum_partials(partials, n));
+  }
+  void perturb(const Table& t, const PerturbArgs& a) const { cpu::perturb(t, a); }
+  void restore(const Table& t) const { cpu::restore(t); }
+  void sgd(const Table& t, const SgdArgs& a) const { cpu::sgd(t, a); }
+  void adam(const Table& t, const AdamArgs& a) const { cpu::adam(t, a); }
+};
+
+#ifdef FASTSAM_WITH_CUDA
+// Device copies of the tables, cached: an entry is reused while every address, size, dtype
+// and per-tensor option of the call is unchanged, so a steady-state step uploads nothing.
+class DeviceTableCache {
+ public:
+  TablesPtr get(const char* op, const Lists& lists, const PerTensor* options, c10::Device device) {
+    std::vector<int64_t> key = make_key(op, lists, options, device);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+      if (it->first == key) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        return entries_.front().second;
+      }
+    }
+    auto tables = host_tables(lists, options, kCudaChunk);
+    upload(*tables, device);
+    entries_.emplace_front(std::move(key), tables);
+    if (entries_.size() > kCapacity) entries_.pop_back();
+    return tables;
+  }
+
+ private:
+  static constexpr size_t kCapacity = 64;
+
+  static std::vector<int64_t> make_key(const char* op, const Lists& lists,
+                                       const PerTensor* options, c10::Device device) {
+    at::TensorList w = lists.front().second;
+    std::vector<int64_t> key{reinterpret_cast<int64_t>(op), device.index(),
+                             static_cast<int64_t>(lists.size()),
+                             static_cast<int64_t>(w.size())};
+    key.reserve(key.size() + w.size() * (lists.size() + 6));
+    for (size_t i = 0; i < w.size(); ++i) {
+      key.push_back(w[i].numel());
+      key.push_back(static_cast<int64_t>(w[i].scalar_type()));
+      key.push_back(w[i].dim() > 0 ? w[i].size(0) : 1);
+      if (options) {
+        int64_t eta_bits;
+        std::memcpy(&eta_bits, &options->eta[i], sizeof eta_bits);
+        key.insert(key.end(), {options->mode[i], options->group[i], eta_bits});
+      }
+      for (const auto& [name, list] : lists) {
+        key.push_back(reinterpret_cast<int64_t>(list[i].data_ptr()));
+      }
+    }
+    return key;
+  }
+
+  // One pinned host buffer holding every table's arrays, copied to the device without
+  // waiting; views are re-pointed at the device copy.
+  static void upload(Tables& tables, c10::Device device) {
+    int64_t total = 0;
+    for (const auto& tab : tables.host) {
+      total += tab.seg.size() + tab.addr.size() + tab.mode.size() + tab.group.size() +
+               tab.eta.size();
+    }
+    at::Tensor host =
+        at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    int64_t* cursor = host.data_ptr<int64_t>();
+    std::vector<int64_t> offsets;
+    auto append = [&](const void* data, size_t count) {
+      offsets.push_back(cursor - host.data_ptr<int64_t>());
+      std::memcpy(cursor, data, count * sizeof(int64_t));
+      cursor += count;
+    };
+    for (const auto& tab : tables.host) {
+      append(tab.seg.data(), tab.seg.size());
+      append(tab.addr.data(), tab.addr.size());
+      append(tab.mode.data(), tab.mode.size());
+      append(tab.group.data(), tab.group.size());
+      append(tab.eta.data(), tab.eta.size());  // doubles, bit for bit
+    }
+    tables.device_blob = host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
+    const int64_t* base = tables.device_blob.data_ptr<int64_t>();
+    for (size_t k = 0; k < tables.host.size(); ++k) {
+      Table& v = tables.views[k];
+      const int64_t* o = offsets.data() + 5 * k;
+      v.seg = base + o[0];
+      v.addr = base + o[1];
+      v.mode = base + o[2];
+      v.group = base + o[3];
+      v.eta = reinterpret_cast<const double*>(base + o[4]);
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<std::pair<std::vector<int64_t>, TablesPtr>> entries_;
+};
+
+struct Cuda {
+  static constexpr c10::DeviceType type = c10::DeviceType::CUDA;
+
+  explicit Cuda(c10::Device device)
+      : device(device), guard(device), stream(c10::cuda::getCurrentCUDAStream().stream()) {}
+  TablesPtr tables(const char* op, const Lists& lists, const PerTensor* options) const {
+    static DeviceTableCache cache;
+    return cache.get(op, lists, options, device);
+  }
+  // rho per group on the device; uploaded again only when a value changed (a rho schedule).
+  const double* rho(Tables& tables, at::ArrayRef<double> rho) const {
+    if (!tables.rho_device.defined() || tables.rho != rho.vec()) {
+      tables.rho = rho.vec();
+      at::Tensor host = at::empty({std::max<int64_t>(rho.size(), 1)},
+                                  at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+      std::memcpy(host.data_ptr<double>(), rho.data(), rho.size() * sizeof(double));
+      if (!tables.rho_device.defined()) {
+        tables.rho_device = at::empty_like(host, at::TensorOptions().device(device));
+      }
+      tables.rho_device.copy_(host, /*non_blocking=*/true);
+    }
+    return tables.rho_device.data_ptr<double>();
+  }
+  void norm_partials(const Table& t, const NormArgs& a) const {
+    cuda::norm_partials(t, a, stream);
+  }
+  void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
+    cuda::sum_partials(partials, n, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
+  }
+  void perturb(const Table& t, const PerturbArgs& a) const { cuda::perturb(t, a, stream); }
+  void restore(const Table& t) const { cuda::restore(t, stream); }
+  void sgd(const Table& t, const SgdArgs& a) const { cuda::sgd(t, a, stream); }
+  void adam(const Table& t, const AdamArgs& a) const { cuda::adam(t, a, stream); }
+
+  c10::Device device;
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+};
+#endif  // FASTSAM_WITH_CUDA
+
+c10::Device device_of(at::TensorList w, const at::Tensor& fallback) {
+  return w.empty() ? fallback.device() : w[0].device();
+}
+
+template <class D>
+void check_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().type() == D::type, "fastsam.", op, ": ", name, " is on ",
+                    t.device(), "; this kernel takes ", c10::DeviceType(D::type), " tensors");
+}
+
+// ------------------------------------------------------------------------------------------
+// The operators, each written once for every device.
+
+template <class D>
+void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
+             at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
+             at::Tensor& out, at::Tensor& scratch) {
   const Lists lists{{"params", params}, {"grads", grads}};
   check_lists("norm", lists);
   check_exponents("norm", q);
   check_norm_out("norm", "out", out, params);
+  check_device<D>("norm", "out", out);
   const PerTensor options = expand_groups("norm", params, group_sizes, group_modes, group_etas);
-  const auto tables = build_tables(lists, &options, kCpuChunk);
-  const int64_t n = total_segments(tables);
+  const D dev(device_of(params, out));
+  const TablesPtr tables = dev.tables("norm", lists, &options);
+  const int64_t n = tables->n_segments;
   check_scratch("norm", scratch, params, n, /*grow=*/true);
   double* partials = scratch.data_ptr<double>();
   int64_t offset = 0;
-  for (const auto& tab : tables) {
-    cpu::norm_partials(tab.view(), {qmode_of(q), q, partials + offset, partials + n + offset});
-    offset += tab.n_segments();
+  for (const Table& t : tables->views) {
+    dev.norm_partials(t, {qmode_of(q), q, partials + offset, partials + n + offset});
+    offset += t.n_segments;
   }
-  out.fill_(cpu::sum_partials(partials, n));
+  dev.norm_sum(partials, n, out);
 }
 
-void perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-                 at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
-                 at::ArrayRef<double> group_etas, at::ArrayRef<double> group_rhos,
-                 const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
-                 double eps, at::Tensor& skipped) {
+template <class D>
+void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+                at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
+                at::ArrayRef<double> group_etas, at::ArrayRef<double> group_rhos,
+                const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
+                double eps, at::Tensor& skipped) {
   const Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   check_lists("perturb", lists);
   check_exponents("perturb", q);
   check_norm_out("perturb", "norm_sum", norm_sum, params);
+  check_device<D>("perturb", "norm_sum", norm_sum);
   check_scalar_tensor("perturb", "skipped", skipped, params, 1);
   TORCH_CHECK_TYPE(skipped.scalar_type() == at::kFloat, "fastsam.perturb: skipped must be float32");
   TORCH_CHECK_VALUE(group_rhos.size() == group_sizes.size(), "fastsam.perturb: ",
                     group_rhos.size(), " rho values for ", group_sizes.size(), " groups");
   const PerTensor options =
       expand_groups("perturb", params, group_sizes, group_modes, group_etas);
-  const auto tables = build_tables(lists, &options, kCpuChunk);
-  const int64_t n = total_segments(tables);
+  const D dev(device_of(params, norm_sum));
+  const TablesPtr tables = dev.tables("perturb", lists, &options);
+  const int64_t n = tables->n_segments;
   at::Tensor scratch_ = scratch;
   check_scratch("perturb", scratch_, params, n, /*grow=*/false);
-  const double* row_T = scratch.data_ptr<double>() + n;
+  if (n == 0) {
+    skipped.zero_();  // nothing to perturb (a norm over nothing is 0: finite)
+    return;
+  }
   PerturbArgs args{qmode_of(q),
                    q,
                    std::isinf(p) ? 0.0 : 1.0 / p,
                    eps,
-                   group_rhos.data(),
-                   row_T,
+                   dev.rho(*tables, group_rhos),
+                   scratch.data_ptr<double>() + n,
                    norm_sum.data_ptr(),
                    norm_sum.scalar_type() == at::kDouble,
                    skipped.data_ptr<float>()};
-  *args.skipped = 0.0f;  // no tensors: nothing skipped; each launch below sets it
-  for (const auto& tab : tables) {
-    args.row_T = row_T;
-    cpu::perturb(tab.view(), args);
-    row_T += tab.n_segments();
+  for (const Table& t : tables->views) {
+    dev.perturb(t, args);
+    args.row_T += t.n_segments;
   }
 }
 
-void restore_cpu(at::TensorList params, at::TensorList w_old) {
+template <class D>
+void restore_op(at::TensorList params, at::TensorList w_old) {
   const Lists lists{{"params", params}, {"w_old", w_old}};
   check_lists("restore", lists);
-  for (const auto& tab : build_tables(lists, nullptr, kCpuChunk)) cpu::restore(tab.view());
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  for (const Table& t : dev.tables("restore", lists, nullptr)->views) dev.restore(t);
 }
 
-void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
-             bool fresh) {
+template <class D>
+void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+            at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
+            bool fresh) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
   check_lists("sgd", lists);
   check_hp("sgd", hp, params, 4);
-  TORCH_CHECK_VALUE(hp.device().is_cpu(), "fastsam.sgd: hp must be on the cpu for cpu tensors");
+  check_device<D>("sgd", "hp", hp);
+  if (params.empty()) return;
+  const D dev(params[0].device());
   const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh, nesterov, maximize};
-  for (const auto& tab : build_tables(lists, nullptr, kCpuChunk)) cpu::sgd(tab.view(), args);
+  for (const Table& t : dev.tables("sgd", lists, nullptr)->views) dev.sgd(t, args);
 }
 
-void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-              const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize) {
+template <class D>
+void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+             const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
@@ -314,9 +503,11 @@ void adam_cpu(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   check_lists("adam", lists);
   check_hp("adam", hp, params, 8);
-  TORCH_CHECK_VALUE(hp.device().is_cpu(), "fastsam.adam: hp must be on the cpu for cpu tensors");
+  check_device<D>("adam", "hp", hp);
+  if (params.empty()) return;
+  const D dev(params[0].device());
   const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize};
-  for (const auto& tab : build_tables(lists, nullptr, kCpuChunk)) cpu::adam(tab.view(), args);
+  for (const Table& t : dev.tables("adam", lists, nullptr)->views) dev.adam(t, args);
 }
 
 }  // namespace
@@ -341,12 +532,22 @@ TORCH_LIBRARY(fastsam, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
-  m.impl("norm", &fastsam::norm_cpu);
-  m.impl("perturb", &fastsam::perturb_cpu);
-  m.impl("restore", &fastsam::restore_cpu);
-  m.impl("sgd", &fastsam::sgd_cpu);
-  m.impl("adam", &fastsam::adam_cpu);
+  m.impl("norm", &fastsam::norm_op<fastsam::Cpu>);
+  m.impl("perturb", &fastsam::perturb_op<fastsam::Cpu>);
+  m.impl("restore", &fastsam::restore_op<fastsam::Cpu>);
+  m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
+  m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
 }
+
+#ifdef FASTSAM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
+  m.impl("norm", &fastsam::norm_op<fastsam::Cuda>);
+  m.impl("perturb", &fastsam::perturb_op<fastsam::Cuda>);
+  m.impl("restore", &fastsam::restore_op<fastsam::Cuda>);
+  m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
+  m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
+}
+#endif
 
 // A plain extension module: importing fastsam._C registers the operators above.
 extern "C" PyObject* PyInit__C(void) {

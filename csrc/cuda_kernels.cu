@@ -1,0 +1,333 @@
+// CUDA kernels of the passes of DESIGN.md §2: arithmetic only, no torch headers (the binding
+// builds the tables, validates and picks the stream), so this file compiles with plain nvcc —
+// the test suite does exactly that on machines without a GPU.
+//
+// One block per segment of the table (8192 elements, or one filter for filter-wise ASAM), any
+// number of tensors per launch. Each thread moves kUnroll elements per iteration: all loads of
+// an iteration are issued before any arithmetic, so every thread keeps several requests in
+// flight. Offsets are int64 (tensors over 2^31 elements). Math in float (double for fp64
+// storage), rounded once on store (round to nearest even). Reductions are deterministic: a
+// fixed-shape tree per block, then one block sums the per-segment partials in order.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "elementwise.h"
+#include "kernels.h"
+
+namespace fastsam {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;
+
+template <typename S>
+struct Storage {  // float, double: no conversion
+  using A = S;
+  static __device__ __forceinline__ A load(S x) { return x; }
+  static __device__ __forceinline__ S store(A x) { return x; }
+};
+template <>
+struct Storage<__half> {
+  using A = float;
+  static __device__ __forceinline__ A load(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half store(A x) { return __float2half_rn(x); }
+};
+template <>
+struct Storage<__nv_bfloat16> {
+  using A = float;
+  static __device__ __forceinline__ A load(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 store(A x) { return __float2bfloat16_rn(x); }
+};
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(Tag<float>{});
+    case kFloat64: return f(Tag<double>{});
+    case kFloat16: return f(Tag<__half>{});
+    case kBFloat16: return f(Tag<__nv_bfloat16>{});
+  }
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void with_qmode(int qmode, F&& f) {
+  switch (qmode) {
+    case kQ2: return f(std::integral_constant<int, kQ2>{});
+    case kQ1: return f(std::integral_constant<int, kQ1>{});
+    default: return f(std::integral_constant<int, kQAny>{});
+  }
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastsam: launching the ") + what +
+                             " kernel failed: " + cudaGetErrorString(err));
+  }
+}
+
+struct Segment {
+  int64_t tensor, start, len;
+};
+
+__device__ __forceinline__ Segment segment(const Table& tab) {
+  const int64_t s = blockIdx.x;
+  return {tab.seg[3 * s], tab.seg[3 * s + 1], tab.seg[3 * s + 2]};
+}
+
+template <typename S>
+__device__ __forceinline__ S* address(const Table& tab, int role, const Segment& seg) {
+  return reinterpret_cast<S*>(tab.addr[role * tab.n_tensors + seg.tensor]) + seg.start;
+}
+
+// Sum of one value per thread over the block, in a fixed tree order (deterministic).
+// Every thread must call it; the result is valid in thread 0.
+template <typename A>
+__device__ A block_sum(A value) {
+  __shared__ A shared[kThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int width = kThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
+    __syncthreads();
+  }
+  const A total = shared[0];
+  __syncthreads();  // shared may be reused by a second call
+  return total;
+}
+
+// Calls body(i) for i in [0, n): kUnroll indices per thread per iteration.
+template <typename F>
+__device__ __forceinline__ void for_each(int64_t n, F&& body) {
+  for (int64_t base = 0; base < n; base += int64_t(kThreads) * kUnroll) {
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      const int64_t i = base + threadIdx.x + int64_t(k) * kThreads;
+      if (i < n) body(i);
+    }
+  }
+}
+
+template <typename S, int QM>
+__global__ void __launch_bounds__(kThreads) norm_kernel(Table tab, NormArgs a) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  const S* g = address<const S>(tab, kNormG, seg);
+  const S* w = address<const S>(tab, kNormW, seg);
+  const int mode = static_cast<int>(tab.mode[seg.tensor]);
+  const A eta = A(tab.eta[seg.tensor]);
+  const A q = A(a.q);
+  A acc_u = 0, acc_w = 0;
+  for_each(seg.len, [&](int64_t i) {
+    const A gi = Storage<S>::load(g[i]);
+    if (mode == kPlain) {
+      acc_u += pow_q<QM>(fs_abs(gi), q);
+    } else {
+      const A wi = Storage<S>::load(w[i]);
+      const A T = mode == kElement ? fs_abs(wi) + eta : A(1);  // filter T: applied below
+      acc_u += pow_q<QM>(fs_abs(T * gi), q);
+      acc_w += wi * wi;
+    }
+  });
+  const A sum_u = block_sum(acc_u);
+  const A sum_w = block_sum(acc_w);
+  if (threadIdx.x == 0) {
+    const A row_T = fs_sqrt(sum_w) + eta;
+    a.partials[blockIdx.x] = double(mode == kFilter ? pow_q<QM>(row_T, q) * sum_u : sum_u);
+    a.row_T[blockIdx.x] = mode == kFilter ? double(row_T) : 0.0;
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) sum_kernel(const double* partials, int64_t n,
+                                                       A* out) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += partials[i];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) *out = A(total);
+}
+
+template <typename S, int QM>
+__global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArgs a) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  const A norm_sum = a.norm_fp64 ? A(*static_cast<const double*>(a.norm_sum))
+                                 : A(*static_cast<const float*>(a.norm_sum));
+  const bool ok = finite(norm_sum);
+  const A scale =
+      ok ? A(a.rho[tab.group[seg.tensor]]) * inverse_denominator<QM>(norm_sum, A(a.inv_p), A(a.eps))
+         : A(0);
+  const int mode = static_cast<int>(tab.mode[seg.tensor]);
+  const A eta = A(tab.eta[seg.tensor]);
+  const A row_T = A(a.row_T[blockIdx.x]);
+  const A q = A(a.q);
+  S* w = address<S>(tab, kPertW, seg);
+  const S* g = address<const S>(tab, kPertG, seg);
+  S* old = address<S>(tab, kPertOld, seg);
+  for_each(seg.len, [&](int64_t i) {
+    const S w_raw = w[i];
+    old[i] = w_raw;  // exact copy: the restore is bit-exact
+    if (ok) {
+      const A wi = Storage<S>::load(w_raw);
+      const A T = mode == kPlain ? A(1) : mode == kElement ? fs_abs(wi) + eta : row_T;
+      w[i] = Storage<S>::store(wi + scale * direction<QM>(T, Storage<S>::load(g[i]), q));
+    }
+  });
+  if (blockIdx.x == 0 && threadIdx.x == 0) *a.skipped = ok ? 0.0f : 1.0f;
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) restore_kernel(Table tab) {
+  const Segment seg = segment(tab);
+  S* w = address<S>(tab, kRestoreW, seg);
+  const S* old = address<const S>(tab, kRestoreOld, seg);
+  for_each(seg.len, [&](int64_t i) { w[i] = old[i]; });
+}
+
+template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool MAXIMIZE>
+__global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  S* w = address<S>(tab, kSgdW, seg);
+  const S* old = address<const S>(tab, kSgdOld, seg);  // may be w itself (not perturbed)
+  const S* g = address<const S>(tab, kSgdG, seg);
+  S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
+  const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
+  const A weight_decay = A(a.hp[3]);
+  for_each(seg.len, [&](int64_t i) {
+    A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
+    const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV, MAXIMIZE>(
+        Storage<S>::load(old[i]), Storage<S>::load(g[i]), b, lr, momentum, dampening,
+        weight_decay);
+    if (HAS_MOMENTUM) buf[i] = Storage<S>::store(b);
+    w[i] = Storage<S>::store(updated);
+  });
+}
+
+template <typename S, bool DECOUPLED, bool AMSGRAD, bool MAXIMIZE>
+__global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  S* w = address<S>(tab, kAdamW, seg);
+  const S* old = address<const S>(tab, kAdamOld, seg);
+  const S* g = address<const S>(tab, kAdamG, seg);
+  S* m = address<S>(tab, kAdamM, seg);
+  S* v = address<S>(tab, kAdamV, seg);
+  S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
+  const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
+                         A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+  for_each(seg.len, [&](int64_t i) {
+    A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
+    A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);
+    const A updated = fastsam::adam<DECOUPLED, AMSGRAD, MAXIMIZE>(
+        Storage<S>::load(old[i]), Storage<S>::load(g[i]), mi, vi, vmaxi, k);
+    m[i] = Storage<S>::store(mi);
+    v[i] = Storage<S>::store(vi);
+    if (AMSGRAD) vmax[i] = Storage<S>::store(vmaxi);
+    w[i] = Storage<S>::store(updated);
+  });
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace
+
+void norm_partials(const Table& t, const NormArgs& a, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    with_qmode(a.qmode, [&](auto qm) {
+      norm_kernel<S, decltype(qm)::value><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+    });
+  });
+  check_launch("norm");
+}
+
+void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, void* stream) {
+  if (out_fp64) {
+    sum_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, static_cast<double*>(out));
+  } else {
+    sum_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, static_cast<float*>(out));
+  }
+  check_launch("norm sum");
+}
+
+void perturb(const Table& t, const PerturbArgs& a, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    with_qmode(a.qmode, [&](auto qm) {
+      perturb_kernel<S, decltype(qm)::value>
+          <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+    });
+  });
+  check_launch("perturb");
+}
+
+void restore(const Table& t, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    restore_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t);
+  });
+  check_launch("restore");
+}
+
+void sgd(const Table& t, const SgdArgs& a, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    with_bool(a.has_momentum, [&](auto m) {
+      with_bool(a.fresh, [&](auto f) {
+        with_bool(a.nesterov, [&](auto n) {
+          with_bool(a.maximize, [&](auto x) {
+            sgd_kernel<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
+                       decltype(x)::value>
+                <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+          });
+        });
+      });
+    });
+  });
+  check_launch("sgd");
+}
+
+void adam(const Table& t, const AdamArgs& a, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    with_bool(a.decoupled, [&](auto d) {
+      with_bool(a.amsgrad, [&](auto ams) {
+        with_bool(a.maximize, [&](auto x) {
+          adam_kernel<S, decltype(d)::value, decltype(ams)::value, decltype(x)::value>
+              <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+        });
+      });
+    });
+  });
+  check_launch("adam");
+}
+
+}  // namespace cuda
+}  // namespace fastsam
