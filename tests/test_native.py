@@ -1,0 +1,175 @@
+"""The native extension fastsam._C: its operators' input checks and schemas, a norm that does
+not depend on the thread count, and compilation of the CUDA sources (which only a GPU runs).
+
+Numerical parity of the cpu/cuda backends over whole steps is in test_parity.py and
+test_fused.py (the shared matrix)."""
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("FASTSAM_SKIP_BUILD") == "1", reason="pure-Python install (no fastsam._C)"
+)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from fastsam.backends import native
+
+    if native._IMPORT_ERROR is not None:
+        raise native._IMPORT_ERROR  # a failed build must fail here, with its reason
+    return torch.ops.fastsam
+
+
+def _tensors(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
+
+
+def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
+    out = torch.zeros((), dtype=torch.float64 if params[0].dtype == torch.float64 else torch.float32)
+    scratch = torch.zeros(0, dtype=torch.float64)
+    ops.norm(params, grads, [len(params)], [mode], [eta], q, out, scratch)
+    return out, scratch
+
+
+# ----------------------------------------------------------------------------- numbers
+@pytest.mark.parametrize("mode,q", [(0, 2.0), (1, 2.0), (2, 2.0), (0, 1.0), (2, 1.5)])
+def test_norm_is_bitwise_independent_of_thread_count(ops, mode, q):
+    params, grads = _tensors(SHAPES, seed=1), _tensors(SHAPES, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = _norm(ops, params, grads, mode, q, eta=0.01)
+        torch.set_num_threads(max(2, threads))
+        many, _ = _norm(ops, params, grads, mode, q, eta=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+    # and it is the norm: against an fp64 sum written from the formula
+    total = 0.0
+    for w, g in zip(params, grads):
+        w, g = w.double(), g.double()
+        if mode == 1 or (mode == 2 and w.dim() < 2):
+            g = g * (w.abs() + 0.01)
+        elif mode == 2:
+            g = g * (w.flatten(1).norm(dim=1) + 0.01).view(-1, *[1] * (w.dim() - 1))
+        total += g.abs().pow(q).sum().item()
+    assert math.isclose(float(one), total, rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checks
+def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
+    w = _tensors([(5,), (3, 4)])
+    hp = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"fastsam.sgd: grads\[1\] has dtype Double but params\[1\]"):
+        ops.sgd(w, [w[0], w[1].double()], w, [], hp, False, False, False)
+    with pytest.raises(ValueError, match=r"w_old\[1\] has shape \[12\] but params\[1\] has \[3, 4\]"):
+        ops.restore(w, [w[0], w[1].flatten()])
+    with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
+        ops.sgd(w, w[:1], w, [], hp, False, False, False)
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype Long"):
+        ops.restore([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"w_old\[1\] is not contiguous"):
+        ops.restore(w, [w[0], torch.randn(4, 3).t()])
+    with pytest.raises(ValueError, match="hp has 2 elements, needs 4"):
+        ops.sgd(w, w, w, [], hp[:2], False, False, False)
+    with pytest.raises(TypeError, match="hp must be float64"):
+        ops.sgd(w, w, w, [], hp.float(), False, False, False)
+    with pytest.raises(ValueError, match="group_sizes add up to 1 but there are 2 tensors"):
+        ops.norm(w, w, [1], [0], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="group_modes"):
+        ops.norm(w, w, [2], [7], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="call norm over the same tensors first"):
+        ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], [0.05], torch.ones(()),
+                    torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()))
+
+
+def test_operator_schemas_pass_opcheck(ops):
+    """Mutation annotations, fake-tensor and autograd registration as torch.compile sees them."""
+    params, grads = _tensors([(5,), (3, 4)], seed=3), _tensors([(5,), (3, 4)], seed=4)
+    old = [torch.empty_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    out, scratch = _norm(ops, params, grads)  # scratch now has its size: no resize below
+    skipped = torch.zeros(())
+    sgd_hp = torch.tensor([0.1, 0.9, 0.0, 0.0], dtype=torch.float64)
+    adam_hp = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.0447, 1.0], dtype=torch.float64)
+    calls = [
+        (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
+        (ops.perturb.default, (params, grads, old, [2], [0], [0.0], [0.05], out, scratch, 2.0,
+                               2.0, 1e-12, skipped)),
+        (ops.restore.default, (params, old)),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False)),
+        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
+                            True, False, False)),
+    ]
+    for op, args in calls:
+        result = torch.library.opcheck(op, args)
+        assert all(v == "SUCCESS" for v in result.values()), (op, result)
+
+
+def test_cuda_backend_refused_on_cpu_parameters():
+    import fastsam
+
+    with pytest.raises(RuntimeError, match="cuda: parameters are on cpu"):
+        fastsam.SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, backend="cuda")
+
+
+def test_missing_extension_is_explained(monkeypatch):
+    from fastsam.backends import native, select_backend
+
+    monkeypatch.setattr(native, "_IMPORT_ERROR", ImportError("libc10.so: cannot open"))
+    with pytest.raises(RuntimeError, match="cpu: the fastsam._C extension is not importable"):
+        select_backend("cpu", torch.device("cpu"))
+    assert type(select_backend(None, torch.device("cpu"))).__name__ == "TorchBackend"
+
+
+# ----------------------------------------------------------------------------- CUDA sources
+def _nvcc():
+    found = shutil.which("nvcc")
+    if found is None and Path("/usr/local/cuda/bin/nvcc").exists():
+        found = "/usr/local/cuda/bin/nvcc"
+    if found is None:
+        pytest.skip("nvcc not found: the CUDA sources are compiled where a CUDA toolkit exists")
+    return found
+
+
+def test_cuda_kernels_compile_with_nvcc(tmp_path):
+    """csrc/cuda_kernels.cu needs no torch headers: plain nvcc compiles it, warnings are errors."""
+    cmd = [_nvcc(), "-std=c++17", "-O3", "-arch=sm_90", "--Werror", "all-warnings",
+           "-c", str(CSRC / "cuda_kernels.cu"), "-o", str(tmp_path / "cuda_kernels.o")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_binding_compiles_with_cuda_enabled(tmp_path):
+    """The CUDA half of csrc/binding.cpp (FASTSAM_WITH_CUDA), syntax- and type-checked against
+    the installed torch's headers, which a CPU-only wheel ships too."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    roots = [os.environ.get("CUDA_HOME"), Path(_nvcc()).resolve().parent.parent, "/usr/local/cuda"]
+    found = [Path(r) / "include" for r in roots if r and (Path(r) / "include/cuda_runtime_api.h").exists()]
+    if not found:
+        pytest.skip("CUDA toolkit headers not found (set CUDA_HOME)")
+    cuda_include = found[0]
+    # CPU wheels omit the one generated header of c10/cuda; its content is one macro.
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = cpp_extension.include_paths() + [str(cuda_include), sysconfig.get_paths()["include"]]
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", "-DFASTSAM_WITH_CUDA", f"-I{CSRC}"]
+    cmd += [f"-I{p}" for p in includes] + [f"-idirafter{tmp_path}", str(CSRC / "binding.cpp")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
