@@ -3,8 +3,9 @@
     python bench/step.py                       # resnet50 on the best device present
     python bench/step.py --sets resnet50 gpt2-medium --out bench/results/step-h100.json
 
-Providers: ``popular`` (bench/popular_sam.py, a faithful re-implementation of the popular
-per-parameter SAM), and every fastsam backend usable on the device. Base optimizer: SGD with
+Providers: ``sgd`` (a plain torch.optim.SGD momentum step, the cost SAM wraps: its floor is
+20 B/element), ``popular`` (bench/popular_sam.py, a faithful re-implementation of the popular
+per-parameter SAM), and every fastsam backend usable on the device (torch, triton, cpu, cuda). Base optimizer: SGD with
 momentum (fused into fastsam's restore pass). Reported per provider: median and spread (p10-p90)
 of the step time, speed-up over ``popular``, the bytes-moved floor from a copy bandwidth measured
 in the same run, the ratio to it, kernel launches per step (CUDA profiler; on CPU: aten ops
@@ -31,8 +32,10 @@ from popular_sam import PopularSAM  # noqa: E402
 import fastsam  # noqa: E402
 
 # fp32 SAM + SGD momentum, bytes per element (DESIGN.md §2): norm reads g (4), perturb reads w, g
-# and writes w, w_old (16), restore+update reads w_old, g, buf and writes w, buf (20).
+# and writes w, w_old (16), restore+update reads w_old, g, buf and writes w, buf (20). The plain
+# SGD step alone reads w, g, buf and writes w, buf (20).
 FLOOR_BYTES_PER_ELEMENT = 40
+SGD_BYTES_PER_ELEMENT = 20
 
 
 def sync(device):
@@ -96,6 +99,9 @@ def make_provider(name, shapes, device, gen):
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=gen)
     kw = dict(rho=0.05, lr=0.01, momentum=0.9)
+    if name == "sgd":  # the plain base optimizer step that SAM wraps (torch.optim's default)
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        return opt.step, params
     if name == "popular":
         opt = PopularSAM(params, torch.optim.SGD, **kw)
     else:
@@ -109,23 +115,20 @@ def make_provider(name, shapes, device, gen):
 
 
 def providers_for(device):
-    names = ["popular", "torch"]
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
+    """``sgd`` (plain torch.optim.SGD step, for scale), ``popular``, and every fastsam backend
+    that can run on ``device``."""
+    from fastsam.backends import BACKENDS, _refusal
 
-            names.append("triton")
-        except ImportError:
-            pass
-    return names
+    return ["sgd", "popular"] + [b for b in BACKENDS if _refusal(b, device) is None]
 
 
 def run(set_name, device, reps, bandwidth):
     shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
-    floor = FLOOR_BYTES_PER_ELEMENT * numel / bandwidth
     rows, steps = [], {}
     for name in providers_for(device):
+        floor_bytes = SGD_BYTES_PER_ELEMENT if name == "sgd" else FLOOR_BYTES_PER_ELEMENT
+        floor = floor_bytes * numel / bandwidth
         gen = torch.Generator(device=device).manual_seed(0)
         step, params = make_provider(name, shapes, device, gen)
         step()  # state allocation (buffers, momentum) happens on the first step
