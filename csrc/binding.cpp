@@ -472,7 +472,8 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
   check_lists("restore", lists);
   if (params.empty()) return;
   const D dev(params[0].device());
-  for (const Table& t : dev.tables("restore", lists, nullptr)->views) dev.restore(t);
+  const TablesPtr tables = dev.tables("restore", lists, nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.restore(t);
 }
 
 template <class D>
@@ -488,7 +489,8 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   if (params.empty()) return;
   const D dev(params[0].device());
   const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh, nesterov, maximize};
-  for (const Table& t : dev.tables("sgd", lists, nullptr)->views) dev.sgd(t, args);
+  const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.sgd(t, args);
 }
 
 template <class D>
@@ -507,7 +509,8 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   if (params.empty()) return;
   const D dev(params[0].device());
   const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize};
-  for (const Table& t : dev.tables("adam", lists, nullptr)->views) dev.adam(t, args);
+  const TablesPtr tables = dev.tables("adam", lists, nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.adam(t, args);
 }
 
 }  // namespace
