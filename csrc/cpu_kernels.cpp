@@ -18,6 +18,7 @@
 #define FASTSAM_STREAMING_STORES 1
 #endif
 
+#include "dispatch.h"
 #include "elementwise.h"
 #include "kernels.h"
 
@@ -55,30 +56,7 @@ using Acc = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 template <typename F>
 void with_storage(DType dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(float{});
-    case kFloat64: return f(double{});
-    case kFloat16: return f(c10::Half{});
-    case kBFloat16: return f(c10::BFloat16{});
-  }
-}
-
-template <typename F>
-void with_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-template <typename F>
-void with_qmode(int qmode, F&& f) {
-  switch (qmode) {
-    case kQ2: return f(std::integral_constant<int, kQ2>{});
-    case kQ1: return f(std::integral_constant<int, kQ1>{});
-    default: return f(std::integral_constant<int, kQAny>{});
-  }
+  fastsam::with_storage<c10::Half, c10::BFloat16>(dtype, f);
 }
 
 struct Segment {
@@ -229,8 +207,8 @@ void adam_segment(const Table& tab, const AdamArgs& a, int64_t s) {
 }  // namespace
 
 void norm_partials(const Table& t, const NormArgs& a) {
-  with_storage(t.dtype, [&](auto storage) {
-    using S = decltype(storage);
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
     with_qmode(a.qmode, [&](auto qm) {
       for_each_segment(t, [&](int64_t s) { norm_segment<S, decltype(qm)::value>(t, a, s); });
     });
@@ -244,8 +222,8 @@ double sum_partials(const double* partials, int64_t n) {
 }
 
 void perturb(const Table& t, const PerturbArgs& a) {
-  with_storage(t.dtype, [&](auto storage) {
-    using S = decltype(storage);
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
     using A = Acc<S>;
     const A S_sum = a.norm_fp64 ? A(*static_cast<const double*>(a.norm_sum))
                                 : A(*static_cast<const float*>(a.norm_sum));
@@ -260,8 +238,8 @@ void perturb(const Table& t, const PerturbArgs& a) {
 }
 
 void restore(const Table& t) {
-  with_storage(t.dtype, [&](auto storage) {
-    using S = decltype(storage);
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
     for_each_segment(t, [&](int64_t s) {
       const Segment seg = segment(t, s);
       std::memcpy(address<S>(t, kRestoreW, seg), address<const S>(t, kRestoreOld, seg),
@@ -271,8 +249,8 @@ void restore(const Table& t) {
 }
 
 void sgd(const Table& t, const SgdArgs& a) {
-  with_storage(t.dtype, [&](auto storage) {
-    using S = decltype(storage);
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
     with_bool(a.has_momentum, [&](auto m) {
       with_bool(a.fresh, [&](auto f) {
         with_bool(a.nesterov, [&](auto n) {
@@ -289,8 +267,8 @@ void sgd(const Table& t, const SgdArgs& a) {
 }
 
 void adam(const Table& t, const AdamArgs& a) {
-  with_storage(t.dtype, [&](auto storage) {
-    using S = decltype(storage);
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
     with_bool(a.decoupled, [&](auto d) {
       with_bool(a.amsgrad, [&](auto ams) {
         with_bool(a.maximize, [&](auto x) {

@@ -17,6 +17,7 @@
 #include <string>
 #include <type_traits>
 
+#include "dispatch.h"
 #include "elementwise.h"
 #include "kernels.h"
 
@@ -46,37 +47,9 @@ struct Storage<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(A x) { return __float2bfloat16_rn(x); }
 };
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 template <typename F>
 void with_storage(DType dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: return f(Tag<float>{});
-    case kFloat64: return f(Tag<double>{});
-    case kFloat16: return f(Tag<__half>{});
-    case kBFloat16: return f(Tag<__nv_bfloat16>{});
-  }
-}
-
-template <typename F>
-void with_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-template <typename F>
-void with_qmode(int qmode, F&& f) {
-  switch (qmode) {
-    case kQ2: return f(std::integral_constant<int, kQ2>{});
-    case kQ1: return f(std::integral_constant<int, kQ1>{});
-    default: return f(std::integral_constant<int, kQAny>{});
-  }
+  fastsam::with_storage<__half, __nv_bfloat16>(dtype, f);
 }
 
 void check_launch(const char* what) {

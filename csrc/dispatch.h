@@ -1,0 +1,47 @@
+// Host-side helpers that turn run-time choices (storage dtype, flags, q) into template
+// arguments of the kernel loops; shared by cpu_kernels.cpp and cuda_kernels.cu. No torch
+// headers.
+#pragma once
+
+#include <type_traits>
+
+#include "elementwise.h"
+#include "kernels.h"
+
+namespace fastsam {
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<S>{}) with S the storage type of `dtype`; each device names its 16-bit types.
+template <typename Half, typename BFloat16, typename F>
+void with_storage(DType dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: return f(Tag<float>{});
+    case kFloat64: return f(Tag<double>{});
+    case kFloat16: return f(Tag<Half>{});
+    case kBFloat16: return f(Tag<BFloat16>{});
+  }
+}
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void with_qmode(int qmode, F&& f) {
+  switch (qmode) {
+    case kQ2: return f(std::integral_constant<int, kQ2>{});
+    case kQ1: return f(std::integral_constant<int, kQ1>{});
+    default: return f(std::integral_constant<int, kQAny>{});
+  }
+}
+
+}  // namespace fastsam
