@@ -50,14 +50,15 @@ def _native_extension():
         )
 
     class OptionalBuildExtension(cpp_extension.BuildExtension):
-        """A failed build of fastsam._C warns instead of failing the install."""
+        """A failed build of fastsam._C warns instead of failing the install (torch checks
+        the compiler before any extension is built, so the whole command is guarded)."""
 
-        def build_extension(self, ext):
+        def run(self):
             try:
-                super().build_extension(ext)
+                super().run()
             except Exception as exc:  # compiler missing or failing: pure Python still works
                 warnings.warn(
-                    f"fastsam: building {ext.name} failed ({exc}); the cpu/cuda backends are "
+                    f"fastsam: building fastsam._C failed ({exc!r}); the cpu/cuda backends are "
                     "unavailable, torch and triton still work"
                 )
 
