@@ -297,3 +297,19 @@ def test_zero_size_and_gradless_only():
     opt.first_step()
     opt.second_step()
     assert torch.equal(silent, torch.ones(3))
+
+
+@pytest.mark.parametrize("attach_to", ["sam", "base"])
+def test_lr_scheduler_sees_the_fused_step(attach_to, recwarn):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = fastsam.SAM([w], torch.optim.SGD, lr=0.1, momentum=0.9)
+    target = opt if attach_to == "sam" else opt.base_optimizer
+    sched = torch.optim.lr_scheduler.StepLR(target, step_size=1, gamma=0.5)
+    for _ in range(2):
+        w.grad = torch.ones(3)
+        opt.first_step()
+        w.grad = torch.ones(3)
+        opt.second_step()  # fused SGD: base_optimizer.step() is never called
+        sched.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)

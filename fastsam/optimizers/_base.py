@@ -180,6 +180,13 @@ class SharpnessAwareOptimizer(Optimizer):
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
 
+    def _after_perturb(self, backend: Backend, plan: _StepPlan, groups: list[PerturbGroup]):
+        """Called at the end of the first step, weights perturbed (GSAM keeps g here)."""
+
+    def _before_update(self, perturbed: _StepPlan, now: _StepPlan, flat_grads: list) -> None:
+        """Called at the start of the second step, before restore and update (GSAM rewrites
+        the adversarial gradients here)."""
+
     # ----------------------------------------------------------------- the step
     def _backend_for(self, device: torch.device) -> Backend:
         backend = self._backends.get(device)
@@ -263,6 +270,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 self._skipped = torch.zeros((), dtype=torch.float32, device=plan.device)
             norm_sum = backend.perturbation_norm(groups, self._q)
             backend.perturb(groups, norm_sum, self._p, self._eps, self._skipped)
+            self._after_perturb(backend, plan, groups)
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
@@ -285,6 +293,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
+        self._before_update(perturbed, now, flat_grads)
         fused = self._fused_update_kind(now)
         all_grads = now.grads(flat_grads) if fused else None
         if fused and now.states is None:
@@ -315,6 +324,10 @@ class SharpnessAwareOptimizer(Optimizer):
             update(backend, group, params, all_grads[i], w_old, now.states[i])
         if fused is None:
             self.base_optimizer.step()
+        # An lr scheduler attached to either optimizer warns "lr_scheduler.step() before
+        # optimizer.step()" unless it saw a step: the fused update and the two-step API bypass
+        # the step() it wraps, so mark both as stepped (torch.optim.lr_scheduler's flag).
+        self._opt_called = self.base_optimizer._opt_called = True
         if zero_grad:
             self.zero_grad()
 
