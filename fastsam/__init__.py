@@ -5,12 +5,17 @@
 See README.md for the two-step and closure usage.
 """
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
-from .optimizers import ASAM, SAM, asam_param_groups
+from .optimizers import ASAM, GSAM, SAM, asam_param_groups
+from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
 __version__ = "0.1.0"
 __all__ = [
     "SAM",
     "ASAM",
+    "GSAM",
+    "ProportionScheduler",
+    "LinearScheduler",
+    "CosineScheduler",
     "asam_param_groups",
     "frozen_bn_stats",
     "disable_running_stats",

@@ -28,6 +28,7 @@ __all__ = [
     "PerturbGroup",
     "SGDHyper",
     "AdamHyper",
+    "DecomposeGroup",
     "Backend",
     "dual_exponent",
 ]
@@ -108,6 +109,16 @@ class AdamHyper:
         return (1.0 - self.beta2**self.step) ** 0.5
 
 
+@dataclass
+class DecomposeGroup:
+    """GSAM's gradient decomposition over one parameter group: ``grads`` are the adversarial
+    gradients g_adv (rewritten in place), ``first_grads`` the gradients g of the first pass."""
+
+    grads: list[Tensor]
+    first_grads: list[Tensor]
+    alpha: float
+
+
 def dual_exponent(p: float) -> float:
     """q with 1/p + 1/q = 1 (p = 2 → 2, p = ∞ → 1)."""
     return 1.0 if math.isinf(p) else p / (p - 1.0)
@@ -177,3 +188,26 @@ class Backend:
 
         ``max_exp_avg_sqs`` is empty unless amsgrad."""
         raise NotImplementedError
+
+    def copy(self, dst: list[Tensor], src: list[Tensor]) -> None:
+        """``dst ← src`` element for element (GSAM keeps the first gradient this way)."""
+        if dst:
+            import torch
+
+            torch._foreach_copy_(dst, src)
+
+    def gsam_decompose(self, groups: list[DecomposeGroup], eps: float) -> None:
+        """GSAM's decomposition (Zhuang et al.), with the official code's eps placement::
+
+            c = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps)          (one reduction over every group)
+            v = g - c·‖g‖ · g_adv / (‖g_adv‖ + eps)      (the part of g orthogonal to g_adv)
+            g_adv ← g_adv - alpha·v
+
+        Written as g_adv ← (1 + alpha·c·‖g‖/(‖g_adv‖ + eps))·g_adv - alpha·g, with the three
+        sums ⟨g, g_adv⟩, ‖g_adv‖², ‖g‖² in fp32 (fp64 for fp64 gradients) on the device.
+
+        This default runs on every backend with foreach ops (one reduction pass with a
+        temporary for the products, one scaling pass); a backend may fuse it."""
+        from .backends.torch import gsam_decompose
+
+        gsam_decompose(groups, eps)

@@ -91,3 +91,42 @@ class OracleSAM:
         for g in self.groups:
             for w in g["params"]:
                 w.grad = None
+
+
+class OracleGSAM(OracleSAM):
+    """GSAM (Zhuang et al., 2022): SAM's first step, keeping the first gradient g; before the
+    base update, the adversarial gradient g_adv loses alpha times the part of g orthogonal to it,
+    with the official code's eps placement::
+
+        cos = <g, g_adv> / (|g_adv| |g| + eps),   v = g - cos |g| g_adv / (|g_adv| + eps)
+        g_adv <- g_adv - alpha v
+
+    ``alpha`` per group (key ``gsam_alpha``); reductions in fp64, one over every group.
+    """
+
+    def __init__(self, groups, base_cls, eps=1e-12, **base_kwargs):
+        super().__init__(
+            [{k: v for k, v in g.items() if k != "gsam_alpha"} for g in groups], base_cls, p=2.0,
+            eps=eps, **base_kwargs,
+        )
+        self.alphas = [g["gsam_alpha"] for g in groups]
+        self.first = {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        self.first = {w: w.grad.clone() for g in self.groups for w in g["params"]
+                      if w.grad is not None}
+        super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        pairs = [(w, self.first[w], alpha) for g, alpha in zip(self.groups, self.alphas)
+                 for w in g["params"] if w.grad is not None and w in self.first]
+        inner = sum(float((g0.double() * w.grad.double()).sum()) for w, g0, _ in pairs)
+        adv_norm = math.sqrt(sum(float((w.grad.double() ** 2).sum()) for w, _, _ in pairs))
+        first_norm = math.sqrt(sum(float((g0.double() ** 2).sum()) for _, g0, _ in pairs))
+        cosine = inner / (adv_norm * first_norm + self.eps)
+        for w, g0, alpha in pairs:
+            vertical = g0 - cosine * first_norm * w.grad / (adv_norm + self.eps)
+            w.grad.sub_(alpha * vertical)
+        super().second_step(zero_grad)

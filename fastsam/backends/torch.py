@@ -16,7 +16,15 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper, dual_exponent
+from ..functional import (
+    AdamHyper,
+    Backend,
+    DecomposeGroup,
+    PerturbGroup,
+    Scaling,
+    SGDHyper,
+    dual_exponent,
+)
 
 _NARROW = (torch.float16, torch.bfloat16)
 
@@ -51,6 +59,27 @@ def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | Non
     g = _widen(group.grads)
     t = _operator_T(group.params, group.scaling)
     return (g if t is None else torch._foreach_mul(g, t)), t
+
+
+def gsam_decompose(groups: list[DecomposeGroup], eps: float) -> None:
+    """Backend.gsam_decompose in foreach ops (see its docstring for the formula)."""
+    adv = [t for g in groups for t in g.grads]
+    first = [t for g in groups for t in g.first_grads]
+    if not adv:
+        return
+    wide_adv, wide_first = _widen(adv), _widen(first)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
+    inner = torch.stack([t.sum(dtype=acc) for t in torch._foreach_mul(wide_first, wide_adv)]).sum()
+    adv_norm = torch.stack(torch._foreach_norm(wide_adv)).to(acc).square().sum().sqrt()
+    first_norm = torch.stack(torch._foreach_norm(wide_first)).to(acc).square().sum().sqrt()
+    cosine = inner / (adv_norm * first_norm + eps)
+    along = cosine * first_norm / (adv_norm + eps)  # v = g - along·g_adv
+    for group in groups:
+        if group.alpha == 0.0 or not group.grads:
+            continue
+        # g_adv ← g_adv - alpha·(g - along·g_adv) = (1 + alpha·along)·g_adv - alpha·g
+        torch._foreach_mul_(group.grads, (1.0 + group.alpha * along).to(group.grads[0].dtype))
+        torch._foreach_add_(group.grads, group.first_grads, alpha=-group.alpha)
 
 
 class TorchBackend(Backend):

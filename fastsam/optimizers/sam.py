@@ -35,8 +35,8 @@ class SAM(SharpnessAwareOptimizer):
             see :class:`fastsam.ASAM` for the paper's T = |w| + eta and filter-wise T).
         p (float, default 2): norm of the ball; ``float('inf')`` or any p > 1.
         eps (float, default 1e-12): added to the norm in the denominator.
-        backend (str, optional): ``"torch"`` or ``"triton"``; default: ``FASTSAM_BACKEND``, else
-            automatic.
+        backend (str, optional): ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``; default:
+            ``FASTSAM_BACKEND``, else automatic.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:

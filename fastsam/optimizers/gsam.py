@@ -1,0 +1,220 @@
+"""GSAM (Zhuang et al., 2022, "Surrogate Gap Guided Sharpness-Aware Minimization"), drop-in
+compatible with the official PyTorch GSAM construction and ``set_closure`` usage."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..batchnorm import frozen_bn_stats
+from ..functional import Backend, DecomposeGroup, PerturbGroup, Scaling
+from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative
+
+
+class GSAM(SharpnessAwareOptimizer):
+    r"""Surrogate-gap guided SAM around any torch.optim base optimizer.
+
+    The first step is SAM's (``e = ρ_t·g / (‖g‖₂ + eps)``, or ``ρ_t·w²·g / (‖|w|·g‖₂ + eps)``
+    with ``adaptive=True``) and keeps the first gradient g. Before the base update, the
+    adversarial gradient loses ``alpha`` times the part of g orthogonal to it:
+
+    .. math::
+        \cos = \frac{\langle g, g_{adv}\rangle}{\|g_{adv}\|\,\|g\| + \epsilon},\quad
+        v = g - \cos\,\|g\|\,\frac{g_{adv}}{\|g_{adv}\| + \epsilon},\quad
+        w \leftarrow \mathrm{update}(w,\ g_{adv} - \alpha\,v)
+
+    (the official code's eps placement). ``alpha = 0`` is SAM exactly. ``ρ_t`` may follow a
+    schedule (:mod:`fastsam.schedulers`): :meth:`update_rho_t` advances it.
+
+    Two ways to build and drive it:
+
+    - fastsam's: ``GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, lr=0.1)`` and the same
+      ``first_step``/``second_step``/``step(closure)`` as :class:`fastsam.SAM`;
+    - the official one: ``GSAM(params, base_optimizer_instance, model, gsam_alpha,
+      rho_scheduler, adaptive=False, perturb_eps=1e-12)``, then per batch
+      ``opt.set_closure(loss_fn, inputs, targets); outputs, loss = opt.step();
+      lr_scheduler.step(); opt.update_rho_t()``. ``step()`` then runs both forward/backward
+      passes itself (BatchNorm statistics frozen during the second) and returns
+      ``(outputs, loss)``.
+
+    Memory: two parameter-sized buffers (w_old and g).
+
+    Args:
+        params: parameters or parameter groups (a group may set ``rho``, ``gsam_alpha``,
+            ``adaptive``; the group key is ``gsam_alpha`` because groups are shared with the
+            base optimizer, and RMSprop's own ``alpha`` must not be overwritten).
+        base_optimizer: a ``torch.optim.Optimizer`` class (built with ``base_kwargs``) or an
+            instance over exactly these parameters.
+        model (torch.nn.Module, optional): needed only for ``set_closure``/``step()`` the
+            official way.
+        gsam_alpha (float, optional): the official name of ``alpha``.
+        rho_scheduler (optional): an object whose ``step()`` returns the next rho (see
+            :mod:`fastsam.schedulers`); its current value is used from the start.
+        adaptive (bool, default False): the official adaptive form ``e = ρ·w²·g / ‖|w|·g‖``.
+        perturb_eps (float, optional): the official name of ``eps``.
+        rho (float, default 0.05): radius when no scheduler is given.
+        alpha (float, default 0.4): weight of the removed orthogonal component.
+        eps (float, default 1e-12): the constant of every denominator above.
+        backend (str, optional): as in :class:`fastsam.SAM`.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class.
+
+    Example:
+        >>> import torch, fastsam
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = fastsam.GSAM(model.parameters(), torch.optim.SGD, rho=0.05, alpha=0.3, lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.first_step(zero_grad=True)
+        >>> torch.nn.functional.mse_loss(model(x), y).backward()
+        >>> opt.second_step(zero_grad=True)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        model: torch.nn.Module | None = None,
+        gsam_alpha: float | None = None,
+        rho_scheduler: Any = None,
+        adaptive: bool = False,
+        perturb_eps: float | None = None,
+        *,
+        rho: float = 0.05,
+        alpha: float | None = None,
+        eps: float = 1e-12,
+        backend: str | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"model must be a torch.nn.Module (the official GSAM's third argument), got "
+                f"{type(model).__name__}"
+            )
+        if gsam_alpha is not None and alpha is not None and gsam_alpha != alpha:
+            raise ValueError(f"alpha={alpha} and gsam_alpha={gsam_alpha} disagree; give one")
+        alpha = 0.4 if alpha is None and gsam_alpha is None else (
+            alpha if alpha is not None else gsam_alpha
+        )
+        if perturb_eps is not None:
+            eps = perturb_eps
+        if rho_scheduler is not None and not callable(getattr(rho_scheduler, "step", None)):
+            raise TypeError("rho_scheduler must have a step() method returning the next rho")
+        self.model = model
+        self.rho_scheduler = rho_scheduler
+        self.alpha = alpha
+        self._first: dict[Tensor, Tensor] = {}
+        self._first_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
+        self._forward_backward: Callable[[], tuple[Any, Tensor]] | None = None
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho, gsam_alpha=alpha, adaptive=adaptive),
+            p=2,
+            eps=eps,
+            backend=backend,
+            base_kwargs=base_kwargs,
+        )
+        self.rho_t = rho
+        if rho_scheduler is not None:
+            current = getattr(rho_scheduler, "value", None)
+            self._set_rho(float(current) if current is not None else rho_scheduler.step())
+
+    # ----------------------------------------------------------------- options
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_finite_nonnegative("alpha", group["gsam_alpha"])
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+
+    def _scaling(self, group: dict[str, Any]) -> Scaling:
+        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
+
+    def _set_rho(self, value: float) -> float:
+        value = check_finite_nonnegative("rho from rho_scheduler", float(value))
+        for group in self.param_groups:
+            group["rho"] = value
+        self.rho_t = value
+        return value
+
+    def update_rho_t(self) -> float:
+        """Advance ``rho_scheduler`` and use its value as every group's rho (official API)."""
+        if self.rho_scheduler is None:
+            raise RuntimeError("update_rho_t() needs a rho_scheduler (given at construction)")
+        return self._set_rho(self.rho_scheduler.step())
+
+    # ----------------------------------------------------------------- the two hooks
+    def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]]:
+        """The persistent buffers holding g, per group, for the plan's parameters."""
+        if self._first_plan is not None and self._first_plan[0] is plan:
+            return self._first_plan[1]
+        buffers = []
+        for params in plan.params:
+            row = []
+            for p in params:
+                buf = self._first.get(p)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or (
+                    buf.device != p.device
+                ):
+                    buf = self._first[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+                row.append(buf)
+            buffers.append(row)
+        self._first_plan = (plan, buffers)
+        return buffers
+
+    def _after_perturb(self, backend: Backend, plan: _StepPlan, groups: list[PerturbGroup]):
+        buffers = self._first_buffers(plan)
+        backend.copy([b for row in buffers for b in row], [g for pg in groups for g in pg.grads])
+
+    def _before_update(self, perturbed: _StepPlan, now: _StepPlan, flat_grads: list) -> None:
+        if now.device is None:
+            return
+        firsts = self._first_buffers(perturbed)
+        groups = []
+        for i, group in enumerate(self.param_groups):
+            if now is perturbed:
+                grads = now.grads(flat_grads)[i]
+                first = firsts[i]
+            else:  # only parameters with a gradient in both passes take part
+                saved = dict(zip(perturbed.params[i], firsts[i])) if i < len(firsts) else {}
+                pairs = [(p.grad, saved[p]) for p in now.params[i] if p in saved]
+                grads, first = [g for g, _ in pairs], [f for _, f in pairs]
+            groups.append(DecomposeGroup(grads, first, float(group["gsam_alpha"])))
+        self._backend_for(now.device).gsam_decompose(groups, self._eps)
+
+    # ----------------------------------------------------------------- official usage
+    def set_closure(self, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any,
+                    **kwargs: Any) -> None:
+        """Official API: the forward/backward that :meth:`step` runs twice: zero the
+        gradients, ``outputs = model(inputs)``, ``loss_fn(outputs, targets, **kwargs)``,
+        backward. Needs ``model`` at construction."""
+        if self.model is None:
+            raise RuntimeError(
+                "set_closure() needs the model: build GSAM(params, base_optimizer, model, ...)"
+            )
+        model = self.model
+
+        def forward_backward() -> tuple[Any, Tensor]:
+            self.base_optimizer.zero_grad()
+            with torch.enable_grad():
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets, **kwargs)
+            loss.backward()
+            return outputs, loss.detach().clone()
+
+        self._forward_backward = forward_backward
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """As :meth:`fastsam.SAM.step`; and, after :meth:`set_closure` (official usage) with no
+        first step pending, one whole GSAM step returning ``(outputs, loss)``."""
+        if closure is None and self._perturbed is None and self._forward_backward is not None:
+            outputs, loss = self._forward_backward()
+            self.first_step()
+            with frozen_bn_stats(self.model):
+                self._forward_backward()
+            self.second_step()
+            return outputs, loss
+        return super().step(closure)
