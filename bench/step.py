@@ -1,15 +1,16 @@
-"""Optimizer-step benchmark: first_step + second_step (no forward/backward), providers side by side.
+"""Optimizer-step benchmark: first_step + second_step (no forward/backward), side by side.
 
     python bench/step.py                       # resnet50 on the best device present
     python bench/step.py --sets resnet50 gpt2-medium --out bench/results/step-h100.json
 
 Providers: ``sgd`` (a plain torch.optim.SGD momentum step, the cost SAM wraps: its floor is
 20 B/element), ``popular`` (bench/popular_sam.py, a faithful re-implementation of the popular
-per-parameter SAM), and every fastsam backend usable on the device (torch, triton, cpu, cuda). Base optimizer: SGD with
-momentum (fused into fastsam's restore pass). Reported per provider: median and spread (p10-p90)
-of the step time, speed-up over ``popular``, the bytes-moved floor from a copy bandwidth measured
-in the same run, the ratio to it, kernel launches per step (CUDA profiler; on CPU: aten ops
-dispatched), and on CUDA the peak extra memory of a step.
+per-parameter SAM), and every fastsam backend usable on the device (torch, triton, cpu,
+cuda). Base optimizer: SGD with momentum (fused into fastsam's restore pass). Reported per
+provider: median and spread (p10-p90) of the step time, speed-up over ``popular``, the
+bytes-moved floor from a copy bandwidth measured in the same run, the ratio to it, kernel
+launches per step (CUDA profiler; on CPU: aten ops dispatched), and on CUDA the peak extra
+memory of a step.
 """
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
-    out = torch.zeros((), dtype=torch.float64 if params[0].dtype == torch.float64 else torch.float32)
+    fp64 = params[0].dtype == torch.float64
+    out = torch.zeros((), dtype=torch.float64 if fp64 else torch.float32)
     scratch = torch.zeros(0, dtype=torch.float64)
     ops.norm(params, grads, [len(params)], [mode], [eta], q, out, scratch)
     return out, scratch
@@ -72,9 +73,9 @@ def test_norm_is_bitwise_independent_of_thread_count(ops, mode, q):
 def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     w = _tensors([(5,), (3, 4)])
     hp = torch.zeros(4, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"fastsam.sgd: grads\[1\] has dtype Double but params\[1\]"):
+    with pytest.raises(TypeError, match=r"sgd: grads\[1\] has dtype Double but params\[1\]"):
         ops.sgd(w, [w[0], w[1].double()], w, [], hp, False, False, False)
-    with pytest.raises(ValueError, match=r"w_old\[1\] has shape \[12\] but params\[1\] has \[3, 4\]"):
+    with pytest.raises(ValueError, match=r"w_old\[1\] has shape \[12\] but params\[1\] has \[3, 4"):
         ops.restore(w, [w[0], w[1].flatten()])
     with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
         ops.sgd(w, w[:1], w, [], hp, False, False, False)
@@ -160,7 +161,8 @@ def test_binding_compiles_with_cuda_enabled(tmp_path):
     from torch.utils import cpp_extension
 
     roots = [os.environ.get("CUDA_HOME"), Path(_nvcc()).resolve().parent.parent, "/usr/local/cuda"]
-    found = [Path(r) / "include" for r in roots if r and (Path(r) / "include/cuda_runtime_api.h").exists()]
+    found = [Path(r) / "include" for r in roots
+             if r and (Path(r) / "include" / "cuda_runtime_api.h").exists()]
     if not found:
         pytest.skip("CUDA toolkit headers not found (set CUDA_HOME)")
     cuda_include = found[0]

@@ -79,6 +79,15 @@ def check_finite_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
+def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor) -> Tensor:
+    """``store[p]``: a buffer shaped like ``p``, allocated once and kept across steps
+    (re-allocated only if ``p`` changed shape, dtype or device)."""
+    buf = store.get(p)
+    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        buf = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+    return buf
+
+
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: first step (perturb), second step (restore + base update), closure step.
 
@@ -235,12 +244,7 @@ class SharpnessAwareOptimizer(Optimizer):
                         f"{device} and {p.device}"
                     )
                 has_complex |= p.is_complex()
-                buf = self._w_old.get(p)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or (
-                    buf.device != p.device
-                ):
-                    buf = self._w_old[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-                w_old[-1].append(buf)
+                w_old[-1].append(persistent_buffer(self._w_old, p))
         self._plan = _StepPlan(key, params, w_old, positions, device, has_complex)
         return self._plan, flat_grads
 

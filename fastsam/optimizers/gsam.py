@@ -11,7 +11,12 @@ from torch.optim import Optimizer
 
 from ..batchnorm import frozen_bn_stats
 from ..functional import Backend, DecomposeGroup, PerturbGroup, Scaling
-from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative
+from ._base import (
+    SharpnessAwareOptimizer,
+    _StepPlan,
+    check_finite_nonnegative,
+    persistent_buffer,
+)
 
 
 class GSAM(SharpnessAwareOptimizer):
@@ -150,17 +155,7 @@ class GSAM(SharpnessAwareOptimizer):
         """The persistent buffers holding g, per group, for the plan's parameters."""
         if self._first_plan is not None and self._first_plan[0] is plan:
             return self._first_plan[1]
-        buffers = []
-        for params in plan.params:
-            row = []
-            for p in params:
-                buf = self._first.get(p)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or (
-                    buf.device != p.device
-                ):
-                    buf = self._first[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-                row.append(buf)
-            buffers.append(row)
+        buffers = [[persistent_buffer(self._first, p) for p in params] for params in plan.params]
         self._first_plan = (plan, buffers)
         return buffers
 
