@@ -6,8 +6,10 @@
 Providers: ``sgd`` (a plain torch.optim.SGD momentum step, the cost SAM wraps: its floor is
 20 B/element), ``popular`` (bench/popular_sam.py, a faithful re-implementation of the popular
 per-parameter SAM), and every fastsam backend usable on the device (torch, triton, cpu,
-cuda). Base optimizer: SGD with momentum (fused into fastsam's restore pass). Reported per
-provider: median and spread (p10-p90) of the step time, speed-up over ``popular``, the
+cuda). ``--optimizer gsam`` times fastsam.GSAM beside ``official`` (bench/official_gsam.py, a
+re-implementation of the official GSAM) instead. Base optimizer: SGD with momentum (fused into
+fastsam's restore pass). Reported per
+provider: median and spread (p10-p90) of the step time, speed-up over the reference, the
 bytes-moved floor from a copy bandwidth measured in the same run, the ratio to it, kernel
 launches per step (CUDA profiler; on CPU: aten ops dispatched), and on CUDA the peak extra
 memory of a step.
@@ -27,6 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from official_gsam import OfficialGSAM  # noqa: E402
 from param_sets import SETS  # noqa: E402
 from popular_sam import PopularSAM  # noqa: E402
 
@@ -36,6 +39,9 @@ import fastsam  # noqa: E402
 # and writes w, w_old (16), restore+update reads w_old, g, buf and writes w, buf (20). The plain
 # SGD step alone reads w, g, buf and writes w, buf (20).
 FLOOR_BYTES_PER_ELEMENT = 40
+# GSAM (DESIGN.md §2): SAM's 40 plus g kept in the perturb pass (4), one reduction pass over g
+# and g_adv (8), and g read again by the fused restore+update (4).
+GSAM_FLOOR_BYTES_PER_ELEMENT = 56
 SGD_BYTES_PER_ELEMENT = 20
 
 
@@ -95,16 +101,22 @@ def count_launches(fn, device):
     return Counter.n
 
 
-def make_provider(name, shapes, device, gen):
+def make_provider(name, shapes, device, gen, optimizer="sam"):
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, device=device, generator=gen)
-    kw = dict(rho=0.05, lr=0.01, momentum=0.9)
     if name == "sgd":  # the plain base optimizer step that SAM wraps (torch.optim's default)
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
         return opt.step, params
+    kw = dict(rho=0.05, lr=0.01, momentum=0.9)
+    if optimizer == "gsam":
+        kw["alpha"] = 0.4
     if name == "popular":
         opt = PopularSAM(params, torch.optim.SGD, **kw)
+    elif name == "official":
+        opt = OfficialGSAM(params, torch.optim.SGD, **kw)
+    elif optimizer == "gsam":
+        opt = fastsam.GSAM(params, torch.optim.SGD, backend=name, **kw)
     else:
         opt = fastsam.SAM(params, torch.optim.SGD, backend=name, **kw)
 
@@ -115,23 +127,26 @@ def make_provider(name, shapes, device, gen):
     return step, params
 
 
-def providers_for(device):
-    """``sgd`` (plain torch.optim.SGD step, for scale), ``popular``, and every fastsam backend
-    that can run on ``device``."""
+def providers_for(device, optimizer="sam"):
+    """``sgd`` (plain torch.optim.SGD step, for scale), the reference implementation
+    (``popular`` SAM, or the ``official`` GSAM), and every fastsam backend usable on
+    ``device``."""
     from fastsam.backends import BACKENDS, _refusal
 
-    return ["sgd", "popular"] + [b for b in BACKENDS if _refusal(b, device) is None]
+    reference = "official" if optimizer == "gsam" else "popular"
+    return ["sgd", reference] + [b for b in BACKENDS if _refusal(b, device) is None]
 
 
-def run(set_name, device, reps, bandwidth):
+def run(set_name, device, reps, bandwidth, optimizer="sam"):
     shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
     rows, steps = [], {}
-    for name in providers_for(device):
-        floor_bytes = SGD_BYTES_PER_ELEMENT if name == "sgd" else FLOOR_BYTES_PER_ELEMENT
+    sam_bytes = GSAM_FLOOR_BYTES_PER_ELEMENT if optimizer == "gsam" else FLOOR_BYTES_PER_ELEMENT
+    for name in providers_for(device, optimizer):
+        floor_bytes = SGD_BYTES_PER_ELEMENT if name == "sgd" else sam_bytes
         floor = floor_bytes * numel / bandwidth
         gen = torch.Generator(device=device).manual_seed(0)
-        step, params = make_provider(name, shapes, device, gen)
+        step, params = make_provider(name, shapes, device, gen, optimizer)
         step()  # state allocation (buffers, momentum) happens on the first step
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -153,7 +168,7 @@ def run(set_name, device, reps, bandwidth):
     for row in rows:
         row["launches_per_step"] = count_launches(steps[row["provider"]], device)
     steps.clear()
-    base = next(r for r in rows if r["provider"] == "popular")["median_ms"]
+    base = next(r for r in rows if r["provider"] in ("popular", "official"))["median_ms"]
     for r in rows:
         r["speedup_vs_popular"] = base / r["median_ms"]
     return rows
@@ -185,6 +200,8 @@ def main(argv=None):
     parser.add_argument("--sets", nargs="+", default=["resnet50"], choices=list(SETS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per provider")
+    parser.add_argument("--optimizer", default="sam", choices=["sam", "gsam"],
+                        help="gsam: fastsam.GSAM beside the official GSAM re-implementation")
     parser.add_argument("--out", help="write the results (JSON) to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -193,8 +210,9 @@ def main(argv=None):
     largest = max(sum(math.prod(x) for x in SETS[s]()) for s in args.sets)
     bandwidth = copy_bandwidth(largest, device, reps)
     env["copy_bandwidth_GBps"] = bandwidth / 1e9
+    env["optimizer"] = args.optimizer
     print(f"# {env}")
-    rows = [r for s in args.sets for r in run(s, device, reps, bandwidth)]
+    rows = [r for s in args.sets for r in run(s, device, reps, bandwidth, args.optimizer)]
     header = (f"{'set':<12} {'provider':<8} {'median ms':>10} {'p10-p90 ms':>15} {'x popular':>9} "
               f"{'floor ms':>9} {'x floor':>8} {'launches':>9} {'peak+ MB':>9}")
     print(header)
