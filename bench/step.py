@@ -213,7 +213,7 @@ def main(argv=None):
     env["optimizer"] = args.optimizer
     print(f"# {env}")
     rows = [r for s in args.sets for r in run(s, device, reps, bandwidth, args.optimizer)]
-    header = (f"{'set':<12} {'provider':<8} {'median ms':>10} {'p10-p90 ms':>15} {'x popular':>9} "
+    header = (f"{'set':<12} {'provider':<8} {'median ms':>10} {'p10-p90 ms':>15} {'x ref':>9} "
               f"{'floor ms':>9} {'x floor':>8} {'launches':>9} {'peak+ MB':>9}")
     print(header)
     for r in rows:
