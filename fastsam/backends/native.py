@@ -15,12 +15,10 @@ and shown when one of these backends is asked for.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper
+from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper, dual_exponent
 from ._constants import ConstantArrays
 
 try:
@@ -68,6 +66,7 @@ class NativeBackend(Backend):
         self.name = name
         self._constants = ConstantArrays()
         self._scratch: dict[tuple, Tensor] = {}
+        self._pending: tuple[list[PerturbGroup], tuple] | None = None  # norm → perturb
 
     def _buffer(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
         """A persistent buffer per (name, device, dtype); the operators grow ``scratch``."""
@@ -79,7 +78,9 @@ class NativeBackend(Backend):
         return buf
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        params, grads, sizes, modes, etas = _flatten(groups)
+        flat = _flatten(groups)
+        self._pending = (groups, flat)
+        params, grads, sizes, modes, etas = flat
         device = params[0].device
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
         fp64 = any(p.dtype == torch.float64 for p in params)
@@ -92,12 +93,14 @@ class NativeBackend(Backend):
         self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
     ) -> None:
         # Reads the filter norms the perturbation_norm call just made over the same groups
-        # left in ``scratch`` (the engine always calls the two in a row).
-        params, grads, sizes, modes, etas = _flatten(groups)
+        # left in ``scratch`` (the engine always calls the two in a row), and reuses its lists.
+        pending, self._pending = self._pending, None
+        flat = pending[1] if pending is not None and pending[0] is groups else _flatten(groups)
+        params, grads, sizes, modes, etas = flat
         w_old = [t for g in groups for t in g.w_old]
         rhos = [float(g.rho) for g in groups]
         scratch = self._buffer("scratch", params[0].device, torch.float64)
-        q = 1.0 if math.isinf(p) else p / (p - 1.0)
+        q = dual_exponent(p)
         torch.ops.fastsam.perturb(
             params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped
         )

@@ -192,9 +192,11 @@ class SharpnessAwareOptimizer(Optimizer):
     def _after_perturb(self, backend: Backend, plan: _StepPlan, groups: list[PerturbGroup]):
         """Called at the end of the first step, weights perturbed (GSAM keeps g here)."""
 
-    def _before_update(self, perturbed: _StepPlan, now: _StepPlan, flat_grads: list) -> None:
-        """Called at the start of the second step, before restore and update (GSAM rewrites
-        the adversarial gradients here)."""
+    def _before_update(
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]]
+    ) -> None:
+        """Called at the start of the second step, before restore and update, with this step's
+        gradients per group of ``now`` (GSAM rewrites the adversarial gradients here)."""
 
     # ----------------------------------------------------------------- the step
     def _backend_for(self, device: torch.device) -> Backend:
@@ -297,9 +299,9 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
-        self._before_update(perturbed, now, flat_grads)
+        all_grads = now.grads(flat_grads)
+        self._before_update(perturbed, now, all_grads)
         fused = self._fused_update_kind(now)
-        all_grads = now.grads(flat_grads) if fused else None
         if fused and now.states is None:
             # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
             # torch.optim only ever replaces the whole state mapping, which expires the plan.

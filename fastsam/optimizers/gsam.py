@@ -163,20 +163,21 @@ class GSAM(SharpnessAwareOptimizer):
         buffers = self._first_buffers(plan)
         backend.copy([b for row in buffers for b in row], [g for pg in groups for g in pg.grads])
 
-    def _before_update(self, perturbed: _StepPlan, now: _StepPlan, flat_grads: list) -> None:
+    def _before_update(
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]]
+    ) -> None:
         if now.device is None:
             return
         firsts = self._first_buffers(perturbed)
         groups = []
         for i, group in enumerate(self.param_groups):
             if now is perturbed:
-                grads = now.grads(flat_grads)[i]
-                first = firsts[i]
+                adv, first = grads[i], firsts[i]
             else:  # only parameters with a gradient in both passes take part
                 saved = dict(zip(perturbed.params[i], firsts[i])) if i < len(firsts) else {}
-                pairs = [(p.grad, saved[p]) for p in now.params[i] if p in saved]
-                grads, first = [g for g, _ in pairs], [f for _, f in pairs]
-            groups.append(DecomposeGroup(grads, first, float(group["gsam_alpha"])))
+                pairs = [(g, saved[p]) for p, g in zip(now.params[i], grads[i]) if p in saved]
+                adv, first = [g for g, _ in pairs], [f for _, f in pairs]
+            groups.append(DecomposeGroup(adv, first, float(group["gsam_alpha"])))
         self._backend_for(now.device).gsam_decompose(groups, self._eps)
 
     # ----------------------------------------------------------------- official usage
