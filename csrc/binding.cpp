@@ -6,10 +6,16 @@
 //
 //   norm     S = Σ |T·g|^q over every tensor → out (0-d); per-segment partials and filter
 //            norms go to `scratch` (fp64, grown when too small, reused by `perturb`)
-//   perturb  w_old ← w; w ← w + e (rho per group); skipped ← 1 if S is not finite
+//   perturb  w_old ← w; w ← w + e (rho per group); skipped ← 1 if S is not finite;
+//            keep ← g when `keep` is given (GSAM)
 //   restore  w ← w_old
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
+//   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
+//            partial sums in `scratch`, fp64, grown when too small)
+//
+// sgd and adam take GSAM's decomposition optionally (first_grads non-empty, along, alpha): the
+// update then uses (1 + alpha·along)·g − alpha·g_first (fastsam.functional.Decomposition).
 //
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
@@ -22,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -119,8 +126,9 @@ PerTensor expand_groups(const char* op, at::TensorList params, at::IntArrayRef s
                     ", ", modes.size(), ", ", etas.size(), ")");
   PerTensor out;
   for (size_t k = 0; k < sizes.size(); ++k) {
-    TORCH_CHECK_VALUE(modes[k] >= kPlain && modes[k] <= kFilter, "fastsam.", op,
-                      ": group_modes[", k, "] = ", modes[k], " (0 plain, 1 element, 2 filter)");
+    TORCH_CHECK_VALUE(modes[k] >= kPlain && modes[k] <= kOuter, "fastsam.", op,
+                      ": group_modes[", k, "] = ", modes[k],
+                      " (0 plain, 1 element, 2 filter, 3 outer)");
     TORCH_CHECK_VALUE(sizes[k] >= 0, "fastsam.", op, ": group_sizes[", k, "] is negative");
     for (int64_t j = 0; j < sizes[k]; ++j) {
       const size_t i = out.mode.size();
@@ -259,6 +267,10 @@ struct Cpu {
   void restore(const Table& t) const { cpu::restore(t); }
   void sgd(const Table& t, const SgdArgs& a) const { cpu::sgd(t, a); }
   void adam(const Table& t, const AdamArgs& a) const { cpu::adam(t, a); }
+  void gsam_partials(const Table& t, double* partials) const { cpu::gsam_partials(t, partials); }
+  void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
+    out.fill_(cpu::gsam_along(partials, n, eps));
+  }
 };
 
 #ifdef FASTSAM_WITH_CUDA
@@ -382,6 +394,12 @@ struct Cuda {
   void restore(const Table& t) const { cuda::restore(t, stream); }
   void sgd(const Table& t, const SgdArgs& a) const { cuda::sgd(t, a, stream); }
   void adam(const Table& t, const AdamArgs& a) const { cuda::adam(t, a, stream); }
+  void gsam_partials(const Table& t, double* partials) const {
+    cuda::gsam_partials(t, partials, stream);
+  }
+  void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
+    cuda::gsam_along(partials, n, eps, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
+  }
 
   c10::Device device;
   c10::cuda::CUDAGuard guard;
@@ -430,8 +448,9 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                 at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
                 at::ArrayRef<double> group_etas, at::ArrayRef<double> group_rhos,
                 const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
-                double eps, at::Tensor& skipped) {
-  const Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
+                double eps, at::Tensor& skipped, at::TensorList keep) {
+  Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
+  if (!keep.empty()) lists.emplace_back("keep", keep);
   check_lists("perturb", lists);
   check_exponents("perturb", q);
   check_norm_out("perturb", "norm_sum", norm_sum, params);
@@ -459,7 +478,8 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                    scratch.data_ptr<double>() + n,
                    norm_sum.data_ptr(),
                    norm_sum.scalar_type() == at::kDouble,
-                   skipped.data_ptr<float>()};
+                   skipped.data_ptr<float>(),
+                   !keep.empty()};
   for (const Table& t : tables->views) {
     dev.perturb(t, args);
     args.row_T += t.n_segments;
@@ -476,19 +496,35 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
   for (const Table& t : tables->views) dev.restore(t);
 }
 
+// GSAM's decomposition of an update: appends first_grads to the lists when given.
+template <class D>
+DecomposeArgs decomposition(const char* op, Lists& lists, at::TensorList first_grads,
+                            const std::optional<at::Tensor>& along, double alpha) {
+  if (first_grads.empty()) return {false, 0, 0.0, nullptr, false};
+  TORCH_CHECK_VALUE(along.has_value(), "fastsam.", op,
+                    ": first_grads given without along (GSAM's decomposition needs both)");
+  check_norm_out(op, "along", *along, lists.front().second);
+  check_device<D>(op, "along", *along);
+  lists.emplace_back("first_grads", first_grads);
+  return {true, static_cast<int>(lists.size() - 1), alpha, along->data_ptr(),
+          along->scalar_type() == at::kDouble};
+}
+
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
-            bool fresh) {
+            bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
+            double alpha) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
+  const DecomposeArgs decompose = decomposition<D>("sgd", lists, first_grads, along, alpha);
   check_lists("sgd", lists);
   check_hp("sgd", hp, params, 4);
   check_device<D>("sgd", "hp", hp);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh, nesterov, maximize};
+  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh, nesterov, maximize, decompose};
   const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.sgd(t, args);
 }
@@ -496,21 +532,46 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
 template <class D>
 void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-             const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize) {
+             const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
+             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
               {"exp_avgs", exp_avgs},
               {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  const DecomposeArgs decompose = decomposition<D>("adam", lists, first_grads, along, alpha);
   check_lists("adam", lists);
   check_hp("adam", hp, params, 8);
   check_device<D>("adam", "hp", hp);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize};
+  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose};
   const TablesPtr tables = dev.tables("adam", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.adam(t, args);
+}
+
+template <class D>
+void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps, at::Tensor& out,
+                   at::Tensor& scratch) {
+  const Lists lists{{"grads", grads}, {"first_grads", first_grads}};
+  check_lists("gsam_along", lists);
+  check_norm_out("gsam_along", "out", out, grads);
+  check_device<D>("gsam_along", "out", out);
+  check_scalar_tensor("gsam_along", "scratch", scratch, grads, 0);
+  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble,
+                   "fastsam.gsam_along: scratch must be float64, got ", scratch.scalar_type());
+  const D dev(device_of(grads, out));
+  const TablesPtr tables = dev.tables("gsam_along", lists, nullptr);
+  const int64_t n = tables->n_segments;
+  if (scratch.numel() < 3 * n) scratch.resize_({3 * n});
+  double* partials = scratch.data_ptr<double>();
+  int64_t offset = 0;
+  for (const Table& t : tables->views) {
+    dev.gsam_partials(t, partials + 3 * offset);
+    offset += t.n_segments;
+  }
+  dev.gsam_along(partials, n, eps, out);
 }
 
 }  // namespace
@@ -523,15 +584,21 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, int[] group_sizes, "
       "int[] group_modes, float[] group_etas, float[] group_rhos, Tensor norm_sum, "
-      "Tensor scratch, float q, float p, float eps, Tensor(c!) skipped) -> ()");
+      "Tensor scratch, float q, float p, float eps, Tensor(c!) skipped, "
+      "Tensor(d!)[] keep) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
-      "Tensor hp, bool nesterov, bool maximize, bool fresh) -> ()");
+      "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor[] first_grads, "
+      "Tensor? along, float alpha) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
-      "bool amsgrad, bool maximize) -> ()");
+      "bool amsgrad, bool maximize, Tensor[] first_grads, Tensor? along, "
+      "float alpha) -> ()");
+  m.def(
+      "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
+      "Tensor(b!) scratch) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
@@ -540,6 +607,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("restore", &fastsam::restore_op<fastsam::Cpu>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
+  m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cpu>);
 }
 
 #ifdef FASTSAM_WITH_CUDA
@@ -549,6 +617,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("restore", &fastsam::restore_op<fastsam::Cuda>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
+  m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cuda>);
 }
 #endif
 

@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(Table tab, NormArgs a) {
   A acc_u = 0, acc_w = 0;
   for_each(seg.len, [&](int64_t i) {
     const A gi = Storage<S>::load(g[i]);
-    if (mode == kPlain) {
+    if (mode == kPlain || mode == kOuter) {  // kOuter: T applies after the normalisation
       acc_u += pow_q<QM>(fs_abs(gi), q);
     } else {
       const A wi = Storage<S>::load(w[i]);
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(const double* partials, i
   if (threadIdx.x == 0) *out = A(total);
 }
 
-template <typename S, int QM>
+template <typename S, int QM, bool KEEP>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
@@ -158,13 +158,17 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
   S* w = address<S>(tab, kPertW, seg);
   const S* g = address<const S>(tab, kPertG, seg);
   S* old = address<S>(tab, kPertOld, seg);
+  S* keep = KEEP ? address<S>(tab, kPertKeep, seg) : nullptr;
   for_each(seg.len, [&](int64_t i) {
     const S w_raw = w[i];
+    const S g_raw = g[i];
     old[i] = w_raw;  // exact copy: the restore is bit-exact
+    if (KEEP) keep[i] = g_raw;
     if (ok) {
       const A wi = Storage<S>::load(w_raw);
-      const A T = mode == kPlain ? A(1) : mode == kElement ? fs_abs(wi) + eta : row_T;
-      w[i] = Storage<S>::store(wi + scale * direction<QM>(T, Storage<S>::load(g[i]), q));
+      const A T = mode == kElement ? fs_abs(wi) + eta : mode == kFilter ? row_T : A(1);
+      const A outer = mode == kOuter ? fs_abs(wi) + eta : A(1);
+      w[i] = Storage<S>::store(wi + scale * outer * direction<QM>(T, Storage<S>::load(g_raw), q));
     }
   });
   if (blockIdx.x == 0 && threadIdx.x == 0) *a.skipped = ok ? 0.0f : 1.0f;
@@ -178,33 +182,56 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(Table tab) {
   for_each(seg.len, [&](int64_t i) { w[i] = old[i]; });
 }
 
-template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool MAXIMIZE>
+// The per-block scalars of update_gradient: 1 + alpha·along (along read on the device), alpha,
+// and the sign.
+template <typename A>
+struct GradientScalars {
+  A coefficient, alpha, sign;
+};
+
+template <bool DECOMPOSE, typename A>
+__device__ __forceinline__ GradientScalars<A> gradient_scalars(const DecomposeArgs& d,
+                                                               bool maximize) {
+  const A sign = maximize ? A(-1) : A(1);
+  if (!DECOMPOSE) return {A(1), A(0), sign};
+  const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
+                               : A(*static_cast<const float*>(d.along));
+  return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
+}
+
+template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool DECOMPOSE>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kSgdW, seg);
   const S* old = address<const S>(tab, kSgdOld, seg);  // may be w itself (not perturbed)
   const S* g = address<const S>(tab, kSgdG, seg);
+  const S* first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
   S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
   const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
   const A weight_decay = A(a.hp[3]);
+  const GradientScalars<A> k = gradient_scalars<DECOMPOSE, A>(a.decompose, a.maximize);
   for_each(seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
-    const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV, MAXIMIZE>(
-        Storage<S>::load(old[i]), Storage<S>::load(g[i]), b, lr, momentum, dampening,
-        weight_decay);
+    const A d = update_gradient<DECOMPOSE>(Storage<S>::load(g[i]),
+                                           DECOMPOSE ? Storage<S>::load(first[i]) : A(0),
+                                           k.coefficient, k.alpha, k.sign);
+    const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(
+        Storage<S>::load(old[i]), d, b, lr, momentum, dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = Storage<S>::store(b);
     w[i] = Storage<S>::store(updated);
   });
 }
 
-template <typename S, bool DECOUPLED, bool AMSGRAD, bool MAXIMIZE>
+template <typename S, bool DECOUPLED, bool AMSGRAD, bool DECOMPOSE>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kAdamW, seg);
   const S* old = address<const S>(tab, kAdamOld, seg);
   const S* g = address<const S>(tab, kAdamG, seg);
+  const S* first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
+  const GradientScalars<A> gk = gradient_scalars<DECOMPOSE, A>(a.decompose, a.maximize);
   S* m = address<S>(tab, kAdamM, seg);
   S* v = address<S>(tab, kAdamV, seg);
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
@@ -213,13 +240,48 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   for_each(seg.len, [&](int64_t i) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
     A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);
-    const A updated = fastsam::adam<DECOUPLED, AMSGRAD, MAXIMIZE>(
-        Storage<S>::load(old[i]), Storage<S>::load(g[i]), mi, vi, vmaxi, k);
+    const A gi = update_gradient<DECOMPOSE>(Storage<S>::load(g[i]),
+                                            DECOMPOSE ? Storage<S>::load(first[i]) : A(0),
+                                            gk.coefficient, gk.alpha, gk.sign);
+    const A updated =
+        fastsam::adam<DECOUPLED, AMSGRAD>(Storage<S>::load(old[i]), gi, mi, vi, vmaxi, k);
     m[i] = Storage<S>::store(mi);
     v[i] = Storage<S>::store(vi);
     if (AMSGRAD) vmax[i] = Storage<S>::store(vmaxi);
     w[i] = Storage<S>::store(updated);
   });
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) gsam_partials_kernel(Table tab, double* partials) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  const S* adv = address<const S>(tab, kGsamAdv, seg);
+  const S* first = address<const S>(tab, kGsamFirst, seg);
+  A inner = 0, adv_sq = 0, first_sq = 0;
+  for_each(seg.len, [&](int64_t i) {
+    const A a = Storage<S>::load(adv[i]), f = Storage<S>::load(first[i]);
+    inner += f * a;
+    adv_sq += a * a;
+    first_sq += f * f;
+  });
+  const A sums[3] = {block_sum(inner), block_sum(adv_sq), block_sum(first_sq)};
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 3; ++k) partials[3 * int64_t(blockIdx.x) + k] = double(sums[k]);
+  }
+}
+
+template <typename A>
+__global__ void __launch_bounds__(kThreads) gsam_along_kernel(const double* partials, int64_t n,
+                                                              double eps, A* out) {
+  double acc[3] = {0.0, 0.0, 0.0};
+  for (int64_t s = threadIdx.x; s < n; s += kThreads) {
+    for (int k = 0; k < 3; ++k) acc[k] += partials[3 * s + k];
+  }
+  const double inner = block_sum(acc[0]);
+  const double adv_sq = block_sum(acc[1]);
+  const double first_sq = block_sum(acc[2]);
+  if (threadIdx.x == 0) *out = A(fastsam::gsam_along(inner, adv_sq, first_sq, eps));
 }
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
@@ -251,8 +313,10 @@ void perturb(const Table& t, const PerturbArgs& a, void* stream) {
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     with_qmode(a.qmode, [&](auto qm) {
-      perturb_kernel<S, decltype(qm)::value>
-          <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+      with_bool(a.keep, [&](auto keep) {
+        perturb_kernel<S, decltype(qm)::value, decltype(keep)::value>
+            <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+      });
     });
   });
   check_launch("perturb");
@@ -274,7 +338,7 @@ void sgd(const Table& t, const SgdArgs& a, void* stream) {
     with_bool(a.has_momentum, [&](auto m) {
       with_bool(a.fresh, [&](auto f) {
         with_bool(a.nesterov, [&](auto n) {
-          with_bool(a.maximize, [&](auto x) {
+          with_bool(a.decompose.on, [&](auto x) {
             sgd_kernel<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
                        decltype(x)::value>
                 <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
@@ -292,7 +356,7 @@ void adam(const Table& t, const AdamArgs& a, void* stream) {
     using S = typename decltype(tag)::type;
     with_bool(a.decoupled, [&](auto d) {
       with_bool(a.amsgrad, [&](auto ams) {
-        with_bool(a.maximize, [&](auto x) {
+        with_bool(a.decompose.on, [&](auto x) {
           adam_kernel<S, decltype(d)::value, decltype(ams)::value, decltype(x)::value>
               <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
         });
@@ -300,6 +364,27 @@ void adam(const Table& t, const AdamArgs& a, void* stream) {
     });
   });
   check_launch("adam");
+}
+
+void gsam_partials(const Table& t, double* partials, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    gsam_partials_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, partials);
+  });
+  check_launch("gsam partials");
+}
+
+void gsam_along(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
+                void* stream) {
+  if (out_fp64) {
+    gsam_along_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
+                                                             static_cast<double*>(out));
+  } else {
+    gsam_along_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
+                                                             static_cast<float*>(out));
+  }
+  check_launch("gsam along");
 }
 
 }  // namespace cuda

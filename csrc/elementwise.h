@@ -14,8 +14,9 @@
 
 namespace fastsam {
 
-// Per-tensor operator code of the ASAM scaling T (fastsam.functional.Scaling).
-enum Mode : int { kPlain = 0, kElement = 1, kFilter = 2 };
+// Per-tensor operator code of the ASAM scaling T (fastsam.functional.Scaling). kOuter: T = 1
+// in the norm, and e multiplied by |w| + eta (Adaptive-GSAM).
+enum Mode : int { kPlain = 0, kElement = 1, kFilter = 2, kOuter = 3 };
 // Dual exponent q of the perturbation: q = 2 (p = 2), q = 1 (p = inf), anything else.
 enum QMode : int { kQ2 = 0, kQ1 = 1, kQAny = 2 };
 
@@ -60,11 +61,28 @@ FASTSAM_HD A inverse_denominator(A S, A inv_p, A eps) {
   return A(1) / (fs_exp2(fs_log2(S) * inv_p) + eps);
 }
 
-// torch.optim.SGD on one element (fastsam.functional.Backend.restore_sgd), from w_old.
-// hp = [lr, momentum, dampening, weight_decay]; buf is read unless FRESH and written back.
-template <bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool MAXIMIZE, typename A>
-FASTSAM_HD A sgd(A w, A g, A& buf, A lr, A momentum, A dampening, A weight_decay) {
-  A d = MAXIMIZE ? -g : g;
+// GSAM (fastsam.functional.Backend.gsam_along): from the sums ⟨g_first, g⟩, ‖g‖², ‖g_first‖²,
+// along = cos·‖g_first‖ / (‖g‖ + eps) with cos = ⟨g_first, g⟩ / (‖g‖·‖g_first‖ + eps).
+template <typename A>
+FASTSAM_HD A gsam_along(A inner, A adv_sq, A first_sq, A eps) {
+  const A adv_norm = fs_sqrt(adv_sq), first_norm = fs_sqrt(first_sq);
+  const A cosine = inner / (adv_norm * first_norm + eps);
+  return cosine * first_norm / (adv_norm + eps);
+}
+
+// The gradient an update uses: g, or GSAM's (1 + alpha·along)·g − alpha·g_first (coefficient
+// = 1 + alpha·along), times sign = −1 when maximizing (exact: a sign flip).
+template <bool DECOMPOSE, typename A>
+FASTSAM_HD A update_gradient(A g, A first, A coefficient, A alpha, A sign) {
+  if (DECOMPOSE) g = coefficient * g - alpha * first;
+  return sign * g;
+}
+
+// torch.optim.SGD on one element (fastsam.functional.Backend.restore_sgd), from w_old, with d
+// the signed gradient (update_gradient). hp = [lr, momentum, dampening, weight_decay]; buf is
+// read unless FRESH and written back.
+template <bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, typename A>
+FASTSAM_HD A sgd(A w, A d, A& buf, A lr, A momentum, A dampening, A weight_decay) {
   d = d + weight_decay * w;
   if (HAS_MOMENTUM) {
     buf = FRESH ? d : momentum * buf + (A(1) - dampening) * d;  // first step: buf = d
@@ -80,10 +98,10 @@ struct AdamScalars {
   A beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decay;
 };
 
-// torch.optim.Adam/AdamW on one element, from w_old. m, v, vmax are read and written back.
-template <bool DECOUPLED, bool AMSGRAD, bool MAXIMIZE, typename A>
+// torch.optim.Adam/AdamW on one element, from w_old, with g the signed gradient
+// (update_gradient). m, v, vmax are read and written back.
+template <bool DECOUPLED, bool AMSGRAD, typename A>
 FASTSAM_HD A adam(A w, A g, A& m, A& v, A& vmax, const AdamScalars<A>& s) {
-  if (MAXIMIZE) g = -g;
   if (DECOUPLED) {
     w = w * s.decay;
   } else {

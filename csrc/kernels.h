@@ -27,9 +27,10 @@ struct Table {
 // Roles, in the order the binding fills addr.
 enum NormRole : int { kNormW = 0, kNormG = 1 };
 enum RestoreRole : int { kRestoreW = 0, kRestoreOld = 1 };
-enum PerturbRole : int { kPertW = 0, kPertG = 1, kPertOld = 2 };
+enum PerturbRole : int { kPertW = 0, kPertG = 1, kPertOld = 2, kPertKeep = 3 };
 enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
 enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
+enum GsamRole : int { kGsamAdv = 0, kGsamFirst = 1 };
 
 struct NormArgs {
   int qmode;
@@ -46,16 +47,29 @@ struct PerturbArgs {
   const void* norm_sum;   // 0-d, float or double (norm_fp64)
   bool norm_fp64;
   float* skipped;         // 0-d: 1 when norm_sum is not finite (w untouched), else 0
+  bool keep;              // also keep ← g (role kPertKeep): GSAM's first gradient
+};
+
+// GSAM's decomposition fused into an update (fastsam.functional.Decomposition): the update
+// uses (1 + alpha·along)·g − alpha·g_first, g_first at role `first_role`.
+struct DecomposeArgs {
+  bool on;
+  int first_role;
+  double alpha;
+  const void* along;  // 0-d, float or double (along_fp64); device memory for CUDA
+  bool along_fp64;
 };
 
 struct SgdArgs {
   const double* hp;  // [lr, momentum, dampening, weight_decay]
   bool has_momentum, fresh, nesterov, maximize;
+  DecomposeArgs decompose;
 };
 
 struct AdamArgs {
   const double* hp;  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd]
   bool decoupled, amsgrad, maximize;
+  DecomposeArgs decompose;
 };
 
 namespace cpu {
@@ -66,6 +80,10 @@ void perturb(const Table& t, const PerturbArgs& a);
 void restore(const Table& t);
 void sgd(const Table& t, const SgdArgs& a);
 void adam(const Table& t, const AdamArgs& a);
+// GSAM's reduction: partials[3s + {0, 1, 2}] = Σ over segment s of g_first·g, g², g_first².
+void gsam_partials(const Table& t, double* partials);
+// The sums of n partial triples in index order → along (elementwise.h gsam_along).
+double gsam_along(const double* partials, int64_t n, double eps);
 }  // namespace cpu
 
 namespace cuda {
@@ -77,6 +95,10 @@ void perturb(const Table& t, const PerturbArgs& a, void* stream);
 void restore(const Table& t, void* stream);
 void sgd(const Table& t, const SgdArgs& a, void* stream);
 void adam(const Table& t, const AdamArgs& a, void* stream);
+void gsam_partials(const Table& t, double* partials, void* stream);
+// out = along from the n partial triples summed in a fixed order (one block).
+void gsam_along(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
+                void* stream);
 }  // namespace cuda
 
 }  // namespace fastsam

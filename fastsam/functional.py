@@ -6,6 +6,9 @@ A SAM-family step is three passes over memory (DESIGN.md §2):
     B  perturb             w_old ← w;  w ← w + e,  e = ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps)
     C  restore_*           w ← update(w_old, g_adv, state)                        (one pass)
 
+GSAM adds one reduction between the second backward pass and C (:meth:`Backend.gsam_along`),
+keeps g through B (``PerturbGroup.keep_grads``) and hands C a :class:`Decomposition`.
+
 ``T`` is the ASAM operator (1 for plain SAM; see :class:`Scaling`), ``q`` the dual exponent of
 ``p`` (1/p + 1/q = 1). For p = 2 this is ``e = ρ·T²·g / (‖T·g‖₂ + eps)``; for p = ∞ it is
 ``e = ρ·T·sign(g)`` (the sign perturbation, no denominator).
@@ -29,6 +32,7 @@ __all__ = [
     "SGDHyper",
     "AdamHyper",
     "DecomposeGroup",
+    "Decomposition",
     "Backend",
     "dual_exponent",
 ]
@@ -44,9 +48,12 @@ class Scaling:
         ``adaptive=True``).
         ``"filter"``: T = ‖w[i, ...]‖₂ + eta broadcast over filter i (dim 0) for tensors with
         ndim ≥ 2, |w| + eta for 1-D tensors (filter-wise ASAM).
+        ``"outer"``: T = |w| + eta applied once, outside the normalisation: u = g in the norm
+        and ``e = ρ·T·sign(g)·|g|^(q-1) / (S^(1/p) + eps)`` (p = 2: ``ρ·(|w| + eta)·g /
+        (‖g‖₂ + eps)``, the seed report's Adaptive-GSAM with eta = gamma).
     """
 
-    kind: Literal["none", "element", "filter"] = "none"
+    kind: Literal["none", "element", "filter", "outer"] = "none"
     eta: float = 0.0
 
 
@@ -55,7 +62,9 @@ class PerturbGroup:
     """The tensors of one parameter group that take part in the perturbation.
 
     ``params[i]``, ``grads[i]`` and ``w_old[i]`` have the same shape, dtype and device;
-    ``w_old`` are the persistent copy buffers the perturb pass writes.
+    ``w_old`` are the persistent copy buffers the perturb pass writes. ``keep_grads``, when
+    given, are buffers like ``grads`` that the perturb pass also fills with a copy of g (GSAM
+    keeps the first gradient this way, in the same sweep over memory).
     """
 
     params: list[Tensor]
@@ -63,6 +72,7 @@ class PerturbGroup:
     w_old: list[Tensor]
     rho: float
     scaling: Scaling
+    keep_grads: list[Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,24 @@ class DecomposeGroup:
     alpha: float
 
 
+@dataclass(frozen=True)
+class Decomposition:
+    """GSAM's decomposition fused into pass C of one group: the update uses
+
+        d = (1 + alpha·along)·g_adv - alpha·g
+
+    instead of g_adv, where ``first_grads[i]`` is g of ``params[i]`` and ``along`` the 0-d
+    device tensor returned by :meth:`Backend.gsam_along` (never read by the host)."""
+
+    first_grads: list[Tensor]
+    alpha: float
+    along: Tensor
+
+    def select(self, idx: list[int]) -> Decomposition:
+        """The same decomposition over the tensors at positions ``idx``."""
+        return Decomposition([self.first_grads[i] for i in idx], self.alpha, self.along)
+
+
 def dual_exponent(p: float) -> float:
     """q with 1/p + 1/q = 1 (p = 2 → 2, p = ∞ → 1)."""
     return 1.0 if math.isinf(p) else p / (p - 1.0)
@@ -157,9 +185,11 @@ class Backend:
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
+        decompose: Decomposition | None = None,
     ) -> None:
         """Pass C fused with torch.optim.SGD::
 
+            g = (1 + alpha·along)·g - alpha·g_first     if decompose (GSAM, see Decomposition)
             d = ±g + wd·w_old
             buf = d                      if fresh_buffers  (torch.optim's first step)
             buf = m·buf + (1 - damp)·d   otherwise
@@ -179,9 +209,11 @@ class Backend:
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
+        decompose: Decomposition | None = None,
     ) -> None:
         """Pass C fused with torch.optim.Adam/AdamW (every tensor at the same ``hyper.step``)::
 
+            g = (1 + alpha·along)·g - alpha·g_first     if decompose (GSAM, see Decomposition)
             w = w_old·(1 - lr·wd) if decoupled;  g = ±g (+ wd·w_old if not decoupled)
             m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
             w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)
@@ -189,25 +221,26 @@ class Backend:
         ``max_exp_avg_sqs`` is empty unless amsgrad."""
         raise NotImplementedError
 
-    def copy(self, dst: list[Tensor], src: list[Tensor]) -> None:
-        """``dst ← src`` element for element (GSAM keeps the first gradient this way)."""
-        if dst:
-            import torch
+    def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
+        """GSAM's reduction pass, one read of g_adv and g for every group together::
 
-            torch._foreach_copy_(dst, src)
+            cos   = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps)
+            along = cos·‖g‖ / (‖g_adv‖ + eps)
+
+        returned as a 0-d tensor on the device (fp32; fp64 when a gradient is fp64). The part of
+        g orthogonal to g_adv is then ``v = g - along·g_adv`` (the official code's eps
+        placement), and the update uses ``g_adv - alpha·v = (1 + alpha·along)·g_adv -
+        alpha·g`` (:class:`Decomposition`)."""
+        raise NotImplementedError
 
     def gsam_decompose(self, groups: list[DecomposeGroup], eps: float) -> None:
-        """GSAM's decomposition (Zhuang et al.), with the official code's eps placement::
+        """``g_adv ← (1 + alpha·along)·g_adv - alpha·g`` in place, for a base optimizer whose
+        update is not fused: :meth:`gsam_along`, then one foreach pass per group."""
+        import torch
 
-            c = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps)          (one reduction over every group)
-            v = g - c·‖g‖ · g_adv / (‖g_adv‖ + eps)      (the part of g orthogonal to g_adv)
-            g_adv ← g_adv - alpha·v
-
-        Written as g_adv ← (1 + alpha·c·‖g‖/(‖g_adv‖ + eps))·g_adv - alpha·g, with the three
-        sums ⟨g, g_adv⟩, ‖g_adv‖², ‖g‖² in fp32 (fp64 for fp64 gradients) on the device.
-
-        This default runs on every backend with foreach ops (one reduction pass with a
-        temporary for the products, one scaling pass); a backend may fuse it."""
-        from .backends.torch import gsam_decompose
-
-        gsam_decompose(groups, eps)
+        along = self.gsam_along(groups, eps)
+        for group in groups:
+            if group.alpha == 0.0 or not group.grads:
+                continue
+            torch._foreach_mul_(group.grads, (1.0 + group.alpha * along).to(group.grads[0].dtype))
+            torch._foreach_add_(group.grads, group.first_grads, alpha=-group.alpha)

@@ -102,15 +102,25 @@ class OracleGSAM(OracleSAM):
         g_adv <- g_adv - alpha v
 
     ``alpha`` per group (key ``gsam_alpha``); reductions in fp64, one over every group.
+    ``gamma`` given: the seed report's Adaptive-GSAM perturbation ``e = rho (|w| + gamma) g /
+    (|g| + eps)`` instead of the groups' ``T``.
     """
 
-    def __init__(self, groups, base_cls, eps=1e-12, **base_kwargs):
+    def __init__(self, groups, base_cls, eps=1e-12, gamma=None, **base_kwargs):
         super().__init__(
             [{k: v for k, v in g.items() if k != "gsam_alpha"} for g in groups], base_cls, p=2.0,
             eps=eps, **base_kwargs,
         )
         self.alphas = [g["gsam_alpha"] for g in groups]
+        self.gamma = gamma
         self.first = {}
+
+    def perturbation(self):
+        if self.gamma is None:
+            return super().perturbation()
+        items = [(w, g["rho"]) for g in self.groups for w in g["params"] if w.grad is not None]
+        norm = math.sqrt(sum(float((w.grad.double() ** 2).sum()) for w, _ in items))
+        return [(w, rho * (w.abs() + self.gamma) * w.grad / (norm + self.eps)) for w, rho in items]
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):

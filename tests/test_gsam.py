@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import FUSED
 from harness import SHAPES, Landscape, assert_state_close, clone_params, drive, make_params
 from oracle import OracleGSAM
 
@@ -11,6 +12,7 @@ import fastsam
 from fastsam.functional import DecomposeGroup
 
 STEPS = 7
+GAMMA = 0.02
 BASES = {
     "sgd_momentum_wd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
@@ -18,27 +20,35 @@ BASES = {
 }
 
 
+SPECS = ({"rho": 0.05}, {"rho": 0.1})
+
+
+def _oracle(ref, base, adaptive=False, alphas=(0.3, 0.1)):
+    """The per-parameter GSAM over ``ref``, grouped as :func:`_pair` groups fastsam's."""
+    base_cls, kw = BASES[base]
+    kind = ("element", 0.0) if adaptive is True else ("none", 0.0)
+    groups = [{"params": ref[:3], "T": kind, "gsam_alpha": alphas[0], **SPECS[0]},
+              {"params": ref[3:], "T": kind, "gsam_alpha": alphas[1], **SPECS[1]}]
+    return OracleGSAM(groups, base_cls, foreach=False,
+                      gamma=GAMMA if adaptive == "agsam" else None, **kw)
+
+
 def _pair(backend, device, dtype, base, adaptive=False, alphas=(0.3, 0.1), seed=0):
     base_cls, kw = BASES[base]
     params = make_params(SHAPES, dtype, device, seed=seed)
     ref = clone_params(params)
-    specs = ({"rho": 0.05, "gsam_alpha": alphas[0]}, {"rho": 0.1, "gsam_alpha": alphas[1]})
     opt = fastsam.GSAM(
-        [{"params": params[:3], **specs[0]}, {"params": params[3:], **specs[1]}],
-        base_cls, adaptive=adaptive, backend=backend, **kw,
+        [{"params": params[:3], "gsam_alpha": alphas[0], **SPECS[0]},
+         {"params": params[3:], "gsam_alpha": alphas[1], **SPECS[1]}],
+        base_cls, adaptive=adaptive, gamma=GAMMA, backend=backend, **kw,
     )
-    kind = ("element", 0.0) if adaptive else ("none", 0.0)
-    oracle = OracleGSAM(
-        [{"params": ref[:3], "T": kind, **specs[0]}, {"params": ref[3:], "T": kind, **specs[1]}],
-        base_cls, foreach=False, **kw,
-    )
-    return params, ref, opt, oracle
+    return params, ref, opt, _oracle(ref, base, adaptive, alphas)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-10, atol=1e-12)),
                                        (torch.float32, dict(rtol=1e-5, atol=1e-5))])
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("adaptive", [False, True, "agsam"])
 def test_matches_oracle(backend, device, dtype, tol, base, adaptive):
     params, ref, opt, oracle = _pair(backend, device, dtype, base, adaptive)
     land = Landscape(SHAPES, seed=3)
@@ -47,6 +57,27 @@ def test_matches_oracle(backend, device, dtype, tol, base, adaptive):
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, **tol)
     assert_state_close(opt, params, oracle.base, ref, **tol)
+
+
+@pytest.mark.parametrize("dtype,base,adaptive", [
+    (torch.bfloat16, "sgd_momentum_wd", False),
+    (torch.bfloat16, "adamw", "agsam"),
+    (torch.float16, "sgd_momentum_wd", True),
+])
+def test_low_precision(backend, device, dtype, base, adaptive):
+    """bf16/fp16 storage: the error against an fp64 oracle is at most twice that of the eager
+    per-parameter GSAM loop run in the same precision (as tests/test_parity.py for SAM)."""
+    params, eager, opt, oracle_lp = _pair(backend, device, dtype, base, adaptive, seed=12)
+    ref64 = clone_params(params, torch.float64)
+    runs = [(opt, params), (_oracle(ref64, base, adaptive), ref64), (oracle_lp, eager)]
+    land = Landscape(SHAPES, seed=13)
+    for o, ps in runs:
+        drive(o, ps, land, STEPS)
+    flat = [torch.cat([t.detach().double().flatten() for t in ps]) for _, ps in runs]
+    err_fast = float((flat[0] - flat[1]).norm() / flat[1].norm())
+    err_eager = float((flat[2] - flat[1]).norm() / flat[1].norm())
+    assert math.isfinite(err_eager) and err_eager > 0, err_eager
+    assert err_fast <= 2 * err_eager, (err_fast, err_eager)
 
 
 def test_alpha_zero_is_sam_exactly(backend, device):
@@ -60,6 +91,46 @@ def test_alpha_zero_is_sam_exactly(backend, device):
     drive(sam, twin, land, STEPS)
     for p, q in zip(params, twin):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("base", ["sgd_momentum_wd", "adamw"])
+def test_decomposition_is_fused_into_the_update(backend, device, base, monkeypatch):
+    """With SGD/Adam the decomposition never rewrites the gradients: one reduction
+    (gsam_along), then the fused update forms g_adv - alpha·v itself."""
+    from fastsam.functional import Backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the unfused decomposition ran")
+
+    monkeypatch.setattr(Backend, "gsam_decompose", refuse)
+    params, ref, opt, oracle = _pair(backend, device, torch.float64, base)
+    land = Landscape(SHAPES, seed=8)
+    drive(opt, params, land, 3)
+    drive(oracle, ref, land, 3)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    assert_state_close(opt, params, oracle.base, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton is not installed")
+def test_triton_gsam_step_launches_do_not_grow_with_tensor_count(device):
+    counts = []
+    for n in (3, 40):
+        params = [torch.nn.Parameter(torch.randn(50, device=device)) for _ in range(n)]
+        opt = fastsam.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.3, lr=0.1, momentum=0.9,
+                           backend="triton")
+        impl = opt._backend_for(params[0].device)
+        for _ in range(2):  # the second step has momentum buffers: one update launch
+            for p in params:
+                p.grad = torch.randn_like(p)
+            before = impl.launches
+            opt.first_step(zero_grad=True)
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.second_step(zero_grad=True)
+        counts.append(impl.launches - before)
+    # norm (2) + perturb keeping g (1) + GSAM reduction (2) + restore/decompose/SGD (1)
+    assert counts == [6, 6]
 
 
 def test_grads_only_in_one_pass(backend, device):
@@ -144,6 +215,13 @@ def test_schedule_errors():
                      lr=0.1)
     with pytest.raises(ValueError, match="alpha"):
         fastsam.GSAM(base.param_groups[0]["params"], torch.optim.SGD, alpha=-1.0, lr=0.1)
+    with pytest.raises(ValueError, match="adaptive must be False, True .* or 'agsam'"):
+        fastsam.GSAM(base.param_groups[0]["params"], torch.optim.SGD, adaptive="yes", lr=0.1)
+    with pytest.raises(ValueError, match="adaptive must be"):
+        fastsam.GSAM(base.param_groups[0]["params"], torch.optim.SGD, adaptive=1, lr=0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        fastsam.GSAM(base.param_groups[0]["params"], torch.optim.SGD, adaptive="agsam",
+                     gamma=-0.1, lr=0.1)
 
 
 # ----------------------------------------------------------------------------- official usage

@@ -36,6 +36,9 @@ def _tensors(shapes, dtype=torch.float32, seed=0):
 SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 
+NO_GSAM = ([], None, 0.0)  # the sgd/adam operators' trailing decomposition arguments, unused
+
+
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
     fp64 = params[0].dtype == torch.float64
     out = torch.zeros((), dtype=torch.float64 if fp64 else torch.float32)
@@ -69,31 +72,66 @@ def test_norm_is_bitwise_independent_of_thread_count(ops, mode, q):
     assert math.isclose(float(one), total, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gsam_along_is_the_formula_and_independent_of_thread_count(ops, dtype):
+    adv, first = _tensors(SHAPES, dtype, seed=5), _tensors(SHAPES, dtype, seed=6)
+    first = [f + 0.5 * a for f, a in zip(first, adv)]  # correlated, as in training
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out = torch.zeros((), dtype=acc)
+            ops.gsam_along(adv, first, 1e-12, out, torch.zeros(0, dtype=torch.float64))
+            results.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+    a = torch.cat([t.double().flatten() for t in adv])
+    f = torch.cat([t.double().flatten() for t in first])
+    cosine = (a @ f) / (a.norm() * f.norm() + 1e-12)
+    expected = float(cosine * f.norm() / (a.norm() + 1e-12))
+    assert math.isclose(float(results[0]), expected, rel_tol=1e-5)
+
+
 # ----------------------------------------------------------------------------- checks
 def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     w = _tensors([(5,), (3, 4)])
     hp = torch.zeros(4, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"sgd: grads\[1\] has dtype Double but params\[1\]"):
-        ops.sgd(w, [w[0], w[1].double()], w, [], hp, False, False, False)
+        ops.sgd(w, [w[0], w[1].double()], w, [], hp, False, False, False, *NO_GSAM)
     with pytest.raises(ValueError, match=r"w_old\[1\] has shape \[12\] but params\[1\] has \[3, 4"):
         ops.restore(w, [w[0], w[1].flatten()])
     with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
-        ops.sgd(w, w[:1], w, [], hp, False, False, False)
+        ops.sgd(w, w[:1], w, [], hp, False, False, False, *NO_GSAM)
     with pytest.raises(TypeError, match=r"params\[0\] has dtype Long"):
         ops.restore([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
     with pytest.raises(ValueError, match=r"w_old\[1\] is not contiguous"):
         ops.restore(w, [w[0], torch.randn(4, 3).t()])
     with pytest.raises(ValueError, match="hp has 2 elements, needs 4"):
-        ops.sgd(w, w, w, [], hp[:2], False, False, False)
+        ops.sgd(w, w, w, [], hp[:2], False, False, False, *NO_GSAM)
     with pytest.raises(TypeError, match="hp must be float64"):
-        ops.sgd(w, w, w, [], hp.float(), False, False, False)
+        ops.sgd(w, w, w, [], hp.float(), False, False, False, *NO_GSAM)
     with pytest.raises(ValueError, match="group_sizes add up to 1 but there are 2 tensors"):
         ops.norm(w, w, [1], [0], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
     with pytest.raises(ValueError, match="group_modes"):
         ops.norm(w, w, [2], [7], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
     with pytest.raises(ValueError, match="call norm over the same tensors first"):
         ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], [0.05], torch.ones(()),
-                    torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()))
+                    torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), [])
+    with pytest.raises(ValueError, match=r"perturb: keep has 1 tensors but params has 2"):
+        ops.perturb(w, w, w, [2], [0], [0.0], [0.05], torch.ones(()),
+                    torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
+    with pytest.raises(ValueError, match="first_grads given without along"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5)
+    with pytest.raises(ValueError, match=r"adam: first_grads\[1\] has shape \[12\]"):
+        ops.adam(w, w, w, w, w, [], torch.zeros(8, dtype=torch.float64), True, False, False,
+                 [w[0], w[1].flatten()], torch.zeros(()), 0.5)
+    with pytest.raises(TypeError, match="along must be float32 or float64"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5)
+    with pytest.raises(ValueError, match="gsam_along: first_grads has 1 tensors but grads has 2"):
+        ops.gsam_along(w, w[:1], 1e-12, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
 
 
 def test_operator_schemas_pass_opcheck(ops):
@@ -105,14 +143,24 @@ def test_operator_schemas_pass_opcheck(ops):
     skipped = torch.zeros(())
     sgd_hp = torch.tensor([0.1, 0.9, 0.0, 0.0], dtype=torch.float64)
     adam_hp = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.0447, 1.0], dtype=torch.float64)
+    keep = [torch.empty_like(g) for g in grads]
+    along = torch.tensor(0.25)
     calls = [
         (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
         (ops.perturb.default, (params, grads, old, [2], [0], [0.0], [0.05], out, scratch, 2.0,
-                               2.0, 1e-12, skipped)),
+                               2.0, 1e-12, skipped, [])),
+        (ops.perturb.default, (params, grads, old, [2], [3], [0.01], [0.05], out, scratch, 2.0,
+                               2.0, 1e-12, skipped, keep)),
         (ops.restore.default, (params, old)),
-        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False)),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
+                           0.4)),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
-                            True, False, False)),
+                            True, False, False, *NO_GSAM)),
+        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
+                            True, False, False, keep, along, 0.4)),
+        (ops.gsam_along.default, (grads, keep, 1e-12, torch.zeros(()),
+                                  torch.zeros(6, dtype=torch.float64))),
     ]
     for op, args in calls:
         result = torch.library.opcheck(op, args)

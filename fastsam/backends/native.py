@@ -18,7 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper, dual_exponent
+from ..functional import (
+    AdamHyper,
+    Backend,
+    DecomposeGroup,
+    Decomposition,
+    PerturbGroup,
+    SGDHyper,
+    dual_exponent,
+)
 from ._constants import ConstantArrays
 
 try:
@@ -28,7 +36,7 @@ try:
 except Exception as exc:  # keep the reason: shown when the backend is asked for
     _IMPORT_ERROR = exc
 
-_MODES = {"none": 0, "element": 1, "filter": 2}
+_MODES = {"none": 0, "element": 1, "filter": 2, "outer": 3}
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -61,6 +69,23 @@ def _flatten(groups: list[PerturbGroup]):
     )
 
 
+def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
+    """The keep_grads of every group flattened (empty when no group keeps its gradients)."""
+    given = [g.keep_grads is not None for g in groups if g.params]
+    if not any(given):
+        return []
+    if not all(given):
+        raise ValueError("keep_grads must be given for every group or for none")
+    return [t for g in groups for t in g.keep_grads]
+
+
+def _decomposition(decompose: Decomposition | None) -> tuple:
+    """The trailing (first_grads, along, alpha) arguments of the sgd and adam operators."""
+    if decompose is None:
+        return [], None, 0.0
+    return decompose.first_grads, decompose.along, float(decompose.alpha)
+
+
 class NativeBackend(Backend):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -73,7 +98,7 @@ class NativeBackend(Backend):
         key = (name, device, dtype)
         buf = self._scratch.get(key)
         if buf is None:
-            shape = () if name == "norm" else (0,)
+            shape = () if name in ("norm", "along") else (0,)
             buf = self._scratch[key] = torch.zeros(shape, dtype=dtype, device=device)
         return buf
 
@@ -99,10 +124,12 @@ class NativeBackend(Backend):
         params, grads, sizes, modes, etas = flat
         w_old = [t for g in groups for t in g.w_old]
         rhos = [float(g.rho) for g in groups]
+        keep = _kept(groups)
         scratch = self._buffer("scratch", params[0].device, torch.float64)
         q = dual_exponent(p)
         torch.ops.fastsam.perturb(
-            params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped
+            params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped,
+            keep,
         )
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
@@ -117,6 +144,7 @@ class NativeBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
+        decompose: Decomposition | None = None,
     ) -> None:
         if not params:
             return
@@ -125,7 +153,8 @@ class NativeBackend(Backend):
         )
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
-            params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers
+            params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
+            *_decomposition(decompose),
         )
 
     def restore_adam(
@@ -137,6 +166,7 @@ class NativeBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
+        decompose: Decomposition | None = None,
     ) -> None:
         if not params:
             return
@@ -150,5 +180,15 @@ class NativeBackend(Backend):
         torch.ops.fastsam.adam(
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp,
-            hyper.decoupled, hyper.amsgrad, hyper.maximize,
+            hyper.decoupled, hyper.amsgrad, hyper.maximize, *_decomposition(decompose),
         )
+
+    def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
+        adv = [t for g in groups for t in g.grads]
+        first = [t for g in groups for t in g.first_grads]
+        fp64 = any(t.dtype == torch.float64 for t in adv)
+        device = adv[0].device if adv else torch.device("cpu")
+        out = self._buffer("along", device, torch.float64 if fp64 else torch.float32)
+        scratch = self._buffer("gsam_scratch", device, torch.float64)
+        torch.ops.fastsam.gsam_along(adv, first, eps, out, scratch)
+        return out

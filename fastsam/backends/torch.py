@@ -20,6 +20,7 @@ from ..functional import (
     AdamHyper,
     Backend,
     DecomposeGroup,
+    Decomposition,
     PerturbGroup,
     Scaling,
     SGDHyper,
@@ -38,7 +39,7 @@ def _operator_T(params: list[Tensor], scaling: Scaling) -> list[Tensor] | None:
     """The ASAM operator T per tensor (at least fp32, broadcastable), None for T = 1."""
     if scaling.kind == "none":
         return None
-    if scaling.kind == "element":
+    if scaling.kind in ("element", "outer"):
         t = torch._foreach_abs(_widen(params))
         if scaling.eta != 0.0:
             torch._foreach_add_(t, scaling.eta)
@@ -55,31 +56,23 @@ def _operator_T(params: list[Tensor], scaling: Scaling) -> list[Tensor] | None:
 
 
 def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | None]:
-    """u = T·g (at least fp32) and T."""
+    """u = T·g (at least fp32) and T (None for T = 1, and for "outer" scaling, whose T
+    multiplies e after the normalisation of the plain g)."""
     g = _widen(group.grads)
+    if group.scaling.kind == "outer":
+        return g, None
     t = _operator_T(group.params, group.scaling)
     return (g if t is None else torch._foreach_mul(g, t)), t
 
 
-def gsam_decompose(groups: list[DecomposeGroup], eps: float) -> None:
-    """Backend.gsam_decompose in foreach ops (see its docstring for the formula)."""
-    adv = [t for g in groups for t in g.grads]
-    first = [t for g in groups for t in g.first_grads]
-    if not adv:
-        return
-    wide_adv, wide_first = _widen(adv), _widen(first)
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
-    inner = torch.stack([t.sum(dtype=acc) for t in torch._foreach_mul(wide_first, wide_adv)]).sum()
-    adv_norm = torch.stack(torch._foreach_norm(wide_adv)).to(acc).square().sum().sqrt()
-    first_norm = torch.stack(torch._foreach_norm(wide_first)).to(acc).square().sum().sqrt()
-    cosine = inner / (adv_norm * first_norm + eps)
-    along = cosine * first_norm / (adv_norm + eps)  # v = g - along·g_adv
-    for group in groups:
-        if group.alpha == 0.0 or not group.grads:
-            continue
-        # g_adv ← g_adv - alpha·(g - along·g_adv) = (1 + alpha·along)·g_adv - alpha·g
-        torch._foreach_mul_(group.grads, (1.0 + group.alpha * along).to(group.grads[0].dtype))
-        torch._foreach_add_(group.grads, group.first_grads, alpha=-group.alpha)
+def _decomposed(grads: list[Tensor], decompose: Decomposition | None) -> list[Tensor]:
+    """GSAM's update gradient (1 + alpha·along)·g_adv - alpha·g, as new tensors."""
+    if decompose is None:
+        return grads
+    coefficient = (1.0 + decompose.alpha * decompose.along).to(grads[0].dtype)
+    out = torch._foreach_mul(grads, coefficient)
+    torch._foreach_add_(out, decompose.first_grads, alpha=-decompose.alpha)
+    return out
 
 
 class TorchBackend(Backend):
@@ -114,7 +107,10 @@ class TorchBackend(Backend):
                 continue
             scale = inv_denom * group.rho
             u, t = _scaled_grads(group)
-            if q == 2.0 and t is None and on_cpu:
+            if group.keep_grads is not None:
+                torch._foreach_copy_(group.keep_grads, group.grads)
+            outer = group.scaling.kind == "outer"
+            if q == 2.0 and t is None and on_cpu and not outer:
                 torch._foreach_copy_(group.w_old, group.params)
                 torch._foreach_add_(group.params, u, alpha=scale.item())
                 continue
@@ -131,12 +127,28 @@ class TorchBackend(Backend):
                 if t is not None:
                     torch._foreach_mul_(e, t)
                 torch._foreach_mul_(e, scale)
+            if outer:  # e = T·ê, ê the perturbation of the plain g
+                torch._foreach_mul_(e, _operator_T(group.params, group.scaling))
             torch._foreach_copy_(group.w_old, group.params)
             torch._foreach_add_(group.params, e)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         if params:
             torch._foreach_copy_(params, w_old)
+
+    def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
+        adv = [t for g in groups for t in g.grads]
+        first = [t for g in groups for t in g.first_grads]
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
+        if not adv:
+            return torch.zeros((), dtype=acc)
+        wide_adv, wide_first = _widen(adv), _widen(first)
+        products = torch._foreach_mul(wide_first, wide_adv)
+        inner = torch.stack([t.sum(dtype=acc) for t in products]).sum()
+        adv_norm = torch.stack(torch._foreach_norm(wide_adv)).to(acc).square().sum().sqrt()
+        first_norm = torch.stack(torch._foreach_norm(wide_first)).to(acc).square().sum().sqrt()
+        cosine = inner / (adv_norm * first_norm + eps)
+        return cosine * first_norm / (adv_norm + eps)
 
     def restore_sgd(
         self,
@@ -146,10 +158,12 @@ class TorchBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
+        decompose: Decomposition | None = None,
     ) -> None:
         if not params:
             return
         self.restore(params, w_old)
+        grads = _decomposed(grads, decompose)
         d = torch._foreach_neg(grads) if hyper.maximize else grads
         if hyper.weight_decay != 0:
             d = torch._foreach_add(d, params, alpha=hyper.weight_decay)
@@ -177,10 +191,12 @@ class TorchBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
+        decompose: Decomposition | None = None,
     ) -> None:
         if not params:
             return
         self.restore(params, w_old)
+        grads = _decomposed(grads, decompose)
         g = torch._foreach_neg(grads) if hyper.maximize else grads
         lr = hyper.lr.to(params[0].device) if isinstance(hyper.lr, Tensor) else hyper.lr
         if hyper.weight_decay != 0:

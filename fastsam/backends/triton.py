@@ -1,8 +1,10 @@
 """The ``triton`` backend: launchers for the multi-tensor kernels in ``triton_kernels/``.
 
 Launches per SAM step, whatever the number of tensors (one dtype combination, one group):
-norm stage 1 + norm stage 2 + perturb + restore/update = 4. Each extra dtype combination adds
-one launch per pass, each extra parameter group one restore/update launch.
+norm stage 1 + norm stage 2 + perturb + restore/update = 4; GSAM adds its reduction (two
+stages) = 6, the copy of g and the decomposition riding in the perturb and update launches.
+Each extra dtype combination adds one launch per pass, each extra parameter group one
+restore/update launch.
 
 Each launch walks a segment table (tensor index, start, length) and reads base addresses from
 int64 tables, both built on the host once and cached: a table is rebuilt only when an address,
@@ -26,7 +28,15 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from ..functional import AdamHyper, Backend, PerturbGroup, SGDHyper, dual_exponent
+from ..functional import (
+    AdamHyper,
+    Backend,
+    DecomposeGroup,
+    Decomposition,
+    PerturbGroup,
+    SGDHyper,
+    dual_exponent,
+)
 from ._constants import ConstantArrays, upload
 
 try:
@@ -50,7 +60,7 @@ BLOCK = 4096 if _INTERPRETING else 512  # elements per loop iteration of a progr
 CHUNK = 8192  # elements per segment (one program) for element-wise passes
 NUM_WARPS = 4
 SUM_BLOCK = 1024
-_MODES = {"none": 0, "element": 1, "filter": 2}
+_MODES = {"none": 0, "element": 1, "filter": 2, "outer": 3}
 _CACHE_SIZE = 32
 
 
@@ -146,6 +156,25 @@ def _layout_key(roles: dict[str, list[Tensor]]) -> tuple:
     )
 
 
+def _keeps_gradients(groups: list[PerturbGroup]) -> bool:
+    """Whether the perturb pass also copies g (every group gives keep_grads, or none does)."""
+    keep = {g.keep_grads is not None for g in groups if g.params}
+    if len(keep) > 1:
+        raise ValueError("keep_grads must be given for every group or for none")
+    return keep == {True}
+
+
+def _roles_key(groups: list[PerturbGroup]) -> tuple:
+    return tuple(
+        _layout_key(
+            {"w": g.params, "g": g.grads, "old": g.w_old}
+            | ({"keep": g.keep_grads} if g.keep_grads is not None else {})
+        )
+        + (g.scaling,)
+        for g in groups
+    )
+
+
 class _PerturbPlan:
     """The launches of passes A and B over a set of groups, and their scratch offsets."""
 
@@ -155,6 +184,9 @@ class _PerturbPlan:
             "g": [t for g in groups for t in g.grads],
             "old": [t for g in groups for t in g.w_old],
         }
+        self.keep = _keeps_gradients(groups)
+        if self.keep:
+            roles["keep"] = [t for g in groups for t in g.keep_grads]
         _check_dense(roles["w"], "a parameter")
         _check_dense(roles["g"], "a gradient")
         mode, eta, group_of, seg_lens = [], [], [], []
@@ -186,6 +218,14 @@ class _PerturbPlan:
         fp64 = any(p.dtype == torch.float64 for p in roles["w"])
         self.acc = torch.float64 if fp64 else torch.float32
         self.device = device
+
+
+def _decomposition_args(table: _Table, decompose: Decomposition | None) -> tuple:
+    """The first-gradient addresses and the along scalar of a GSAM update launch (unused
+    stand-ins without a decomposition)."""
+    if decompose is None:
+        return table.addr["g"], table.addr["g"]
+    return table.addr["first"], decompose.along
 
 
 class TritonBackend(Backend):
@@ -225,10 +265,7 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- pass A
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        key = ("perturb",) + tuple(
-            _layout_key({"w": g.params, "g": g.grads, "old": g.w_old}) + (g.scaling,)
-            for g in groups
-        )
+        key = ("perturb",) + _roles_key(groups)
         plan = self._cached(key, lambda: _PerturbPlan(groups))
         partials = self._buffer("partials", plan.n_segments, plan.device, plan.acc)
         filter_T = self._buffer("filter_T", plan.n_segments, plan.device, plan.acc)
@@ -270,8 +307,9 @@ class TritonBackend(Backend):
                 K.perturb_kernel, table.n_segments,
                 *table.seg, table.addr["w"], table.addr["g"], table.addr["old"],
                 table.values["mode"], table.values["eta"], table.values["group"], rho,
-                filter_T[start:], norm_sum, skipped, hp, table.ref["w"], table.ref["g"],
-                QMODE=qmode, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                filter_T[start:], norm_sum, skipped, hp,
+                table.addr.get("keep", table.addr["g"]), table.ref["w"], table.ref["g"],
+                QMODE=qmode, KEEP=plan.keep, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- pass C
@@ -306,21 +344,27 @@ class TritonBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
+        decompose: Decomposition | None = None,
     ) -> None:
         has_momentum = hyper.momentum != 0
         roles = {"w": params, "g": grads, "old": w_old}
         if has_momentum:
             roles["buf"] = momentum_buffers
+        if decompose is not None:
+            roles["first"] = decompose.first_grads
         constants = (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay)
+        constants += (decompose.alpha,) if decompose is not None else ()
         for table in self._update_tables(roles):
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
                 table.addr.get("buf", table.addr["w"]),
                 self._constants(constants, table.ref["w"].device),
+                *_decomposition_args(table, decompose),
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
-                MAXIMIZE=hyper.maximize, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                MAXIMIZE=hyper.maximize, DECOMPOSE=decompose is not None, ACC=table.acc,
+                ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     def restore_adam(
@@ -332,21 +376,53 @@ class TritonBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
+        decompose: Decomposition | None = None,
     ) -> None:
         roles = {"w": params, "g": grads, "old": w_old, "m": exp_avgs, "v": exp_avg_sqs}
         if hyper.amsgrad:
             roles["vmax"] = max_exp_avg_sqs
+        if decompose is not None:
+            roles["first"] = decompose.first_grads
         constants = (
             hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
             hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
-        )
+        ) + ((decompose.alpha,) if decompose is not None else ())
         for table in self._update_tables(roles):
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
                 table.addr["v"], table.addr.get("vmax", table.addr["v"]),
                 self._constants(constants, table.ref["w"].device),
+                *_decomposition_args(table, decompose),
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
+                DECOMPOSE=decompose is not None, ACC=table.acc, ALIGNED=table.aligned,
+                BLOCK=BLOCK,
+            )
+
+    # ---------------------------------------------------------------- GSAM's reduction
+    def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
+        adv = [t for g in groups for t in g.grads]
+        fp64 = any(t.dtype == torch.float64 for t in adv)
+        acc = torch.float64 if fp64 else torch.float32
+        if not adv:
+            return torch.zeros((), dtype=acc)
+        roles = {"w": adv, "first": [t for g in groups for t in g.first_grads]}
+        tables = self._update_tables(roles)
+        device = adv[0].device
+        n_segments = sum(table.n_segments for table in tables)
+        partials = self._buffer("gsam_partials", 3 * n_segments, device, acc)
+        along = self._buffer("gsam_along", 1, device, acc)[0]
+        start = 0
+        for table in tables:
+            self._launch(
+                K.gsam_partials_kernel, table.n_segments, *table.seg,
+                table.addr["w"], table.addr["first"], partials[3 * start:], table.ref["w"],
                 ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
+            start += table.n_segments
+        self._launch(
+            K.gsam_along_kernel, 1, partials, n_segments, self._constants((eps,), device), along,
+            ACC=_ACC[acc], BLOCK=SUM_BLOCK,
+        )
+        return along

@@ -17,7 +17,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..backends import select_backend
-from ..functional import AdamHyper, Backend, PerturbGroup, Scaling, SGDHyper, dual_exponent
+from ..functional import (
+    AdamHyper,
+    Backend,
+    Decomposition,
+    PerturbGroup,
+    Scaling,
+    SGDHyper,
+    dual_exponent,
+)
 
 
 @dataclass
@@ -189,14 +197,18 @@ class SharpnessAwareOptimizer(Optimizer):
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
 
-    def _after_perturb(self, backend: Backend, plan: _StepPlan, groups: list[PerturbGroup]):
-        """Called at the end of the first step, weights perturbed (GSAM keeps g here)."""
+    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]] | None:
+        """Per group of ``plan``, buffers the perturb pass fills with a copy of g (GSAM keeps
+        the first gradient), or None."""
+        return None
 
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]]
-    ) -> None:
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> list[Decomposition | None] | None:
         """Called at the start of the second step, before restore and update, with this step's
-        gradients per group of ``now`` (GSAM rewrites the adversarial gradients here)."""
+        gradients per group of ``now``. GSAM returns, per group, the decomposition the fused
+        update applies (``fused``: the update is fused), or rewrites the gradients in place."""
+        return None
 
     # ----------------------------------------------------------------- the step
     def _backend_for(self, device: torch.device) -> Backend:
@@ -265,10 +277,11 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         plan, flat_grads = self._step_plan()
         if plan.device is not None:
+            kept = self._kept_gradients(plan) or repeat(None)
             groups = [
-                PerturbGroup(ps, grads, olds, group["rho"], self._scaling(group))
-                for group, ps, grads, olds in zip(
-                    self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old
+                PerturbGroup(ps, grads, olds, group["rho"], self._scaling(group), keep)
+                for group, ps, grads, olds, keep in zip(
+                    self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old, kept
                 )
             ]
             backend = self._backend_for(plan.device)
@@ -276,7 +289,6 @@ class SharpnessAwareOptimizer(Optimizer):
                 self._skipped = torch.zeros((), dtype=torch.float32, device=plan.device)
             norm_sum = backend.perturbation_norm(groups, self._q)
             backend.perturb(groups, norm_sum, self._p, self._eps, self._skipped)
-            self._after_perturb(backend, plan, groups)
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
@@ -300,8 +312,8 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
-        self._before_update(perturbed, now, all_grads)
         fused = self._fused_update_kind(now)
+        decompositions = self._before_update(perturbed, now, all_grads, fused is not None)
         if fused and now.states is None:
             # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
             # torch.optim only ever replaces the whole state mapping, which expires the plan.
@@ -327,7 +339,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 continue
             backend = self._backend_for(params[0].device)
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
-            update(backend, group, params, all_grads[i], w_old, now.states[i])
+            decompose = decompositions[i] if decompositions else None
+            update(backend, group, params, all_grads[i], w_old, now.states[i], decompose)
         if fused is None:
             self.base_optimizer.step()
         # An lr scheduler attached to either optimizer warns "lr_scheduler.step() before
@@ -395,7 +408,14 @@ class SharpnessAwareOptimizer(Optimizer):
         return None if plan.has_complex else kind
 
     def _fused_sgd(
-        self, backend: Backend, group: dict, params: list, grads: list, w_old: list, states: list
+        self,
+        backend: Backend,
+        group: dict,
+        params: list,
+        grads: list,
+        w_old: list,
+        states: list,
+        decompose: Decomposition | None,
     ) -> None:
         hyper = SGDHyper(
             lr=_lr(group["lr"]),
@@ -406,11 +426,11 @@ class SharpnessAwareOptimizer(Optimizer):
             maximize=group.get("maximize", False),
         )
         if hyper.momentum == 0:
-            backend.restore_sgd(params, grads, w_old, [], hyper, False)
+            backend.restore_sgd(params, grads, w_old, [], hyper, False, decompose)
             return
         bufs = [state.get("momentum_buffer") for state in states]
         if all(map(is_not, bufs, repeat(None))):  # steady state: one call
-            backend.restore_sgd(params, grads, w_old, bufs, hyper, False)
+            backend.restore_sgd(params, grads, w_old, bufs, hyper, False, decompose)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
         # call with fresh_buffers=True.
@@ -429,10 +449,18 @@ class SharpnessAwareOptimizer(Optimizer):
                 [bufs[i] for i in idx],
                 hyper,
                 fresh,
+                decompose.select(idx) if decompose else None,
             )
 
     def _fused_adam(
-        self, backend: Backend, group: dict, params: list, grads: list, w_old: list, states: list
+        self,
+        backend: Backend,
+        group: dict,
+        params: list,
+        grads: list,
+        w_old: list,
+        states: list,
+        decompose: Decomposition | None,
     ) -> None:
         amsgrad = group["amsgrad"]
         for p, state in zip(params, states):
@@ -477,6 +505,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 [st["exp_avg_sq"] for st in sts],
                 [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                 hyper,
+                decompose.select(idx) if decompose else None,
             )
 
     # ----------------------------------------------------------------- state

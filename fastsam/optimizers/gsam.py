@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..batchnorm import frozen_bn_stats
-from ..functional import Backend, DecomposeGroup, PerturbGroup, Scaling
+from ..functional import DecomposeGroup, Decomposition, Scaling
 from ._base import (
     SharpnessAwareOptimizer,
     _StepPlan,
@@ -18,12 +18,20 @@ from ._base import (
     persistent_buffer,
 )
 
+# The perturbation scaling of each ``adaptive`` option.
+_ADAPTIVE = {
+    False: lambda group: Scaling(),
+    True: lambda group: Scaling("element", 0.0),
+    "official": lambda group: Scaling("element", 0.0),
+    "agsam": lambda group: Scaling("outer", float(group["gamma"])),
+}
+
 
 class GSAM(SharpnessAwareOptimizer):
     r"""Surrogate-gap guided SAM around any torch.optim base optimizer.
 
-    The first step is SAM's (``e = ρ_t·g / (‖g‖₂ + eps)``, or ``ρ_t·w²·g / (‖|w|·g‖₂ + eps)``
-    with ``adaptive=True``) and keeps the first gradient g. Before the base update, the
+    The first step is SAM's (``e = ρ_t·g / (‖g‖₂ + eps)``; see ``adaptive`` for the two
+    adaptive forms) and keeps the first gradient g. Before the base update, the
     adversarial gradient loses ``alpha`` times the part of g orthogonal to it:
 
     .. math::
@@ -49,8 +57,8 @@ class GSAM(SharpnessAwareOptimizer):
 
     Args:
         params: parameters or parameter groups (a group may set ``rho``, ``gsam_alpha``,
-            ``adaptive``; the group key is ``gsam_alpha`` because groups are shared with the
-            base optimizer, and RMSprop's own ``alpha`` must not be overwritten).
+            ``adaptive``, ``gamma``; the group key is ``gsam_alpha`` because groups are shared
+            with the base optimizer, and RMSprop's own ``alpha`` must not be overwritten).
         base_optimizer: a ``torch.optim.Optimizer`` class (built with ``base_kwargs``) or an
             instance over exactly these parameters.
         model (torch.nn.Module, optional): needed only for ``set_closure``/``step()`` the
@@ -58,7 +66,16 @@ class GSAM(SharpnessAwareOptimizer):
         gsam_alpha (float, optional): the official name of ``alpha``.
         rho_scheduler (optional): an object whose ``step()`` returns the next rho (see
             :mod:`fastsam.schedulers`); its current value is used from the start.
-        adaptive (bool, default False): the official adaptive form ``e = ρ·w²·g / ‖|w|·g‖``.
+        adaptive (default False): the perturbation's scaling.
+
+            - ``False``: ``e = ρ_t·g / (‖g‖₂ + eps)`` (GSAM).
+            - ``True`` or ``"official"``: the official code's adaptive form (ASAM's, with no
+              eta): ``e = ρ_t·w²·g / (‖|w|·g‖₂ + eps)``.
+            - ``"agsam"``: Adaptive-GSAM of the seed report: ``e = ρ_t·(|w| + gamma)·g /
+              (‖g‖₂ + eps)``, each weight's step scaled by its magnitude while the radius is
+              measured on the plain gradient.
+        gamma (float, default 0.01): Adaptive-GSAM's constant (only with ``adaptive="agsam"``);
+            keeps weights at zero perturbable.
         perturb_eps (float, optional): the official name of ``eps``.
         rho (float, default 0.05): radius when no scheduler is given.
         alpha (float, default 0.4): weight of the removed orthogonal component.
@@ -84,10 +101,11 @@ class GSAM(SharpnessAwareOptimizer):
         model: torch.nn.Module | None = None,
         gsam_alpha: float | None = None,
         rho_scheduler: Any = None,
-        adaptive: bool = False,
+        adaptive: bool | str = False,
         perturb_eps: float | None = None,
         *,
         rho: float = 0.05,
+        gamma: float = 0.01,
         alpha: float | None = None,
         eps: float = 1e-12,
         backend: str | None = None,
@@ -116,7 +134,7 @@ class GSAM(SharpnessAwareOptimizer):
         super().__init__(
             params,
             base_optimizer,
-            dict(rho=rho, gsam_alpha=alpha, adaptive=adaptive),
+            dict(rho=rho, gsam_alpha=alpha, adaptive=adaptive, gamma=gamma),
             p=2,
             eps=eps,
             backend=backend,
@@ -131,11 +149,15 @@ class GSAM(SharpnessAwareOptimizer):
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_finite_nonnegative("alpha", group["gsam_alpha"])
-        if not isinstance(group["adaptive"], bool):
-            raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+        check_finite_nonnegative("gamma", group["gamma"])
+        if type(group["adaptive"]) not in (bool, str) or group["adaptive"] not in _ADAPTIVE:
+            raise ValueError(
+                "adaptive must be False, True (= 'official': e = rho*w^2*g/||w*g||) or 'agsam' "
+                f"(Adaptive-GSAM: e = rho*(|w|+gamma)*g/||g||), got {group['adaptive']!r}"
+            )
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
-        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
+        return _ADAPTIVE[group["adaptive"]](group)
 
     def _set_rho(self, value: float) -> float:
         value = check_finite_nonnegative("rho from rho_scheduler", float(value))
@@ -159,26 +181,36 @@ class GSAM(SharpnessAwareOptimizer):
         self._first_plan = (plan, buffers)
         return buffers
 
-    def _after_perturb(self, backend: Backend, plan: _StepPlan, groups: list[PerturbGroup]):
-        buffers = self._first_buffers(plan)
-        backend.copy([b for row in buffers for b in row], [g for pg in groups for g in pg.grads])
+    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]]:
+        return self._first_buffers(plan)  # the perturb pass copies g there
 
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]]
-    ) -> None:
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> list[Decomposition | None] | None:
         if now.device is None:
-            return
+            return None
         firsts = self._first_buffers(perturbed)
+        backend = self._backend_for(now.device)
+        alphas = [float(group["gsam_alpha"]) for group in self.param_groups]
+        if fused and now is perturbed:  # the usual case: decomposition fused into the update
+            along = backend.gsam_along(
+                [DecomposeGroup(g, f, a) for g, f, a in zip(grads, firsts, alphas)], self._eps
+            )
+            return [
+                Decomposition(f, a, along) if a != 0.0 and f else None
+                for f, a in zip(firsts, alphas)
+            ]
         groups = []
-        for i, group in enumerate(self.param_groups):
+        for i in range(len(self.param_groups)):
             if now is perturbed:
                 adv, first = grads[i], firsts[i]
             else:  # only parameters with a gradient in both passes take part
                 saved = dict(zip(perturbed.params[i], firsts[i])) if i < len(firsts) else {}
                 pairs = [(g, saved[p]) for p, g in zip(now.params[i], grads[i]) if p in saved]
                 adv, first = [g for g, _ in pairs], [f for _, f in pairs]
-            groups.append(DecomposeGroup(adv, first, float(group["gsam_alpha"])))
-        self._backend_for(now.device).gsam_decompose(groups, self._eps)
+            groups.append(DecomposeGroup(adv, first, alphas[i]))
+        backend.gsam_decompose(groups, self._eps)
+        return None
 
     # ----------------------------------------------------------------- official usage
     def set_closure(self, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any,

@@ -9,7 +9,8 @@ store. ``*_REF`` arguments are tensors of
 the role's dtype, used only for their element type.
 
 Per-tensor operator code ``mode``: 0 = T is 1 (SAM), 1 = T = |w| + eta (element-wise ASAM),
-2 = T = ‖w[i]‖₂ + eta (filter-wise ASAM; that tensor's segments are whole filters i).
+2 = T = ‖w[i]‖₂ + eta (filter-wise ASAM; that tensor's segments are whole filters i), 3 = T = 1
+in the norm and e multiplied by |w| + eta (Adaptive-GSAM, functional.Scaling "outer").
 ``QMODE``: 0 when q = 2 (p = 2), 1 when q = 1 (p = ∞), 2 for any other q.
 """
 import os
@@ -87,7 +88,7 @@ def norm_partials_kernel(
     eta = tl.load(eta_of + t).to(ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
-    n_w = tl.where(mode != 0, n, 0)  # w is read only where T depends on it
+    n_w = tl.where((mode == 1) | (mode == 2), n, 0)  # w is read only where the norm needs it
     acc_u = tl.zeros([BLOCK], dtype=ACC)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     for off in range(0, n, BLOCK):
@@ -116,16 +117,78 @@ def sum_kernel(x, n, out, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def gsam_partials_kernel(
+    seg_tensor, seg_start, seg_len, adv_addr, first_addr, partials, G_REF,
+    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """GSAM's reduction, stage 1: partials[3s : 3s + 3] = Σ over segment s of g·g_adv,
+    g_adv², g² (adv = this step's gradient g_adv, first = the kept first gradient g)."""
+    s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
+    adv_ptr = _address(adv_addr, t, G_REF, ALIGNED)
+    first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+    inner = tl.zeros([BLOCK], dtype=ACC)
+    adv_sq = tl.zeros([BLOCK], dtype=ACC)
+    first_sq = tl.zeros([BLOCK], dtype=ACC)
+    for off in range(0, n, BLOCK):
+        local = off + tl.arange(0, BLOCK).to(tl.int64)
+        inside = local < n
+        idx = start + local
+        a = tl.load(adv_ptr + idx, mask=inside, other=0.0).to(ACC)
+        g = tl.load(first_ptr + idx, mask=inside, other=0.0).to(ACC)
+        inner += g * a
+        adv_sq += a * a
+        first_sq += g * g
+    tl.store(partials + 3 * s, tl.sum(inner, axis=0))
+    tl.store(partials + 3 * s + 1, tl.sum(adv_sq, axis=0))
+    tl.store(partials + 3 * s + 2, tl.sum(first_sq, axis=0))
+
+
+@triton.jit
+def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """GSAM's reduction, stage 2 (one program, fixed order): the three sums, then
+    out = cos·‖g‖ / (‖g_adv‖ + eps) with cos = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps). hp = [eps]."""
+    inner = tl.zeros([BLOCK], dtype=ACC)
+    adv_sq = tl.zeros([BLOCK], dtype=ACC)
+    first_sq = tl.zeros([BLOCK], dtype=ACC)
+    for off in range(0, n, BLOCK):
+        idx = off + tl.arange(0, BLOCK)
+        inside = idx < n
+        inner += tl.load(partials + 3 * idx, mask=inside, other=0.0).to(ACC)
+        adv_sq += tl.load(partials + 3 * idx + 1, mask=inside, other=0.0).to(ACC)
+        first_sq += tl.load(partials + 3 * idx + 2, mask=inside, other=0.0).to(ACC)
+    eps = tl.load(hp).to(ACC)
+    adv_norm = tl.sqrt(tl.sum(adv_sq, axis=0))
+    first_norm = tl.sqrt(tl.sum(first_sq, axis=0))
+    cosine = tl.sum(inner, axis=0) / (adv_norm * first_norm + eps)
+    tl.store(out, cosine * first_norm / (adv_norm + eps))
+
+
+@triton.jit
+def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
+                     MAXIMIZE: tl.constexpr, DECOMPOSE: tl.constexpr, ACC: tl.constexpr):
+    """The gradient an update uses: g, or GSAM's (1 + alpha·along)·g - alpha·g_first; negated
+    when maximizing."""
+    g = tl.load(g_ptr + idx, mask=inside).to(ACC)
+    if DECOMPOSE:
+        g = (1.0 + alpha * along) * g - alpha * tl.load(first_ptr + idx, mask=inside).to(ACC)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
 def perturb_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
-    filter_T, norm_sum, skipped, hp,
+    filter_T, norm_sum, skipped, hp, keep_addr,
     W_REF, G_REF,
-    QMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, KEEP: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """Pass B: w_old ← w (bit copy); w ← w + ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps), u = T·g.
-    A non-finite S leaves w untouched and sets skipped = 1 (else 0). hp = [q, 1/p, eps]; ρ is
-    per group (rho_of_group[group_of[t]]), so a ρ schedule changes no table."""
+    """Pass B: w_old ← w (bit copy); w ← w + ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps), u = T·g
+    (mode 3: u = g and the whole term times |w| + eta). A non-finite S leaves w untouched and
+    sets skipped = 1 (else 0). hp = [q, 1/p, eps]; ρ is per group (rho_of_group[group_of[t]]),
+    so a ρ schedule changes no table. KEEP: also keep[t] ← g (GSAM's first gradient)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     inv_p = tl.load(hp + 1).to(ACC)
@@ -146,13 +209,18 @@ def perturb_kernel(
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
+    if KEEP:
+        keep_ptr = _address(keep_addr, t, G_REF, ALIGNED)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
         idx = start + local
         w_raw = tl.load(w_ptr + idx, mask=inside)
         w = w_raw.to(ACC)
-        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
+        g_raw = tl.load(g_ptr + idx, mask=inside, other=0.0)
+        if KEEP:
+            tl.store(keep_ptr + idx, g_raw, mask=inside)
+        g = g_raw.to(ACC)
         T = tl.where(mode == 1, tl.abs(w) + eta, tl.where(mode == 2, row_T, 1.0))
         u = T * g
         if QMODE == 0:
@@ -161,6 +229,7 @@ def perturb_kernel(
             direction = T * _sign(u)
         else:
             direction = T * _sign(u) * tl.exp2((q - 1.0) * tl.log2(tl.abs(u)))
+        direction = tl.where(mode == 3, (tl.abs(w) + eta) * direction, direction)
         new_w = tl.where(ok, w + scale * direction, w)
         tl.store(old_ptr + idx, w_raw, mask=inside)
         tl.store(w_ptr + idx, _to_storage(new_w, W_REF.dtype.element_ty), mask=inside)
@@ -186,13 +255,15 @@ def restore_kernel(
 @triton.jit
 def sgd_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, buf_addr, hp,
+    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, DECOMPOSE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.SGD (see functional.Backend.restore_sgd).
-    hp = [lr, momentum, dampening, weight_decay]."""
+    hp = [lr, momentum, dampening, weight_decay, alpha]; DECOMPOSE: GSAM's gradient from
+    first_addr and the 0-d along."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     lr = tl.load(hp).to(ACC)
     momentum = tl.load(hp + 1).to(ACC)
@@ -201,6 +272,13 @@ def sgd_kernel(
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
+    first_ptr = g_ptr
+    alpha = 0.0
+    along = 0.0
+    if DECOMPOSE:
+        first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+        alpha = tl.load(hp + 4).to(ACC)
+        along = tl.load(along_ptr).to(ACC)
     if HAS_MOMENTUM:
         buf_ptr = _address(buf_addr, t, BUF_REF, ALIGNED)
     for off in range(0, n, BLOCK):
@@ -208,9 +286,7 @@ def sgd_kernel(
         inside = local < n
         idx = start + local
         w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        d = tl.load(g_ptr + idx, mask=inside).to(ACC)
-        if MAXIMIZE:
-            d = -d
+        d = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, DECOMPOSE, ACC)
         d = d + weight_decay * w
         if HAS_MOMENTUM:
             if FRESH:  # torch.optim's first step: buf = d, no dampening
@@ -229,15 +305,15 @@ def sgd_kernel(
 @triton.jit
 def adam_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp,
+    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    DECOMPOSE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
-    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay] (lr itself
-    is not read: only the derived values, which come from the host as torch.optim forms them,
-    in lr's dtype for a tensor lr)."""
+    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha]
+    (lr itself is not read: only the derived values, which come from the host as torch.optim
+    forms them, in lr's dtype for a tensor lr). DECOMPOSE as in sgd_kernel."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     beta1 = tl.load(hp + 1).to(ACC)
     beta2 = tl.load(hp + 2).to(ACC)
@@ -253,14 +329,19 @@ def adam_kernel(
     v_ptr = _address(v_addr, t, M_REF, ALIGNED)
     if AMSGRAD:
         vmax_ptr = _address(vmax_addr, t, M_REF, ALIGNED)
+    first_ptr = g_ptr
+    alpha = 0.0
+    along = 0.0
+    if DECOMPOSE:
+        first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+        alpha = tl.load(hp + 8).to(ACC)
+        along = tl.load(along_ptr).to(ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
         idx = start + local
         w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        g = tl.load(g_ptr + idx, mask=inside).to(ACC)
-        if MAXIMIZE:
-            g = -g
+        g = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, DECOMPOSE, ACC)
         if DECOUPLED:
             w = w * decay
         else:
