@@ -313,3 +313,29 @@ def test_lr_scheduler_sees_the_fused_step(attach_to, recwarn):
         sched.step()
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("normalization", ["element", "filter"])
+def test_scaled_group_without_gradients(backend, device, normalization):
+    """An ASAM group that is empty, or whose parameters have no gradient this step, next to a
+    plain group (found by the benchmark: the torch backend failed on it)."""
+    gen = torch.Generator().manual_seed(0)
+    plain = [torch.nn.Parameter(torch.randn(5, generator=gen).to(device)) for _ in range(2)]
+    scaled = torch.nn.Parameter(torch.randn(3, 4, generator=gen).to(device))
+    opt = fastsam.ASAM(
+        [{"params": []}, {"params": [scaled]}, {"params": plain, "adaptive": False}],
+        torch.optim.SGD, rho=0.5, normalization=normalization, backend=backend, lr=0.1,
+    )
+    ref = [p.detach().clone() for p in plain]
+    for _ in range(2):
+        grads = [torch.randn(5, generator=gen).to(device) for _ in plain]
+        for p, g in zip(plain, grads):
+            p.grad = g
+        opt.first_step()
+        norm = torch.stack([g.norm() for g in grads]).norm()
+        for p, g, r in zip(plain, grads, ref):  # perturbed by the plain group's norm only
+            torch.testing.assert_close(p.detach(), r + 0.5 * g / norm)
+        opt.second_step(zero_grad=True)
+        ref = [r - 0.1 * g for r, g in zip(ref, grads)]
+    for p, r in zip(plain, ref):
+        torch.testing.assert_close(p.detach(), r)

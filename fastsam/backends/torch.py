@@ -81,10 +81,13 @@ class TorchBackend(Backend):
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
         total = None
         for group in groups:
+            if not group.params:  # an empty group (or none of its params has a gradient)
+                continue
             u, _ = _scaled_grads(group)
-            if u:
-                part = torch.stack(torch._foreach_norm(u, q)).pow(q).sum()
-                total = part if total is None else total + part  # promotes fp32 + fp64
+            part = torch.stack(torch._foreach_norm(u, q)).pow(q).sum()
+            total = part if total is None else total + part  # promotes fp32 + fp64
+        if total is None:
+            return torch.zeros(())
         return total.float() if total.dtype in _NARROW else total
 
     def perturb(
