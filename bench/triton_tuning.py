@@ -8,15 +8,15 @@ Variants are set through fastsam.backends.triton's module constants; the default
 """
 import argparse
 import math
-import os
 import statistics
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from param_sets import SETS  # noqa: E402
-from step import FLOOR_BYTES_PER_ELEMENT, copy_bandwidth, timed  # noqa: E402
+from fastsam.bench.measure import copy_bandwidth, timed
+from fastsam.bench.param_sets import SETS
+from fastsam.bench.run import FLOOR_BYTES
+
+FLOOR_BYTES_PER_ELEMENT = FLOOR_BYTES["sam"]
 
 import fastsam  # noqa: E402
 import fastsam.backends.triton as tb  # noqa: E402

@@ -146,11 +146,7 @@ def test_non_contiguous_parameter_is_refused(fused):
 @pytest.mark.gpu
 def test_resnet50_set_on_gpu(fused):
     """The full ResNet-50 parameter set, 3 steps of SAM + SGD momentum: fused vs the oracle."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from param_sets import resnet50
+    from fastsam.bench.param_sets import resnet50
 
     shapes = resnet50()
     params = make_params(shapes, torch.float32, "cuda", seed=9)

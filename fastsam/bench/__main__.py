@@ -1,0 +1,202 @@
+"""``python -m fastsam.bench`` (also ``fastsam-bench``): fastsam beside the SAM implementations
+people use today, one table.
+
+    python -m fastsam.bench --quick                 # CI-sized: ResNet-50 and many tiny tensors
+    python -m fastsam.bench                         # the default sets of the device
+    python -m fastsam.bench --sets gpt2-medium --optimizers sam gsam --json out.json --plot out.png
+
+Picks the best device present (CUDA, else CPU). For each parameter set, optimizer and provider
+(fastsam.bench.run) it times ``first_step + second_step`` and prints: the median and p10-p90 of
+the step, the speed-up over the popular implementation (the official one for GSAM), the
+bytes-moved floor from a same-run copy bandwidth and the ratio to it, launches per step
+(kernel launches on CUDA, operators dispatched on CPU), allocations per step, the memory the
+optimizer holds beyond plain SGD, and on CUDA the peak memory of a step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+
+from .measure import copy_bandwidth
+from .param_sets import SETS
+from .run import OPTIMIZERS, REFERENCES, as_dicts, measure, providers
+
+DEFAULT_SETS = {"cuda": ["resnet50", "vit-b16", "gpt2-medium", "many-tiny"],
+                "cpu": ["resnet50", "vit-b16", "many-tiny"]}
+QUICK_SETS = ["resnet50", "many-tiny"]
+
+
+def environment(device: torch.device) -> dict:
+    import fastsam
+
+    env = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        fastsam=fastsam.__version__, torch=torch.__version__, python=platform.python_version(),
+        machine=platform.machine(), device=device.type, threads=torch.get_num_threads(),
+    )
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["cores"] = os.cpu_count()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when it is a terminal)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
+
+    def __call__(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = round(30 * self.done / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{self.done}/{self.total} {label:<40}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+COLUMNS = [  # header, width, cell
+    ("set", 11, lambda r: r["set"]),
+    ("optim", 5, lambda r: r["optimizer"]),
+    ("provider", 17, lambda r: r["provider"]),
+    ("median ms", 10, lambda r: _fmt(r["median_ms"], ".3f")),
+    ("p10-p90 ms", 17, lambda r: f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"),
+    ("x ref", 6, lambda r: _fmt(r["speedup"], ".2f")),
+    ("floor ms", 9, lambda r: _fmt(r["floor_ms"], ".3f")),
+    ("x floor", 7, lambda r: _fmt(r["ratio_to_floor"], ".2f")),
+    ("launches", 8, lambda r: str(r["launches"])),
+    ("allocs", 6, lambda r: str(r["allocations"])),
+    ("alloc MB", 8, lambda r: _fmt(r["allocated_mb"], ".1f")),
+    ("extra MB", 8, lambda r: _fmt(r["extra_mb"], ".1f")),
+    ("peak MB", 8, lambda r: _fmt(r["peak_mb"], ".1f")),
+]
+
+
+def table(rows: list[dict]) -> str:
+    lines = [" ".join(f"{h:>{w}}" if i > 2 else f"{h:<{w}}"
+                      for i, (h, w, _) in enumerate(COLUMNS))]
+    for r in rows:
+        lines.append(" ".join(f"{cell(r):>{w}}" if i > 2 else f"{cell(r):<{w}}"
+                              for i, (_, w, cell) in enumerate(COLUMNS)))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, env: dict) -> None:
+    """One horizontal bar chart of median step time per (set, optimizer), providers as bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"--plot needs matplotlib ({exc}); pip install matplotlib") from exc
+    panels = list(dict.fromkeys((r["set"], r["optimizer"]) for r in rows))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * len(rows)), squeeze=False)
+    for ax, (set_name, optimizer) in zip(axes[:, 0], panels):
+        mine = [r for r in rows if r["set"] == set_name and r["optimizer"] == optimizer]
+        names = [r["provider"] for r in mine]
+        ax.barh(names, [r["median_ms"] for r in mine],
+                color=["#999999" if n in ("sgd", *REFERENCES[optimizer]) else "#1f77b4"
+                       for n in names])
+        ax.invert_yaxis()
+        ax.set_title(f"{set_name}, {optimizer} (median step, ms)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"fastsam.bench on {env.get('gpu', env.get('cpu'))}, torch {env['torch']}",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=120)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsam.bench", description=__doc__.split("\n")[0].strip("`"))
+    parser.add_argument("--sets", nargs="+", choices=list(SETS),
+                        help="parameter sets (default: all on CUDA; all but gpt2-medium on CPU)")
+    parser.add_argument("--optimizers", "--optimizer", nargs="+", choices=OPTIMIZERS,
+                        default=list(OPTIMIZERS))
+    parser.add_argument("--providers", nargs="+",
+                        help="only these providers (default: every one available)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--reps", type=int, help="timed steps per provider")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI-sized: resnet50 and many-tiny, few repetitions")
+    parser.add_argument("--json", "--out", dest="json", help="write rows + environment here")
+    parser.add_argument("--csv", help="write the rows as CSV here")
+    parser.add_argument("--plot", help="write a PNG chart here (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sets = args.sets or (QUICK_SETS if args.quick else DEFAULT_SETS[device.type])
+    reps = args.reps or (5 if args.quick else 50 if device.type == "cuda" else 10)
+    warmup = 1 if args.quick else 3
+    env = environment(device)
+    largest = max(sum(math.prod(s) for s in SETS[name]()) for name in sets)
+    bandwidth = copy_bandwidth(largest, device, reps)
+    env["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print("# " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in env.items()))
+    chosen = {
+        o: [p for p in providers(o, device) if args.providers is None or p in args.providers]
+        for o in args.optimizers
+    }
+    progress = Progress(len(sets) * sum(map(len, chosen.values())), not args.no_progress)
+    rows = []
+    try:
+        for name in sets:
+            rows += as_dicts(measure(name, args.optimizers, device, reps, warmup, bandwidth,
+                                     chosen, progress))
+    finally:
+        progress.close()
+    print(table(rows))
+    print("# x ref: speed-up over popular (SAM, ASAM) or official (GSAM); floor: bytes moved "
+          "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "
+          "extra MB: memory held beyond plain SGD")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, results=rows), f, indent=1)
+        print(f"# wrote {args.json}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# wrote {args.csv}")
+    if args.plot:
+        plot(rows, args.plot, env)
+        print(f"# wrote {args.plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

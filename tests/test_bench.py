@@ -1,0 +1,119 @@
+"""The benchmark command (``python -m fastsam.bench``) and the reference implementations it
+compares fastsam with: each reference must compute what fastsam computes for the same
+algorithm, or the speed-ups it reports compare different work."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+from harness import SHAPES, Landscape, clone_params, drive, make_params
+from oracle import OracleGSAM
+
+import fastsam
+from fastsam.bench import __main__ as cli
+from fastsam.bench.official_asam import OfficialASAM
+from fastsam.bench.official_gsam import OfficialGSAM
+from fastsam.bench.popular_sam import PopularSAM
+from fastsam.bench.run import REFERENCES, build, providers
+
+STEPS = 7
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_popular_sam_matches_fastsam(adaptive):
+    params = make_params(SHAPES, torch.float64, "cpu", seed=1)
+    ref = clone_params(params)
+    kw = dict(lr=0.05, momentum=0.9)
+    popular = PopularSAM(params, torch.optim.SGD, rho=0.1, adaptive=adaptive, **kw)
+    ours = fastsam.SAM(ref, torch.optim.SGD, rho=0.1, adaptive=adaptive, backend="torch", **kw)
+    land = Landscape(SHAPES, seed=2)
+    drive(popular, params, land, STEPS)
+    drive(ours, ref, land, STEPS)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
+def test_official_asam_matches_fastsam_asam_grouping():
+    """The official ASAM is fastsam.ASAM over asam_param_groups (weights scaled, eta 0.01),
+    with its 1e-16 as eps; its restore subtracts e, so fp64 agrees to rounding."""
+    params = make_params(SHAPES, torch.float64, "cpu", seed=3)
+    ref = clone_params(params)
+    model = torch.nn.Module()
+    for i, p in enumerate(params):
+        model.register_parameter(f"p{i}_{'weight' if p.dim() >= 2 else 'bias'}", p)
+    twin = torch.nn.Module()
+    for i, p in enumerate(ref):
+        twin.register_parameter(f"p{i}_{'weight' if p.dim() >= 2 else 'bias'}", p)
+    official = OfficialASAM(torch.optim.SGD(params, lr=0.05, momentum=0.9), model, rho=0.5)
+    ours = fastsam.ASAM(fastsam.asam_param_groups(twin), torch.optim.SGD, rho=0.5, eta=0.01,
+                        eps=1e-16, backend="torch", lr=0.05, momentum=0.9)
+    land = Landscape(SHAPES, seed=4)
+    drive(official, params, land, STEPS)
+    drive(ours, ref, land, STEPS)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-9, atol=1e-11)
+
+
+def test_official_gsam_matches_the_oracle():
+    params = make_params(SHAPES, torch.float64, "cpu", seed=5)
+    ref = clone_params(params)
+    kw = dict(lr=0.05, momentum=0.9)
+    official = OfficialGSAM(params, torch.optim.SGD, rho=0.05, alpha=0.4, **kw)
+    oracle = OracleGSAM([{"params": ref, "rho": 0.05, "gsam_alpha": 0.4, "T": ("none", 0.0)}],
+                        torch.optim.SGD, foreach=False, **kw)
+    land = Landscape(SHAPES, seed=6)
+    drive(official, params, land, STEPS)
+    drive(oracle, ref, land, STEPS)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
+def test_every_provider_builds_and_steps():
+    device = torch.device("cpu")
+    for optimizer in REFERENCES:
+        for provider in providers(optimizer, device):
+            params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            before = [p.detach().clone() for p in params]
+            step, _ = build(provider, optimizer, params)
+            step()
+            assert any(not torch.equal(p, b) for p, b in zip(params, before)), provider
+
+
+def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    chosen = ["sgd", "popular", "official", "torch"] + (["cpu"] if "cpu" in
+                                                         providers("sam", torch.device("cpu"))
+                                                         else [])
+    rows = cli.main([
+        "--device", "cpu", "--sets", "many-tiny", "--reps", "2", "--no-progress",
+        "--providers", *chosen, "--json", str(out_json), "--csv", str(out_csv),
+    ])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "x floor" in printed
+    by_key = {(r["optimizer"], r["provider"]): r for r in rows}
+    for optimizer, refs in REFERENCES.items():
+        assert by_key[(optimizer, refs[0])]["speedup"] == pytest.approx(1.0)
+        for provider in chosen:
+            if provider in ("popular", "official") and provider not in refs:
+                continue
+            row = by_key[(optimizer, provider)]
+            assert row["median_ms"] > 0 and row["floor_ms"] > 0 and row["launches"] > 0
+            assert math.isfinite(row["speedup"]) and row["speedup"] > 0
+            assert f"{row['median_ms']:.3f}" in printed
+    # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
+    numel = rows[0]["params"]
+    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2)):
+        extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
+        assert extra >= buffers * 4 * numel
+    saved = json.loads(out_json.read_text())
+    assert saved["environment"]["device"] == "cpu" and len(saved["results"]) == len(rows)
+    with open(out_csv) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_unknown_set_is_refused():
+    with pytest.raises(SystemExit):
+        cli.main(["--sets", "no-such-set"])
