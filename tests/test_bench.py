@@ -117,3 +117,16 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
 def test_unknown_set_is_refused():
     with pytest.raises(SystemExit):
         cli.main(["--sets", "no-such-set"])
+
+
+def test_digits_training_comparison_runs():
+    pytest.importorskip("sklearn")
+    from fastsam.bench import train
+
+    x_train, noisy, x_test, y_test, rate = train.load_digits(noise=0.4, seed=0)
+    assert x_train.shape[1] == 64 and len(x_train) + len(x_test) == 1797
+    assert 0.35 < rate < 0.45  # the requested fraction of wrong labels
+    out = train.main(["--optimizers", "sgd", "gsam", "--seeds", "2", "--epochs", "3"])
+    for name in ("sgd", "gsam"):
+        accuracy = out["results"][name]["accuracy"]
+        assert len(accuracy) == 2 and all(a > 0.5 for a in accuracy)  # far above chance (0.1)
