@@ -130,3 +130,13 @@ def test_digits_training_comparison_runs():
     for name in ("sgd", "gsam"):
         accuracy = out["results"][name]["accuracy"]
         assert len(accuracy) == 2 and all(a > 0.5 for a in accuracy)  # far above chance (0.1)
+
+
+def test_whole_step_benchmark_runs():
+    from fastsam.bench import e2e
+
+    assert e2e.resnet()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    rows = e2e.run("transformer", torch.device("cpu"), reps=1, warmup=0,
+                   optimizers=["sgd", "sam"])
+    assert [r["optimizer"] for r in rows] == ["forward+backward", "sgd", "sam"]
+    assert all(r["median_ms"] > 0 for r in rows) and rows[2]["x_ideal"] > 0.5
