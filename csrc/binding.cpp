@@ -14,8 +14,9 @@
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //
-// sgd and adam take GSAM's decomposition optionally (first_grads non-empty, along, alpha): the
-// update then uses (1 + alpha·along)·g − alpha·g_first (fastsam.functional.Decomposition).
+// sgd and adam take a gradient source optionally (fastsam.functional.GradientSource):
+// first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first; first_grads
+// with swap, FreeSAM's stored gradients, used by the update and then replaced by g.
 //
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
@@ -496,29 +497,36 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
   for (const Table& t : tables->views) dev.restore(t);
 }
 
-// GSAM's decomposition of an update: appends first_grads to the lists when given.
+// The gradient source of an update (kernels.h GradMode): appends first_grads to the lists when
+// given: GSAM's first gradients (with along and alpha), or with `swap` FreeSAM's stored
+// gradients, which the update reads and then overwrites with g.
 template <class D>
-DecomposeArgs decomposition(const char* op, Lists& lists, at::TensorList first_grads,
-                            const std::optional<at::Tensor>& along, double alpha) {
-  if (first_grads.empty()) return {false, 0, 0.0, nullptr, false};
+DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first_grads,
+                              const std::optional<at::Tensor>& along, double alpha, bool swap) {
+  if (first_grads.empty()) {
+    TORCH_CHECK_VALUE(!swap, "fastsam.", op, ": swap needs first_grads (the stored gradients)");
+    return {kGradPlain, 0, 0.0, nullptr, false};
+  }
+  lists.emplace_back("first_grads", first_grads);
+  const int role = static_cast<int>(lists.size() - 1);
+  if (swap) return {kGradSwap, role, 0.0, nullptr, false};
   TORCH_CHECK_VALUE(along.has_value(), "fastsam.", op,
                     ": first_grads given without along (GSAM's decomposition needs both)");
   check_norm_out(op, "along", *along, lists.front().second);
   check_device<D>(op, "along", *along);
-  lists.emplace_back("first_grads", first_grads);
-  return {true, static_cast<int>(lists.size() - 1), alpha, along->data_ptr(),
-          along->scalar_type() == at::kDouble};
+  return {kGradDecompose, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
 }
 
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
-            double alpha) {
+            double alpha, bool swap) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
-  const DecomposeArgs decompose = decomposition<D>("sgd", lists, first_grads, along, alpha);
+  const DecomposeArgs decompose =
+      gradient_source<D>("sgd", lists, first_grads, along, alpha, swap);
   check_lists("sgd", lists);
   check_hp("sgd", hp, params, 4);
   check_device<D>("sgd", "hp", hp);
@@ -533,14 +541,16 @@ template <class D>
 void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
              const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
-             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha) {
+             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
+             bool swap) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
               {"exp_avgs", exp_avgs},
               {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  const DecomposeArgs decompose = decomposition<D>("adam", lists, first_grads, along, alpha);
+  const DecomposeArgs decompose =
+      gradient_source<D>("adam", lists, first_grads, along, alpha, swap);
   check_lists("adam", lists);
   check_hp("adam", hp, params, 8);
   check_device<D>("adam", "hp", hp);
@@ -589,13 +599,13 @@ TORCH_LIBRARY(fastsam, m) {
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
-      "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor[] first_grads, "
-      "Tensor? along, float alpha) -> ()");
+      "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor(c!)[] first_grads, "
+      "Tensor? along, float alpha, bool swap) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
-      "bool amsgrad, bool maximize, Tensor[] first_grads, Tensor? along, "
-      "float alpha) -> ()");
+      "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
+      "float alpha, bool swap) -> ()");
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");

@@ -182,13 +182,13 @@ struct GradientScalars {
 template <typename A>
 GradientScalars<A> gradient_scalars(const DecomposeArgs& d, bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (!d.on) return {A(1), A(0), sign};
+  if (d.mode != kGradDecompose) return {A(1), A(0), sign};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
   return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
 }
 
-template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool DECOMPOSE>
+template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, int GM>
 void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S>>& k,
                  int64_t s) {
   using A = Acc<S>;
@@ -197,14 +197,15 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
   S* w = address<S>(tab, kSgdW, seg);
   const S* old = address<const S>(tab, kSgdOld, seg);
   const S* __restrict__ g = address<const S>(tab, kSgdG, seg);
-  const S* __restrict__ first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
+  S* __restrict__ first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* __restrict__ buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
   const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
   const A weight_decay = A(a.hp[3]);
   write_all(w, seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? A(buf[i]) : A(0);
-    const A d = update_gradient<DECOMPOSE>(A(g[i]), DECOMPOSE ? A(first[i]) : A(0),
-                                           k.coefficient, k.alpha, k.sign);
+    const A d = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
+                                    k.coefficient, k.alpha, k.sign);
+    if (GM == kGradSwap) first[i] = g[i];
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(A(old[i]), d, b, lr, momentum,
                                                                   dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = S(b);
@@ -212,7 +213,7 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
   });
 }
 
-template <typename S, bool DECOUPLED, bool AMSGRAD, bool DECOMPOSE>
+template <typename S, bool DECOUPLED, bool AMSGRAD, int GM>
 void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc<S>>& gk,
                   int64_t s) {
   using A = Acc<S>;
@@ -220,7 +221,7 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
   S* w = address<S>(tab, kAdamW, seg);
   const S* old = address<const S>(tab, kAdamOld, seg);
   const S* __restrict__ g = address<const S>(tab, kAdamG, seg);
-  const S* __restrict__ first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
+  S* __restrict__ first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* __restrict__ m = address<S>(tab, kAdamM, seg);
   S* __restrict__ v = address<S>(tab, kAdamV, seg);
   S* __restrict__ vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
@@ -228,8 +229,9 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
                          A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
   write_all(w, seg.len, [&](int64_t i) {
     A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
-    const A gi = update_gradient<DECOMPOSE>(A(g[i]), DECOMPOSE ? A(first[i]) : A(0),
-                                            gk.coefficient, gk.alpha, gk.sign);
+    const A gi = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
+                                     gk.coefficient, gk.alpha, gk.sign);
+    if (GM == kGradSwap) first[i] = g[i];
     const A updated = fastsam::adam<DECOUPLED, AMSGRAD>(A(old[i]), gi, mi, vi, vmaxi, k);
     m[i] = S(mi);
     v[i] = S(vi);
@@ -293,7 +295,7 @@ void sgd(const Table& t, const SgdArgs& a) {
     with_bool(a.has_momentum, [&](auto m) {
       with_bool(a.fresh, [&](auto f) {
         with_bool(a.nesterov, [&](auto n) {
-          with_bool(a.decompose.on, [&](auto x) {
+          with_grad_mode(a.decompose.mode, [&](auto x) {
             for_each_segment(t, [&](int64_t s) {
               sgd_segment<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
                           decltype(x)::value>(t, a, k, s);
@@ -311,7 +313,7 @@ void adam(const Table& t, const AdamArgs& a) {
     const auto k = gradient_scalars<Acc<S>>(a.decompose, a.maximize);
     with_bool(a.decoupled, [&](auto d) {
       with_bool(a.amsgrad, [&](auto ams) {
-        with_bool(a.decompose.on, [&](auto x) {
+        with_grad_mode(a.decompose.mode, [&](auto x) {
           for_each_segment(t, [&](int64_t s) {
             adam_segment<S, decltype(d)::value, decltype(ams)::value, decltype(x)::value>(t, a,
                                                                                          k, s);

@@ -189,33 +189,35 @@ struct GradientScalars {
   A coefficient, alpha, sign;
 };
 
-template <bool DECOMPOSE, typename A>
+template <int GM, typename A>
 __device__ __forceinline__ GradientScalars<A> gradient_scalars(const DecomposeArgs& d,
                                                                bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (!DECOMPOSE) return {A(1), A(0), sign};
+  if (GM != kGradDecompose) return {A(1), A(0), sign};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
   return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
 }
 
-template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, bool DECOMPOSE>
+template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, int GM>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kSgdW, seg);
   const S* old = address<const S>(tab, kSgdOld, seg);  // may be w itself (not perturbed)
   const S* g = address<const S>(tab, kSgdG, seg);
-  const S* first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
+  S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
   const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
   const A weight_decay = A(a.hp[3]);
-  const GradientScalars<A> k = gradient_scalars<DECOMPOSE, A>(a.decompose, a.maximize);
+  const GradientScalars<A> k = gradient_scalars<GM, A>(a.decompose, a.maximize);
   for_each(seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
-    const A d = update_gradient<DECOMPOSE>(Storage<S>::load(g[i]),
-                                           DECOMPOSE ? Storage<S>::load(first[i]) : A(0),
-                                           k.coefficient, k.alpha, k.sign);
+    const S g_raw = g[i];
+    const A d = update_gradient<GM>(Storage<S>::load(g_raw),
+                                    GM != kGradPlain ? Storage<S>::load(first[i]) : A(0),
+                                    k.coefficient, k.alpha, k.sign);
+    if (GM == kGradSwap) first[i] = g_raw;
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(
         Storage<S>::load(old[i]), d, b, lr, momentum, dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = Storage<S>::store(b);
@@ -223,15 +225,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   });
 }
 
-template <typename S, bool DECOUPLED, bool AMSGRAD, bool DECOMPOSE>
+template <typename S, bool DECOUPLED, bool AMSGRAD, int GM>
 __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kAdamW, seg);
   const S* old = address<const S>(tab, kAdamOld, seg);
   const S* g = address<const S>(tab, kAdamG, seg);
-  const S* first = DECOMPOSE ? address<const S>(tab, a.decompose.first_role, seg) : g;
-  const GradientScalars<A> gk = gradient_scalars<DECOMPOSE, A>(a.decompose, a.maximize);
+  S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
+  const GradientScalars<A> gk = gradient_scalars<GM, A>(a.decompose, a.maximize);
   S* m = address<S>(tab, kAdamM, seg);
   S* v = address<S>(tab, kAdamV, seg);
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
@@ -240,9 +242,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   for_each(seg.len, [&](int64_t i) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
     A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);
-    const A gi = update_gradient<DECOMPOSE>(Storage<S>::load(g[i]),
-                                            DECOMPOSE ? Storage<S>::load(first[i]) : A(0),
-                                            gk.coefficient, gk.alpha, gk.sign);
+    const S g_raw = g[i];
+    const A gi = update_gradient<GM>(Storage<S>::load(g_raw),
+                                     GM != kGradPlain ? Storage<S>::load(first[i]) : A(0),
+                                     gk.coefficient, gk.alpha, gk.sign);
+    if (GM == kGradSwap) first[i] = g_raw;
     const A updated =
         fastsam::adam<DECOUPLED, AMSGRAD>(Storage<S>::load(old[i]), gi, mi, vi, vmaxi, k);
     m[i] = Storage<S>::store(mi);
@@ -338,7 +342,7 @@ void sgd(const Table& t, const SgdArgs& a, void* stream) {
     with_bool(a.has_momentum, [&](auto m) {
       with_bool(a.fresh, [&](auto f) {
         with_bool(a.nesterov, [&](auto n) {
-          with_bool(a.decompose.on, [&](auto x) {
+          with_grad_mode(a.decompose.mode, [&](auto x) {
             sgd_kernel<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
                        decltype(x)::value>
                 <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
@@ -356,7 +360,7 @@ void adam(const Table& t, const AdamArgs& a, void* stream) {
     using S = typename decltype(tag)::type;
     with_bool(a.decoupled, [&](auto d) {
       with_bool(a.amsgrad, [&](auto ams) {
-        with_bool(a.decompose.on, [&](auto x) {
+        with_grad_mode(a.decompose.mode, [&](auto x) {
           adam_kernel<S, decltype(d)::value, decltype(ams)::value, decltype(x)::value>
               <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
         });

@@ -44,4 +44,13 @@ void with_qmode(int qmode, F&& f) {
   }
 }
 
+template <typename F>
+void with_grad_mode(int mode, F&& f) {
+  switch (mode) {
+    case kGradDecompose: return f(std::integral_constant<int, kGradDecompose>{});
+    case kGradSwap: return f(std::integral_constant<int, kGradSwap>{});
+    default: return f(std::integral_constant<int, kGradPlain>{});
+  }
+}
+
 }  // namespace fastsam

@@ -70,11 +70,13 @@ FASTSAM_HD A gsam_along(A inner, A adv_sq, A first_sq, A eps) {
   return cosine * first_norm / (adv_norm + eps);
 }
 
-// The gradient an update uses: g, or GSAM's (1 + alpha·along)·g − alpha·g_first (coefficient
-// = 1 + alpha·along), times sign = −1 when maximizing (exact: a sign flip).
-template <bool DECOMPOSE, typename A>
+// The gradient an update uses (GradMode of kernels.h), `first` the value at first_role: g;
+// GSAM's (1 + alpha·along)·g − alpha·g_first (coefficient = 1 + alpha·along); or FreeSAM's
+// stored gradient `first` (the caller stores g there). Times sign = −1 when maximizing (exact).
+template <int GM, typename A>
 FASTSAM_HD A update_gradient(A g, A first, A coefficient, A alpha, A sign) {
-  if (DECOMPOSE) g = coefficient * g - alpha * first;
+  if (GM == 1) g = coefficient * g - alpha * first;
+  if (GM == 2) g = first;
   return sign * g;
 }
 

@@ -50,13 +50,17 @@ struct PerturbArgs {
   bool keep;              // also keep ← g (role kPertKeep): GSAM's first gradient
 };
 
-// GSAM's decomposition fused into an update (fastsam.functional.Decomposition): the update
-// uses (1 + alpha·along)·g − alpha·g_first, g_first at role `first_role`.
+// The gradient an update uses (fastsam.functional.GradientSource), `mode`:
+//   kGradPlain      g
+//   kGradDecompose  GSAM's (1 + alpha·along)·g − alpha·g_first, g_first at role `first_role`
+//   kGradSwap       FreeSAM's stored gradient at role `first_role`, which then receives g
+enum GradMode : int { kGradPlain = 0, kGradDecompose = 1, kGradSwap = 2 };
+
 struct DecomposeArgs {
-  bool on;
+  int mode;
   int first_role;
   double alpha;
-  const void* along;  // 0-d, float or double (along_fp64); device memory for CUDA
+  const void* along;  // kGradDecompose: 0-d, float or double (along_fp64); device memory for CUDA
   bool along_fp64;
 };
 

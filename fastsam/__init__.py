@@ -5,7 +5,7 @@
 See README.md for the two-step and closure usage.
 """
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
-from .optimizers import ASAM, GSAM, SAM, asam_param_groups
+from .optimizers import ASAM, GSAM, SAM, FreeSAM, asam_param_groups
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "SAM",
     "ASAM",
     "GSAM",
+    "FreeSAM",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",

@@ -33,6 +33,8 @@ __all__ = [
     "AdamHyper",
     "DecomposeGroup",
     "Decomposition",
+    "Swap",
+    "GradientSource",
     "Backend",
     "dual_exponent",
 ]
@@ -147,6 +149,22 @@ class Decomposition:
         return Decomposition([self.first_grads[i] for i in idx], self.alpha, self.along)
 
 
+@dataclass(frozen=True)
+class Swap:
+    """FreeSAM's gradient for pass C: the update of ``params[i]`` uses ``previous[i]`` (the
+    gradient stored by the last step) and the same pass then stores this step's gradient
+    there, ``previous[i] ← grads[i]``."""
+
+    previous: list[Tensor]
+
+    def select(self, idx: list[int]) -> Swap:
+        return Swap([self.previous[i] for i in idx])
+
+
+# What pass C may take instead of the plain gradient.
+GradientSource = Decomposition | Swap
+
+
 def dual_exponent(p: float) -> float:
     """q with 1/p + 1/q = 1 (p = 2 → 2, p = ∞ → 1)."""
     return 1.0 if math.isinf(p) else p / (p - 1.0)
@@ -185,11 +203,12 @@ class Backend:
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         """Pass C fused with torch.optim.SGD::
 
-            g = (1 + alpha·along)·g - alpha·g_first     if decompose (GSAM, see Decomposition)
+            g = (1 + alpha·along)·g - alpha·g_first     source Decomposition (GSAM)
+            g, g_prev = g_prev, g                        source Swap (FreeSAM)
             d = ±g + wd·w_old
             buf = d                      if fresh_buffers  (torch.optim's first step)
             buf = m·buf + (1 - damp)·d   otherwise
@@ -209,11 +228,12 @@ class Backend:
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         """Pass C fused with torch.optim.Adam/AdamW (every tensor at the same ``hyper.step``)::
 
-            g = (1 + alpha·along)·g - alpha·g_first     if decompose (GSAM, see Decomposition)
+            g = (1 + alpha·along)·g - alpha·g_first     source Decomposition (GSAM)
+            g, g_prev = g_prev, g                        source Swap (FreeSAM)
             w = w_old·(1 - lr·wd) if decoupled;  g = ±g (+ wd·w_old if not decoupled)
             m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
             w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)

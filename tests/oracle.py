@@ -140,3 +140,32 @@ class OracleGSAM(OracleSAM):
             vertical = g0 - cosine * first_norm * w.grad / (adv_norm + self.eps)
             w.grad.sub_(alpha * vertical)
         super().second_step(zero_grad)
+
+
+class OracleFreeSAM:
+    """FreeSAM (seed report "SAM for free"), per parameter: the base optimizer steps with the
+    previous step's gradient, and the current one is kept for the next step; a parameter's
+    first step uses its current gradient. ``.grad`` is left as the backward pass wrote it."""
+
+    def __init__(self, params, base_cls, **base_kwargs):
+        self.params = list(params)
+        self.base = base_cls(self.params, **base_kwargs)
+        self.previous = {}
+
+    @torch.no_grad()
+    def step(self):
+        current = {}
+        for w in self.params:
+            if w.grad is None:
+                continue
+            current[w] = w.grad.clone()
+            used = self.previous.get(w, current[w])
+            w.grad.copy_(used)
+        self.base.step()
+        for w, g in current.items():
+            w.grad.copy_(g)
+            self.previous[w] = g
+
+    def zero_grad(self):
+        for w in self.params:
+            w.grad = None

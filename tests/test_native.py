@@ -36,7 +36,7 @@ def _tensors(shapes, dtype=torch.float32, seed=0):
 SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 
-NO_GSAM = ([], None, 0.0)  # the sgd/adam operators' trailing decomposition arguments, unused
+NO_GSAM = ([], None, 0.0, False)  # the sgd/adam operators' trailing decomposition arguments, unused
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
@@ -123,13 +123,16 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     with pytest.raises(ValueError, match=r"perturb: keep has 1 tensors but params has 2"):
         ops.perturb(w, w, w, [2], [0], [0.0], [0.05], torch.ones(()),
                     torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
+    with pytest.raises(ValueError, match="swap needs first_grads"):
+        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, True)
     with pytest.raises(ValueError, match="first_grads given without along"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5)
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, False)
     with pytest.raises(ValueError, match=r"adam: first_grads\[1\] has shape \[12\]"):
         ops.adam(w, w, w, w, w, [], torch.zeros(8, dtype=torch.float64), True, False, False,
-                 [w[0], w[1].flatten()], torch.zeros(()), 0.5)
+                 [w[0], w[1].flatten()], torch.zeros(()), 0.5, False)
     with pytest.raises(TypeError, match="along must be float32 or float64"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5)
+        ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5,
+                False)
     with pytest.raises(ValueError, match="gsam_along: first_grads has 1 tensors but grads has 2"):
         ops.gsam_along(w, w[:1], 1e-12, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
 
@@ -154,11 +157,13 @@ def test_operator_schemas_pass_opcheck(ops):
         (ops.restore.default, (params, old)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
-                           0.4)),
+                           0.4, False)),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
                             True, False, False, *NO_GSAM)),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
-                            True, False, False, keep, along, 0.4)),
+                            True, False, False, keep, along, 0.4, False)),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False,
+                           [g.clone() for g in grads], None, 0.0, True)),
         (ops.gsam_along.default, (grads, keep, 1e-12, torch.zeros(()),
                                   torch.zeros(6, dtype=torch.float64))),
     ]

@@ -22,9 +22,10 @@ from ..functional import (
     AdamHyper,
     Backend,
     DecomposeGroup,
-    Decomposition,
+    GradientSource,
     PerturbGroup,
     SGDHyper,
+    Swap,
     dual_exponent,
 )
 from ._constants import ConstantArrays
@@ -79,11 +80,13 @@ def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
     return [t for g in groups for t in g.keep_grads]
 
 
-def _decomposition(decompose: Decomposition | None) -> tuple:
-    """The trailing (first_grads, along, alpha) arguments of the sgd and adam operators."""
-    if decompose is None:
-        return [], None, 0.0
-    return decompose.first_grads, decompose.along, float(decompose.alpha)
+def _source(source: GradientSource | None) -> tuple:
+    """The trailing (first_grads, along, alpha, swap) arguments of the sgd and adam operators."""
+    if source is None:
+        return [], None, 0.0, False
+    if isinstance(source, Swap):
+        return source.previous, None, 0.0, True
+    return source.first_grads, source.along, float(source.alpha), False
 
 
 class NativeBackend(Backend):
@@ -144,7 +147,7 @@ class NativeBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         if not params:
             return
@@ -154,7 +157,7 @@ class NativeBackend(Backend):
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
             params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
-            *_decomposition(decompose),
+            *_source(source),
         )
 
     def restore_adam(
@@ -166,7 +169,7 @@ class NativeBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         if not params:
             return
@@ -180,7 +183,7 @@ class NativeBackend(Backend):
         torch.ops.fastsam.adam(
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp,
-            hyper.decoupled, hyper.amsgrad, hyper.maximize, *_decomposition(decompose),
+            hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source),
         )
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

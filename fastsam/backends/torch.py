@@ -20,10 +20,11 @@ from ..functional import (
     AdamHyper,
     Backend,
     DecomposeGroup,
-    Decomposition,
+    GradientSource,
     PerturbGroup,
     Scaling,
     SGDHyper,
+    Swap,
     dual_exponent,
 )
 
@@ -65,14 +66,23 @@ def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | Non
     return (g if t is None else torch._foreach_mul(g, t)), t
 
 
-def _decomposed(grads: list[Tensor], decompose: Decomposition | None) -> list[Tensor]:
-    """GSAM's update gradient (1 + alpha·along)·g_adv - alpha·g, as new tensors."""
-    if decompose is None:
+def _update_grads(grads: list[Tensor], source: GradientSource | None) -> list[Tensor]:
+    """The gradients an update uses: ``grads``, GSAM's (1 + alpha·along)·g_adv - alpha·g as
+    new tensors, or FreeSAM's stored gradients (see _finish_swap)."""
+    if source is None:
         return grads
-    coefficient = (1.0 + decompose.alpha * decompose.along).to(grads[0].dtype)
+    if isinstance(source, Swap):
+        return source.previous
+    coefficient = (1.0 + source.alpha * source.along).to(grads[0].dtype)
     out = torch._foreach_mul(grads, coefficient)
-    torch._foreach_add_(out, decompose.first_grads, alpha=-decompose.alpha)
+    torch._foreach_add_(out, source.first_grads, alpha=-source.alpha)
     return out
+
+
+def _finish_swap(grads: list[Tensor], source: GradientSource | None) -> None:
+    """FreeSAM: after the update has read the stored gradients, store this step's."""
+    if isinstance(source, Swap):
+        torch._foreach_copy_(source.previous, grads)
 
 
 class TorchBackend(Backend):
@@ -161,12 +171,15 @@ class TorchBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         if not params:
             return
         self.restore(params, w_old)
-        grads = _decomposed(grads, decompose)
+        self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
+        _finish_swap(grads, source)
+
+    def _sgd(self, params, grads, momentum_buffers, hyper, fresh_buffers) -> None:
         d = torch._foreach_neg(grads) if hyper.maximize else grads
         if hyper.weight_decay != 0:
             d = torch._foreach_add(d, params, alpha=hyper.weight_decay)
@@ -194,12 +207,16 @@ class TorchBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         if not params:
             return
         self.restore(params, w_old)
-        grads = _decomposed(grads, decompose)
+        self._adam(params, _update_grads(grads, source), exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                   hyper)
+        _finish_swap(grads, source)
+
+    def _adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper) -> None:
         g = torch._foreach_neg(grads) if hyper.maximize else grads
         lr = hyper.lr.to(params[0].device) if isinstance(hyper.lr, Tensor) else hyper.lr
         if hyper.weight_decay != 0:

@@ -33,8 +33,10 @@ from ..functional import (
     Backend,
     DecomposeGroup,
     Decomposition,
+    GradientSource,
     PerturbGroup,
     SGDHyper,
+    Swap,
     dual_exponent,
 )
 from ._constants import ConstantArrays, upload
@@ -220,12 +222,27 @@ class _PerturbPlan:
         self.device = device
 
 
-def _decomposition_args(table: _Table, decompose: Decomposition | None) -> tuple:
-    """The first-gradient addresses and the along scalar of a GSAM update launch (unused
-    stand-ins without a decomposition)."""
-    if decompose is None:
+def _source_args(table: _Table, source: GradientSource | None) -> tuple:
+    """The second-gradient addresses (GSAM's g, FreeSAM's stored gradient) and GSAM's along
+    scalar of an update launch (unused stand-ins where the source does not need them)."""
+    if source is None:
         return table.addr["g"], table.addr["g"]
-    return table.addr["first"], decompose.along
+    along = source.along if isinstance(source, Decomposition) else table.addr["g"]
+    return table.addr["first"], along
+
+
+def _source_roles(roles: dict, source: GradientSource | None) -> None:
+    if source is not None:
+        roles["first"] = source.previous if isinstance(source, Swap) else source.first_grads
+
+
+def _grad_mode(source: GradientSource | None) -> int:
+    """GMODE of the update kernels: 0 the gradient, 1 GSAM's decomposition, 2 FreeSAM's swap."""
+    return 0 if source is None else 1 if isinstance(source, Decomposition) else 2
+
+
+def _alpha(source: GradientSource | None) -> tuple:
+    return (source.alpha,) if isinstance(source, Decomposition) else ()
 
 
 class TritonBackend(Backend):
@@ -344,26 +361,25 @@ class TritonBackend(Backend):
         momentum_buffers: list[Tensor],
         hyper: SGDHyper,
         fresh_buffers: bool,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         has_momentum = hyper.momentum != 0
         roles = {"w": params, "g": grads, "old": w_old}
         if has_momentum:
             roles["buf"] = momentum_buffers
-        if decompose is not None:
-            roles["first"] = decompose.first_grads
+        _source_roles(roles, source)
         constants = (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay)
-        constants += (decompose.alpha,) if decompose is not None else ()
+        constants += _alpha(source)
         for table in self._update_tables(roles):
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
                 table.addr.get("buf", table.addr["w"]),
                 self._constants(constants, table.ref["w"].device),
-                *_decomposition_args(table, decompose),
+                *_source_args(table, source),
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
-                MAXIMIZE=hyper.maximize, DECOMPOSE=decompose is not None, ACC=table.acc,
+                MAXIMIZE=hyper.maximize, GMODE=_grad_mode(source), ACC=table.acc,
                 ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
@@ -376,27 +392,26 @@ class TritonBackend(Backend):
         exp_avg_sqs: list[Tensor],
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
-        decompose: Decomposition | None = None,
+        source: GradientSource | None = None,
     ) -> None:
         roles = {"w": params, "g": grads, "old": w_old, "m": exp_avgs, "v": exp_avg_sqs}
         if hyper.amsgrad:
             roles["vmax"] = max_exp_avg_sqs
-        if decompose is not None:
-            roles["first"] = decompose.first_grads
+        _source_roles(roles, source)
         constants = (
             hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
             hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
-        ) + ((decompose.alpha,) if decompose is not None else ())
+        ) + _alpha(source)
         for table in self._update_tables(roles):
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
                 table.addr["v"], table.addr.get("vmax", table.addr["v"]),
                 self._constants(constants, table.ref["w"].device),
-                *_decomposition_args(table, decompose),
+                *_source_args(table, source),
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
-                DECOMPOSE=decompose is not None, ACC=table.acc, ALIGNED=table.aligned,
+                GMODE=_grad_mode(source), ACC=table.acc, ALIGNED=table.aligned,
                 BLOCK=BLOCK,
             )
 

@@ -21,6 +21,7 @@ from ..functional import (
     AdamHyper,
     Backend,
     Decomposition,
+    GradientSource,
     PerturbGroup,
     Scaling,
     SGDHyper,
@@ -102,6 +103,8 @@ class SharpnessAwareOptimizer(Optimizer):
     Subclasses pass their per-group defaults and implement :meth:`_check_group` (validation of
     one group's options) and :meth:`_scaling` (the ASAM operator of one group).
     """
+
+    _keeps_w_old = True  # a persistent w_old buffer per parameter (FreeSAM needs none)
 
     def __init__(
         self,
@@ -258,7 +261,7 @@ class SharpnessAwareOptimizer(Optimizer):
                         f"{device} and {p.device}"
                     )
                 has_complex |= p.is_complex()
-                w_old[-1].append(persistent_buffer(self._w_old, p))
+                w_old[-1].append(persistent_buffer(self._w_old, p) if self._keeps_w_old else p)
         self._plan = _StepPlan(key, params, w_old, positions, device, has_complex)
         return self._plan, flat_grads
 
@@ -339,8 +342,8 @@ class SharpnessAwareOptimizer(Optimizer):
                 continue
             backend = self._backend_for(params[0].device)
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
-            decompose = decompositions[i] if decompositions else None
-            update(backend, group, params, all_grads[i], w_old, now.states[i], decompose)
+            source = decompositions[i] if decompositions else None
+            update(backend, group, params, all_grads[i], w_old, now.states[i], source)
         if fused is None:
             self.base_optimizer.step()
         # An lr scheduler attached to either optimizer warns "lr_scheduler.step() before
@@ -415,7 +418,7 @@ class SharpnessAwareOptimizer(Optimizer):
         grads: list,
         w_old: list,
         states: list,
-        decompose: Decomposition | None,
+        source: GradientSource | None,
     ) -> None:
         hyper = SGDHyper(
             lr=_lr(group["lr"]),
@@ -426,11 +429,11 @@ class SharpnessAwareOptimizer(Optimizer):
             maximize=group.get("maximize", False),
         )
         if hyper.momentum == 0:
-            backend.restore_sgd(params, grads, w_old, [], hyper, False, decompose)
+            backend.restore_sgd(params, grads, w_old, [], hyper, False, source)
             return
         bufs = [state.get("momentum_buffer") for state in states]
         if all(map(is_not, bufs, repeat(None))):  # steady state: one call
-            backend.restore_sgd(params, grads, w_old, bufs, hyper, False, decompose)
+            backend.restore_sgd(params, grads, w_old, bufs, hyper, False, source)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
         # call with fresh_buffers=True.
@@ -449,7 +452,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 [bufs[i] for i in idx],
                 hyper,
                 fresh,
-                decompose.select(idx) if decompose else None,
+                source.select(idx) if source else None,
             )
 
     def _fused_adam(
@@ -460,7 +463,7 @@ class SharpnessAwareOptimizer(Optimizer):
         grads: list,
         w_old: list,
         states: list,
-        decompose: Decomposition | None,
+        source: GradientSource | None,
     ) -> None:
         amsgrad = group["amsgrad"]
         for p, state in zip(params, states):
@@ -505,7 +508,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 [st["exp_avg_sq"] for st in sts],
                 [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                 hyper,
-                decompose.select(idx) if decompose else None,
+                source.select(idx) if source else None,
             )
 
     # ----------------------------------------------------------------- state

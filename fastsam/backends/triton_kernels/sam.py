@@ -165,11 +165,16 @@ def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constex
 
 @triton.jit
 def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
-                     MAXIMIZE: tl.constexpr, DECOMPOSE: tl.constexpr, ACC: tl.constexpr):
-    """The gradient an update uses: g, or GSAM's (1 + alpha·along)·g - alpha·g_first; negated
-    when maximizing."""
-    g = tl.load(g_ptr + idx, mask=inside).to(ACC)
-    if DECOMPOSE:
+                     MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr):
+    """The gradient an update uses (GMODE): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first;
+    2 FreeSAM's stored gradient at first_ptr, which then receives g. Negated when
+    maximizing."""
+    if GMODE == 2:
+        g = tl.load(first_ptr + idx, mask=inside).to(ACC)
+        tl.store(first_ptr + idx, tl.load(g_ptr + idx, mask=inside), mask=inside)
+    else:
+        g = tl.load(g_ptr + idx, mask=inside).to(ACC)
+    if GMODE == 1:
         g = (1.0 + alpha * along) * g - alpha * tl.load(first_ptr + idx, mask=inside).to(ACC)
     if MAXIMIZE:
         g = -g
@@ -258,12 +263,12 @@ def sgd_kernel(
     w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, DECOMPOSE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.SGD (see functional.Backend.restore_sgd).
-    hp = [lr, momentum, dampening, weight_decay, alpha]; DECOMPOSE: GSAM's gradient from
-    first_addr and the 0-d along."""
+    hp = [lr, momentum, dampening, weight_decay, alpha]; GMODE as _update_gradient (first_addr:
+    GSAM's g or FreeSAM's stored gradient; along: GSAM's 0-d scalar)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     lr = tl.load(hp).to(ACC)
     momentum = tl.load(hp + 1).to(ACC)
@@ -275,8 +280,9 @@ def sgd_kernel(
     first_ptr = g_ptr
     alpha = 0.0
     along = 0.0
-    if DECOMPOSE:
+    if GMODE != 0:
         first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+    if GMODE == 1:
         alpha = tl.load(hp + 4).to(ACC)
         along = tl.load(along_ptr).to(ACC)
     if HAS_MOMENTUM:
@@ -286,7 +292,7 @@ def sgd_kernel(
         inside = local < n
         idx = start + local
         w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        d = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, DECOMPOSE, ACC)
+        d = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, GMODE, ACC)
         d = d + weight_decay * w
         if HAS_MOMENTUM:
             if FRESH:  # torch.optim's first step: buf = d, no dampening
@@ -308,12 +314,12 @@ def adam_kernel(
     w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    DECOMPOSE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
     hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha]
     (lr itself is not read: only the derived values, which come from the host as torch.optim
-    forms them, in lr's dtype for a tensor lr). DECOMPOSE as in sgd_kernel."""
+    forms them, in lr's dtype for a tensor lr). GMODE as in sgd_kernel."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     beta1 = tl.load(hp + 1).to(ACC)
     beta2 = tl.load(hp + 2).to(ACC)
@@ -332,8 +338,9 @@ def adam_kernel(
     first_ptr = g_ptr
     alpha = 0.0
     along = 0.0
-    if DECOMPOSE:
+    if GMODE != 0:
         first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+    if GMODE == 1:
         alpha = tl.load(hp + 8).to(ACC)
         along = tl.load(along_ptr).to(ACC)
     for off in range(0, n, BLOCK):
@@ -341,7 +348,7 @@ def adam_kernel(
         inside = local < n
         idx = start + local
         w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        g = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, DECOMPOSE, ACC)
+        g = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, GMODE, ACC)
         if DECOUPLED:
             w = w * decay
         else:

@@ -1,0 +1,158 @@
+"""FreeSAM (seed report "SAM for free"): the SAM gradient of step t approximated by the plain
+gradient of step t − 1, so a step costs one forward/backward pass."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import Swap
+from ._base import SharpnessAwareOptimizer
+
+STATE_KEY = "previous_grad"
+
+
+class FreeSAM(SharpnessAwareOptimizer):
+    r"""One-pass SAM: the update of step t uses the gradient of step t − 1.
+
+    .. math::
+        w_{t+1} = \mathrm{update}(w_t,\ g_{t-1}),\qquad g_{-1} = g_0
+
+    After the backward pass, :meth:`step` applies the base optimizer with the gradient stored by
+    the previous step and stores the current one in its place; the very first step (and a
+    parameter's first step with a gradient) uses the current gradient. ``.grad`` is left as
+    the backward pass wrote it.
+
+    With ``torch.optim.SGD``, ``Adam`` and ``AdamW`` this is one fused pass per step (reads w, g,
+    the stored gradient and the optimizer state; writes w, the stored gradient and the state).
+    Any other base optimizer gets the stored gradient swapped into ``.grad`` for its own
+    ``step()`` (and the current gradient back into ``.grad`` afterwards).
+
+    Memory: one parameter-sized buffer per parameter. ``state_dict()`` carries it (under
+    ``"previous_grad"`` in each parameter's state) and a loaded optimizer continues exactly; the
+    base optimizer's own state is left untouched.
+
+    Args:
+        params: parameters or parameter groups.
+        base_optimizer: a ``torch.optim.Optimizer`` class (built with ``base_kwargs``) or an
+            instance over exactly these parameters.
+        backend (str, optional): as in :class:`fastsam.SAM`.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class.
+
+    Example:
+        >>> import torch, fastsam
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = fastsam.FreeSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        >>> for _ in range(3):
+        ...     torch.nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+        ...     opt.step()
+        ...     opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        *,
+        backend: str | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        self._stored: dict[Tensor, Tensor] = {}
+        super().__init__(params, base_optimizer, {}, p=2, eps=0.0, backend=backend,
+                         base_kwargs=base_kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        pass  # no options of its own
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError("FreeSAM makes one forward/backward pass per step: call step()")
+
+    second_step = first_step
+
+    _keeps_w_old = False  # never perturbed: no w_old buffers
+
+    def _previous(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The stored gradients of ``params``; a parameter seen for the first time gets a copy
+        of its current gradient (its first step uses the current gradient)."""
+        out = []
+        for p, g in zip(params, grads):
+            prev = self._stored.get(p)
+            if prev is None or prev.shape != g.shape or prev.dtype != g.dtype:
+                prev = self._stored[p] = g.detach().clone(memory_format=torch.preserve_format)
+            out.append(prev)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update with the previous step's gradients and keep the current ones.
+
+        Args:
+            closure: optional, recomputes the loss (forward + backward); its loss is returned.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan, flat_grads = self._step_plan()
+        if plan.device is None:
+            return loss
+        all_grads = plan.grads(flat_grads)
+        if plan.states is None:
+            plan.states = [[self.state[p] for p in ps] for ps in plan.params]
+        fused = self._fused_update_kind(plan)
+        backend = self._backend_for(plan.device)
+        for group, params, grads, states in zip(self.param_groups, plan.params, all_grads,
+                                                plan.states):
+            if not params:
+                continue
+            previous = self._previous(params, grads)
+            if fused is None:  # the base optimizer steps with the stored gradients in .grad
+                current = [g.clone() for g in grads]
+                torch._foreach_copy_(grads, previous)
+                torch._foreach_copy_(previous, current)
+                continue
+            update = self._fused_sgd if fused == "sgd" else self._fused_adam
+            # Not perturbed: each parameter is its own w_old (the kernels allow it).
+            update(backend, group, params, grads, params, states, Swap(previous))
+        if fused is None:
+            self.base_optimizer.step()
+            for params, grads in zip(plan.params, all_grads):
+                if params:  # .grad back to this step's gradient (now in the stored buffer)
+                    torch._foreach_copy_(grads, [self._stored[p] for p in params])
+        self._opt_called = self.base_optimizer._opt_called = True
+        return loss
+
+    # ----------------------------------------------------------------- state
+    def _indexed_params(self) -> list[Tensor]:
+        """Parameters in state_dict order (torch.optim numbers them across groups in order)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict with each parameter's stored gradient added to its
+        state under ``"previous_grad"``."""
+        sd = super().state_dict()
+        state = dict(sd["state"])
+        for i, p in enumerate(self._indexed_params()):
+            if p in self._stored:
+                state[i] = {**state.get(i, {}), STATE_KEY: self._stored[p]}
+        return {**sd, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict` (or by the plain base optimizer: then
+        the next step starts afresh from the current gradient)."""
+        stored, state = {}, {}
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            if STATE_KEY in value:
+                stored[key] = value.pop(STATE_KEY)
+            if value:
+                state[key] = value
+        super().load_state_dict({**state_dict, "state": state})
+        params = self._indexed_params()
+        self._stored = {}
+        for key, tensor in stored.items():
+            p = params[int(key)]
+            self._stored[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
