@@ -69,6 +69,22 @@ def test_official_gsam_matches_the_oracle():
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+def test_naive_freesam_matches_fastsam():
+    from fastsam.bench.naive_freesam import NaiveFreeSAM
+
+    params = make_params(SHAPES, torch.float64, "cpu", seed=7)
+    ref = clone_params(params)
+    naive = NaiveFreeSAM(params, torch.optim.SGD, lr=0.05, momentum=0.9)
+    ours = fastsam.FreeSAM(ref, torch.optim.SGD, backend="torch", lr=0.05, momentum=0.9)
+    land = Landscape(SHAPES, seed=8)
+    for _ in range(STEPS):
+        for opt, ps in ((naive, params), (ours, ref)):
+            land.set_grads(ps)
+            opt.step()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
 def test_every_provider_builds_and_steps():
     device = torch.device("cpu")
     for optimizer in REFERENCES:
@@ -77,14 +93,20 @@ def test_every_provider_builds_and_steps():
             for p in params:
                 p.grad = torch.randn_like(p)
             before = [p.detach().clone() for p in params]
-            step, _ = build(provider, optimizer, params)
-            step()
+            step, opt = build(provider, optimizer, params)
+            if provider == "sgd" or optimizer == "freesam":
+                step()
+            else:  # a second-pass gradient (the official ASAM zeroes them after its first step)
+                opt.first_step()
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                opt.second_step()
             assert any(not torch.equal(p, b) for p, b in zip(params, before)), provider
 
 
 def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    chosen = ["sgd", "popular", "official", "torch"] + (["cpu"] if "cpu" in
+    chosen = ["sgd", "popular", "official", "naive", "torch"] + (["cpu"] if "cpu" in
                                                          providers("sam", torch.device("cpu"))
                                                          else [])
     rows = cli.main([
@@ -97,7 +119,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     for optimizer, refs in REFERENCES.items():
         assert by_key[(optimizer, refs[0])]["speedup"] == pytest.approx(1.0)
         for provider in chosen:
-            if provider in ("popular", "official") and provider not in refs:
+            if provider in ("popular", "official", "naive") and provider not in refs:
                 continue
             row = by_key[(optimizer, provider)]
             assert row["median_ms"] > 0 and row["floor_ms"] > 0 and row["launches"] > 0
@@ -105,7 +127,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
             assert f"{row['median_ms']:.3f}" in printed
     # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
     numel = rows[0]["params"]
-    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2)):
+    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1)):
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
         assert extra >= buffers * 4 * numel
     saved = json.loads(out_json.read_text())

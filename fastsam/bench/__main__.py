@@ -7,7 +7,8 @@ people use today, one table.
 
 Picks the best device present (CUDA, else CPU). For each parameter set, optimizer and provider
 (fastsam.bench.run) it times ``first_step + second_step`` and prints: the median and p10-p90 of
-the step, the speed-up over the popular implementation (the official one for GSAM), the
+the step, the speed-up over the popular implementation (the official one for GSAM, the naive
+per-parameter one for FreeSAM), the
 bytes-moved floor from a same-run copy bandwidth and the ratio to it, launches per step
 (kernel launches on CUDA, operators dispatched on CPU), allocations per step, the memory the
 optimizer holds beyond plain SGD, and on CUDA the peak memory of a step.
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         progress.close()
     print(table(rows))
-    print("# x ref: speed-up over popular (SAM, ASAM) or official (GSAM); floor: bytes moved "
+    print("# x ref: speed-up over popular (SAM, ASAM), official (GSAM) or naive (FreeSAM); "
+          "floor: bytes moved "
           "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond plain SGD")
     if args.json:

@@ -1,12 +1,14 @@
 """The optimizer-step benchmark: every optimizer × provider on a parameter set, one row each.
 
-A step is ``first_step()`` + ``second_step()`` with random gradients already in ``.grad`` (no
-forward/backward: the optimizer's own work), SGD momentum 0.9 as the base optimizer.
+A step is ``first_step()`` + ``second_step()`` (FreeSAM: ``step()``) with random gradients
+already in ``.grad`` (no forward/backward: the optimizer's own work), SGD momentum 0.9 as the
+base optimizer.
 
 Providers:
   ``sgd``       a plain ``torch.optim.SGD`` momentum step (the cost SAM wraps; floor 20 B).
   ``popular``   :mod:`fastsam.bench.popular_sam` (SAM, and its ``adaptive=True`` ASAM).
   ``official``  :mod:`fastsam.bench.official_asam` (ASAM) or :mod:`fastsam.bench.official_gsam`.
+  ``naive``     :mod:`fastsam.bench.naive_freesam` (FreeSAM has no published code).
   ``pytorch-optimizer``  kozistr's package's SAM (and its adaptive ASAM) when it is installed.
   every fastsam backend usable on the device (``torch``, ``triton``, ``cpu``, ``cuda``).
 """
@@ -29,18 +31,21 @@ from .measure import (
     sync,
     timed,
 )
+from .naive_freesam import NaiveFreeSAM
 from .official_asam import OfficialASAM
 from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam")
 # Bytes per fp32 element of one step (DESIGN.md §2): SAM 40 = norm 4 + perturb 16 + restore and
 # SGD 20; ASAM's norm also reads w (+4); GSAM keeps g (+4), reduces over g and g_adv (+8) and
-# reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf.
-FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56}
+# reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf; FreeSAM
+# adds the stored gradient, read and written (+8).
+FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28}
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
-REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",)}
+REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
+              "freesam": ("naive",)}
 HYPER = dict(lr=0.01, momentum=0.9)
 
 
@@ -76,6 +81,12 @@ def build(provider: str, optimizer: str, params: list) -> tuple[Callable[[], Non
     sgd = torch.optim.SGD
     if provider == "sgd":
         opt = sgd(params, **HYPER)
+        return opt.step, opt
+    if optimizer == "freesam":
+        if provider == "naive":
+            opt = NaiveFreeSAM(params, sgd, **HYPER)
+        else:
+            opt = fastsam.FreeSAM(params, sgd, backend=provider, **HYPER)
         return opt.step, opt
     if optimizer == "gsam":
         if provider == "official":
