@@ -25,7 +25,7 @@ import fastsam
 
 from .__main__ import environment
 
-# name -> (constructor over params, two passes per step?)
+# name -> constructor over (params, lr)
 OPTIMIZERS = {
     "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9, weight_decay=5e-4),
     "sam": lambda ps, lr: fastsam.SAM(ps, torch.optim.SGD, rho=0.1, lr=lr, momentum=0.9,
@@ -37,7 +37,10 @@ OPTIMIZERS = {
     "agsam": lambda ps, lr: fastsam.GSAM(ps, torch.optim.SGD, rho=0.1, alpha=0.3,
                                          adaptive="agsam", gamma=0.01, lr=lr, momentum=0.9,
                                          weight_decay=5e-4),
+    "freesam": lambda ps, lr: fastsam.FreeSAM(ps, torch.optim.SGD, lr=lr, momentum=0.9,
+                                              weight_decay=5e-4),
 }
+ONE_PASS = ("sgd", "freesam")
 
 
 def load_digits(noise: float, seed: int):
@@ -78,7 +81,7 @@ def train_one(name: str, seed: int, data, epochs: int, batch: int, lr: float) ->
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
     loss_fn = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(1000 + seed)
-    two_pass = name != "sgd"
+    two_pass = name not in ONE_PASS
     for _ in range(epochs):
         for idx in torch.randperm(len(y_train), generator=gen).split(batch):
             xb, yb = x_train[idx], y_train[idx]
