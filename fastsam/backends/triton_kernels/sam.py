@@ -164,6 +164,23 @@ def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
+def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
+                     GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Per program, what _update_gradient reads besides g: the second gradient's pointer
+    (GSAM's g, FreeSAM's stored gradient; g itself when unused), alpha and along (GSAM's; 0
+    otherwise)."""
+    first_ptr = g_ptr
+    alpha = tl.zeros([], dtype=ACC)
+    along = tl.zeros([], dtype=ACC)
+    if GMODE != 0:
+        first_ptr = _address(first_addr, t, G_REF, ALIGNED)
+    if GMODE == 1:
+        alpha = tl.load(alpha_ptr).to(ACC)
+        along = tl.load(along_ptr).to(ACC)
+    return first_ptr, alpha, along
+
+
+@triton.jit
 def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
                      MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr):
     """The gradient an update uses (GMODE): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first;
@@ -277,14 +294,8 @@ def sgd_kernel(
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
-    first_ptr = g_ptr
-    alpha = 0.0
-    along = 0.0
-    if GMODE != 0:
-        first_ptr = _address(first_addr, t, G_REF, ALIGNED)
-    if GMODE == 1:
-        alpha = tl.load(hp + 4).to(ACC)
-        along = tl.load(along_ptr).to(ACC)
+    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr, hp + 4, t, G_REF,
+                                               GMODE, ACC, ALIGNED)
     if HAS_MOMENTUM:
         buf_ptr = _address(buf_addr, t, BUF_REF, ALIGNED)
     for off in range(0, n, BLOCK):
@@ -335,14 +346,8 @@ def adam_kernel(
     v_ptr = _address(v_addr, t, M_REF, ALIGNED)
     if AMSGRAD:
         vmax_ptr = _address(vmax_addr, t, M_REF, ALIGNED)
-    first_ptr = g_ptr
-    alpha = 0.0
-    along = 0.0
-    if GMODE != 0:
-        first_ptr = _address(first_addr, t, G_REF, ALIGNED)
-    if GMODE == 1:
-        alpha = tl.load(hp + 8).to(ACC)
-        along = tl.load(along_ptr).to(ACC)
+    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr, hp + 8, t, G_REF,
+                                               GMODE, ACC, ALIGNED)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
