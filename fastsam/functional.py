@@ -91,6 +91,12 @@ class SGDHyper:
     nesterov: bool
     maximize: bool
 
+    @property
+    def kernel_scalars(self) -> tuple:
+        """The scalars the fused kernels read, in their order: [lr, momentum, dampening,
+        weight_decay]."""
+        return (self.lr, self.momentum, self.dampening, self.weight_decay)
+
 
 @dataclass(frozen=True)
 class AdamHyper:
@@ -119,6 +125,15 @@ class AdamHyper:
     @property
     def bias_correction2_sqrt(self) -> float:
         return (1.0 - self.beta2**self.step) ** 0.5
+
+    @property
+    def kernel_scalars(self) -> tuple:
+        """The scalars the fused kernels read, in their order: [lr, β1, β2, eps, weight_decay,
+        lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay]."""
+        return (
+            self.lr, self.beta1, self.beta2, self.eps, self.weight_decay,
+            self.step_size, self.bias_correction2_sqrt, self.decay,
+        )
 
 
 @dataclass

@@ -151,9 +151,7 @@ class NativeBackend(Backend):
     ) -> None:
         if not params:
             return
-        hp = self._constants(
-            (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay), params[0].device
-        )
+        hp = self._constants(hyper.kernel_scalars, params[0].device)
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
             params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
@@ -173,13 +171,7 @@ class NativeBackend(Backend):
     ) -> None:
         if not params:
             return
-        hp = self._constants(
-            (
-                hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-                hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
-            ),
-            params[0].device,
-        )
+        hp = self._constants(hyper.kernel_scalars, params[0].device)
         torch.ops.fastsam.adam(
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp,

@@ -368,8 +368,7 @@ class TritonBackend(Backend):
         if has_momentum:
             roles["buf"] = momentum_buffers
         _source_roles(roles, source)
-        constants = (hyper.lr, hyper.momentum, hyper.dampening, hyper.weight_decay)
-        constants += _alpha(source)
+        constants = hyper.kernel_scalars + _alpha(source)
         for table in self._update_tables(roles):
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
@@ -398,10 +397,7 @@ class TritonBackend(Backend):
         if hyper.amsgrad:
             roles["vmax"] = max_exp_avg_sqs
         _source_roles(roles, source)
-        constants = (
-            hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
-            hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay,
-        ) + _alpha(source)
+        constants = hyper.kernel_scalars + _alpha(source)
         for table in self._update_tables(roles):
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,

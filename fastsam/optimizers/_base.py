@@ -316,7 +316,7 @@ class SharpnessAwareOptimizer(Optimizer):
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
         fused = self._fused_update_kind(now)
-        decompositions = self._before_update(perturbed, now, all_grads, fused is not None)
+        sources = self._before_update(perturbed, now, all_grads, fused is not None)
         if fused and now.states is None:
             # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
             # torch.optim only ever replaces the whole state mapping, which expires the plan.
@@ -342,7 +342,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 continue
             backend = self._backend_for(params[0].device)
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
-            source = decompositions[i] if decompositions else None
+            source = sources[i] if sources else None
             update(backend, group, params, all_grads[i], w_old, now.states[i], source)
         if fused is None:
             self.base_optimizer.step()
