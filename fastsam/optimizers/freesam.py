@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Swap
-from ._base import SharpnessAwareOptimizer
+from ._base import SharpnessAwareOptimizer, _StepPlan
 
 STATE_KEY = "previous_grad"
 
@@ -61,6 +61,9 @@ class FreeSAM(SharpnessAwareOptimizer):
         **base_kwargs: Any,
     ) -> None:
         self._stored: dict[Tensor, Tensor] = {}
+        # The stored buffers per group of the current step plan: looked up once per plan, not
+        # once per step (tensor-keyed lookups cost microseconds per parameter).
+        self._stored_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         super().__init__(params, base_optimizer, {}, p=2, eps=0.0, backend=backend,
                          base_kwargs=base_kwargs)
 
@@ -102,13 +105,16 @@ class FreeSAM(SharpnessAwareOptimizer):
         all_grads = plan.grads(flat_grads)
         if plan.states is None:
             plan.states = [[self.state[p] for p in ps] for ps in plan.params]
+        if self._stored_plan is None or self._stored_plan[0] is not plan:
+            stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]
+            self._stored_plan = (plan, stored)
         fused = self._fused_update_kind(plan)
         backend = self._backend_for(plan.device)
-        for group, params, grads, states in zip(self.param_groups, plan.params, all_grads,
-                                                plan.states):
+        for group, params, grads, states, previous in zip(
+            self.param_groups, plan.params, all_grads, plan.states, self._stored_plan[1]
+        ):
             if not params:
                 continue
-            previous = self._previous(params, grads)
             if fused is None:  # the base optimizer steps with the stored gradients in .grad
                 current = [g.clone() for g in grads]
                 torch._foreach_copy_(grads, previous)
@@ -119,9 +125,9 @@ class FreeSAM(SharpnessAwareOptimizer):
             update(backend, group, params, grads, params, states, Swap(previous))
         if fused is None:
             self.base_optimizer.step()
-            for params, grads in zip(plan.params, all_grads):
-                if params:  # .grad back to this step's gradient (now in the stored buffer)
-                    torch._foreach_copy_(grads, [self._stored[p] for p in params])
+            for grads, previous in zip(all_grads, self._stored_plan[1]):
+                if grads:  # .grad back to this step's gradient (now in the stored buffer)
+                    torch._foreach_copy_(grads, previous)
         self._opt_called = self.base_optimizer._opt_called = True
         return loss
 
@@ -152,7 +158,7 @@ class FreeSAM(SharpnessAwareOptimizer):
                 state[key] = value
         super().load_state_dict({**state_dict, "state": state})
         params = self._indexed_params()
-        self._stored = {}
+        self._stored, self._stored_plan = {}, None
         for key, tensor in stored.items():
             p = params[int(key)]
             self._stored[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
