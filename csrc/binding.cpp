@@ -27,10 +27,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -58,6 +60,44 @@ constexpr int64_t kCudaChunk = 1 << 13;
 
 using Lists = std::vector<std::pair<const char*, at::TensorList>>;
 
+// Error text, built without iostreams. c10::str formats numbers through std::ostream, and in an
+// extension built by a toolchain that links part of libstdc++ into it (the lent H100 image's
+// /opt/gcc, 2026-11-23) formatting an integer that way crashed the process (SIGSEGV in the
+// num_put facet) instead of raising. TORCH_CHECK passes one std::string through untouched.
+std::string text(const char* s) { return s; }
+std::string text(const std::string& s) { return s; }
+template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+std::string text(I v) {
+  return std::to_string(v);
+}
+std::string text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+std::string text(at::IntArrayRef values) {
+  std::string out = "[";
+  for (size_t k = 0; k < values.size(); ++k) out += (k ? ", " : "") + std::to_string(values[k]);
+  return out + "]";
+}
+std::string text(c10::Device d) { return d.str(); }
+std::string text(c10::DeviceType t) { return c10::DeviceTypeName(t, /*lower_case=*/true); }
+std::string text(at::ScalarType t) { return c10::toString(t); }
+std::string text(at::Layout l) {
+  switch (l) {
+    case at::kStrided: return "strided";
+    case at::kSparse: return "sparse COO";
+    case at::kSparseCsr: return "sparse CSR";
+    default: return "layout " + std::to_string(static_cast<int>(l));
+  }
+}
+template <class... A>
+std::string msg(const A&... parts) {
+  std::string out;
+  ((out += text(parts)), ...);
+  return out;
+}
+
 DType storage_code(const char* op, const char* what, size_t i, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat: return kFloat32;
@@ -65,8 +105,9 @@ DType storage_code(const char* op, const char* what, size_t i, const at::Tensor&
     case at::kHalf: return kFloat16;
     case at::kBFloat16: return kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "fastsam.", op, ": ", what, "[", i, "] has dtype ", t.scalar_type(),
-                       "; the native backends take float32, float64, float16 and bfloat16");
+      TORCH_CHECK_TYPE(false, msg("fastsam.", op, ": ", what, "[", i, "] has dtype ",
+                                  t.scalar_type(), "; the native backends take float32, float64, "
+                                  "float16 and bfloat16"));
   }
 }
 
@@ -75,8 +116,8 @@ DType storage_code(const char* op, const char* what, size_t i, const at::Tensor&
 void check_lists(const char* op, const Lists& lists) {
   const auto& [w_name, w] = lists.front();
   for (const auto& [name, list] : lists) {
-    TORCH_CHECK_VALUE(list.size() == w.size(), "fastsam.", op, ": ", name, " has ", list.size(),
-                      " tensors but ", w_name, " has ", w.size());
+    TORCH_CHECK_VALUE(list.size() == w.size(), msg("fastsam.", op, ": ", name, " has ", list.size(),
+                      " tensors but ", w_name, " has ", w.size()));
   }
   if (w.empty()) return;
   const c10::Device device = w[0].device();
@@ -84,33 +125,33 @@ void check_lists(const char* op, const Lists& lists) {
     storage_code(op, w_name, i, w[i]);
     for (const auto& [name, list] : lists) {
       const at::Tensor& t = list[i];
-      TORCH_CHECK_VALUE(t.defined(), "fastsam.", op, ": ", name, "[", i, "] is undefined");
-      TORCH_CHECK_VALUE(t.layout() == at::kStrided, "fastsam.", op, ": ", name, "[", i,
-                        "] has layout ", t.layout(), "; only dense (strided) tensors");
-      TORCH_CHECK_VALUE(t.device() == device, "fastsam.", op, ": ", name, "[", i, "] is on ",
-                        t.device(), " but ", w_name, "[0] is on ", device);
-      TORCH_CHECK_TYPE(t.scalar_type() == w[i].scalar_type(), "fastsam.", op, ": ", name, "[", i,
-                       "] has dtype ", t.scalar_type(), " but ", w_name, "[", i, "] has ",
-                       w[i].scalar_type());
-      TORCH_CHECK_VALUE(t.sizes() == w[i].sizes(), "fastsam.", op, ": ", name, "[", i,
+      TORCH_CHECK_VALUE(t.defined(), msg("fastsam.", op, ": ", name, "[", i, "] is undefined"));
+      TORCH_CHECK_VALUE(t.layout() == at::kStrided, msg("fastsam.", op, ": ", name, "[", i,
+                        "] has layout ", t.layout(), "; only dense (strided) tensors"));
+      TORCH_CHECK_VALUE(t.device() == device, msg("fastsam.", op, ": ", name, "[", i, "] is on ",
+                        t.device(), " but ", w_name, "[0] is on ", device));
+      TORCH_CHECK_TYPE(t.scalar_type() == w[i].scalar_type(),
+                       msg("fastsam.", op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                           " but ", w_name, "[", i, "] has ", w[i].scalar_type()));
+      TORCH_CHECK_VALUE(t.sizes() == w[i].sizes(), msg("fastsam.", op, ": ", name, "[", i,
                         "] has shape ", t.sizes(), " but ", w_name, "[", i, "] has ",
-                        w[i].sizes());
-      TORCH_CHECK_VALUE(t.is_contiguous(), "fastsam.", op, ": ", name, "[", i,
+                        w[i].sizes()));
+      TORCH_CHECK_VALUE(t.is_contiguous(), msg("fastsam.", op, ": ", name, "[", i,
                         "] is not contiguous (strides ", t.strides(),
-                        "); make it contiguous or use backend='torch'");
+                        "); make it contiguous or use backend='torch'"));
     }
   }
 }
 
 void check_scalar_tensor(const char* op, const char* name, const at::Tensor& t,
                          const at::TensorList& w, int64_t min_numel) {
-  TORCH_CHECK_VALUE(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), "fastsam.",
-                    op, ": ", name, " must be a dense contiguous tensor");
-  TORCH_CHECK_VALUE(t.numel() >= min_numel, "fastsam.", op, ": ", name, " has ", t.numel(),
-                    " elements, needs ", min_numel);
+  TORCH_CHECK_VALUE(t.defined() && t.layout() == at::kStrided && t.is_contiguous(), msg("fastsam.",
+                    op, ": ", name, " must be a dense contiguous tensor"));
+  TORCH_CHECK_VALUE(t.numel() >= min_numel, msg("fastsam.", op, ": ", name, " has ", t.numel(),
+                    " elements, needs ", min_numel));
   if (!w.empty()) {
-    TORCH_CHECK_VALUE(t.device() == w[0].device(), "fastsam.", op, ": ", name, " is on ",
-                      t.device(), " but the parameters are on ", w[0].device());
+    TORCH_CHECK_VALUE(t.device() == w[0].device(), msg("fastsam.", op, ": ", name, " is on ",
+                      t.device(), " but the parameters are on ", w[0].device()));
   }
 }
 
@@ -122,27 +163,28 @@ struct PerTensor {
 
 PerTensor expand_groups(const char* op, at::TensorList params, at::IntArrayRef sizes,
                         at::IntArrayRef modes, at::ArrayRef<double> etas) {
-  TORCH_CHECK_VALUE(sizes.size() == modes.size() && sizes.size() == etas.size(), "fastsam.", op,
+  TORCH_CHECK_VALUE(sizes.size() == modes.size() && sizes.size() == etas.size(), msg("fastsam.", op,
                     ": group_sizes, group_modes and group_etas differ in length (", sizes.size(),
-                    ", ", modes.size(), ", ", etas.size(), ")");
+                    ", ", modes.size(), ", ", etas.size(), ")"));
   PerTensor out;
   for (size_t k = 0; k < sizes.size(); ++k) {
-    TORCH_CHECK_VALUE(modes[k] >= kPlain && modes[k] <= kOuter, "fastsam.", op,
+    TORCH_CHECK_VALUE(modes[k] >= kPlain && modes[k] <= kOuter, msg("fastsam.", op,
                       ": group_modes[", k, "] = ", modes[k],
-                      " (0 plain, 1 element, 2 filter, 3 outer)");
-    TORCH_CHECK_VALUE(sizes[k] >= 0, "fastsam.", op, ": group_sizes[", k, "] is negative");
+                      " (0 plain, 1 element, 2 filter, 3 outer)"));
+    TORCH_CHECK_VALUE(sizes[k] >= 0, msg("fastsam.", op, ": group_sizes[", k, "] is negative"));
     for (int64_t j = 0; j < sizes[k]; ++j) {
       const size_t i = out.mode.size();
-      TORCH_CHECK_VALUE(i < params.size(), "fastsam.", op, ": group_sizes add up to more than ",
-                        params.size(), " tensors");
+      TORCH_CHECK_VALUE(i < params.size(), msg("fastsam.", op, ": group_sizes add up to more than ",
+                        params.size(), " tensors"));
       const bool filter_1d = modes[k] == kFilter && params[i].dim() < 2;  // 1-D: element-wise
       out.mode.push_back(filter_1d ? kElement : modes[k]);
       out.group.push_back(static_cast<int64_t>(k));
       out.eta.push_back(etas[k]);
     }
   }
-  TORCH_CHECK_VALUE(out.mode.size() == params.size(), "fastsam.", op, ": group_sizes add up to ",
-                    out.mode.size(), " but there are ", params.size(), " tensors");
+  TORCH_CHECK_VALUE(out.mode.size() == params.size(),
+                    msg("fastsam.", op, ": group_sizes add up to ", out.mode.size(),
+                        " but there are ", params.size(), " tensors"));
   return out;
 }
 
@@ -202,32 +244,33 @@ std::vector<HostTable> build_tables(const Lists& lists, const PerTensor* options
 int qmode_of(double q) { return q == 2.0 ? kQ2 : q == 1.0 ? kQ1 : kQAny; }
 
 void check_exponents(const char* op, double q) {
-  TORCH_CHECK_VALUE(q >= 1.0, "fastsam.", op, ": q = ", q, " must be >= 1 (q is the dual of p > 1)");
+  TORCH_CHECK_VALUE(q >= 1.0, msg("fastsam.", op, ": q = ", q,
+                                  " must be >= 1 (q is the dual of p > 1)"));
 }
 
 // Scratch (fp64): [0, n) per-segment partials, [n, 2n) filter norms. Grown, never shrunk.
 void check_scratch(const char* op, at::Tensor& scratch, at::TensorList w, int64_t n, bool grow) {
   check_scalar_tensor(op, "scratch", scratch, w, 0);
-  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, "fastsam.", op,
-                   ": scratch must be float64, got ", scratch.scalar_type());
+  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, msg("fastsam.", op,
+                   ": scratch must be float64, got ", scratch.scalar_type()));
   if (scratch.numel() < 2 * n) {
-    TORCH_CHECK_VALUE(grow, "fastsam.", op, ": scratch holds ", scratch.numel(),
+    TORCH_CHECK_VALUE(grow, msg("fastsam.", op, ": scratch holds ", scratch.numel(),
                       " values but these tensors need ", 2 * n,
-                      "; call norm over the same tensors first");
+                      "; call norm over the same tensors first"));
     scratch.resize_({2 * n});
   }
 }
 
 void check_norm_out(const char* op, const char* name, const at::Tensor& t, at::TensorList w) {
   check_scalar_tensor(op, name, t, w, 1);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastsam.",
-                   op, ": ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, msg("fastsam.",
+                   op, ": ", name, " must be float32 or float64, got ", t.scalar_type()));
 }
 
 void check_hp(const char* op, const at::Tensor& hp, at::TensorList w, int64_t n) {
   check_scalar_tensor(op, "hp", hp, w, n);
-  TORCH_CHECK_TYPE(hp.scalar_type() == at::kDouble, "fastsam.", op, ": hp must be float64, got ",
-                   hp.scalar_type());
+  TORCH_CHECK_TYPE(hp.scalar_type() == at::kDouble,
+                   msg("fastsam.", op, ": hp must be float64, got ", hp.scalar_type()));
 }
 
 // The tables of one operator call as the kernels read them, plus what keeps them alive.
@@ -414,8 +457,8 @@ c10::Device device_of(at::TensorList w, const at::Tensor& fallback) {
 
 template <class D>
 void check_device(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().type() == D::type, "fastsam.", op, ": ", name, " is on ",
-                    t.device(), "; this kernel takes ", c10::DeviceType(D::type), " tensors");
+  TORCH_CHECK_VALUE(t.device().type() == D::type, msg("fastsam.", op, ": ", name, " is on ",
+                    t.device(), "; this kernel takes ", c10::DeviceType(D::type), " tensors"));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -457,9 +500,10 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
   check_norm_out("perturb", "norm_sum", norm_sum, params);
   check_device<D>("perturb", "norm_sum", norm_sum);
   check_scalar_tensor("perturb", "skipped", skipped, params, 1);
-  TORCH_CHECK_TYPE(skipped.scalar_type() == at::kFloat, "fastsam.perturb: skipped must be float32");
-  TORCH_CHECK_VALUE(group_rhos.size() == group_sizes.size(), "fastsam.perturb: ",
-                    group_rhos.size(), " rho values for ", group_sizes.size(), " groups");
+  TORCH_CHECK_TYPE(skipped.scalar_type() == at::kFloat,
+                   msg("fastsam.perturb: skipped must be float32"));
+  TORCH_CHECK_VALUE(group_rhos.size() == group_sizes.size(), msg("fastsam.perturb: ",
+                    group_rhos.size(), " rho values for ", group_sizes.size(), " groups"));
   const PerTensor options =
       expand_groups("perturb", params, group_sizes, group_modes, group_etas);
   const D dev(device_of(params, norm_sum));
@@ -504,14 +548,15 @@ template <class D>
 DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first_grads,
                               const std::optional<at::Tensor>& along, double alpha, bool swap) {
   if (first_grads.empty()) {
-    TORCH_CHECK_VALUE(!swap, "fastsam.", op, ": swap needs first_grads (the stored gradients)");
+    TORCH_CHECK_VALUE(!swap,
+                      msg("fastsam.", op, ": swap needs first_grads (the stored gradients)"));
     return {kGradPlain, 0, 0.0, nullptr, false};
   }
   lists.emplace_back("first_grads", first_grads);
   const int role = static_cast<int>(lists.size() - 1);
   if (swap) return {kGradSwap, role, 0.0, nullptr, false};
-  TORCH_CHECK_VALUE(along.has_value(), "fastsam.", op,
-                    ": first_grads given without along (GSAM's decomposition needs both)");
+  TORCH_CHECK_VALUE(along.has_value(), msg("fastsam.", op,
+                    ": first_grads given without along (GSAM's decomposition needs both)"));
   check_norm_out(op, "along", *along, lists.front().second);
   check_device<D>(op, "along", *along);
   return {kGradDecompose, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
@@ -570,7 +615,7 @@ void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps,
   check_device<D>("gsam_along", "out", out);
   check_scalar_tensor("gsam_along", "scratch", scratch, grads, 0);
   TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble,
-                   "fastsam.gsam_along: scratch must be float64, got ", scratch.scalar_type());
+                   msg("fastsam.gsam_along: scratch must be float64, got ", scratch.scalar_type()));
   const D dev(device_of(grads, out));
   const TablesPtr tables = dev.tables("gsam_along", lists, nullptr);
   const int64_t n = tables->n_segments;
@@ -583,6 +628,10 @@ void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps,
   }
   dev.gsam_along(partials, n, eps, out);
 }
+
+#ifdef FASTSAM_WITH_CUDA
+bool cuda_runnable_op(int64_t device) { return cuda::runnable(static_cast<int>(device)); }
+#endif
 
 }  // namespace
 }  // namespace fastsam
@@ -609,6 +658,10 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");
+#ifdef FASTSAM_WITH_CUDA
+  // Whether the CUDA kernels can run on device `device` (built for its architecture).
+  m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(fastsam, CPU, m) {

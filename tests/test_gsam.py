@@ -149,15 +149,15 @@ def test_grads_only_in_one_pass(backend, device):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_removed_component_is_orthogonal_to_adversarial_gradient(backend, seed):
+def test_removed_component_is_orthogonal_to_adversarial_gradient(backend, device, seed):
     gen = torch.Generator().manual_seed(seed)
     shapes = [(17,), (5, 9), (300,)]
-    adv = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-    first = [torch.randn(s, generator=gen, dtype=torch.float64) + 0.5 * a for s, a in
-             zip(shapes, adv)]
+    adv = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) for s in shapes]
+    first = [torch.randn(s, generator=gen, dtype=torch.float64).to(device) + 0.5 * a
+             for s, a in zip(shapes, adv)]
     alpha = 0.7
     new = [a.clone() for a in adv]
-    impl = fastsam.backends.select_backend(backend, torch.device("cpu"))
+    impl = fastsam.backends.select_backend(backend, device)
     impl.gsam_decompose([DecomposeGroup(new[:1], first[:1], alpha),
                          DecomposeGroup(new[1:], first[1:], alpha)], eps=1e-12)
     v = [(a - n) / alpha for a, n in zip(adv, new)]  # g_adv - alpha·v = new
@@ -242,10 +242,10 @@ def test_rmsprop_keeps_its_own_alpha():
     assert opt.param_groups[0]["alpha"] == 0.99 and opt.param_groups[0]["gsam_alpha"] == 0.3
 
 
-def test_official_construction_and_set_closure_match_the_two_step_api(backend):
+def test_official_construction_and_set_closure_match_the_two_step_api(backend, device):
     torch.manual_seed(0)
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    model, twin = _Net(), _Net()
+    x, y = torch.randn(32, 6, device=device), torch.randint(0, 3, (32,), device=device)
+    model, twin = _Net().to(device), _Net().to(device)
     twin.load_state_dict(model.state_dict())
     loss_fn = torch.nn.CrossEntropyLoss()
 
