@@ -391,5 +391,18 @@ void gsam_along(const double* partials, int64_t n, double eps, void* out, bool o
   check_launch("gsam along");
 }
 
+bool runnable(int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();  // leave no sticky error for the next launch check
+    return false;
+  }
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, restore_kernel<float>);
+  cudaGetLastError();
+  cudaSetDevice(previous);
+  return err == cudaSuccess;
+}
+
 }  // namespace cuda
 }  // namespace fastsam

@@ -103,6 +103,9 @@ void gsam_partials(const Table& t, double* partials, void* stream);
 // out = along from the n partial triples summed in a fixed order (one block).
 void gsam_along(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
                 void* stream);
+// Whether these kernels have an image (machine code or PTX) that `device` can run: false when
+// the extension was built for other architectures (FASTSAM_CUDA_ARCHS) or there is no device.
+bool runnable(int device);
 }  // namespace cuda
 
 }  // namespace fastsam

@@ -179,6 +179,15 @@ def test_cuda_backend_refused_on_cpu_parameters():
         fastsam.SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, lr=0.1, backend="cuda")
 
 
+@pytest.mark.gpu
+def test_cuda_is_the_automatic_choice_on_a_gpu(ops):
+    from fastsam.backends import select_backend
+
+    assert ops.cuda_runnable(torch.cuda.current_device()) is True
+    assert ops.cuda_runnable(10_000) is False  # no such device: refused, not an error
+    assert select_backend(None, torch.device("cuda")).name == "cuda"
+
+
 def test_missing_extension_is_explained(monkeypatch):
     from fastsam.backends import native, select_backend
 

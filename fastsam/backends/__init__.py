@@ -1,10 +1,10 @@
 """Backend selection: explicit ``backend=`` > ``FASTSAM_BACKEND`` > automatic.
 
-Automatic: CUDA tensors get ``triton`` when Triton is importable, else ``torch``; CPU tensors
-get ``cpu`` when the extension ``fastsam._C`` is built, else ``torch``. The ``cuda`` backend
-(the extension's CUDA kernels) is chosen only when asked for by name until it has been
-verified on a GPU. A request that cannot be honoured raises a ``RuntimeError`` that names every
-backend and why it was or was not usable, so the fix is in the message.
+Automatic: CUDA tensors get ``cuda`` (the extension's CUDA kernels) when ``fastsam._C`` was
+built with them for this GPU, else ``triton`` when Triton is importable, else ``torch``; CPU
+tensors get ``cpu`` when the extension is built, else ``torch``. A request that cannot be
+honoured raises a ``RuntimeError`` that names every backend and why it was or was not usable,
+so the fix is in the message.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def select_backend(requested: str | None, device: torch.device) -> Backend:
         requested = os.environ.get(ENV_VAR) or None
         source = f"{ENV_VAR}="
     if requested is None:
-        order = ("triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for name in order:
             if _refusal(name, device) is None:
                 return _build(name)

@@ -56,6 +56,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
             "fastsam._C was built without CUDA kernels (the installed torch had no CUDA, or "
             "nvcc was not found when fastsam was built)"
         )
+    if name == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if not torch.ops.fastsam.cuda_runnable(index):
+            major, minor = torch.cuda.get_device_capability(index)
+            return (
+                f"fastsam._C has no CUDA kernels for this GPU (compute capability "
+                f"{major}.{minor}); rebuild with FASTSAM_CUDA_ARCHS={major}.{minor}"
+            )
     return None
 
 
