@@ -11,6 +11,8 @@
 //   restore  w ← w_old
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
+//            (both: with `average`, the averaged weights follow the new w in the same pass,
+//            fastsam.functional.Average; its weight is one more hp entry)
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //
@@ -562,22 +564,31 @@ DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first
   return {kGradDecompose, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
 }
 
+// The role of the averaged weights (kernels.h SgdArgs), appended to the lists when given.
+int average_role(Lists& lists, at::TensorList average) {
+  if (average.empty()) return -1;
+  lists.emplace_back("average", average);
+  return static_cast<int>(lists.size() - 1);
+}
+
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
-            double alpha, bool swap) {
+            double alpha, bool swap, at::TensorList average) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
   const DecomposeArgs decompose =
       gradient_source<D>("sgd", lists, first_grads, along, alpha, swap);
+  const int avg_role = average_role(lists, average);
   check_lists("sgd", lists);
-  check_hp("sgd", hp, params, 4);
+  check_hp("sgd", hp, params, avg_role < 0 ? 4 : kSgdAverageWeight + 1);
   check_device<D>("sgd", "hp", hp);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh, nesterov, maximize, decompose};
+  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh,   nesterov,
+                     maximize,              decompose,    avg_role};
   const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.sgd(t, args);
 }
@@ -587,7 +598,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
              const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
              at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
-             bool swap) {
+             bool swap, at::TensorList average) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
@@ -596,12 +607,14 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   const DecomposeArgs decompose =
       gradient_source<D>("adam", lists, first_grads, along, alpha, swap);
+  const int avg_role = average_role(lists, average);
   check_lists("adam", lists);
-  check_hp("adam", hp, params, 8);
+  check_hp("adam", hp, params, avg_role < 0 ? 8 : kAdamAverageWeight + 1);
   check_device<D>("adam", "hp", hp);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose};
+  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose,
+                      avg_role};
   const TablesPtr tables = dev.tables("adam", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.adam(t, args);
 }
@@ -649,12 +662,12 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor(c!)[] first_grads, "
-      "Tensor? along, float alpha, bool swap) -> ()");
+      "Tensor? along, float alpha, bool swap, Tensor(d!)[] average) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
       "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
-      "float alpha, bool swap) -> ()");
+      "float alpha, bool swap, Tensor(f!)[] average) -> ()");
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");

@@ -199,8 +199,10 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
   const S* __restrict__ g = address<const S>(tab, kSgdG, seg);
   S* __restrict__ first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* __restrict__ buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
+  S* __restrict__ avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
   const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
   const A weight_decay = A(a.hp[3]);
+  const A avg_weight = avg ? A(a.hp[kSgdAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? A(buf[i]) : A(0);
     const A d = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
@@ -209,7 +211,9 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(A(old[i]), d, b, lr, momentum,
                                                                   dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = S(b);
-    return S(updated);
+    const S out = S(updated);
+    if (avg) avg[i] = S(average(A(avg[i]), A(out), avg_weight));
+    return out;
   });
 }
 
@@ -225,8 +229,10 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
   S* __restrict__ m = address<S>(tab, kAdamM, seg);
   S* __restrict__ v = address<S>(tab, kAdamV, seg);
   S* __restrict__ vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
+  S* __restrict__ avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
   const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
                          A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+  const A avg_weight = avg ? A(a.hp[kAdamAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
     const A gi = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
@@ -236,7 +242,9 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
     m[i] = S(mi);
     v[i] = S(vi);
     if (AMSGRAD) vmax[i] = S(vmaxi);
-    return S(updated);
+    const S out = S(updated);
+    if (avg) avg[i] = S(average(A(avg[i]), A(out), avg_weight));
+    return out;
   });
 }
 

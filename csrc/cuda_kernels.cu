@@ -208,8 +208,10 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   const S* g = address<const S>(tab, kSgdG, seg);
   S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
+  S* avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
   const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
   const A weight_decay = A(a.hp[3]);
+  const A avg_weight = avg ? A(a.hp[kSgdAverageWeight]) : A(0);
   const GradientScalars<A> k = gradient_scalars<GM, A>(a.decompose, a.maximize);
   for_each(seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
@@ -221,7 +223,12 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(
         Storage<S>::load(old[i]), d, b, lr, momentum, dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = Storage<S>::store(b);
-    w[i] = Storage<S>::store(updated);
+    const S out = Storage<S>::store(updated);
+    w[i] = out;
+    if (avg) {
+      avg[i] = Storage<S>::store(
+          average(Storage<S>::load(avg[i]), Storage<S>::load(out), avg_weight));
+    }
   });
 }
 
@@ -237,8 +244,10 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   S* m = address<S>(tab, kAdamM, seg);
   S* v = address<S>(tab, kAdamV, seg);
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
+  S* avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
   const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
                          A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+  const A avg_weight = avg ? A(a.hp[kAdamAverageWeight]) : A(0);
   for_each(seg.len, [&](int64_t i) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
     A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);
@@ -252,7 +261,12 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
     m[i] = Storage<S>::store(mi);
     v[i] = Storage<S>::store(vi);
     if (AMSGRAD) vmax[i] = Storage<S>::store(vmaxi);
-    w[i] = Storage<S>::store(updated);
+    const S out = Storage<S>::store(updated);
+    w[i] = out;
+    if (avg) {
+      avg[i] = Storage<S>::store(
+          average(Storage<S>::load(avg[i]), Storage<S>::load(out), avg_weight));
+    }
   });
 }
 

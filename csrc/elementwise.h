@@ -93,6 +93,13 @@ FASTSAM_HD A sgd(A w, A d, A& buf, A lr, A momentum, A dampening, A weight_decay
   return w - lr * d;
 }
 
+// Weight averaging (fastsam.functional.Average) of the stored new weight w: w itself when
+// weight is 1 (the first average: an exact copy), else avg + weight·(w − avg).
+template <typename A>
+FASTSAM_HD A average(A avg, A w, A weight) {
+  return weight == A(1) ? w : avg + weight * (w - avg);
+}
+
 // The scalars of torch.optim.Adam/AdamW as the launchers pass them:
 // hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay].
 template <typename A>

@@ -64,17 +64,24 @@ struct DecomposeArgs {
   bool along_fp64;
 };
 
+// Weight averaging after an update (fastsam.functional.Average): the averaged weights are at
+// role `average_role` (-1: no averaging) and the weight is the hp entry after the optimizer's.
 struct SgdArgs {
-  const double* hp;  // [lr, momentum, dampening, weight_decay]
+  const double* hp;  // [lr, momentum, dampening, weight_decay, averaging weight]
   bool has_momentum, fresh, nesterov, maximize;
   DecomposeArgs decompose;
+  int average_role;
 };
 
 struct AdamArgs {
-  const double* hp;  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd]
+  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd, averaging weight]
+  const double* hp;
   bool decoupled, amsgrad, maximize;
   DecomposeArgs decompose;
+  int average_role;
 };
+constexpr int kSgdAverageWeight = 4;
+constexpr int kAdamAverageWeight = 8;
 
 namespace cpu {
 void norm_partials(const Table& t, const NormArgs& a);

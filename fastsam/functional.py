@@ -180,6 +180,35 @@ class Swap:
 GradientSource = Decomposition | Swap
 
 
+@dataclass(frozen=True)
+class Average:
+    """Weight averaging (SWA, EMA) folded into pass C: once ``params[i]`` holds its updated
+    value w (as stored, rounded to its dtype), ``buffers[i]`` becomes
+
+        avg = w                          when weight == 1 (the first average: an exact copy)
+        avg = avg + weight·(w - avg)     otherwise
+
+    SWA's running mean of n earlier averages uses weight 1/(n + 1), an EMA 1 - decay."""
+
+    buffers: list[Tensor]
+    weight: float
+
+    def select(self, idx: list[int]) -> Average:
+        return Average([self.buffers[i] for i in idx], self.weight)
+
+
+def foreach_average(params: list[Tensor], average: Average) -> None:
+    """:class:`Average` as one foreach call of its own over ``params``."""
+    import torch
+
+    if not params:
+        return
+    if average.weight == 1.0:
+        torch._foreach_copy_(average.buffers, params)
+    else:
+        torch._foreach_lerp_(average.buffers, params, average.weight)
+
+
 def dual_exponent(p: float) -> float:
     """q with 1/p + 1/q = 1 (p = 2 → 2, p = ∞ → 1)."""
     return 1.0 if math.isinf(p) else p / (p - 1.0)
@@ -219,6 +248,7 @@ class Backend:
         hyper: SGDHyper,
         fresh_buffers: bool,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         """Pass C fused with torch.optim.SGD::
 
@@ -231,7 +261,8 @@ class Backend:
             w = w_old - lr·d
 
         ``momentum_buffers`` is empty when momentum is 0. ``w_old[i]`` may be ``params[i]``
-        itself (a parameter that was not perturbed)."""
+        itself (a parameter that was not perturbed). With ``average``, the same pass then
+        averages the new w into its buffers (:class:`Average`)."""
         raise NotImplementedError
 
     def restore_adam(
@@ -244,6 +275,7 @@ class Backend:
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         """Pass C fused with torch.optim.Adam/AdamW (every tensor at the same ``hyper.step``)::
 
@@ -253,8 +285,13 @@ class Backend:
             m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
             w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)
 
-        ``max_exp_avg_sqs`` is empty unless amsgrad."""
+        ``max_exp_avg_sqs`` is empty unless amsgrad. ``average`` as in :meth:`restore_sgd`."""
         raise NotImplementedError
+
+    def average(self, params: list[Tensor], average: Average) -> None:
+        """Averaging as its own pass (:class:`Average`), for updates that are not fused (any
+        other base optimizer): :func:`foreach_average`."""
+        foreach_average(params, average)
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
         """GSAM's reduction pass, one read of g_adv and g for every group together::

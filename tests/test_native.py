@@ -36,7 +36,8 @@ def _tensors(shapes, dtype=torch.float32, seed=0):
 SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 
-NO_GSAM = ([], None, 0.0, False)  # the sgd/adam operators' trailing decomposition arguments, unused
+# The sgd/adam operators' trailing gradient-source and averaging arguments, unused.
+NO_GSAM = ([], None, 0.0, False, [])
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
@@ -124,15 +125,20 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.perturb(w, w, w, [2], [0], [0.0], [0.05], torch.ones(()),
                     torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
     with pytest.raises(ValueError, match="swap needs first_grads"):
-        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, True)
+        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, True, [])
     with pytest.raises(ValueError, match="first_grads given without along"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, False)
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, False, [])
     with pytest.raises(ValueError, match=r"adam: first_grads\[1\] has shape \[12\]"):
         ops.adam(w, w, w, w, w, [], torch.zeros(8, dtype=torch.float64), True, False, False,
-                 [w[0], w[1].flatten()], torch.zeros(()), 0.5, False)
+                 [w[0], w[1].flatten()], torch.zeros(()), 0.5, False, [])
     with pytest.raises(TypeError, match="along must be float32 or float64"):
         ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5,
-                False)
+                False, [])
+    with pytest.raises(ValueError, match=r"sgd: average has 1 tensors but params has 2"):
+        ops.sgd(w, w, w, [], torch.zeros(5, dtype=torch.float64), False, False, False, *NO_GSAM[:4],
+                w[:1])
+    with pytest.raises(ValueError, match=r"sgd: hp has 4 elements, needs 5"):
+        ops.sgd(w, w, w, [], hp, False, False, False, *NO_GSAM[:4], w)
     with pytest.raises(ValueError, match="gsam_along: first_grads has 1 tensors but grads has 2"):
         ops.gsam_along(w, w[:1], 1e-12, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
 
@@ -148,6 +154,10 @@ def test_operator_schemas_pass_opcheck(ops):
     adam_hp = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.0447, 1.0], dtype=torch.float64)
     keep = [torch.empty_like(g) for g in grads]
     along = torch.tensor(0.25)
+
+    def avg_hp(hp):  # the averaging weight follows the optimizer's scalars
+        return torch.cat([hp, torch.tensor([0.3], dtype=torch.float64)])
+
     calls = [
         (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
         (ops.perturb.default, (params, grads, old, [2], [0], [0.0], [0.05], out, scratch, 2.0,
@@ -157,13 +167,18 @@ def test_operator_schemas_pass_opcheck(ops):
         (ops.restore.default, (params, old)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
-                           0.4, False)),
+                           0.4, False, [])),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
                             True, False, False, *NO_GSAM)),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
-                            True, False, False, keep, along, 0.4, False)),
+                            True, False, False, keep, along, 0.4, False, [])),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False,
-                           [g.clone() for g in grads], None, 0.0, True)),
+                           [g.clone() for g in grads], None, 0.0, True, [])),
+        (ops.sgd.default, (params, grads, old, bufs, avg_hp(sgd_hp), False, False, False,
+                           *NO_GSAM[:4], [p.clone() for p in params])),
+        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [],
+                            avg_hp(adam_hp), True, False, False, *NO_GSAM[:4],
+                            [p.clone() for p in params])),
         (ops.gsam_along.default, (grads, keep, 1e-12, torch.zeros(()),
                                   torch.zeros(6, dtype=torch.float64))),
     ]

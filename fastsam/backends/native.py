@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..functional import (
     AdamHyper,
+    Average,
     Backend,
     DecomposeGroup,
     GradientSource,
@@ -97,6 +98,14 @@ def _source(source: GradientSource | None) -> tuple:
     return source.first_grads, source.along, float(source.alpha), False
 
 
+def _averaging(hyper_scalars: tuple, average: Average | None) -> tuple[tuple, list[Tensor]]:
+    """The hp values and the trailing ``average`` list of the sgd and adam operators: the
+    averaging weight is one more hp entry (csrc/kernels.h)."""
+    if average is None:
+        return hyper_scalars, []
+    return hyper_scalars + (average.weight,), average.buffers
+
+
 class NativeBackend(Backend):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -156,14 +165,16 @@ class NativeBackend(Backend):
         hyper: SGDHyper,
         fresh_buffers: bool,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         if not params:
             return
-        hp = self._constants(hyper.kernel_scalars, params[0].device)
+        scalars, averaged = _averaging(hyper.kernel_scalars, average)
+        hp = self._constants(scalars, params[0].device)
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
             params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
-            *_source(source),
+            *_source(source), averaged,
         )
 
     def restore_adam(
@@ -176,14 +187,16 @@ class NativeBackend(Backend):
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         if not params:
             return
-        hp = self._constants(hyper.kernel_scalars, params[0].device)
+        scalars, averaged = _averaging(hyper.kernel_scalars, average)
+        hp = self._constants(scalars, params[0].device)
         torch.ops.fastsam.adam(
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp,
-            hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source),
+            hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source), averaged,
         )
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..functional import (
     AdamHyper,
+    Average,
     Backend,
     DecomposeGroup,
     GradientSource,
@@ -172,12 +173,15 @@ class TorchBackend(Backend):
         hyper: SGDHyper,
         fresh_buffers: bool,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         if not params:
             return
         self.restore(params, w_old)
         self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
         _finish_swap(grads, source)
+        if average is not None:
+            self.average(params, average)
 
     def _sgd(self, params, grads, momentum_buffers, hyper, fresh_buffers) -> None:
         d = torch._foreach_neg(grads) if hyper.maximize else grads
@@ -208,6 +212,7 @@ class TorchBackend(Backend):
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         if not params:
             return
@@ -215,6 +220,8 @@ class TorchBackend(Backend):
         self._adam(params, _update_grads(grads, source), exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                    hyper)
         _finish_swap(grads, source)
+        if average is not None:
+            self.average(params, average)
 
     def _adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper) -> None:
         g = torch._foreach_neg(grads) if hyper.maximize else grads

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..functional import (
     AdamHyper,
+    Average,
     Backend,
     DecomposeGroup,
     Decomposition,
@@ -241,8 +242,11 @@ def _grad_mode(source: GradientSource | None) -> int:
     return 0 if source is None else 1 if isinstance(source, Decomposition) else 2
 
 
-def _alpha(source: GradientSource | None) -> tuple:
-    return (source.alpha,) if isinstance(source, Decomposition) else ()
+def _extra_scalars(source: GradientSource | None, average: Average | None) -> tuple:
+    """The update kernels' scalars after the optimizer's: GSAM's alpha, the averaging weight
+    (0 where unused)."""
+    alpha = source.alpha if isinstance(source, Decomposition) else 0.0
+    return (alpha, average.weight if average is not None else 0.0)
 
 
 class TritonBackend(Backend):
@@ -362,24 +366,27 @@ class TritonBackend(Backend):
         hyper: SGDHyper,
         fresh_buffers: bool,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         has_momentum = hyper.momentum != 0
         roles = {"w": params, "g": grads, "old": w_old}
         if has_momentum:
             roles["buf"] = momentum_buffers
         _source_roles(roles, source)
-        constants = hyper.kernel_scalars + _alpha(source)
+        if average is not None:
+            roles["avg"] = average.buffers
+        constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
                 table.addr.get("buf", table.addr["w"]),
                 self._constants(constants, table.ref["w"].device),
-                *_source_args(table, source),
+                *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
-                MAXIMIZE=hyper.maximize, GMODE=_grad_mode(source), ACC=table.acc,
-                ALIGNED=table.aligned, BLOCK=BLOCK,
+                MAXIMIZE=hyper.maximize, GMODE=_grad_mode(source), AVG=average is not None,
+                ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     def restore_adam(
@@ -392,23 +399,26 @@ class TritonBackend(Backend):
         max_exp_avg_sqs: list[Tensor],
         hyper: AdamHyper,
         source: GradientSource | None = None,
+        average: Average | None = None,
     ) -> None:
         roles = {"w": params, "g": grads, "old": w_old, "m": exp_avgs, "v": exp_avg_sqs}
         if hyper.amsgrad:
             roles["vmax"] = max_exp_avg_sqs
         _source_roles(roles, source)
-        constants = hyper.kernel_scalars + _alpha(source)
+        if average is not None:
+            roles["avg"] = average.buffers
+        constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
                 table.addr["v"], table.addr.get("vmax", table.addr["v"]),
                 self._constants(constants, table.ref["w"].device),
-                *_source_args(table, source),
+                *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
-                GMODE=_grad_mode(source), ACC=table.acc, ALIGNED=table.aligned,
-                BLOCK=BLOCK,
+                GMODE=_grad_mode(source), AVG=average is not None, ACC=table.acc,
+                ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- GSAM's reduction

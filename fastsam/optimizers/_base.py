@@ -6,7 +6,8 @@ call the passes of :mod:`fastsam.functional` on the selected backend.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, is_not
@@ -16,9 +17,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..averaging import averaging_schedule
 from ..backends import select_backend
 from ..functional import (
     AdamHyper,
+    Average,
     Backend,
     Decomposition,
     GradientSource,
@@ -26,7 +29,10 @@ from ..functional import (
     Scaling,
     SGDHyper,
     dual_exponent,
+    foreach_average,
 )
+
+AVERAGE_KEY = "averaged_weights"  # per-parameter state entry of the averaged copy
 
 
 @dataclass
@@ -45,7 +51,10 @@ class _StepPlan:
     positions: list[list[int]]  # where each group's params sit in the flat parameter list
     device: torch.device | None
     has_complex: bool
+    idle: list[Tensor]  # parameters without a gradient this step (averaged on their own)
     states: list[list[dict]] | None = None  # per-parameter state dicts, looked up once
+    averaged: list[list[Tensor]] | None = None  # per group, the averaged copies (once)
+    idle_averaged: list[Tensor] | None = None
 
     def grads(self, flat_grads: list) -> list[list[Tensor]]:
         """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
@@ -88,12 +97,16 @@ def check_finite_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
-def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor) -> Tensor:
+def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor, copy: bool = False) -> Tensor:
     """``store[p]``: a buffer shaped like ``p``, allocated once and kept across steps
-    (re-allocated only if ``p`` changed shape, dtype or device)."""
+    (re-allocated only if ``p`` changed shape, dtype or device); ``copy``: a new buffer starts
+    as a copy of ``p`` rather than uninitialised."""
     buf = store.get(p)
     if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-        buf = store[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+        if copy:
+            buf.copy_(p.detach())
+        store[p] = buf
     return buf
 
 
@@ -116,6 +129,7 @@ class SharpnessAwareOptimizer(Optimizer):
         eps: float,
         backend: str | None,
         base_kwargs: dict[str, Any],
+        average: Any = None,
     ) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"p must be a number (2, float('inf') or any p > 1), got {p!r}")
@@ -130,6 +144,13 @@ class SharpnessAwareOptimizer(Optimizer):
         self._layout_version = 0  # bumped when groups or loaded state change: plans expire
         self._w_old: dict[Tensor, Tensor] = {}
         self._skipped: Tensor | None = None
+        # Weight averaging (fastsam.averaging): the schedule, the averaged copy of each
+        # parameter, the updates made and the snapshots averaged so far.
+        self._average_schedule = averaging_schedule(average)
+        self._averaged: dict[Tensor, Tensor] = {}
+        self._updates = 0
+        self._n_averaged = 0
+        self._swapped = False
 
         super().__init__(params, defaults)
         if isinstance(base_optimizer, Optimizer):
@@ -245,6 +266,7 @@ class SharpnessAwareOptimizer(Optimizer):
         if self._plan is not None and self._plan.key == key:
             return self._plan, flat_grads
         params, w_old, positions, device, has_complex = [], [], [], None, False
+        idle = [p for p, g in zip(flat, flat_grads) if g is None]
         offset = 0
         for group in self.param_groups:
             n = len(group["params"])
@@ -262,7 +284,7 @@ class SharpnessAwareOptimizer(Optimizer):
                     )
                 has_complex |= p.is_complex()
                 w_old[-1].append(persistent_buffer(self._w_old, p) if self._keeps_w_old else p)
-        self._plan = _StepPlan(key, params, w_old, positions, device, has_complex)
+        self._plan = _StepPlan(key, params, w_old, positions, device, has_complex, idle)
         return self._plan, flat_grads
 
     @torch.no_grad()
@@ -278,6 +300,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 "first_step() was called twice without second_step() in between: the weights "
                 "are already perturbed. Call second_step() (or step()) to restore and update."
             )
+        self._refuse_when_swapped("first_step()")
         plan, flat_grads = self._step_plan()
         if plan.device is not None:
             kept = self._kept_gradients(plan) or repeat(None)
@@ -317,6 +340,7 @@ class SharpnessAwareOptimizer(Optimizer):
         all_grads = now.grads(flat_grads)
         fused = self._fused_update_kind(now)
         sources = self._before_update(perturbed, now, all_grads, fused is not None)
+        averages = self._count_update(now)
         if fused and now.states is None:
             # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
             # torch.optim only ever replaces the whole state mapping, which expires the plan.
@@ -343,9 +367,11 @@ class SharpnessAwareOptimizer(Optimizer):
             backend = self._backend_for(params[0].device)
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
             source = sources[i] if sources else None
-            update(backend, group, params, all_grads[i], w_old, now.states[i], source)
+            average = averages[i] if averages else None
+            update(backend, group, params, all_grads[i], w_old, now.states[i], source, average)
         if fused is None:
             self.base_optimizer.step()
+        self._average_rest(now, averages, fused is None)
         # An lr scheduler attached to either optimizer warns "lr_scheduler.step() before
         # optimizer.step()" unless it saw a step: the fused update and the two-step API bypass
         # the step() it wraps, so mark both as stepped (torch.optim.lr_scheduler's flag).
@@ -384,6 +410,129 @@ class SharpnessAwareOptimizer(Optimizer):
         self.second_step()
         return loss
 
+    def _update_in_place(
+        self,
+        plan: _StepPlan,
+        all_grads: list[list[Tensor]],
+        sources: list[GradientSource | None] | None = None,
+    ) -> None:
+        """One update of the plan's parameters from their current weights, with nothing to
+        restore (FreeSAM, LookSAM's look-ahead steps): fused with SGD/Adam/AdamW (each
+        parameter is its own w_old; ``sources`` per group), else the base optimizer's own
+        ``step()``. Counts the update and averages the weights as scheduled."""
+        averages = self._count_update(plan)
+        fused = self._fused_update_kind(plan)
+        if plan.device is not None and fused is not None:
+            if plan.states is None:
+                plan.states = [[self.state[p] for p in ps] for ps in plan.params]
+            backend = self._backend_for(plan.device)
+            update = self._fused_sgd if fused == "sgd" else self._fused_adam
+            for i, (group, params, grads, states) in enumerate(
+                zip(self.param_groups, plan.params, all_grads, plan.states)
+            ):
+                if params:
+                    source = sources[i] if sources else None
+                    average = averages[i] if averages else None
+                    update(backend, group, params, grads, params, states, source, average)
+        elif plan.device is not None:
+            self.base_optimizer.step()
+        self._average_rest(plan, averages, fused is None)
+        self._opt_called = self.base_optimizer._opt_called = True
+
+    # ----------------------------------------------------------------- weight averaging
+    def _count_update(self, plan: _StepPlan) -> list[Average] | None:
+        """Count one update; per group of ``plan``, the averaging the update folds in when the
+        schedule averages the weights after it, else None."""
+        self._updates += 1
+        schedule = self._average_schedule
+        if schedule is None or not schedule.due(self._updates):
+            return None
+        weight = schedule.weight(self._n_averaged)
+        self._n_averaged += 1
+        if plan.averaged is None:  # new copies start as the weights: defined from the start
+            plan.averaged = [
+                [persistent_buffer(self._averaged, p, copy=True) for p in ps] for ps in plan.params
+            ]
+        return [Average(buffers, weight) for buffers in plan.averaged]
+
+    def _average_rest(
+        self, plan: _StepPlan, averages: list[Average] | None, unfused: bool
+    ) -> None:
+        """The averaging an update did not fold in: every parameter with a gradient when the
+        base optimizer stepped by itself (``unfused``), and those without a gradient this step
+        (``torch.optim.swa_utils.AveragedModel`` averages every parameter)."""
+        if not averages:
+            return
+        if unfused and plan.device is not None:
+            backend = self._backend_for(plan.device)
+            for params, average in zip(plan.params, averages):
+                backend.average(params, average)
+        if plan.idle:
+            if plan.idle_averaged is None:
+                plan.idle_averaged = [
+                    persistent_buffer(self._averaged, p, copy=True) for p in plan.idle
+                ]
+            foreach_average(plan.idle, Average(plan.idle_averaged, averages[0].weight))
+
+    @property
+    def n_averaged(self) -> int:
+        """Snapshots in the averaged weights so far (0 without ``average=``)."""
+        return self._n_averaged
+
+    @torch.no_grad()
+    def swap_average(self) -> None:
+        """Exchange every parameter with its averaged copy, in place: the parameters keep their
+        storage and identity, so a model evaluates with the averaged weights. Call again to
+        swap back; :meth:`averaged_weights` does both around a block. Stepping is refused while
+        the averaged weights are in."""
+        self._refuse_when_perturbed("swap_average()")
+        if self._average_schedule is None:
+            raise RuntimeError(
+                "this optimizer averages no weights: construct it with average='swa' or 'ema' "
+                "(or fastsam.SWA(...) / fastsam.EMA(...))"
+            )
+        if self._n_averaged == 0:
+            raise RuntimeError(
+                f"no weights have been averaged yet: {self._updates} updates made, and "
+                f"{self._average_schedule} averages after update "
+                f"{self._average_schedule.start + self._average_schedule.every} first"
+            )
+        for p, average in self._averaged.items():  # one tensor's copy at a time
+            current = p.detach().clone()
+            p.detach().copy_(average)
+            average.copy_(current)
+        self._swapped = not self._swapped
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Context manager: the averaged weights are in the parameters inside, the trained
+        weights again after it (even on an exception).
+
+        Example:
+            >>> import torch, fastsam
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, average="swa")
+            >>> for _ in range(3):
+            ...     model(torch.randn(4, 3)).square().mean().backward()
+            ...     opt.first_step(zero_grad=True)
+            ...     model(torch.randn(4, 3)).square().mean().backward()
+            ...     opt.second_step(zero_grad=True)
+            >>> with opt.averaged_weights():
+            ...     out = model(torch.randn(2, 3))  # evaluated with the running mean
+        """
+        self.swap_average()
+        try:
+            yield
+        finally:
+            self.swap_average()
+
+    def _refuse_when_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                f"{what} while the averaged weights are swapped into the parameters "
+                "(swap_average() / averaged_weights()): swap back first"
+            )
+
     # ----------------------------------------------------------------- fused base updates
     def _fused_update_kind(self, plan: _StepPlan) -> str | None:
         """'sgd' or 'adam' when the base update can be fused with the restore, else None.
@@ -419,6 +568,7 @@ class SharpnessAwareOptimizer(Optimizer):
         w_old: list,
         states: list,
         source: GradientSource | None,
+        average: Average | None = None,
     ) -> None:
         hyper = SGDHyper(
             lr=_lr(group["lr"]),
@@ -429,11 +579,11 @@ class SharpnessAwareOptimizer(Optimizer):
             maximize=group.get("maximize", False),
         )
         if hyper.momentum == 0:
-            backend.restore_sgd(params, grads, w_old, [], hyper, False, source)
+            backend.restore_sgd(params, grads, w_old, [], hyper, False, source, average)
             return
         bufs = [state.get("momentum_buffer") for state in states]
         if all(map(is_not, bufs, repeat(None))):  # steady state: one call
-            backend.restore_sgd(params, grads, w_old, bufs, hyper, False, source)
+            backend.restore_sgd(params, grads, w_old, bufs, hyper, False, source, average)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
         # call with fresh_buffers=True.
@@ -453,6 +603,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 hyper,
                 fresh,
                 source.select(idx) if source else None,
+                average.select(idx) if average else None,
             )
 
     def _fused_adam(
@@ -464,6 +615,7 @@ class SharpnessAwareOptimizer(Optimizer):
         w_old: list,
         states: list,
         source: GradientSource | None,
+        average: Average | None = None,
     ) -> None:
         amsgrad = group["amsgrad"]
         for p, state in zip(params, states):
@@ -509,6 +661,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
                 hyper,
                 source.select(idx) if source else None,
+                average.select(idx) if average else None,
             )
 
     # ----------------------------------------------------------------- state
@@ -517,14 +670,46 @@ class SharpnessAwareOptimizer(Optimizer):
         per-group options (rho, ...) in its param_groups. Loadable by the base optimizer class
         itself, and by a fresh fastsam optimizer. Refused between first and second step."""
         self._refuse_when_perturbed("state_dict()")
-        return self.base_optimizer.state_dict()
+        self._refuse_when_swapped("state_dict()")
+        sd = self.base_optimizer.state_dict()
+        if self._average_schedule is None:
+            return sd
+        # Weight averaging: each parameter's averaged copy in its state, and the counters.
+        state = dict(sd["state"])
+        for i, p in enumerate(self._indexed_params()):
+            if p in self._averaged:
+                state[i] = {**state.get(i, {}), AVERAGE_KEY: self._averaged[p]}
+        averaging = {"updates": self._updates, "n_averaged": self._n_averaged}
+        return {**sd, "state": state, "averaging": averaging}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by :meth:`state_dict` or by the plain base optimizer."""
         self._refuse_when_perturbed("load_state_dict()")
-        self.base_optimizer.load_state_dict(state_dict)
+        self._refuse_when_swapped("load_state_dict()")
+        state_dict = dict(state_dict)
+        averaging = state_dict.pop("averaging", None)
+        averaged, state = {}, {}
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            if AVERAGE_KEY in value:
+                averaged[key] = value.pop(AVERAGE_KEY)
+            if value:
+                state[key] = value
+        self.base_optimizer.load_state_dict({**state_dict, "state": state})
         self._link_base()
         self._layout_version += 1
+        params = self._indexed_params()
+        self._averaged = {}
+        for key, tensor in averaged.items():
+            p = params[int(key)]
+            self._averaged[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+        if averaging is not None:
+            self._updates = int(averaging["updates"])
+            self._n_averaged = int(averaging["n_averaged"])
+
+    def _indexed_params(self) -> list[Tensor]:
+        """Parameters in state_dict order (torch.optim numbers them across groups in order)."""
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _refuse_when_perturbed(self, what: str) -> None:
         if self._perturbed is not None:

@@ -36,7 +36,8 @@ class ASAM(SharpnessAwareOptimizer):
         eta (float, default 0.01): added to |w| (or the filter norm) so zero weights still move.
         normalization (str, default ``"element"``): ``"element"`` or ``"filter"``.
         adaptive (bool, default True): apply T in this group.
-        p (float, default 2), eps (float, default 1e-12), backend (str, optional): as in SAM.
+        p (float, default 2), eps (float, default 1e-12), backend (str, optional), average
+            (optional): as in SAM.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -61,6 +62,8 @@ class ASAM(SharpnessAwareOptimizer):
         p: float = 2,
         eps: float = 1e-12,
         backend: str | None = None,
+        *,
+        average: Any = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -71,6 +74,7 @@ class ASAM(SharpnessAwareOptimizer):
             eps=eps,
             backend=backend,
             base_kwargs=base_kwargs,
+            average=average,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

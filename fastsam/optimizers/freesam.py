@@ -39,7 +39,7 @@ class FreeSAM(SharpnessAwareOptimizer):
         params: parameters or parameter groups.
         base_optimizer: a ``torch.optim.Optimizer`` class (built with ``base_kwargs``) or an
             instance over exactly these parameters.
-        backend (str, optional): as in :class:`fastsam.SAM`.
+        backend (str, optional), average (optional): as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -58,6 +58,7 @@ class FreeSAM(SharpnessAwareOptimizer):
         base_optimizer: type[Optimizer] | Optimizer,
         *,
         backend: str | None = None,
+        average: Any = None,
         **base_kwargs: Any,
     ) -> None:
         self._stored: dict[Tensor, Tensor] = {}
@@ -65,7 +66,7 @@ class FreeSAM(SharpnessAwareOptimizer):
         # once per step (tensor-keyed lookups cost microseconds per parameter).
         self._stored_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         super().__init__(params, base_optimizer, {}, p=2, eps=0.0, backend=backend,
-                         base_kwargs=base_kwargs)
+                         base_kwargs=base_kwargs, average=average)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         pass  # no options of its own
@@ -95,47 +96,34 @@ class FreeSAM(SharpnessAwareOptimizer):
         Args:
             closure: optional, recomputes the loss (forward + backward); its loss is returned.
         """
+        self._refuse_when_swapped("step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plan, flat_grads = self._step_plan()
-        if plan.device is None:
-            return loss
         all_grads = plan.grads(flat_grads)
-        if plan.states is None:
-            plan.states = [[self.state[p] for p in ps] for ps in plan.params]
         if self._stored_plan is None or self._stored_plan[0] is not plan:
             stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]
             self._stored_plan = (plan, stored)
-        fused = self._fused_update_kind(plan)
-        backend = self._backend_for(plan.device)
-        for group, params, grads, states, previous in zip(
-            self.param_groups, plan.params, all_grads, plan.states, self._stored_plan[1]
-        ):
-            if not params:
-                continue
-            if fused is None:  # the base optimizer steps with the stored gradients in .grad
+        stored = self._stored_plan[1]
+        if self._fused_update_kind(plan) is not None:
+            self._update_in_place(plan, all_grads, [Swap(previous) for previous in stored])
+            return loss
+        # The base optimizer steps with the stored gradients in .grad, then .grad gets this
+        # step's gradient back (kept in the stored buffer meanwhile).
+        for grads, previous in zip(all_grads, stored):
+            if grads:
                 current = [g.clone() for g in grads]
                 torch._foreach_copy_(grads, previous)
                 torch._foreach_copy_(previous, current)
-                continue
-            update = self._fused_sgd if fused == "sgd" else self._fused_adam
-            # Not perturbed: each parameter is its own w_old (the kernels allow it).
-            update(backend, group, params, grads, params, states, Swap(previous))
-        if fused is None:
-            self.base_optimizer.step()
-            for grads, previous in zip(all_grads, self._stored_plan[1]):
-                if grads:  # .grad back to this step's gradient (now in the stored buffer)
-                    torch._foreach_copy_(grads, previous)
-        self._opt_called = self.base_optimizer._opt_called = True
+        self._update_in_place(plan, all_grads)
+        for grads, previous in zip(all_grads, stored):
+            if grads:
+                torch._foreach_copy_(grads, previous)
         return loss
 
     # ----------------------------------------------------------------- state
-    def _indexed_params(self) -> list[Tensor]:
-        """Parameters in state_dict order (torch.optim numbers them across groups in order)."""
-        return [p for group in self.param_groups for p in group["params"]]
-
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict with each parameter's stored gradient added to its
         state under ``"previous_grad"``."""

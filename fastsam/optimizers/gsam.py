@@ -80,7 +80,7 @@ class GSAM(SharpnessAwareOptimizer):
         rho (float, default 0.05): radius when no scheduler is given.
         alpha (float, default 0.4): weight of the removed orthogonal component.
         eps (float, default 1e-12): the constant of every denominator above.
-        backend (str, optional): as in :class:`fastsam.SAM`.
+        backend (str, optional), average (optional): as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -109,6 +109,7 @@ class GSAM(SharpnessAwareOptimizer):
         alpha: float | None = None,
         eps: float = 1e-12,
         backend: str | None = None,
+        average: Any = None,
         **base_kwargs: Any,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -139,6 +140,7 @@ class GSAM(SharpnessAwareOptimizer):
             eps=eps,
             backend=backend,
             base_kwargs=base_kwargs,
+            average=average,
         )
         self.rho_t = rho
         if rho_scheduler is not None:

@@ -37,6 +37,9 @@ class SAM(SharpnessAwareOptimizer):
         eps (float, default 1e-12): added to the norm in the denominator.
         backend (str, optional): ``"torch"``, ``"triton"``, ``"cpu"`` or ``"cuda"``; default:
             ``FASTSAM_BACKEND``, else automatic.
+        average (optional): weight averaging fused into the update, ``"swa"``, ``"ema"``,
+            ``fastsam.SWA(start, every)`` or ``fastsam.EMA(decay, start, every)``; evaluate
+            with :meth:`averaged_weights` (see :mod:`fastsam.averaging`).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:
@@ -59,6 +62,8 @@ class SAM(SharpnessAwareOptimizer):
         p: float = 2,
         eps: float = 1e-12,
         backend: str | None = None,
+        *,
+        average: Any = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -69,6 +74,7 @@ class SAM(SharpnessAwareOptimizer):
             eps=eps,
             backend=backend,
             base_kwargs=base_kwargs,
+            average=average,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

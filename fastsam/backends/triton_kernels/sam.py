@@ -199,6 +199,16 @@ def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
 
 
 @triton.jit
+def _average(avg_ptr, idx, inside, new_w, weight, ACC: tl.constexpr):
+    """Weight averaging of the stored new weights (functional.Average): avg ← w when weight is 1
+    (an exact copy), else avg + weight·(w - avg)."""
+    w = new_w.to(ACC)
+    avg = tl.load(avg_ptr + idx, mask=inside).to(ACC)
+    avg = tl.where(weight == 1.0, w, avg + weight * (w - avg))
+    tl.store(avg_ptr + idx, _to_storage(avg, avg_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def perturb_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
@@ -277,15 +287,16 @@ def restore_kernel(
 @triton.jit
 def sgd_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr,
+    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr, avg_addr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, AVG: tl.constexpr, ACC: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.SGD (see functional.Backend.restore_sgd).
-    hp = [lr, momentum, dampening, weight_decay, alpha]; GMODE as _update_gradient (first_addr:
-    GSAM's g or FreeSAM's stored gradient; along: GSAM's 0-d scalar)."""
+    hp = [lr, momentum, dampening, weight_decay, alpha, averaging weight]; GMODE as
+    _update_gradient (first_addr: GSAM's g or FreeSAM's stored gradient; along: GSAM's 0-d
+    scalar); AVG: the new weights are averaged into avg_addr's tensors (_average)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     lr = tl.load(hp).to(ACC)
     momentum = tl.load(hp + 1).to(ACC)
@@ -298,6 +309,9 @@ def sgd_kernel(
                                                GMODE, ACC, ALIGNED)
     if HAS_MOMENTUM:
         buf_ptr = _address(buf_addr, t, BUF_REF, ALIGNED)
+    if AVG:
+        avg_ptr = _address(avg_addr, t, W_REF, ALIGNED)
+        avg_weight = tl.load(hp + 5).to(ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -316,21 +330,25 @@ def sgd_kernel(
                 d = d + momentum * buf
             else:
                 d = buf
-        tl.store(w_ptr + idx, _to_storage(w - lr * d, W_REF.dtype.element_ty), mask=inside)
+        new_w = _to_storage(w - lr * d, W_REF.dtype.element_ty)
+        tl.store(w_ptr + idx, new_w, mask=inside)
+        if AVG:
+            _average(avg_ptr, idx, inside, new_w, avg_weight, ACC)
 
 
 @triton.jit
 def adam_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr,
+    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr, avg_addr,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    GMODE: tl.constexpr, AVG: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
-    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha]
-    (lr itself is not read: only the derived values, which come from the host as torch.optim
-    forms them, in lr's dtype for a tensor lr). GMODE as in sgd_kernel."""
+    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha,
+    averaging weight] (lr itself is not read: only the derived values, which come from the host
+    as torch.optim forms them, in lr's dtype for a tensor lr). GMODE, AVG as in sgd_kernel."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     beta1 = tl.load(hp + 1).to(ACC)
     beta2 = tl.load(hp + 2).to(ACC)
@@ -348,6 +366,9 @@ def adam_kernel(
         vmax_ptr = _address(vmax_addr, t, M_REF, ALIGNED)
     first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr, hp + 8, t, G_REF,
                                                GMODE, ACC, ALIGNED)
+    if AVG:
+        avg_ptr = _address(avg_addr, t, W_REF, ALIGNED)
+        avg_weight = tl.load(hp + 9).to(ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -368,5 +389,7 @@ def adam_kernel(
             v = tl.maximum(tl.load(vmax_ptr + idx, mask=inside).to(ACC), v)
             tl.store(vmax_ptr + idx, _to_storage(v, M_REF.dtype.element_ty), mask=inside)
         denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        new_w = w - step_size * m / denom
-        tl.store(w_ptr + idx, _to_storage(new_w, W_REF.dtype.element_ty), mask=inside)
+        new_w = _to_storage(w - step_size * m / denom, W_REF.dtype.element_ty)
+        tl.store(w_ptr + idx, new_w, mask=inside)
+        if AVG:
+            _average(avg_ptr, idx, inside, new_w, avg_weight, ACC)
