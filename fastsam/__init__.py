@@ -4,8 +4,9 @@
 
 See README.md for the two-step and closure usage.
 """
+from .averaging import EMA, SWA, update_bn
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
-from .optimizers import ASAM, GSAM, SAM, FreeSAM, asam_param_groups
+from .optimizers import ASAM, GSAM, SAM, FreeSAM, LookSAM, asam_param_groups
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
 __version__ = "0.1.0"
@@ -14,10 +15,14 @@ __all__ = [
     "ASAM",
     "GSAM",
     "FreeSAM",
+    "LookSAM",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",
     "asam_param_groups",
+    "SWA",
+    "EMA",
+    "update_bn",
     "frozen_bn_stats",
     "disable_running_stats",
     "enable_running_stats",

@@ -169,3 +169,70 @@ class OracleFreeSAM:
     def zero_grad(self):
         for w in self.params:
             w.grad = None
+
+
+class OracleLookSAM:
+    """LookSAM (Liu et al., 2022), per parameter. Step t is a SAM step when t % k == 0: perturb
+    by rho·g/(‖g‖ + eps), update with g_s (the gradient at w + e), and keep the unit direction
+    u_v = g_v / (‖g_v‖ + eps) of g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g (with the GSAM code's eps
+    placement: ⟨g,g_s⟩/(‖g‖‖g_s‖ + eps) · ‖g_s‖/(‖g‖ + eps)). Other steps update with
+    g + alpha·‖g‖·u_v and take no second pass. ``groups``: dicts with ``params`` and ``rho``
+    (plus base-optimizer keys); reductions in fp64."""
+
+    def __init__(self, groups, base_cls, k, alpha, eps=1e-12, **base_kwargs):
+        self.groups, self.k, self.alpha, self.eps = groups, k, alpha, eps
+        self.base = base_cls([{k_: v for k_, v in g.items() if k_ != "rho"} for g in groups],
+                             **base_kwargs)
+        self.t = 0
+        self.w_old, self.g_first, self.u_v = {}, {}, {}
+
+    def _with_grads(self):
+        return [(w, g["rho"]) for g in self.groups for w in g["params"] if w.grad is not None]
+
+    @staticmethod
+    def _norm(tensors):
+        return math.sqrt(sum(float((x * x).sum(dtype=torch.float64)) for x in tensors))
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        sam_step = self.t % self.k == 0
+        self.t += 1
+        items = self._with_grads()
+        norm = self._norm([w.grad for w, _ in items])
+        if sam_step:
+            self.g_first = {w: w.grad.clone() for w, _ in items}
+            for w, rho in items:
+                self.w_old[w] = w.clone()
+                w.add_(rho * w.grad / (norm + self.eps))
+        else:
+            for w, _ in items:
+                if w in self.u_v:
+                    w.grad.add_(self.alpha * norm * self.u_v[w])
+            self.base.step()
+        if zero_grad:
+            self.zero_grad()
+        return sam_step
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        pairs = [(w, self.g_first[w], w.grad) for w, _ in self._with_grads() if w in self.g_first]
+        inner = sum(float((f * s).sum(dtype=torch.float64)) for _, f, s in pairs)
+        first_norm = self._norm([f for _, f, _ in pairs])
+        second_norm = self._norm([s for _, _, s in pairs])
+        cosine = inner / (first_norm * second_norm + self.eps)
+        along = cosine * second_norm / (first_norm + self.eps)
+        g_v = {w: s - along * f for w, f, s in pairs}
+        norm_v = self._norm(list(g_v.values()))
+        for w, v in g_v.items():
+            self.u_v[w] = v / (norm_v + self.eps)
+        for w, old in self.w_old.items():
+            w.copy_(old)
+        self.w_old = {}
+        self.base.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def zero_grad(self):
+        for g in self.groups:
+            for w in g["params"]:
+                w.grad = None

@@ -1,0 +1,227 @@
+"""LookSAM (Liu et al., 2022, "Towards Efficient and Scalable Sharpness-Aware Minimization"):
+the SAM gradient is computed every k steps only; in between, the part of it that changes slowly
+(its component orthogonal to the plain gradient) is reused."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import DecomposeGroup, PerturbGroup, Scaling
+from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative, persistent_buffer
+
+STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
+
+
+class LookSAM(SharpnessAwareOptimizer):
+    r"""SAM every ``k`` steps; in between, one forward/backward pass and a corrected gradient.
+
+    On steps 0, k, 2k, ... (a *SAM step*) it is SAM: perturb by ``e = ρ·g/(‖g‖ + eps)``, take
+    the gradient ``g_s`` at ``w + e``, update with ``g_s``, and keep the direction of the part of
+    ``g_s`` orthogonal to the plain gradient ``g``:
+
+    .. math::
+        g_v = g_s - \frac{\langle g, g_s\rangle}{\|g\|^2}\,g,\qquad
+        u_v = \frac{g_v}{\|g_v\| + \epsilon}
+
+    (the paper's ``g_s - ‖g_s‖cos θ · g/‖g‖``; the projection is applied twice, which removes
+    the rounding left along g when g_s and g are close). On the other steps (*look-ahead
+    steps*) there is no second pass: the update uses ``g + α·‖g‖·u_v``, the paper's
+    ``g + α·(‖g‖/‖g_v‖)·g_v``.
+    Over k steps that is k + 1 forward/backward passes instead of SAM's 2k.
+
+    Use it like SAM; :meth:`first_step` returns whether this step needs the second pass::
+
+        loss_fn(model(x), y).backward()
+        if optimizer.first_step(zero_grad=True):   # a SAM step: weights perturbed
+            loss_fn(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+        # else: a look-ahead step, already applied by first_step()
+
+    or ``optimizer.step(closure)``, which calls the closure on SAM steps only. On look-ahead
+    steps ``.grad`` holds the corrected gradient afterwards. The norms are global over every
+    parameter with a gradient; ρ may differ per group, α is one value.
+
+    Memory: w_old and g (the SAM step's buffers) and u_v: three parameter-sized buffers.
+
+    Args:
+        params: parameters or parameter groups (a group may set ``rho``).
+        base_optimizer: a ``torch.optim.Optimizer`` class (built with ``base_kwargs``) or an
+            instance over exactly these parameters.
+        rho (float, default 0.05): SAM's radius.
+        k (int, default 5): a SAM step every k steps.
+        alpha (float, default 0.7): weight of the reused orthogonal direction.
+        eps (float, default 1e-12): added to the norms in denominators.
+        backend (str, optional), average (optional): as in :class:`fastsam.SAM`.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        k: int = 5,
+        alpha: float = 0.7,
+        eps: float = 1e-12,
+        backend: str | None = None,
+        *,
+        average: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
+        self.k = k
+        self.alpha = check_finite_nonnegative("alpha", alpha)
+        self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
+        self._first: dict[Tensor, Tensor] = {}  # g of the SAM step (kept by the perturb pass)
+        self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
+        super().__init__(
+            params,
+            base_optimizer,
+            dict(rho=rho),
+            p=2,
+            eps=eps,
+            backend=backend,
+            base_kwargs=base_kwargs,
+            average=average,
+        )
+
+    def _scaling(self, group: dict[str, Any]) -> Scaling:
+        return Scaling()
+
+    @property
+    def sam_step_next(self) -> bool:
+        """Whether the next :meth:`first_step` is a SAM step (two passes)."""
+        return self._steps % self.k == 0
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """A SAM step: perturb, and return True (run the second forward/backward pass, then
+        :meth:`second_step`). A look-ahead step: update with the corrected gradient at once and
+        return False (no second pass, no second_step()).
+
+        Args:
+            zero_grad: clear the gradients afterwards (default False).
+        """
+        if self._perturbed is not None:
+            super().first_step()  # raises: first_step() twice
+        self._refuse_when_swapped("first_step()")
+        sam_step = self.sam_step_next
+        self._steps += 1
+        if sam_step:
+            super().first_step(zero_grad)
+            return True
+        plan, flat_grads = self._step_plan()
+        all_grads = plan.grads(flat_grads)
+        if plan.device is not None:
+            self._correct(plan, all_grads)
+        self._update_in_place(plan, all_grads)
+        if zero_grad:
+            self.zero_grad()
+        return False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """With a closure (called after the caller's first forward/backward): a whole step,
+        calling ``closure()`` (forward + backward at w + e) on SAM steps only; returns its loss
+        (None on look-ahead steps). Without one: the pending second step."""
+        if closure is None:
+            return super().step()
+        if self._perturbed is not None:
+            return super().step(closure)  # raises: a first_step() is pending
+        if not self.first_step(zero_grad=True):
+            return None
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    def _correct(self, plan: _StepPlan, all_grads: list[list[Tensor]]) -> None:
+        """``g ← g + α·‖g‖·u_v`` in place (one reduction, then one foreach pass; no host read).
+        Parameters without a stored direction (no gradient at the last SAM step) keep g."""
+        grads = [g for gs in all_grads for g in gs]
+        params = [p for ps in plan.params for p in ps]
+        backend = self._backend_for(plan.device)
+        group = PerturbGroup(params, grads, params, 0.0, Scaling())
+        scale = backend.perturbation_norm([group], 2.0).sqrt() * self.alpha
+        pairs = [(g, self._direction[p]) for p, g in zip(params, grads) if p in self._direction]
+        if pairs:
+            targets, directions = zip(*pairs)
+            scales = [scale.to(d.dtype).expand_as(d) for d in directions]
+            torch._foreach_addcmul_(list(targets), list(directions), scales)
+
+    # ----------------------------------------------------------------- SAM-step hooks
+    def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]]:
+        return [[persistent_buffer(self._first, p) for p in ps] for ps in plan.params]
+
+    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]]:
+        return self._first_buffers(plan)  # the perturb pass copies g there
+
+    def _before_update(
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> None:
+        """Keep u_v from g (the first pass, kept) and g_s (this pass), over the parameters with
+        a gradient in both passes."""
+        if now.device is None:
+            return None
+        firsts = self._first_buffers(perturbed)
+        kept = {p: f for ps, fs in zip(perturbed.params, firsts) for p, f in zip(ps, fs)}
+        params, first, second = [], [], []
+        for ps, gs in zip(now.params, grads):
+            for p, g in zip(ps, gs):
+                if p in kept:
+                    params.append(p)
+                    first.append(kept[p])
+                    second.append(g)
+        if not params:
+            return None
+        backend = self._backend_for(now.device)
+        directions = [persistent_buffer(self._direction, p) for p in params]
+        torch._foreach_copy_(directions, second)
+        # g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g, then the same projection of the result again: g_v is
+        # a small difference of close vectors, so the rounding of the first coefficient shows
+        # as a component along g, which the second pass removes (Gram-Schmidt twice).
+        for _ in range(2):
+            # gsam_along with the roles swapped: ⟨x, g⟩ / ‖g‖² (up to eps), x's share along g.
+            along = backend.gsam_along([DecomposeGroup(first, directions, 0.0)], self._eps)
+            coefficient = (-along).to(directions[0].dtype)
+            torch._foreach_addcmul_(directions, first, [coefficient.expand_as(d) for d in first])
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)).double())
+        torch._foreach_div_(directions, (norm + self._eps).to(directions[0].dtype))
+        return None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict (see :meth:`fastsam.SAM.state_dict`) with each
+        parameter's direction u_v under ``"looksam_direction"`` and the step count."""
+        sd = super().state_dict()
+        state = dict(sd["state"])
+        for i, p in enumerate(self._indexed_params()):
+            if p in self._direction:
+                state[i] = {**state.get(i, {}), STATE_KEY: self._direction[p]}
+        return {**sd, "state": state, "looksam": {"steps": self._steps}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict made by :meth:`state_dict` (or by the plain base optimizer: then
+        the next step is a SAM step)."""
+        state_dict = dict(state_dict)
+        looksam = state_dict.pop("looksam", None)
+        directions, state = {}, {}
+        for key, value in state_dict["state"].items():
+            value = dict(value)
+            if STATE_KEY in value:
+                directions[key] = value.pop(STATE_KEY)
+            if value:
+                state[key] = value
+        super().load_state_dict({**state_dict, "state": state})
+        params = self._indexed_params()
+        self._direction = {}
+        for key, tensor in directions.items():
+            p = params[int(key)]
+            self._direction[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+        self._steps = int(looksam["steps"]) if looksam is not None else 0
