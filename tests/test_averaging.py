@@ -40,16 +40,29 @@ def train(opt, params, steps, land):
 
 
 def reference_average(cls, base, kw, params, schedule, multi_avg_fn, backend):
-    """The same optimizer without averaging, and AveragedModel updated after the same updates."""
+    """The same optimizer without averaging, AveragedModel updated after the same updates, and
+    fp64 snapshots of the weights there (for :func:`exact_average`)."""
     module = torch.nn.ParameterList(params)
     averaged = AveragedModel(module, multi_avg_fn=multi_avg_fn)
     opt = cls(params, base, backend=backend, **kw)
-    land = Landscape(SHAPES, seed=3)
+    land, snapshots = Landscape(SHAPES, seed=3), []
     for t in range(STEPS):
         train(opt, params, 1, _Replay(land, t))
         if schedule.due(t + 1):
             averaged.update_parameters(module)
-    return [p.detach() for p in averaged.module.parameters()], int(averaged.n_averaged)
+            snapshots.append([p.detach().to(torch.float64, copy=True) for p in params])
+    expected = [p.detach() for p in averaged.module.parameters()]
+    return expected, int(averaged.n_averaged), exact_average(snapshots, schedule)
+
+
+def exact_average(snapshots, schedule):
+    """The average of fp64 snapshots by the textbook formula (no rounding to speak of)."""
+    if isinstance(schedule, fastsam.SWA):
+        return [torch.stack(ts).mean(0) for ts in zip(*snapshots)]
+    out = [t.clone() for t in snapshots[0]]
+    for snap in snapshots[1:]:
+        out = [schedule.decay * a + (1 - schedule.decay) * s for a, s in zip(out, snap)]
+    return out
 
 
 class _Replay:
@@ -73,26 +86,22 @@ def test_matches_averaged_model(backend, device, name, schedule, dtype, tol):
     twin = clone_params(params)
     opt = cls(params, base, backend=backend, average=sched, **kw)
     train(opt, params, STEPS, Landscape(SHAPES, seed=3))
-    expected, n = reference_average(cls, base, kw, twin, sched, multi_avg_fn, backend)
+    expected, n, exact = reference_average(cls, base, kw, twin, sched, multi_avg_fn, backend)
     assert opt.n_averaged == n > 1
     trained = [p.detach().clone() for p in params]
     for p, t in zip(params, twin):  # averaging changes nothing about training
         torch.testing.assert_close(p.detach(), t.detach(), rtol=0, atol=0)
+    # AveragedModel's SWA on CUDA rounds its weight 1/(n + 1) to fp32 (seen on an H100 with
+    # torch 2.11: 2e-9 relative in fp64); fastsam's weight is exact, checked against the
+    # textbook mean below.
+    model_tol = dict(rtol=1e-7, atol=1e-9) if (
+        device.type == "cuda" and dtype == torch.float64 and schedule == "swa") else tol
     with opt.averaged_weights():
-        for p, e in zip(params, expected):
-            torch.testing.assert_close(p.detach(), e, **tol)
+        for p, e, x in zip(params, expected, exact):
+            torch.testing.assert_close(p.detach(), e, **model_tol)
+            torch.testing.assert_close(p.detach().double(), x, **tol)
     for p, t in zip(params, trained):  # swapped back exactly
         assert torch.equal(p.detach(), t)
-
-
-def exact_average(snapshots, schedule):
-    """The average of fp64 snapshots by the textbook formula (no rounding to speak of)."""
-    if isinstance(schedule, fastsam.SWA):
-        return [torch.stack(ts).mean(0) for ts in zip(*snapshots)]
-    out = [t.clone() for t in snapshots[0]]
-    for snap in snapshots[1:]:
-        out = [schedule.decay * a + (1 - schedule.decay) * s for a, s in zip(out, snap)]
-    return out
 
 
 @pytest.mark.parametrize("schedule", ["swa", "ema"])
@@ -114,7 +123,7 @@ def test_low_precision_average(backend, device, schedule):
         train(plain, twin, 1, _Replay(land, t))
         if sched.due(t + 1):
             averaged.update_parameters(module)
-            snapshots.append([p.detach().double() for p in twin])
+            snapshots.append([p.detach().to(torch.float64, copy=True) for p in twin])
     exact = exact_average(snapshots, sched)
 
     def error(values):
