@@ -92,9 +92,9 @@ def test_matches_averaged_model(backend, device, name, schedule, dtype, tol):
     for p, t in zip(params, twin):  # averaging changes nothing about training
         torch.testing.assert_close(p.detach(), t.detach(), rtol=0, atol=0)
     # AveragedModel's SWA on CUDA rounds its weight 1/(n + 1) to fp32 (seen on an H100 with
-    # torch 2.11: 2e-9 relative in fp64); fastsam's weight is exact, checked against the
-    # textbook mean below.
-    model_tol = dict(rtol=1e-7, atol=1e-9) if (
+    # torch 2.11: errors of 9e-9 on weights of order 0.1 in fp64), so it is an fp32-accurate
+    # reference there; fastsam's weight is exact, checked against the textbook mean below.
+    model_tol = dict(rtol=1e-6, atol=1e-7) if (
         device.type == "cuda" and dtype == torch.float64 and schedule == "swa") else tol
     with opt.averaged_weights():
         for p, e, x in zip(params, expected, exact):
