@@ -127,7 +127,8 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
             assert f"{row['median_ms']:.3f}" in printed
     # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
     numel = rows[0]["params"]
-    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1)):
+    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1),
+                               ("sam-ema", 2)):
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
         assert extra >= buffers * 4 * numel
     saved = json.loads(out_json.read_text())

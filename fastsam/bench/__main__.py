@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         progress.close()
     print(table(rows))
-    print("# x ref: speed-up over popular (SAM, ASAM), official (GSAM) or naive (FreeSAM); "
+    print("# x ref: speed-up over popular (SAM, ASAM; SAM + AveragedModel EMA for sam-ema), "
+          "official (GSAM) or naive (FreeSAM); "
           "floor: bytes moved "
           "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond plain SGD")

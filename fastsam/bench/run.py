@@ -37,16 +37,39 @@ from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam", "freesam")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema")
 # Bytes per fp32 element of one step (DESIGN.md §2): SAM 40 = norm 4 + perturb 16 + restore and
 # SGD 20; ASAM's norm also reads w (+4); GSAM keeps g (+4), reduces over g and g_adv (+8) and
 # reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf; FreeSAM
-# adds the stored gradient, read and written (+8).
-FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28}
+# adds the stored gradient, read and written (+8). SAM with an EMA of the weights reads and
+# writes the average too (+8).
+FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48}
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
-              "freesam": ("naive",)}
+              "freesam": ("naive",), "sam-ema": ("popular",)}
 HYPER = dict(lr=0.01, momentum=0.9)
+EMA_DECAY = 0.999
+
+
+class PopularSAMWithEMA:
+    """The usual way to keep an EMA of the weights beside the popular SAM: its two steps, then
+    ``torch.optim.swa_utils.AveragedModel.update_parameters`` (an EMA ``multi_avg_fn``)."""
+
+    def __init__(self, params: list) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.sam = PopularSAM(params, torch.optim.SGD, rho=0.05, **HYPER)
+        self.module = torch.nn.ParameterList(params)
+        self.averaged = AveragedModel(self.module,
+                                      multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
+        self.averaged_params = list(self.averaged.module.parameters())  # for held_bytes
+
+    def first_step(self) -> None:
+        self.sam.first_step()
+
+    def second_step(self) -> None:
+        self.sam.second_step()
+        self.averaged.update_parameters(self.module)
 
 
 def _pytorch_optimizer():
@@ -93,6 +116,10 @@ def build(provider: str, optimizer: str, params: list) -> tuple[Callable[[], Non
             opt = OfficialGSAM(params, sgd, rho=0.05, alpha=0.4, **HYPER)
         else:
             opt = fastsam.GSAM(params, sgd, rho=0.05, alpha=0.4, backend=provider, **HYPER)
+    elif optimizer == "sam-ema":
+        opt = PopularSAMWithEMA(params) if provider == "popular" else fastsam.SAM(
+            params, sgd, rho=0.05, backend=provider, average=fastsam.EMA(EMA_DECAY), **HYPER
+        )
     elif optimizer == "asam" and provider == "official":
         opt = OfficialASAM(sgd(params, **HYPER), _Named(params), rho=0.5, eta=0.01)
     elif optimizer == "asam" and provider == "popular":
