@@ -672,15 +672,18 @@ class SharpnessAwareOptimizer(Optimizer):
         self._refuse_when_perturbed("state_dict()")
         self._refuse_when_swapped("state_dict()")
         sd = self.base_optimizer.state_dict()
-        if self._average_schedule is None:
-            return sd
-        # Weight averaging: each parameter's averaged copy in its state, and the counters.
+        # The per-parameter buffers of our own (averaged weights, FreeSAM's stored gradients,
+        # ...) go into each parameter's state, next to the base optimizer's entries.
+        stores = self._param_stores()
         state = dict(sd["state"])
         for i, p in enumerate(self._indexed_params()):
-            if p in self._averaged:
-                state[i] = {**state.get(i, {}), AVERAGE_KEY: self._averaged[p]}
-        averaging = {"updates": self._updates, "n_averaged": self._n_averaged}
-        return {**sd, "state": state, "averaging": averaging}
+            extra = {key: store[p] for key, store in stores.items() if p in store}
+            if extra:
+                state[i] = {**state.get(i, {}), **extra}
+        sd = {**sd, "state": state}
+        if self._average_schedule is not None:
+            sd["averaging"] = {"updates": self._updates, "n_averaged": self._n_averaged}
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by :meth:`state_dict` or by the plain base optimizer."""
@@ -688,24 +691,33 @@ class SharpnessAwareOptimizer(Optimizer):
         self._refuse_when_swapped("load_state_dict()")
         state_dict = dict(state_dict)
         averaging = state_dict.pop("averaging", None)
-        averaged, state = {}, {}
-        for key, value in state_dict["state"].items():
+        stores = self._param_stores()
+        loaded: dict[str, dict] = {key: {} for key in stores}
+        state = {}
+        for index, value in state_dict["state"].items():
             value = dict(value)
-            if AVERAGE_KEY in value:
-                averaged[key] = value.pop(AVERAGE_KEY)
+            for key in stores:
+                if key in value:
+                    loaded[key][index] = value.pop(key)
             if value:
-                state[key] = value
+                state[index] = value
         self.base_optimizer.load_state_dict({**state_dict, "state": state})
         self._link_base()
         self._layout_version += 1
         params = self._indexed_params()
-        self._averaged = {}
-        for key, tensor in averaged.items():
-            p = params[int(key)]
-            self._averaged[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+        for key, store in stores.items():
+            store.clear()
+            for index, tensor in loaded[key].items():
+                p = params[int(index)]
+                store[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
         if averaging is not None:
             self._updates = int(averaging["updates"])
             self._n_averaged = int(averaging["n_averaged"])
+
+    def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
+        """Per-parameter tensors kept beyond the base optimizer's state, by the key they are
+        saved under in each parameter's state (subclasses add theirs)."""
+        return {AVERAGE_KEY: self._averaged}
 
     def _indexed_params(self) -> list[Tensor]:
         """Parameters in state_dict order (torch.optim numbers them across groups in order)."""

@@ -124,29 +124,13 @@ class FreeSAM(SharpnessAwareOptimizer):
         return loss
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict with each parameter's stored gradient added to its
-        state under ``"previous_grad"``."""
-        sd = super().state_dict()
-        state = dict(sd["state"])
-        for i, p in enumerate(self._indexed_params()):
-            if p in self._stored:
-                state[i] = {**state.get(i, {}), STATE_KEY: self._stored[p]}
-        return {**sd, "state": state}
+    def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
+        """Each parameter's stored gradient is saved in its state under ``"previous_grad"``
+        (a state dict of the plain base optimizer has none: the next step starts afresh from
+        the current gradient)."""
+        return {**super()._param_stores(), STATE_KEY: self._stored}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict made by :meth:`state_dict` (or by the plain base optimizer: then
-        the next step starts afresh from the current gradient)."""
-        stored, state = {}, {}
-        for key, value in state_dict["state"].items():
-            value = dict(value)
-            if STATE_KEY in value:
-                stored[key] = value.pop(STATE_KEY)
-            if value:
-                state[key] = value
-        super().load_state_dict({**state_dict, "state": state})
-        params = self._indexed_params()
-        self._stored, self._stored_plan = {}, None
-        for key, tensor in stored.items():
-            p = params[int(key)]
-            self._stored[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+        """Load a state dict made by :meth:`state_dict` or by the plain base optimizer."""
+        self._stored_plan = None
+        super().load_state_dict(state_dict)

@@ -196,32 +196,18 @@ class LookSAM(SharpnessAwareOptimizer):
         return None
 
     # ----------------------------------------------------------------- state
+    def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
+        return {**super()._param_stores(), STATE_KEY: self._direction}
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (see :meth:`fastsam.SAM.state_dict`) with each
         parameter's direction u_v under ``"looksam_direction"`` and the step count."""
-        sd = super().state_dict()
-        state = dict(sd["state"])
-        for i, p in enumerate(self._indexed_params()):
-            if p in self._direction:
-                state[i] = {**state.get(i, {}), STATE_KEY: self._direction[p]}
-        return {**sd, "state": state, "looksam": {"steps": self._steps}}
+        return {**super().state_dict(), "looksam": {"steps": self._steps}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by :meth:`state_dict` (or by the plain base optimizer: then
         the next step is a SAM step)."""
         state_dict = dict(state_dict)
         looksam = state_dict.pop("looksam", None)
-        directions, state = {}, {}
-        for key, value in state_dict["state"].items():
-            value = dict(value)
-            if STATE_KEY in value:
-                directions[key] = value.pop(STATE_KEY)
-            if value:
-                state[key] = value
-        super().load_state_dict({**state_dict, "state": state})
-        params = self._indexed_params()
-        self._direction = {}
-        for key, tensor in directions.items():
-            p = params[int(key)]
-            self._direction[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+        super().load_state_dict(state_dict)
         self._steps = int(looksam["steps"]) if looksam is not None else 0
