@@ -115,23 +115,14 @@ def test_low_precision_average(backend, device, schedule):
     twin = clone_params(params)
     opt = cls(params, base, backend=backend, average=sched, **kw)
     train(opt, params, STEPS, Landscape(SHAPES, seed=3))
-    module = torch.nn.ParameterList(twin)
-    averaged = AveragedModel(module, multi_avg_fn=multi_avg_fn)
-    plain = cls(twin, base, backend=backend, **kw)
-    land, snapshots = Landscape(SHAPES, seed=3), []
-    for t in range(STEPS):
-        train(plain, twin, 1, _Replay(land, t))
-        if sched.due(t + 1):
-            averaged.update_parameters(module)
-            snapshots.append([p.detach().to(torch.float64, copy=True) for p in twin])
-    exact = exact_average(snapshots, sched)
+    expected, _, exact = reference_average(cls, base, kw, twin, sched, multi_avg_fn, backend)
 
     def error(values):
         return max(float((v.double() - e).abs().max()) for v, e in zip(values, exact) if e.numel())
 
     with opt.averaged_weights():
         ours = error([p.detach() for p in params])
-    theirs = error([p.detach() for p in averaged.module.parameters()])
+    theirs = error(expected)
     scale = max(float(e.abs().max()) for e in exact if e.numel())
     assert ours <= 2 * theirs + 2**-8 * scale, (ours, theirs, scale)
 
