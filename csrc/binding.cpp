@@ -16,9 +16,10 @@
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //
-// sgd and adam take a gradient source optionally (fastsam.functional.GradientSource):
-// first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first; first_grads
-// with swap, FreeSAM's stored gradients, used by the update and then replaced by g.
+// sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
+// grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
+// 2 first_grads, FreeSAM's stored gradients, used by the update and then replaced by g;
+// 3 first_grads with along, LookSAM's g + along·u_v.
 //
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
@@ -543,25 +544,33 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
   for (const Table& t : tables->views) dev.restore(t);
 }
 
-// The gradient source of an update (kernels.h GradMode): appends first_grads to the lists when
-// given: GSAM's first gradients (with along and alpha), or with `swap` FreeSAM's stored
-// gradients, which the update reads and then overwrites with g.
+// The gradient source of an update (kernels.h GradMode `grad_mode`): appends first_grads to
+// the lists for every mode but plain: GSAM's first gradients (with along and alpha), FreeSAM's
+// stored gradients (which the update reads and then overwrites with g), or LookSAM's
+// directions (with their coefficient in along).
 template <class D>
 DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first_grads,
-                              const std::optional<at::Tensor>& along, double alpha, bool swap) {
-  if (first_grads.empty()) {
-    TORCH_CHECK_VALUE(!swap,
-                      msg("fastsam.", op, ": swap needs first_grads (the stored gradients)"));
+                              const std::optional<at::Tensor>& along, double alpha,
+                              int64_t grad_mode) {
+  TORCH_CHECK_VALUE(grad_mode >= kGradPlain && grad_mode <= kGradCorrect,
+                    msg("fastsam.", op, ": grad_mode = ", grad_mode,
+                        " (0 plain, 1 GSAM decomposition, 2 FreeSAM swap, 3 LookSAM correction)"));
+  const int mode = static_cast<int>(grad_mode);
+  if (mode == kGradPlain) {
+    TORCH_CHECK_VALUE(first_grads.empty(),
+                      msg("fastsam.", op, ": first_grads given with grad_mode 0 (plain)"));
     return {kGradPlain, 0, 0.0, nullptr, false};
   }
+  TORCH_CHECK_VALUE(!first_grads.empty(), msg("fastsam.", op, ": grad_mode ", grad_mode,
+                                              " needs first_grads (the second gradient)"));
   lists.emplace_back("first_grads", first_grads);
   const int role = static_cast<int>(lists.size() - 1);
-  if (swap) return {kGradSwap, role, 0.0, nullptr, false};
-  TORCH_CHECK_VALUE(along.has_value(), msg("fastsam.", op,
-                    ": first_grads given without along (GSAM's decomposition needs both)"));
+  if (mode == kGradSwap) return {kGradSwap, role, 0.0, nullptr, false};
+  TORCH_CHECK_VALUE(along.has_value(), msg("fastsam.", op, ": grad_mode ", grad_mode,
+                                           " needs along (the coefficient, a 0-d tensor)"));
   check_norm_out(op, "along", *along, lists.front().second);
   check_device<D>(op, "along", *along);
-  return {kGradDecompose, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
+  return {mode, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
 }
 
 // The role of the averaged weights (kernels.h SgdArgs), appended to the lists when given.
@@ -575,12 +584,12 @@ template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
-            double alpha, bool swap, at::TensorList average) {
+            double alpha, int64_t grad_mode, at::TensorList average) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
   const DecomposeArgs decompose =
-      gradient_source<D>("sgd", lists, first_grads, along, alpha, swap);
+      gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("sgd", lists);
   check_hp("sgd", hp, params, avg_role < 0 ? 4 : kSgdAverageWeight + 1);
@@ -598,7 +607,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
              const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
              at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
-             bool swap, at::TensorList average) {
+             int64_t grad_mode, at::TensorList average) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
@@ -606,7 +615,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
               {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   const DecomposeArgs decompose =
-      gradient_source<D>("adam", lists, first_grads, along, alpha, swap);
+      gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("adam", lists);
   check_hp("adam", hp, params, avg_role < 0 ? 8 : kAdamAverageWeight + 1);
@@ -662,12 +671,12 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor(c!)[] first_grads, "
-      "Tensor? along, float alpha, bool swap, Tensor(d!)[] average) -> ()");
+      "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
       "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
-      "float alpha, bool swap, Tensor(f!)[] average) -> ()");
+      "float alpha, int grad_mode, Tensor(f!)[] average) -> ()");
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");

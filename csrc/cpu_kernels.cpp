@@ -173,7 +173,8 @@ void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv
   }
 }
 
-// The per-launch scalars of update_gradient: 1 + alpha·along, alpha, and the sign.
+// The per-launch scalars of update_gradient: 1 + alpha·along (along for LookSAM's correction),
+// alpha, and the sign.
 template <typename A>
 struct GradientScalars {
   A coefficient, alpha, sign;
@@ -182,9 +183,10 @@ struct GradientScalars {
 template <typename A>
 GradientScalars<A> gradient_scalars(const DecomposeArgs& d, bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (d.mode != kGradDecompose) return {A(1), A(0), sign};
+  if (d.mode != kGradDecompose && d.mode != kGradCorrect) return {A(1), A(0), sign};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
+  if (d.mode == kGradCorrect) return {along, A(0), sign};
   return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
 }
 

@@ -182,8 +182,8 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(Table tab) {
   for_each(seg.len, [&](int64_t i) { w[i] = old[i]; });
 }
 
-// The per-block scalars of update_gradient: 1 + alpha·along (along read on the device), alpha,
-// and the sign.
+// The per-block scalars of update_gradient: 1 + alpha·along (along read on the device; along
+// itself for LookSAM's correction), alpha, and the sign.
 template <typename A>
 struct GradientScalars {
   A coefficient, alpha, sign;
@@ -193,9 +193,10 @@ template <int GM, typename A>
 __device__ __forceinline__ GradientScalars<A> gradient_scalars(const DecomposeArgs& d,
                                                                bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (GM != kGradDecompose) return {A(1), A(0), sign};
+  if (GM != kGradDecompose && GM != kGradCorrect) return {A(1), A(0), sign};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
+  if (GM == kGradCorrect) return {along, A(0), sign};
   return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
 }
 

@@ -49,6 +49,7 @@ void with_grad_mode(int mode, F&& f) {
   switch (mode) {
     case kGradDecompose: return f(std::integral_constant<int, kGradDecompose>{});
     case kGradSwap: return f(std::integral_constant<int, kGradSwap>{});
+    case kGradCorrect: return f(std::integral_constant<int, kGradCorrect>{});
     default: return f(std::integral_constant<int, kGradPlain>{});
   }
 }

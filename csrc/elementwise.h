@@ -71,12 +71,14 @@ FASTSAM_HD A gsam_along(A inner, A adv_sq, A first_sq, A eps) {
 }
 
 // The gradient an update uses (GradMode of kernels.h), `first` the value at first_role: g;
-// GSAM's (1 + alpha·along)·g − alpha·g_first (coefficient = 1 + alpha·along); or FreeSAM's
-// stored gradient `first` (the caller stores g there). Times sign = −1 when maximizing (exact).
+// GSAM's (1 + alpha·along)·g − alpha·g_first (coefficient = 1 + alpha·along); FreeSAM's
+// stored gradient `first` (the caller stores g there); or LookSAM's g + along·u_v
+// (coefficient = along). Times sign = −1 when maximizing (exact).
 template <int GM, typename A>
 FASTSAM_HD A update_gradient(A g, A first, A coefficient, A alpha, A sign) {
   if (GM == 1) g = coefficient * g - alpha * first;
   if (GM == 2) g = first;
+  if (GM == 3) g = g + coefficient * first;
   return sign * g;
 }
 

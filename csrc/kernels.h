@@ -54,13 +54,15 @@ struct PerturbArgs {
 //   kGradPlain      g
 //   kGradDecompose  GSAM's (1 + alpha·along)·g − alpha·g_first, g_first at role `first_role`
 //   kGradSwap       FreeSAM's stored gradient at role `first_role`, which then receives g
-enum GradMode : int { kGradPlain = 0, kGradDecompose = 1, kGradSwap = 2 };
+//   kGradCorrect    LookSAM's g + along·u_v, u_v at role `first_role`
+enum GradMode : int { kGradPlain = 0, kGradDecompose = 1, kGradSwap = 2, kGradCorrect = 3 };
 
 struct DecomposeArgs {
   int mode;
   int first_role;
   double alpha;
-  const void* along;  // kGradDecompose: 0-d, float or double (along_fp64); device memory for CUDA
+  // kGradDecompose, kGradCorrect: 0-d, float or double (along_fp64); device memory for CUDA
+  const void* along;
   bool along_fp64;
 };
 

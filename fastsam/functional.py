@@ -176,8 +176,23 @@ class Swap:
         return Swap([self.previous[i] for i in idx])
 
 
+@dataclass(frozen=True)
+class Correction:
+    """LookSAM's gradient for pass C on a look-ahead step: the update of ``params[i]`` uses
+
+        g + scale·directions[i]
+
+    with ``scale`` a 0-d device tensor (alpha·‖g‖, never read by the host)."""
+
+    directions: list[Tensor]
+    scale: Tensor
+
+    def select(self, idx: list[int]) -> Correction:
+        return Correction([self.directions[i] for i in idx], self.scale)
+
+
 # What pass C may take instead of the plain gradient.
-GradientSource = Decomposition | Swap
+GradientSource = Decomposition | Swap | Correction
 
 
 @dataclass(frozen=True)
@@ -254,6 +269,7 @@ class Backend:
 
             g = (1 + alpha·along)·g - alpha·g_first     source Decomposition (GSAM)
             g, g_prev = g_prev, g                        source Swap (FreeSAM)
+            g = g + scale·u_v                            source Correction (LookSAM)
             d = ±g + wd·w_old
             buf = d                      if fresh_buffers  (torch.optim's first step)
             buf = m·buf + (1 - damp)·d   otherwise
@@ -281,6 +297,7 @@ class Backend:
 
             g = (1 + alpha·along)·g - alpha·g_first     source Decomposition (GSAM)
             g, g_prev = g_prev, g                        source Swap (FreeSAM)
+            g = g + scale·u_v                            source Correction (LookSAM)
             w = w_old·(1 - lr·wd) if decoupled;  g = ±g (+ wd·w_old if not decoupled)
             m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
             w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)

@@ -75,6 +75,24 @@ def test_fp32_error_within_twice_the_eager_error(backend, device, base):
     assert error(params) <= 2 * error(eager) + 1e-6, (error(params), error(eager))
 
 
+def test_look_ahead_update_is_fused(backend, device):
+    """With SGD the base optimizer's own step never runs, and a look-ahead step leaves .grad as
+    the backward pass wrote it (the correction is formed inside the update)."""
+    params = make_params(SHAPES, torch.float32, device, seed=15)
+    opt = fastsam.LookSAM(params, torch.optim.SGD, k=K, lr=0.05, momentum=0.9, backend=backend)
+
+    def refuse():
+        raise AssertionError("the unfused base step ran")
+
+    opt.base_optimizer.step = refuse
+    land = Landscape(SHAPES, seed=12)
+    drive(opt, params, land, 1)  # the SAM step: u_v is set
+    land.set_grads(params)
+    grads = [p.grad.clone() for p in params]
+    assert opt.first_step() is False
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
 def test_k_equal_one_is_sam(backend, device):
     params = make_params(SHAPES, torch.float32, device, seed=13)
     ref = clone_params(params)

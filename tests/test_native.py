@@ -37,7 +37,7 @@ SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 
 # The sgd/adam operators' trailing gradient-source and averaging arguments, unused.
-NO_GSAM = ([], None, 0.0, False, [])
+NO_GSAM = ([], None, 0.0, 0, [])
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
@@ -124,16 +124,22 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     with pytest.raises(ValueError, match=r"perturb: keep has 1 tensors but params has 2"):
         ops.perturb(w, w, w, [2], [0], [0.0], [0.05], torch.ones(()),
                     torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
-    with pytest.raises(ValueError, match="swap needs first_grads"):
-        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, True, [])
-    with pytest.raises(ValueError, match="first_grads given without along"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, False, [])
+    with pytest.raises(ValueError, match="grad_mode 2 needs first_grads"):
+        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, 2, [])
+    with pytest.raises(ValueError, match="grad_mode 1 needs along"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, 1, [])
+    with pytest.raises(ValueError, match="grad_mode 3 needs along"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 3, [])
+    with pytest.raises(ValueError, match="grad_mode = 4"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 4, [])
+    with pytest.raises(ValueError, match="first_grads given with grad_mode 0"):
+        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 0, [])
     with pytest.raises(ValueError, match=r"adam: first_grads\[1\] has shape \[12\]"):
         ops.adam(w, w, w, w, w, [], torch.zeros(8, dtype=torch.float64), True, False, False,
-                 [w[0], w[1].flatten()], torch.zeros(()), 0.5, False, [])
+                 [w[0], w[1].flatten()], torch.zeros(()), 0.5, 1, [])
     with pytest.raises(TypeError, match="along must be float32 or float64"):
         ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5,
-                False, [])
+                1, [])
     with pytest.raises(ValueError, match=r"sgd: average has 1 tensors but params has 2"):
         ops.sgd(w, w, w, [], torch.zeros(5, dtype=torch.float64), False, False, False, *NO_GSAM[:4],
                 w[:1])
@@ -167,13 +173,15 @@ def test_operator_schemas_pass_opcheck(ops):
         (ops.restore.default, (params, old)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
-                           0.4, False, [])),
+                           0.4, 1, [])),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
+                           0.0, 3, [])),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
                             True, False, False, *NO_GSAM)),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
-                            True, False, False, keep, along, 0.4, False, [])),
+                            True, False, False, keep, along, 0.4, 1, [])),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False,
-                           [g.clone() for g in grads], None, 0.0, True, [])),
+                           [g.clone() for g in grads], None, 0.0, 2, [])),
         (ops.sgd.default, (params, grads, old, bufs, avg_hp(sgd_hp), False, False, False,
                            *NO_GSAM[:4], [p.clone() for p in params])),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [],

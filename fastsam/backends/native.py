@@ -22,6 +22,7 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
+    Correction,
     DecomposeGroup,
     GradientSource,
     PerturbGroup,
@@ -90,12 +91,15 @@ def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
 
 
 def _source(source: GradientSource | None) -> tuple:
-    """The trailing (first_grads, along, alpha, swap) arguments of the sgd and adam operators."""
+    """The trailing (first_grads, along, alpha, grad_mode) arguments of the sgd and adam
+    operators (grad_mode as csrc/kernels.h GradMode)."""
     if source is None:
-        return [], None, 0.0, False
+        return [], None, 0.0, 0
     if isinstance(source, Swap):
-        return source.previous, None, 0.0, True
-    return source.first_grads, source.along, float(source.alpha), False
+        return source.previous, None, 0.0, 2
+    if isinstance(source, Correction):
+        return source.directions, source.scale, 0.0, 3
+    return source.first_grads, source.along, float(source.alpha), 1
 
 
 def _averaging(hyper_scalars: tuple, average: Average | None) -> tuple[tuple, list[Tensor]]:

@@ -20,6 +20,7 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
+    Correction,
     DecomposeGroup,
     GradientSource,
     PerturbGroup,
@@ -68,12 +69,17 @@ def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | Non
 
 
 def _update_grads(grads: list[Tensor], source: GradientSource | None) -> list[Tensor]:
-    """The gradients an update uses: ``grads``, GSAM's (1 + alpha·along)·g_adv - alpha·g as
-    new tensors, or FreeSAM's stored gradients (see _finish_swap)."""
+    """The gradients an update uses: ``grads``, GSAM's (1 + alpha·along)·g_adv - alpha·g or
+    LookSAM's g + scale·u_v as new tensors, or FreeSAM's stored gradients (see
+    _finish_swap)."""
     if source is None:
         return grads
     if isinstance(source, Swap):
         return source.previous
+    if isinstance(source, Correction):
+        out = torch._foreach_mul(source.directions, source.scale.to(grads[0].dtype))
+        torch._foreach_add_(out, grads)
+        return out
     coefficient = (1.0 + source.alpha * source.along).to(grads[0].dtype)
     out = torch._foreach_mul(grads, coefficient)
     torch._foreach_add_(out, source.first_grads, alpha=-source.alpha)

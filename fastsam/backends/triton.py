@@ -32,6 +32,7 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
+    Correction,
     DecomposeGroup,
     Decomposition,
     GradientSource,
@@ -228,18 +229,27 @@ def _source_args(table: _Table, source: GradientSource | None) -> tuple:
     scalar of an update launch (unused stand-ins where the source does not need them)."""
     if source is None:
         return table.addr["g"], table.addr["g"]
+    if isinstance(source, Correction):
+        return table.addr["first"], source.scale
     along = source.along if isinstance(source, Decomposition) else table.addr["g"]
     return table.addr["first"], along
 
 
 def _source_roles(roles: dict, source: GradientSource | None) -> None:
-    if source is not None:
-        roles["first"] = source.previous if isinstance(source, Swap) else source.first_grads
+    if isinstance(source, Swap):
+        roles["first"] = source.previous
+    elif isinstance(source, Correction):
+        roles["first"] = source.directions
+    elif source is not None:
+        roles["first"] = source.first_grads
 
 
 def _grad_mode(source: GradientSource | None) -> int:
-    """GMODE of the update kernels: 0 the gradient, 1 GSAM's decomposition, 2 FreeSAM's swap."""
-    return 0 if source is None else 1 if isinstance(source, Decomposition) else 2
+    """GMODE of the update kernels: 0 the gradient, 1 GSAM's decomposition, 2 FreeSAM's swap,
+    3 LookSAM's correction."""
+    if source is None:
+        return 0
+    return {Decomposition: 1, Swap: 2, Correction: 3}[type(source)]
 
 
 def _extra_scalars(source: GradientSource | None, average: Average | None) -> tuple:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import DecomposeGroup, PerturbGroup, Scaling
+from ..functional import Correction, DecomposeGroup, PerturbGroup, Scaling
 from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative, persistent_buffer
 
 STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
@@ -41,9 +41,12 @@ class LookSAM(SharpnessAwareOptimizer):
             optimizer.second_step(zero_grad=True)
         # else: a look-ahead step, already applied by first_step()
 
-    or ``optimizer.step(closure)``, which calls the closure on SAM steps only. On look-ahead
-    steps ``.grad`` holds the corrected gradient afterwards. The norms are global over every
-    parameter with a gradient; ρ may differ per group, α is one value.
+    or ``optimizer.step(closure)``, which calls the closure on SAM steps only. With SGD, Adam
+    and AdamW a look-ahead step is one fused reduction (‖g‖) and one fused update that forms
+    ``g + α·‖g‖·u_v`` in registers (``.grad`` is left as the backward pass wrote it); other base
+    optimizers get the corrected gradient written into ``.grad`` before their ``step()``. The
+    norms are global over every parameter with a gradient; ρ may differ per group, α is one
+    value.
 
     Memory: w_old and g (the SAM step's buffers) and u_v: three parameter-sized buffers.
 
@@ -79,6 +82,7 @@ class LookSAM(SharpnessAwareOptimizer):
         self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
         self._first: dict[Tensor, Tensor] = {}  # g of the SAM step (kept by the perturb pass)
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
+        self._direction_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         super().__init__(
             params,
             base_optimizer,
@@ -118,9 +122,18 @@ class LookSAM(SharpnessAwareOptimizer):
             return True
         plan, flat_grads = self._step_plan()
         all_grads = plan.grads(flat_grads)
+        sources = None
         if plan.device is not None:
-            self._correct(plan, all_grads)
-        self._update_in_place(plan, all_grads)
+            scale = self._look_ahead_scale(plan, all_grads)
+            directions = self._plan_directions(plan)
+            if self._fused_update_kind(plan) is not None:  # g + scale·u_v formed in the update
+                sources = [Correction(ds, scale) for ds in directions]
+            else:  # written into .grad for the base optimizer's own step()
+                for grads, ds in zip(all_grads, directions):
+                    if grads:
+                        torch._foreach_addcmul_(grads, ds, [scale.to(d.dtype).expand_as(d)
+                                                            for d in ds])
+        self._update_in_place(plan, all_grads, sources)
         if zero_grad:
             self.zero_grad()
         return False
@@ -141,19 +154,30 @@ class LookSAM(SharpnessAwareOptimizer):
         self.second_step()
         return loss
 
-    def _correct(self, plan: _StepPlan, all_grads: list[list[Tensor]]) -> None:
-        """``g ← g + α·‖g‖·u_v`` in place (one reduction, then one foreach pass; no host read).
-        Parameters without a stored direction (no gradient at the last SAM step) keep g."""
+    def _look_ahead_scale(self, plan: _StepPlan, all_grads: list[list[Tensor]]) -> Tensor:
+        """α·‖g‖ over every parameter with a gradient, as a 0-d device tensor (one fused
+        reduction; never read by the host)."""
         grads = [g for gs in all_grads for g in gs]
         params = [p for ps in plan.params for p in ps]
-        backend = self._backend_for(plan.device)
         group = PerturbGroup(params, grads, params, 0.0, Scaling())
-        scale = backend.perturbation_norm([group], 2.0).sqrt() * self.alpha
-        pairs = [(g, self._direction[p]) for p, g in zip(params, grads) if p in self._direction]
-        if pairs:
-            targets, directions = zip(*pairs)
-            scales = [scale.to(d.dtype).expand_as(d) for d in directions]
-            torch._foreach_addcmul_(list(targets), list(directions), scales)
+        return self._backend_for(plan.device).perturbation_norm([group], 2.0).sqrt() * self.alpha
+
+    def _plan_directions(self, plan: _StepPlan) -> list[list[Tensor]]:
+        """Per group of ``plan``, each parameter's u_v; zeros (no correction) for a parameter
+        that had no gradient at any SAM step yet. Looked up once per plan: the SAM steps
+        rewrite the same tensors in place."""
+        if self._direction_plan is not None and self._direction_plan[0] is plan:
+            return self._direction_plan[1]
+        out = []
+        for params in plan.params:
+            out.append([])
+            for p in params:
+                d = self._direction.get(p)
+                if d is None or d.shape != p.shape or d.dtype != p.dtype:
+                    d = self._direction[p] = torch.zeros_like(p)
+                out[-1].append(d)
+        self._direction_plan = (plan, out)
+        return out
 
     # ----------------------------------------------------------------- SAM-step hooks
     def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]]:

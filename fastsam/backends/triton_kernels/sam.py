@@ -167,8 +167,8 @@ def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constex
 def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
                      GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr):
     """Per program, what _update_gradient reads besides g: the second gradient's pointer
-    (GSAM's g, FreeSAM's stored gradient; g itself when unused), alpha and along (GSAM's; 0
-    otherwise)."""
+    (GSAM's g, FreeSAM's stored gradient, LookSAM's direction; g itself when unused), alpha
+    (GSAM's; 0 otherwise) and along (GSAM's, or LookSAM's coefficient; 0 otherwise)."""
     first_ptr = g_ptr
     alpha = tl.zeros([], dtype=ACC)
     along = tl.zeros([], dtype=ACC)
@@ -176,6 +176,7 @@ def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
         first_ptr = _address(first_addr, t, G_REF, ALIGNED)
     if GMODE == 1:
         alpha = tl.load(alpha_ptr).to(ACC)
+    if GMODE == 1 or GMODE == 3:
         along = tl.load(along_ptr).to(ACC)
     return first_ptr, alpha, along
 
@@ -184,8 +185,8 @@ def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
 def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
                      MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr):
     """The gradient an update uses (GMODE): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first;
-    2 FreeSAM's stored gradient at first_ptr, which then receives g. Negated when
-    maximizing."""
+    2 FreeSAM's stored gradient at first_ptr, which then receives g; 3 LookSAM's
+    g + along·u_v. Negated when maximizing."""
     if GMODE == 2:
         g = tl.load(first_ptr + idx, mask=inside).to(ACC)
         tl.store(first_ptr + idx, tl.load(g_ptr + idx, mask=inside), mask=inside)
@@ -193,6 +194,8 @@ def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
         g = tl.load(g_ptr + idx, mask=inside).to(ACC)
     if GMODE == 1:
         g = (1.0 + alpha * along) * g - alpha * tl.load(first_ptr + idx, mask=inside).to(ACC)
+    if GMODE == 3:
+        g = g + along * tl.load(first_ptr + idx, mask=inside).to(ACC)
     if MAXIMIZE:
         g = -g
     return g
