@@ -208,6 +208,13 @@ class SharpnessAwareOptimizer(Optimizer):
         for key, value in self._sam_defaults.items():
             param_group.setdefault(key, value)
         self._check_group(param_group)
+        params = param_group["params"]
+        for p in [params] if isinstance(params, Tensor) else params:
+            if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(
+                    f"fastsam optimizes floating-point parameters; got a {p.dtype} tensor of "
+                    f"shape {tuple(p.shape)} (integer tensors have no gradients)"
+                )
         if "base_optimizer" in self.__dict__:
             self.base_optimizer.add_param_group(param_group)
         else:  # during Optimizer.__init__, before the base exists
@@ -689,6 +696,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Load a state dict made by :meth:`state_dict` or by the plain base optimizer."""
         self._refuse_when_perturbed("load_state_dict()")
         self._refuse_when_swapped("load_state_dict()")
+        self._check_loaded_shapes(state_dict)
         state_dict = dict(state_dict)
         averaging = state_dict.pop("averaging", None)
         stores = self._param_stores()
@@ -713,6 +721,28 @@ class SharpnessAwareOptimizer(Optimizer):
         if averaging is not None:
             self._updates = int(averaging["updates"])
             self._n_averaged = int(averaging["n_averaged"])
+
+    def _check_loaded_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything is loaded, a state whose per-parameter tensors do not have
+        their parameter's shape (a checkpoint of another model): the fused kernels would read
+        past the end of them. torch.optim itself checks only the group sizes."""
+        params = self._indexed_params()
+        for index, entry in state_dict.get("state", {}).items():
+            if not isinstance(index, int) or not 0 <= index < len(params):
+                raise ValueError(
+                    f"the loaded state has an entry for parameter {index!r}, but this optimizer "
+                    f"has {len(params)} parameters (numbered 0..{len(params) - 1})"
+                )
+            p = params[index]
+            if not isinstance(entry, dict):
+                continue
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(
+                        f"the loaded state's {key!r} of parameter {index} has shape "
+                        f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}: "
+                        "the state dict is from another model or another parameter order"
+                    )
 
     def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
         """Per-parameter tensors kept beyond the base optimizer's state, by the key they are

@@ -1,0 +1,128 @@
+"""Production use: gradient accumulation, determinism, torch.compile, and bad input refused with
+clear errors (issue 8; GradScaler, DDP/FSDP2 and CUDA graphs are not here yet)."""
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastsam
+
+
+def _model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    return model.to(DEVICE, dtype)
+
+
+def _data(n=32, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=gen, dtype=dtype).to(DEVICE)
+    y = torch.randint(0, 3, (n,), generator=gen).to(DEVICE)
+    return x, y
+
+
+def test_gradient_accumulation_matches_one_big_batch(backend):
+    """Both passes over the same micro-batches, each loss divided by their number: the same
+    steps as one batch of all of them (the README's pattern)."""
+    x, y = _data()
+    loss_fn = torch.nn.functional.cross_entropy
+    big, small = _model(), _model()
+    opts = [fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+            for m in (big, small)]
+    micro = list(zip(x.chunk(4), y.chunk(4)))
+    for _ in range(3):
+        loss_fn(big(x), y).backward()
+        opts[0].first_step(zero_grad=True)
+        loss_fn(big(x), y).backward()
+        opts[0].second_step(zero_grad=True)
+
+        for xb, yb in micro:
+            (loss_fn(small(xb), yb) / len(micro)).backward()
+        opts[1].first_step(zero_grad=True)
+        for xb, yb in micro:  # the same micro-batches, at the perturbed weights
+            (loss_fn(small(xb), yb) / len(micro)).backward()
+        opts[1].second_step(zero_grad=True)
+    for a, b in zip(big.parameters(), small.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [fastsam.SAM, fastsam.GSAM])
+def test_two_identical_runs_are_bitwise_equal(backend, cls):
+    x, y = _data(dtype=torch.float32)
+    results = []
+    for _ in range(2):
+        model = _model(dtype=torch.float32)
+        opt = cls(model.parameters(), torch.optim.AdamW, lr=1e-2, backend=backend)
+        for _ in range(4):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.first_step(zero_grad=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile (inductor) of a whole training step that calls the optimizer: it runs and
+    gives the eager numbers."""
+    x, y = _data(dtype=torch.float32)
+    models = [_model(dtype=torch.float32), _model(dtype=torch.float32)]
+    opts = [fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9) for m in models]
+
+    def step(model, opt):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.second_step(zero_grad=True)
+        return loss.detach()
+
+    compiled = torch.compile(step)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(models[0], opts[0]), step(models[1], opts[1]),
+                                   rtol=1e-5, atol=1e-6)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_integer_parameters_are_refused():
+    with pytest.raises(TypeError, match="floating-point parameters; got a torch.int64 tensor"):
+        fastsam.SAM([torch.nn.Parameter(torch.ones(3, dtype=torch.int64), requires_grad=False)],
+                    torch.optim.SGD, lr=0.1)
+    opt = fastsam.SAM([torch.nn.Parameter(torch.ones(3))], torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="floating-point parameters"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
+
+
+def test_state_of_another_model_is_refused_before_loading(backend):
+    def trained(shape):
+        p = torch.nn.Parameter(torch.ones(shape, device=DEVICE))
+        opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend)
+        for _ in range(2):
+            p.grad = torch.ones_like(p)
+            opt.first_step()
+            p.grad = torch.ones_like(p)
+            opt.second_step()
+        return p, opt
+
+    _, other = trained(3)
+    p, opt = trained(5)
+    before = opt.state[p]["momentum_buffer"].clone()
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 0 has shape \(3,\), "
+                                         r"but the parameter has shape \(5,\)"):
+        opt.load_state_dict(other.state_dict())
+    assert torch.equal(opt.state[p]["momentum_buffer"], before)  # nothing was loaded
+    sd = opt.state_dict()
+    sd["state"] = {**sd["state"], 7: sd["state"][0]}
+    with pytest.raises(ValueError, match="entry for parameter 7, but this optimizer has 1"):
+        opt.load_state_dict(sd)
+
+
+def test_parameters_on_two_devices_are_refused():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device")
+    a = torch.nn.Parameter(torch.ones(2))
+    b = torch.nn.Parameter(torch.ones(2, device="cuda"))
+    opt = fastsam.SAM([a, b], torch.optim.SGD, lr=0.1, backend="torch")
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    with pytest.raises(RuntimeError, match="every parameter with a gradient on one device"):
+        opt.first_step()
