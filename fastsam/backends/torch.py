@@ -130,6 +130,9 @@ class TorchBackend(Backend):
             if group.keep_grads is not None:
                 torch._foreach_copy_(group.keep_grads, group.grads)
             outer = group.scaling.kind == "outer"
+            if on_cpu and not bool(finite):  # a non-finite norm: w stays exactly as it is
+                torch._foreach_copy_(group.w_old, group.params)
+                continue
             if q == 2.0 and t is None and on_cpu and not outer:
                 torch._foreach_copy_(group.w_old, group.params)
                 torch._foreach_add_(group.params, u, alpha=scale.item())
@@ -149,6 +152,9 @@ class TorchBackend(Backend):
                 torch._foreach_mul_(e, scale)
             if outer:  # e = T·ê, ê the perturbation of the plain g
                 torch._foreach_mul_(e, _operator_T(group.params, group.scaling))
+            if not on_cpu:  # scale is 0 for a non-finite norm, but 0·inf is NaN: select
+                e = [torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                     for x in e]
             torch._foreach_copy_(group.w_old, group.params)
             torch._foreach_add_(group.params, e)
 

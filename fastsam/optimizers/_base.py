@@ -118,6 +118,9 @@ class SharpnessAwareOptimizer(Optimizer):
     """
 
     _keeps_w_old = True  # a persistent w_old buffer per parameter (FreeSAM needs none)
+    # torch.amp.GradScaler: scaler.step(optimizer) sets the attributes grad_scale (the loss
+    # scale) and found_inf around its call of step() instead of unscaling the gradients itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -151,6 +154,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._updates = 0
         self._n_averaged = 0
         self._swapped = False
+        self._amp_skipped = 0
 
         super().__init__(params, defaults)
         if isinstance(base_optimizer, Optimizer):
@@ -345,6 +349,14 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
+        if self._amp_unscale(all_grads, perturbed):  # GradScaler found inf/NaN: restore only
+            for params, w_old in zip(perturbed.params, perturbed.w_old):
+                if params:
+                    self._backend_for(params[0].device).restore(params, w_old)
+            self._opt_called = self.base_optimizer._opt_called = True
+            if zero_grad:
+                self.zero_grad()
+            return
         fused = self._fused_update_kind(now)
         sources = self._before_update(perturbed, now, all_grads, fused is not None)
         averages = self._count_update(now)
@@ -445,6 +457,38 @@ class SharpnessAwareOptimizer(Optimizer):
             self.base_optimizer.step()
         self._average_rest(plan, averages, fused is None)
         self._opt_called = self.base_optimizer._opt_called = True
+
+    # ----------------------------------------------------------------- GradScaler
+    def _amp_unscale(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
+        """GradScaler's protocol at the start of an update: True when the update must be
+        skipped (an inf/NaN in this step's gradients: found_inf, read on the host, one sync
+        per step, as torch.optim's optimizers make under GradScaler), else divide this step's
+        gradients (and :meth:`_kept_for_update` ones) by the loss scale, on the device."""
+        scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            self._amp_skipped += 1
+            return True
+        if scale is None:
+            return False
+        inverse = scale.double().reciprocal()
+        kept = self._kept_for_update(perturbed) if perturbed is not None else []
+        by_dtype: dict[tuple, list[Tensor]] = {}
+        for t in [g for gs in all_grads for g in gs] + [k for ks in kept for k in ks]:
+            by_dtype.setdefault((t.device, t.dtype), []).append(t)
+        for (device, dtype), tensors in by_dtype.items():
+            torch._foreach_mul_(tensors, inverse.to(device=device, dtype=dtype))
+        return False
+
+    def _kept_for_update(self, perturbed: _StepPlan) -> list[list[Tensor]]:
+        """First-pass gradients the update combines with this step's (GSAM's), which must be
+        unscaled with them under GradScaler."""
+        return []
+
+    @property
+    def amp_skipped_steps(self) -> int:
+        """Updates skipped because GradScaler found inf/NaN gradients (weights restored)."""
+        return self._amp_skipped
 
     # ----------------------------------------------------------------- weight averaging
     def _count_update(self, plan: _StepPlan) -> list[Average] | None:

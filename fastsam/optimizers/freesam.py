@@ -103,6 +103,9 @@ class FreeSAM(SharpnessAwareOptimizer):
                 loss = closure()
         plan, flat_grads = self._step_plan()
         all_grads = plan.grads(flat_grads)
+        if self._amp_unscale(all_grads, None):  # GradScaler found inf/NaN: no update, no swap
+            self._opt_called = self.base_optimizer._opt_called = True
+            return loss
         if self._stored_plan is None or self._stored_plan[0] is not plan:
             stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]
             self._stored_plan = (plan, stored)

@@ -186,6 +186,9 @@ class GSAM(SharpnessAwareOptimizer):
     def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]]:
         return self._first_buffers(plan)  # the perturb pass copies g there
 
+    def _kept_for_update(self, perturbed: _StepPlan) -> list[list[Tensor]]:
+        return self._first_buffers(perturbed)  # scaled like g_adv under GradScaler
+
     def _before_update(
         self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
     ) -> list[Decomposition | None] | None:

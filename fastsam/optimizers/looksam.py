@@ -143,6 +143,12 @@ class LookSAM(SharpnessAwareOptimizer):
         """With a closure (called after the caller's first forward/backward): a whole step,
         calling ``closure()`` (forward + backward at w + e) on SAM steps only; returns its loss
         (None on look-ahead steps). Without one: the pending second step."""
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "LookSAM does not support torch.amp.GradScaler yet: its look-ahead steps update "
+                "inside first_step(), which the scaler does not see. Use bf16 autocast (no "
+                "scaler needed) or SAM/GSAM/FreeSAM with the scaler."
+            )
         if closure is None:
             return super().step()
         if self._perturbed is not None:

@@ -1,0 +1,148 @@
+"""torch.amp.GradScaler with fastsam optimizers (the _step_supports_amp_scaling protocol): the
+same steps as without a scaler, an inf/NaN in the second pass skips the update with the weights
+restored bit for bit and the scale backed off, an inf/NaN in the first pass skips only the
+perturbation."""
+import pytest
+import torch
+from conftest import DEVICE
+
+import fastsam
+
+LOSS = torch.nn.functional.cross_entropy
+SCALE = 2.0**12
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(DEVICE)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(32, 6, generator=gen).to(DEVICE),
+            torch.randint(0, 3, (32,), generator=gen).to(DEVICE))
+
+
+def _scaler():
+    return torch.amp.GradScaler(DEVICE.type, init_scale=SCALE)
+
+
+def _two_pass(model, opt, x, y, scaler=None, poison=None):
+    """One SAM step; ``poison`` = 1 or 2 puts an inf into that pass's gradient."""
+    scale = scaler.scale if scaler else (lambda loss: loss)
+    scale(LOSS(model(x), y)).backward()
+    if poison == 1:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    opt.first_step(zero_grad=True)
+    scale(LOSS(model(x), y)).backward()
+    if poison == 2:
+        next(model.parameters()).grad.view(-1)[0] = float("nan")
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.second_step()
+    opt.zero_grad()
+
+
+OPTIMIZERS = {
+    "sam_sgd": lambda ps, b: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend=b),
+    "asam_adamw": lambda ps, b: fastsam.ASAM(ps, torch.optim.AdamW, lr=1e-2, backend=b),
+    "gsam_sgd": lambda ps, b: fastsam.GSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                           backend=b),
+    "sam_rmsprop_unfused": lambda ps, b: fastsam.SAM(ps, torch.optim.RMSprop, lr=1e-3,
+                                                     backend=b),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_scaled_steps_match_unscaled_steps(backend, name):
+    x, y = _data()
+    plain, scaled = _model(), _model()
+    opts = [OPTIMIZERS[name](m.parameters(), backend) for m in (plain, scaled)]
+    scaler = _scaler()
+    for _ in range(4):
+        _two_pass(plain, opts[0], x, y)
+        _two_pass(scaled, opts[1], x, y, scaler)
+    assert opts[1].amp_skipped_steps == 0 and scaler.get_scale() == SCALE
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_inf_in_second_pass_skips_the_update(backend, name):
+    x, y = _data()
+    model = _model()
+    opt = OPTIMIZERS[name](model.parameters(), backend)
+    scaler = _scaler()
+    _two_pass(model, opt, x, y, scaler)
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for s in opt.state.values() for k, v in s.items()
+             if isinstance(v, torch.Tensor)}
+    _two_pass(model, opt, x, y, scaler, poison=2)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = {k: v for s in opt.state.values() for k, v in s.items() if isinstance(v, torch.Tensor)}
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert opt.amp_skipped_steps == 1 and scaler.get_scale() == SCALE / 2
+    _two_pass(model, opt, x, y, scaler)  # and training goes on
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+
+
+def test_inf_in_first_pass_skips_the_perturbation(backend):
+    """The norm of the first pass is not finite: no perturbation, so the second pass is taken
+    at w itself and the step is the base optimizer's plain step."""
+    x, y = _data()
+    model, twin = _model(), _model()
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    base = torch.optim.SGD(twin.parameters(), lr=0.1)
+    _two_pass(model, opt, x, y, _scaler(), poison=1)
+    assert float(opt._skipped) == 1.0
+    LOSS(twin(x), y).backward()
+    base.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_freesam_with_scaler(backend):
+    """Same steps as without a scaler (the stored gradient is kept unscaled); a step with an
+    inf is skipped: weights and the stored gradient stay as they were."""
+    x, y = _data()
+    plain, scaled = _model(), _model()
+    opts = [fastsam.FreeSAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
+                            backend=backend) for m in (plain, scaled)]
+    scaler = _scaler()
+
+    def scaled_step(poison=False):
+        scaler.scale(LOSS(scaled(x), y)).backward()
+        if poison:
+            next(scaled.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(opts[1])
+        scaler.update()
+        opts[1].zero_grad()
+
+    for _ in range(3):
+        LOSS(plain(x), y).backward()
+        opts[0].step()
+        opts[0].zero_grad()
+        scaled_step()
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    weights = [p.detach().clone() for p in scaled.parameters()]
+    stored = {p: g.clone() for p, g in opts[1]._stored.items()}
+    scaled_step(poison=True)
+    assert all(torch.equal(p, w) for p, w in zip(scaled.parameters(), weights))
+    assert all(torch.equal(opts[1]._stored[p], g) for p, g in stored.items())
+    assert opts[1].amp_skipped_steps == 1
+
+
+def test_looksam_refuses_the_scaler():
+    x, y = _data()
+    model = _model()
+    opt = fastsam.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = _scaler()
+    scaler.scale(LOSS(model(x), y)).backward()
+    assert opt.first_step(zero_grad=True)
+    scaler.scale(LOSS(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="LookSAM does not support torch.amp.GradScaler"):
+        scaler.step(opt)
