@@ -305,11 +305,6 @@ class Backend:
         ``max_exp_avg_sqs`` is empty unless amsgrad. ``average`` as in :meth:`restore_sgd`."""
         raise NotImplementedError
 
-    def average(self, params: list[Tensor], average: Average) -> None:
-        """Averaging as its own pass (:class:`Average`), for updates that are not fused (any
-        other base optimizer): :func:`foreach_average`."""
-        foreach_average(params, average)
-
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
         """GSAM's reduction pass, one read of g_adv and g for every group together::
 

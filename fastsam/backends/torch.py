@@ -28,6 +28,7 @@ from ..functional import (
     SGDHyper,
     Swap,
     dual_exponent,
+    foreach_average,
 )
 
 _NARROW = (torch.float16, torch.bfloat16)
@@ -193,7 +194,7 @@ class TorchBackend(Backend):
         self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
         _finish_swap(grads, source)
         if average is not None:
-            self.average(params, average)
+            foreach_average(params, average)
 
     def _sgd(self, params, grads, momentum_buffers, hyper, fresh_buffers) -> None:
         d = torch._foreach_neg(grads) if hyper.maximize else grads
@@ -233,7 +234,7 @@ class TorchBackend(Backend):
                    hyper)
         _finish_swap(grads, source)
         if average is not None:
-            self.average(params, average)
+            foreach_average(params, average)
 
     def _adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper) -> None:
         g = torch._foreach_neg(grads) if hyper.maximize else grads

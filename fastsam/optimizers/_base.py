@@ -54,6 +54,7 @@ class _StepPlan:
     idle: list[Tensor]  # parameters without a gradient this step (averaged on their own)
     states: list[list[dict]] | None = None  # per-parameter state dicts, looked up once
     averaged: list[list[Tensor]] | None = None  # per group, the averaged copies (once)
+    first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
     idle_averaged: list[Tensor] | None = None
 
     def grads(self, flat_grads: list) -> list[list[Tensor]]:
@@ -118,6 +119,7 @@ class SharpnessAwareOptimizer(Optimizer):
     """
 
     _keeps_w_old = True  # a persistent w_old buffer per parameter (FreeSAM needs none)
+    _keeps_first_grads = False  # GSAM, LookSAM: the perturb pass also keeps g
     # torch.amp.GradScaler: scaler.step(optimizer) sets the attributes grad_scale (the loss
     # scale) and found_inf around its call of step() instead of unscaling the gradients itself.
     _step_supports_amp_scaling = True
@@ -146,6 +148,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._plan: _StepPlan | None = None
         self._layout_version = 0  # bumped when groups or loaded state change: plans expire
         self._w_old: dict[Tensor, Tensor] = {}
+        self._first: dict[Tensor, Tensor] = {}  # g of the first pass (_keeps_first_grads)
         self._skipped: Tensor | None = None
         # Weight averaging (fastsam.averaging): the schedule, the averaged copy of each
         # parameter, the updates made and the snapshots averaged so far.
@@ -232,10 +235,15 @@ class SharpnessAwareOptimizer(Optimizer):
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
 
-    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]] | None:
-        """Per group of ``plan``, buffers the perturb pass fills with a copy of g (GSAM keeps
-        the first gradient), or None."""
-        return None
+    def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]] | None:
+        """Per group of ``plan``, the persistent buffers the perturb pass fills with a copy of
+        g when the optimizer ``_keeps_first_grads`` (GSAM, LookSAM), else None. Looked up once
+        per plan."""
+        if not self._keeps_first_grads:
+            return None
+        if plan.first is None:
+            plan.first = [[persistent_buffer(self._first, p) for p in ps] for ps in plan.params]
+        return plan.first
 
     def _before_update(
         self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
@@ -314,7 +322,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._refuse_when_swapped("first_step()")
         plan, flat_grads = self._step_plan()
         if plan.device is not None:
-            kept = self._kept_gradients(plan) or repeat(None)
+            kept = self._first_buffers(plan) or repeat(None)
             groups = [
                 PerturbGroup(ps, grads, olds, group["rho"], self._scaling(group), keep)
                 for group, ps, grads, olds, keep in zip(
@@ -360,10 +368,7 @@ class SharpnessAwareOptimizer(Optimizer):
         fused = self._fused_update_kind(now)
         sources = self._before_update(perturbed, now, all_grads, fused is not None)
         averages = self._count_update(now)
-        if fused and now.states is None:
-            # Tensor-keyed lookups cost ~1.6 us each (Tensor.__hash__ is Python): once per plan.
-            # torch.optim only ever replaces the whole state mapping, which expires the plan.
-            now.states = [[self.state[p] for p in ps] for ps in now.params]
+        states = self._plan_states(now) if fused else None
         for i, group in enumerate(self.param_groups):
             if now is perturbed:  # the usual case: the same parameters have gradients
                 params, w_old = now.params[i], now.w_old[i]
@@ -387,7 +392,7 @@ class SharpnessAwareOptimizer(Optimizer):
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
             source = sources[i] if sources else None
             average = averages[i] if averages else None
-            update(backend, group, params, all_grads[i], w_old, now.states[i], source, average)
+            update(backend, group, params, all_grads[i], w_old, states[i], source, average)
         if fused is None:
             self.base_optimizer.step()
         self._average_rest(now, averages, fused is None)
@@ -429,6 +434,14 @@ class SharpnessAwareOptimizer(Optimizer):
         self.second_step()
         return loss
 
+    def _plan_states(self, plan: _StepPlan) -> list[list[dict]]:
+        """Per group of ``plan``, its parameters' state dicts. Tensor-keyed lookups cost ~1.6 us
+        each (Tensor.__hash__ is Python): once per plan. torch.optim only ever replaces the
+        whole state mapping, which expires the plan."""
+        if plan.states is None:
+            plan.states = [[self.state[p] for p in ps] for ps in plan.params]
+        return plan.states
+
     def _update_in_place(
         self,
         plan: _StepPlan,
@@ -442,12 +455,10 @@ class SharpnessAwareOptimizer(Optimizer):
         averages = self._count_update(plan)
         fused = self._fused_update_kind(plan)
         if plan.device is not None and fused is not None:
-            if plan.states is None:
-                plan.states = [[self.state[p] for p in ps] for ps in plan.params]
             backend = self._backend_for(plan.device)
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
             for i, (group, params, grads, states) in enumerate(
-                zip(self.param_groups, plan.params, all_grads, plan.states)
+                zip(self.param_groups, plan.params, all_grads, self._plan_states(plan))
             ):
                 if params:
                     source = sources[i] if sources else None
@@ -463,7 +474,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """GradScaler's protocol at the start of an update: True when the update must be
         skipped (an inf/NaN in this step's gradients: found_inf, read on the host, one sync
         per step, as torch.optim's optimizers make under GradScaler), else divide this step's
-        gradients (and :meth:`_kept_for_update` ones) by the loss scale, on the device."""
+        gradients (and the kept first-pass ones, which the update combines with them) by the
+        loss scale, on the device."""
         scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
@@ -472,18 +484,13 @@ class SharpnessAwareOptimizer(Optimizer):
         if scale is None:
             return False
         inverse = scale.double().reciprocal()
-        kept = self._kept_for_update(perturbed) if perturbed is not None else []
+        kept = (self._first_buffers(perturbed) if perturbed is not None else None) or []
         by_dtype: dict[tuple, list[Tensor]] = {}
         for t in [g for gs in all_grads for g in gs] + [k for ks in kept for k in ks]:
             by_dtype.setdefault((t.device, t.dtype), []).append(t)
         for (device, dtype), tensors in by_dtype.items():
             torch._foreach_mul_(tensors, inverse.to(device=device, dtype=dtype))
         return False
-
-    def _kept_for_update(self, perturbed: _StepPlan) -> list[list[Tensor]]:
-        """First-pass gradients the update combines with this step's (GSAM's), which must be
-        unscaled with them under GradScaler."""
-        return []
 
     @property
     def amp_skipped_steps(self) -> int:
@@ -515,9 +522,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if not averages:
             return
         if unfused and plan.device is not None:
-            backend = self._backend_for(plan.device)
             for params, average in zip(plan.params, averages):
-                backend.average(params, average)
+                foreach_average(params, average)
         if plan.idle:
             if plan.idle_averaged is None:
                 plan.idle_averaged = [

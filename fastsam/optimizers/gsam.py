@@ -15,7 +15,6 @@ from ._base import (
     SharpnessAwareOptimizer,
     _StepPlan,
     check_finite_nonnegative,
-    persistent_buffer,
 )
 
 # The perturbation scaling of each ``adaptive`` option.
@@ -129,8 +128,6 @@ class GSAM(SharpnessAwareOptimizer):
         self.model = model
         self.rho_scheduler = rho_scheduler
         self.alpha = alpha
-        self._first: dict[Tensor, Tensor] = {}
-        self._first_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         self._forward_backward: Callable[[], tuple[Any, Tensor]] | None = None
         super().__init__(
             params,
@@ -148,6 +145,8 @@ class GSAM(SharpnessAwareOptimizer):
             self._set_rho(float(current) if current is not None else rho_scheduler.step())
 
     # ----------------------------------------------------------------- options
+    _keeps_first_grads = True  # the perturb pass keeps g for the decomposition
+
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
         check_finite_nonnegative("alpha", group["gsam_alpha"])
@@ -175,20 +174,6 @@ class GSAM(SharpnessAwareOptimizer):
         return self._set_rho(self.rho_scheduler.step())
 
     # ----------------------------------------------------------------- the two hooks
-    def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]]:
-        """The persistent buffers holding g, per group, for the plan's parameters."""
-        if self._first_plan is not None and self._first_plan[0] is plan:
-            return self._first_plan[1]
-        buffers = [[persistent_buffer(self._first, p) for p in params] for params in plan.params]
-        self._first_plan = (plan, buffers)
-        return buffers
-
-    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]]:
-        return self._first_buffers(plan)  # the perturb pass copies g there
-
-    def _kept_for_update(self, perturbed: _StepPlan) -> list[list[Tensor]]:
-        return self._first_buffers(perturbed)  # scaled like g_adv under GradScaler
-
     def _before_update(
         self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
     ) -> list[Decomposition | None] | None:

@@ -80,7 +80,6 @@ class LookSAM(SharpnessAwareOptimizer):
         self.k = k
         self.alpha = check_finite_nonnegative("alpha", alpha)
         self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
-        self._first: dict[Tensor, Tensor] = {}  # g of the SAM step (kept by the perturb pass)
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
         self._direction_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         super().__init__(
@@ -93,6 +92,8 @@ class LookSAM(SharpnessAwareOptimizer):
             base_kwargs=base_kwargs,
             average=average,
         )
+
+    _keeps_first_grads = True  # the SAM steps' perturb pass keeps g for u_v
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         return Scaling()
@@ -185,13 +186,7 @@ class LookSAM(SharpnessAwareOptimizer):
         self._direction_plan = (plan, out)
         return out
 
-    # ----------------------------------------------------------------- SAM-step hooks
-    def _first_buffers(self, plan: _StepPlan) -> list[list[Tensor]]:
-        return [[persistent_buffer(self._first, p) for p in ps] for ps in plan.params]
-
-    def _kept_gradients(self, plan: _StepPlan) -> list[list[Tensor]]:
-        return self._first_buffers(plan)  # the perturb pass copies g there
-
+    # ----------------------------------------------------------------- SAM-step hook
     def _before_update(
         self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
     ) -> None:
@@ -200,18 +195,20 @@ class LookSAM(SharpnessAwareOptimizer):
         if now.device is None:
             return None
         firsts = self._first_buffers(perturbed)
-        kept = {p: f for ps, fs in zip(perturbed.params, firsts) for p, f in zip(ps, fs)}
-        params, first, second = [], [], []
-        for ps, gs in zip(now.params, grads):
-            for p, g in zip(ps, gs):
-                if p in kept:
-                    params.append(p)
-                    first.append(kept[p])
-                    second.append(g)
-        if not params:
+        if now is perturbed:  # the usual case: the plan's own lists, looked up once
+            first = [f for fs in firsts for f in fs]
+            second = [g for gs in grads for g in gs]
+            directions = [d for ds in self._plan_directions(now) for d in ds]
+        else:
+            kept = {p: f for ps, fs in zip(perturbed.params, firsts) for p, f in zip(ps, fs)}
+            pairs = [(p, kept[p], g) for ps, gs in zip(now.params, grads)
+                     for p, g in zip(ps, gs) if p in kept]
+            first = [f for _, f, _ in pairs]
+            second = [g for _, _, g in pairs]
+            directions = [persistent_buffer(self._direction, p) for p, _, _ in pairs]
+        if not directions:
             return None
         backend = self._backend_for(now.device)
-        directions = [persistent_buffer(self._direction, p) for p in params]
         torch._foreach_copy_(directions, second)
         # g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g, then the same projection of the result again: g_v is
         # a small difference of close vectors, so the rounding of the first coefficient shows
