@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "GradientSource",
     "Backend",
     "dual_exponent",
+    "gsam_along_from_sums",
 ]
 
 
@@ -214,14 +216,25 @@ class Average:
 
 def foreach_average(params: list[Tensor], average: Average) -> None:
     """:class:`Average` as one foreach call of its own over ``params``."""
-    import torch
-
     if not params:
         return
     if average.weight == 1.0:
         torch._foreach_copy_(average.buffers, params)
     else:
         torch._foreach_lerp_(average.buffers, params, average.weight)
+
+
+def gsam_along_from_sums(sums: Tensor, eps: float) -> Tensor:
+    """GSAM's ``along`` (:meth:`Backend.gsam_along`) from ``sums = [⟨g, g_adv⟩, ‖g_adv‖²,
+    ‖g‖²]``, as a 0-d tensor of the sums' dtype, on their device."""
+    adv_norm, first_norm = sums[1].sqrt(), sums[2].sqrt()
+    cosine = sums[0] / (adv_norm * first_norm + eps)
+    return cosine * first_norm / (adv_norm + eps)
+
+
+def _widen(tensors: list[Tensor], acc) -> list[Tensor]:
+    """Tensors narrower than fp32 as fp32 copies (the reductions accumulate in ``acc``)."""
+    return [t if t.dtype in (torch.float32, torch.float64) else t.to(acc) for t in tensors]
 
 
 def dual_exponent(p: float) -> float:
@@ -236,6 +249,16 @@ class Backend:
     """
 
     name: str = "abstract"
+
+    def local(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The tensors the passes work on: ``tensors`` themselves, or, for sharded parameters
+        (FSDP2's DTensors), their local shards. Foreach code outside the passes uses these."""
+        return tensors
+
+    def sum_over_shards(self, partial: Tensor) -> Tensor:
+        """A sum computed over :meth:`local` tensors made global (in place): the identity, or an
+        all-reduce across the shards for sharded parameters."""
+        return partial
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
         """Pass A. Return ``S = Σ |T·g|^q`` over every tensor of every group as a 0-d fp32
@@ -314,14 +337,31 @@ class Backend:
         returned as a 0-d tensor on the device (fp32; fp64 when a gradient is fp64). The part of
         g orthogonal to g_adv is then ``v = g - along·g_adv`` (the official code's eps
         placement), and the update uses ``g_adv - alpha·v = (1 + alpha·along)·g_adv -
-        alpha·g`` (:class:`Decomposition`)."""
-        raise NotImplementedError
+        alpha·g`` (:class:`Decomposition`). The fused backends override this (one reduction
+        launch and one combining launch); this default is :meth:`gsam_sums` then
+        :func:`gsam_along_from_sums`."""
+        return gsam_along_from_sums(self.gsam_sums(groups), eps)
+
+    def gsam_sums(self, groups: list[DecomposeGroup]) -> Tensor:
+        """The three sums behind :meth:`gsam_along`, ``[⟨g, g_adv⟩, ‖g_adv‖², ‖g‖²]``, as a
+        1-d tensor of 3 on the device (fp32; fp64 when a gradient is fp64). Sharded parameters
+        (FSDP2) all-reduce these before combining them. This default is foreach ops."""
+        adv = [t for g in groups for t in g.grads]
+        first = [t for g in groups for t in g.first_grads]
+        acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
+        if not adv:
+            return torch.zeros(3, dtype=acc)
+        wide_adv, wide_first = _widen(adv, acc), _widen(first, acc)
+        inner = torch.stack(
+            [t.sum(dtype=acc) for t in torch._foreach_mul(wide_first, wide_adv)]
+        ).sum()
+        adv_sq = torch.stack(torch._foreach_norm(wide_adv)).to(acc).square().sum()
+        first_sq = torch.stack(torch._foreach_norm(wide_first)).to(acc).square().sum()
+        return torch.stack([inner, adv_sq, first_sq])
 
     def gsam_decompose(self, groups: list[DecomposeGroup], eps: float) -> None:
         """``g_adv ← (1 + alpha·along)·g_adv - alpha·g`` in place, for a base optimizer whose
         update is not fused: :meth:`gsam_along`, then one foreach pass per group."""
-        import torch
-
         along = self.gsam_along(groups, eps)
         for group in groups:
             if group.alpha == 0.0 or not group.grads:

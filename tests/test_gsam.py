@@ -173,6 +173,33 @@ def test_removed_component_is_orthogonal_to_adversarial_gradient(backend, device
     assert math.isclose(v_dot_g, g_sq - inner**2 / a_sq, rel_tol=1e-9)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gsam_sums_and_along(backend, device, dtype):
+    """The three sums sharded parameters all-reduce (fastsam.backends.sharded), against fp64
+    sums of the stored values; along from them equals the backend's own along."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(17,), (5, 9), (0, 4), (3000,)]
+    adv = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    first = [torch.randn(s, generator=gen).to(device, dtype) for s in shapes]
+    impl = fastsam.backends.select_backend(backend, device)
+    groups = [DecomposeGroup(adv[:2], first[:2], 0.5), DecomposeGroup(adv[2:], first[2:], 0.5)]
+    sums = impl.gsam_sums(groups)
+    wide = [(f.double(), a.double()) for f, a in zip(first, adv)]
+    expected = [sum(float((f * a).sum()) for f, a in wide),
+                sum(float((a * a).sum()) for _, a in wide),
+                sum(float((f * f).sum()) for f, _ in wide)]
+    assert sums.shape == (3,)
+    assert sums.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    for got, want in zip(sums.tolist(), expected):
+        assert math.isclose(got, want, rel_tol=rel, abs_tol=rel * expected[1])
+    along = impl.gsam_along(groups, 1e-12)
+    torch.testing.assert_close(
+        fastsam.functional.gsam_along_from_sums(sums.clone(), 1e-12), along,
+        rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------- schedules
 def test_proportion_scheduler_follows_the_lr():
     w = torch.nn.Parameter(torch.ones(3))

@@ -126,3 +126,32 @@ def test_parameters_on_two_devices_are_refused():
     a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
     with pytest.raises(RuntimeError, match="every parameter with a gradient on one device"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("normalization", ["filter", "element"])
+def test_empty_parameters_take_no_part(backend, normalization):
+    """Tensors with no elements (an FSDP2 shard can be one: 1 row over 2 ranks) change nothing:
+    the same steps with and without them give the same weights."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(0, 3), (4, 3), (3, 0), (5,)]
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+             for _ in range(4)]
+
+    def run(keep):
+        params = [torch.nn.Parameter(start[i].clone()) for i in keep]
+        opt = fastsam.ASAM(params, torch.optim.SGD, rho=0.5, normalization=normalization,
+                           lr=0.1, momentum=0.9, backend=backend)
+        for step in range(2):
+            for p, i in zip(params, keep):
+                p.grad = grads[2 * step][i].clone()
+            opt.first_step()
+            for p, i in zip(params, keep):
+                p.grad = grads[2 * step + 1][i].clone()
+            opt.second_step()
+        return {i: p.detach() for p, i in zip(params, keep)}
+
+    with_empty, without = run([0, 1, 2, 3]), run([1, 3])
+    for i in (1, 3):
+        torch.testing.assert_close(with_empty[i], without[i], rtol=1e-14, atol=0)
+        assert not torch.equal(with_empty[i], start[i])

@@ -47,9 +47,10 @@ def main():
                         dict(ALIGNED=True, BLOCK=512))
         compile_variant(K.gsam_partials_kernel, dict(
             adv_addr="*i64", first_addr="*i64", partials=scalar, G_REF=ref), common)
-        compile_variant(K.gsam_along_kernel, dict(partials=scalar, n="i32", hp="*fp64",
-                                                  out=scalar),
-                        dict(ACC=acc, BLOCK=1024), segments=False)
+        for sums in (False, True):  # along, or the three sums (sharded parameters)
+            compile_variant(K.gsam_along_kernel, dict(partials=scalar, n="i32", hp="*fp64",
+                                                      out=scalar),
+                            dict(SUMS=sums, ACC=acc, BLOCK=1024), segments=False)
         for gmode in (0, 1, 2, 3):
             compile_variant(K.sgd_kernel, dict(
                 w_addr="*i64", g_addr="*i64", w_old_addr="*i64", buf_addr="*i64", hp="*fp64",

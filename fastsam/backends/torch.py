@@ -21,7 +21,6 @@ from ..functional import (
     Average,
     Backend,
     Correction,
-    DecomposeGroup,
     GradientSource,
     PerturbGroup,
     Scaling,
@@ -162,20 +161,6 @@ class TorchBackend(Backend):
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         if params:
             torch._foreach_copy_(params, w_old)
-
-    def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
-        adv = [t for g in groups for t in g.grads]
-        first = [t for g in groups for t in g.first_grads]
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
-        if not adv:
-            return torch.zeros((), dtype=acc)
-        wide_adv, wide_first = _widen(adv), _widen(first)
-        products = torch._foreach_mul(wide_first, wide_adv)
-        inner = torch.stack([t.sum(dtype=acc) for t in products]).sum()
-        adv_norm = torch.stack(torch._foreach_norm(wide_adv)).to(acc).square().sum().sqrt()
-        first_norm = torch.stack(torch._foreach_norm(wide_first)).to(acc).square().sum().sqrt()
-        cosine = inner / (adv_norm * first_norm + eps)
-        return cosine * first_norm / (adv_norm + eps)
 
     def restore_sgd(
         self,

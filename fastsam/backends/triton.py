@@ -201,7 +201,7 @@ class _PerturbPlan:
                 mode.append(m)
                 eta.append(group.scaling.eta)
                 group_of.append(k)
-                seg_lens.append(p.numel() // p.shape[0] if m == 2 else CHUNK)
+                seg_lens.append(p.numel() // p.shape[0] if m == 2 and p.numel() else CHUNK)
         device = next(p.device for g in groups for p in g.params)
         self.launches: list[tuple[_Table, int]] = []
         self.n_segments = 0
@@ -433,17 +433,27 @@ class TritonBackend(Backend):
 
     # ---------------------------------------------------------------- GSAM's reduction
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
+        return self._gsam_reduce(groups, eps)
+
+    def gsam_sums(self, groups: list[DecomposeGroup]) -> Tensor:
+        return self._gsam_reduce(groups, None)
+
+    def _gsam_reduce(self, groups: list[DecomposeGroup], eps: float | None) -> Tensor:
+        """Stage 1 (per-segment partials), then stage 2: ``along`` with ``eps``, the three
+        sums without."""
         adv = [t for g in groups for t in g.grads]
         fp64 = any(t.dtype == torch.float64 for t in adv)
         acc = torch.float64 if fp64 else torch.float32
+        sums = eps is None
         if not adv:
-            return torch.zeros((), dtype=acc)
+            return torch.zeros(3 if sums else (), dtype=acc)
         roles = {"w": adv, "first": [t for g in groups for t in g.first_grads]}
         tables = self._update_tables(roles)
         device = adv[0].device
         n_segments = sum(table.n_segments for table in tables)
         partials = self._buffer("gsam_partials", 3 * n_segments, device, acc)
-        along = self._buffer("gsam_along", 1, device, acc)[0]
+        out = self._buffer("gsam_sums", 3, device, acc)[:3] if sums else (
+            self._buffer("gsam_along", 1, device, acc)[0])
         start = 0
         for table in tables:
             self._launch(
@@ -453,7 +463,8 @@ class TritonBackend(Backend):
             )
             start += table.n_segments
         self._launch(
-            K.gsam_along_kernel, 1, partials, n_segments, self._constants((eps,), device), along,
-            ACC=_ACC[acc], BLOCK=SUM_BLOCK,
+            K.gsam_along_kernel, 1, partials, n_segments,
+            self._constants((0.0 if sums else eps,), device), out,
+            SUMS=sums, ACC=_ACC[acc], BLOCK=SUM_BLOCK,
         )
-        return along
+        return out

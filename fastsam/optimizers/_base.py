@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from ..averaging import averaging_schedule
 from ..backends import select_backend
+from ..backends.sharded import ShardedBackend, shard_groups
 from ..functional import (
     AdamHyper,
     Average,
@@ -135,11 +136,17 @@ class SharpnessAwareOptimizer(Optimizer):
         backend: str | None,
         base_kwargs: dict[str, Any],
         average: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"p must be a number (2, float('inf') or any p > 1), got {p!r}")
         if not p > 1.0:
             raise ValueError(f"p must be > 1 (2, float('inf') or any finite p > 1), got {p}")
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
+        self._skip_nonfinite = skip_nonfinite
+        self._found: Tensor | None = None  # the skip flag of skip_nonfinite, on the device
+        self._nonfinite_skipped = 0
         self._p = float(p)
         self._q = dual_exponent(self._p)
         self._eps = check_finite_nonnegative("eps", eps)
@@ -227,6 +234,7 @@ class SharpnessAwareOptimizer(Optimizer):
         else:  # during Optimizer.__init__, before the base exists
             super().add_param_group(param_group)
         self._layout_version = getattr(self, "_layout_version", 0) + 1
+        self.__dict__.get("_backends", {}).clear()  # sharding is decided over every parameter
 
     # ----------------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -261,6 +269,9 @@ class SharpnessAwareOptimizer(Optimizer):
             backend = self._backends.get(key)
             if backend is None:
                 backend = select_backend(self._requested_backend, key)
+                sharding = shard_groups([p for g in self.param_groups for p in g["params"]])
+                if sharding is not None:  # FSDP2: local shards, reductions all-reduced
+                    backend = ShardedBackend(backend, *sharding)
             self._backends[device] = self._backends[key] = backend
         return backend
 
@@ -357,7 +368,7 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
-        if self._amp_unscale(all_grads, perturbed):  # GradScaler found inf/NaN: restore only
+        if self._skip_update(all_grads, perturbed):  # inf/NaN gradients: restore only
             for params, w_old in zip(perturbed.params, perturbed.w_old):
                 if params:
                     self._backend_for(params[0].device).restore(params, w_old)
@@ -470,18 +481,25 @@ class SharpnessAwareOptimizer(Optimizer):
         self._opt_called = self.base_optimizer._opt_called = True
 
     # ----------------------------------------------------------------- GradScaler
-    def _amp_unscale(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
-        """GradScaler's protocol at the start of an update: True when the update must be
-        skipped (an inf/NaN in this step's gradients: found_inf, read on the host, one sync
-        per step, as torch.optim's optimizers make under GradScaler), else divide this step's
-        gradients (and the kept first-pass ones, which the update combines with them) by the
-        loss scale, on the device."""
+    def _skip_update(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
+        """At the start of an update: True when it must be skipped for inf/NaN gradients.
+
+        Under GradScaler (its protocol: ``found_inf`` and ``grad_scale`` set around ``step()``):
+        skip when the scaler found inf/NaN in this step's gradients (read on the host, one
+        sync per step, as torch.optim's optimizers make under GradScaler), else divide this
+        step's gradients (and the kept first-pass ones, which the update combines with them) by
+        the loss scale, on the device. Without a scaler and with ``skip_nonfinite``: skip when
+        the first pass's perturbation norm (``perturbed``) or a gradient of this pass is
+        inf/NaN (:meth:`_nonfinite`)."""
         scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             self._amp_skipped += 1
             return True
         if scale is None:
+            if found_inf is None and self._skip_nonfinite and self._nonfinite(all_grads, perturbed):
+                self._nonfinite_skipped += 1
+                return True
             return False
         inverse = scale.double().reciprocal()
         kept = (self._first_buffers(perturbed) if perturbed is not None else None) or []
@@ -492,10 +510,41 @@ class SharpnessAwareOptimizer(Optimizer):
             torch._foreach_mul_(tensors, inverse.to(device=device, dtype=dtype))
         return False
 
+    def _nonfinite(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
+        """skip_nonfinite's test: whether a gradient in ``all_grads`` is inf/NaN or, after a
+        perturbation (``perturbed``), the first pass's norm was. One fused check per dtype
+        (torch's GradScaler kernel, with an unscale by exactly 1) into a device flag, summed
+        over the shards of sharded parameters, then read on the host (one sync per step)."""
+        grads = [g for gs in all_grads for g in gs]
+        if not grads:
+            return False
+        device = grads[0].device
+        if self._found is None or self._found.device != device:
+            self._found = torch.zeros(1, dtype=torch.float32, device=device)
+            self._one = torch.ones(1, dtype=torch.float32, device=device)
+        found = self._found
+        if perturbed is not None and self._skipped is not None:
+            found.copy_(self._skipped)  # 1 when the first pass's norm was not finite
+        else:
+            found.zero_()
+        backend = self._backend_for(device)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for g in backend.local(grads):
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for tensors in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
+        return bool(backend.sum_over_shards(found).item())
+
     @property
     def amp_skipped_steps(self) -> int:
         """Updates skipped because GradScaler found inf/NaN gradients (weights restored)."""
         return self._amp_skipped
+
+    @property
+    def nonfinite_skipped_steps(self) -> int:
+        """Updates skipped by ``skip_nonfinite=True`` for inf/NaN gradients (weights restored
+        bit for bit, optimizer state untouched). Saved in :meth:`state_dict`."""
+        return self._nonfinite_skipped
 
     # ----------------------------------------------------------------- weight averaging
     def _count_update(self, plan: _StepPlan) -> list[Average] | None:
@@ -740,6 +789,8 @@ class SharpnessAwareOptimizer(Optimizer):
         sd = {**sd, "state": state}
         if self._average_schedule is not None:
             sd["averaging"] = {"updates": self._updates, "n_averaged": self._n_averaged}
+        if self._amp_skipped or self._nonfinite_skipped:
+            sd["skipped_steps"] = {"amp": self._amp_skipped, "nonfinite": self._nonfinite_skipped}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -749,6 +800,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._check_loaded_shapes(state_dict)
         state_dict = dict(state_dict)
         averaging = state_dict.pop("averaging", None)
+        skipped = state_dict.pop("skipped_steps", {})
         stores = self._param_stores()
         loaded: dict[str, dict] = {key: {} for key in stores}
         state = {}
@@ -771,6 +823,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if averaging is not None:
             self._updates = int(averaging["updates"])
             self._n_averaged = int(averaging["n_averaged"])
+        self._amp_skipped = int(skipped.get("amp", 0))
+        self._nonfinite_skipped = int(skipped.get("nonfinite", 0))
 
     def _check_loaded_shapes(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything is loaded, a state whose per-parameter tensors do not have

@@ -59,6 +59,10 @@ class LookSAM(SharpnessAwareOptimizer):
         alpha (float, default 0.7): weight of the reused orthogonal direction.
         eps (float, default 1e-12): added to the norms in denominators.
         backend (str, optional), average (optional): as in :class:`fastsam.SAM`.
+        skip_nonfinite (bool, default False): skip an update whose gradients hold inf/NaN
+            (with the weights restored bit for bit and the state untouched; counted by
+            :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
+            torch.optim does. Costs one fused check of the gradients and one host read per step.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
     """
 
@@ -73,6 +77,7 @@ class LookSAM(SharpnessAwareOptimizer):
         backend: str | None = None,
         *,
         average: Any = None,
+        skip_nonfinite: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -91,6 +96,7 @@ class LookSAM(SharpnessAwareOptimizer):
             backend=backend,
             base_kwargs=base_kwargs,
             average=average,
+            skip_nonfinite=skip_nonfinite,
         )
 
     _keeps_first_grads = True  # the SAM steps' perturb pass keeps g for u_v
@@ -123,6 +129,10 @@ class LookSAM(SharpnessAwareOptimizer):
             return True
         plan, flat_grads = self._step_plan()
         all_grads = plan.grads(flat_grads)
+        if self._skip_update(all_grads, None):  # skip_nonfinite: inf/NaN gradients
+            if zero_grad:
+                self.zero_grad()
+            return False
         sources = None
         if plan.device is not None:
             scale = self._look_ahead_scale(plan, all_grads)
@@ -130,10 +140,12 @@ class LookSAM(SharpnessAwareOptimizer):
             if self._fused_update_kind(plan) is not None:  # g + scale·u_v formed in the update
                 sources = [Correction(ds, scale) for ds in directions]
             else:  # written into .grad for the base optimizer's own step()
+                local = self._backend_for(plan.device).local
                 for grads, ds in zip(all_grads, directions):
                     if grads:
-                        torch._foreach_addcmul_(grads, ds, [scale.to(d.dtype).expand_as(d)
-                                                            for d in ds])
+                        ds = local(ds)
+                        torch._foreach_addcmul_(local(grads), ds,
+                                                [scale.to(d.dtype).expand_as(d) for d in ds])
         self._update_in_place(plan, all_grads, sources)
         if zero_grad:
             self.zero_grad()
@@ -209,6 +221,9 @@ class LookSAM(SharpnessAwareOptimizer):
         if not directions:
             return None
         backend = self._backend_for(now.device)
+        # Sharded parameters (FSDP2): the local shards; the two reductions below are global.
+        first, second, directions = backend.local(first), backend.local(second), backend.local(
+            directions)
         torch._foreach_copy_(directions, second)
         # g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g, then the same projection of the result again: g_v is
         # a small difference of close vectors, so the rounding of the first coefficient shows
@@ -218,7 +233,8 @@ class LookSAM(SharpnessAwareOptimizer):
             along = backend.gsam_along([DecomposeGroup(first, directions, 0.0)], self._eps)
             coefficient = (-along).to(directions[0].dtype)
             torch._foreach_addcmul_(directions, first, [coefficient.expand_as(d) for d in first])
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(directions)).double())
+        square = torch.stack(torch._foreach_norm(directions)).double().square().sum()
+        norm = backend.sum_over_shards(square).sqrt()
         torch._foreach_div_(directions, (norm + self._eps).to(directions[0].dtype))
         return None
 

@@ -40,6 +40,10 @@ class SAM(SharpnessAwareOptimizer):
         average (optional): weight averaging fused into the update, ``"swa"``, ``"ema"``,
             ``fastsam.SWA(start, every)`` or ``fastsam.EMA(decay, start, every)``; evaluate
             with :meth:`averaged_weights` (see :mod:`fastsam.averaging`).
+        skip_nonfinite (bool, default False): skip an update whose gradients hold inf/NaN
+            (with the weights restored bit for bit and the state untouched; counted by
+            :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
+            torch.optim does. Costs one fused check of the gradients and one host read per step.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:
@@ -64,6 +68,7 @@ class SAM(SharpnessAwareOptimizer):
         backend: str | None = None,
         *,
         average: Any = None,
+        skip_nonfinite: bool = False,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -75,6 +80,7 @@ class SAM(SharpnessAwareOptimizer):
             backend=backend,
             base_kwargs=base_kwargs,
             average=average,
+            skip_nonfinite=skip_nonfinite,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

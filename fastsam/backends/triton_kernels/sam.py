@@ -144,9 +144,11 @@ def gsam_partials_kernel(
 
 
 @triton.jit
-def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def gsam_along_kernel(partials, n, hp, out, SUMS: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """GSAM's reduction, stage 2 (one program, fixed order): the three sums, then
-    out = cos·‖g‖ / (‖g_adv‖ + eps) with cos = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps). hp = [eps]."""
+    out = cos·‖g‖ / (‖g_adv‖ + eps) with cos = ⟨g, g_adv⟩ / (‖g_adv‖·‖g‖ + eps). hp = [eps].
+    SUMS: out[0:3] = the three sums instead (sharded parameters reduce them across ranks)."""
     inner = tl.zeros([BLOCK], dtype=ACC)
     adv_sq = tl.zeros([BLOCK], dtype=ACC)
     first_sq = tl.zeros([BLOCK], dtype=ACC)
@@ -156,11 +158,16 @@ def gsam_along_kernel(partials, n, hp, out, ACC: tl.constexpr, BLOCK: tl.constex
         inner += tl.load(partials + 3 * idx, mask=inside, other=0.0).to(ACC)
         adv_sq += tl.load(partials + 3 * idx + 1, mask=inside, other=0.0).to(ACC)
         first_sq += tl.load(partials + 3 * idx + 2, mask=inside, other=0.0).to(ACC)
-    eps = tl.load(hp).to(ACC)
-    adv_norm = tl.sqrt(tl.sum(adv_sq, axis=0))
-    first_norm = tl.sqrt(tl.sum(first_sq, axis=0))
-    cosine = tl.sum(inner, axis=0) / (adv_norm * first_norm + eps)
-    tl.store(out, cosine * first_norm / (adv_norm + eps))
+    if SUMS:
+        tl.store(out, tl.sum(inner, axis=0))
+        tl.store(out + 1, tl.sum(adv_sq, axis=0))
+        tl.store(out + 2, tl.sum(first_sq, axis=0))
+    else:
+        eps = tl.load(hp).to(ACC)
+        adv_norm = tl.sqrt(tl.sum(adv_sq, axis=0))
+        first_norm = tl.sqrt(tl.sum(first_sq, axis=0))
+        cosine = tl.sum(inner, axis=0) / (adv_norm * first_norm + eps)
+        tl.store(out, cosine * first_norm / (adv_norm + eps))
 
 
 @triton.jit

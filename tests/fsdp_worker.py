@@ -1,0 +1,165 @@
+"""One worker of tests/test_fsdp.py: fastsam optimizers over FSDP2 (fully_shard) parameters on
+CPU (gloo). Saves, per optimizer configuration and backend, the final full weights and the
+number of all-reduces the optimizer's own steps made."""
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import fastsam
+
+STEPS = 3
+
+
+def _sam(params, backend):
+    return fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                       weight_decay=1e-3, backend=backend)
+
+
+def _asam(params, backend):
+    return fastsam.ASAM(params, torch.optim.Adam, rho=0.5, eta=0.01, normalization="filter",
+                        lr=0.01, backend=backend)
+
+
+def _gsam(params, backend):
+    return fastsam.GSAM(params, torch.optim.AdamW, rho=0.05, alpha=0.3, lr=0.01,
+                        weight_decay=0.1, backend=backend)
+
+
+def _gsam_unfused(params, backend):
+    return fastsam.GSAM(params, torch.optim.RMSprop, rho=0.05, alpha=0.3, lr=0.01,
+                        backend=backend)
+
+
+def _freesam(params, backend):
+    return fastsam.FreeSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9,
+                           backend=backend)
+
+
+def _sam_ema(params, backend):
+    return fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, average="ema",
+                       backend=backend)
+
+
+def _looksam(params, backend):
+    return fastsam.LookSAM(params, torch.optim.SGD, rho=0.05, k=2, alpha=0.7, lr=0.1,
+                           momentum=0.9, backend=backend)
+
+
+def _looksam_unfused(params, backend):
+    return fastsam.LookSAM(params, torch.optim.RMSprop, rho=0.05, k=2, alpha=0.7, lr=0.01,
+                           backend=backend)
+
+
+def _sam_skip(params, backend):
+    return fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+                       skip_nonfinite=True, backend=backend)
+
+
+# name: (constructor, all-reduces over the STEPS steps: one per reduction pass). LookSAM with
+# k = 2: SAM, look-ahead, SAM; a SAM step reduces the norm, twice the projection and the
+# direction's norm (4), a look-ahead step the gradient's norm (1).
+CONFIGS = {
+    "sam-sgd": (_sam, STEPS),
+    "asam-filter-adam": (_asam, STEPS),
+    "gsam-adamw": (_gsam, 2 * STEPS),
+    "gsam-rmsprop": (_gsam_unfused, 2 * STEPS),
+    "freesam-sgd": (_freesam, 0),
+    "sam-ema": (_sam_ema, STEPS),
+    "looksam-sgd": (_looksam, 4 + 1 + 4),
+    "looksam-rmsprop": (_looksam_unfused, 4 + 1 + 4),
+    # step BAD_STEP: a NaN in one element of rank 0's second-pass shard; the skip flag is
+    # summed across the shards (one more all-reduce per step) and every rank skips
+    "sam-skip-nonfinite": (_sam_skip, 2 * STEPS),
+}
+BAD_STEP = 1
+
+
+def make_model():
+    """Layers of 8, 3 and 1 rows: over 2 ranks a shard may be uneven or empty."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3), torch.nn.Tanh(),
+        torch.nn.Linear(3, 1),
+    ).double()
+
+
+def make_data(world):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8 * world, 6, generator=gen, dtype=torch.float64)
+    return x, torch.randn(8 * world, 1, generator=gen, dtype=torch.float64)
+
+
+def train(model, optimizer, x, y, between=nullcontext, bad_step=None):
+    """STEPS steps (two passes each; one for FreeSAM and LookSAM's look-ahead steps);
+    ``between`` wraps each optimizer call (counting). ``bad_step``: "poison" puts a NaN into
+    rank 0's local gradient shard in step BAD_STEP's second pass, "omit" leaves that step out
+    (the single-process reference of a skipped step)."""
+    loss_fn = torch.nn.functional.mse_loss
+    for step in range(STEPS):
+        if bad_step == "omit" and step == BAD_STEP:
+            continue
+        loss_fn(model(x), y).backward()
+        if isinstance(optimizer, fastsam.FreeSAM):  # one pass per step
+            with between():
+                optimizer.step()
+            optimizer.zero_grad()
+            continue
+        with between():
+            second_pass = optimizer.first_step(zero_grad=True)
+        if second_pass is False:  # LookSAM's look-ahead step: updated already
+            continue
+        loss_fn(model(x), y).backward()
+        if bad_step == "poison" and step == BAD_STEP and dist.get_rank() == 0:
+            next(model.parameters()).grad._local_tensor.view(-1)[0] = float("nan")
+        with between():
+            optimizer.second_step(zero_grad=True)
+
+
+class _Counting:
+    """Counts torch.distributed.all_reduce calls made inside ``with counter():``."""
+
+    def __init__(self):
+        self.n = 0
+        self.active = False
+        self._all_reduce = dist.all_reduce
+        dist.all_reduce = self._count
+
+    def _count(self, *args, **kwargs):
+        self.n += self.active
+        return self._all_reduce(*args, **kwargs)
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self.active = True
+
+    def __exit__(self, *exc):
+        self.active = False
+
+
+def run(rank, world, init_file, backends, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    x, y = (t.chunk(world)[rank] for t in make_data(world))
+    counter = _Counting()
+    results = {}
+    for name, (make_optimizer, _) in CONFIGS.items():
+        for backend in backends:
+            model = make_model()
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            optimizer = make_optimizer(model.parameters(), backend)
+            counter.n = 0
+            train(model, optimizer, x, y, counter,
+                  "poison" if name == "sam-skip-nonfinite" else None)
+            full = [p.full_tensor().detach() for p in model.parameters()]
+            results[f"{name}/{backend}"] = {"params": full, "allreduces": counter.n}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""fastsam over FSDP2 (``fully_shard``) parameters on two CPU processes (gloo): every optimizer
+configuration of tests/fsdp_worker.py, on every backend, against the same optimizer in one
+process over the whole batch; one all-reduce per reduction pass, none per parameter."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import BACKENDS
+
+import fastsam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fsdp_worker  # noqa: E402
+
+WORLD = 2
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """Both ranks' results of every configuration and backend (one pair of processes)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    torch.multiprocessing.spawn(
+        fsdp_worker.run, args=(WORLD, str(tmp / "init"), BACKENDS, str(tmp)), nprocs=WORLD
+    )
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _single_process(name, backend):
+    """The same optimizer on the unsharded model over the whole batch: FSDP2 averages the
+    ranks' gradients of equal shards' mean losses, the gradient of the whole batch's mean."""
+    model = fsdp_worker.make_model()
+    make_optimizer, _ = fsdp_worker.CONFIGS[name]
+    fsdp_worker.train(model, make_optimizer(model.parameters(), backend),
+                      *fsdp_worker.make_data(WORLD),
+                      bad_step="omit" if name == "sam-skip-nonfinite" else None)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", list(fsdp_worker.CONFIGS))
+def test_fsdp2_matches_single_process(name, backend, sharded_runs):
+    reference = _single_process(name, backend)
+    for rank in sharded_runs:
+        result = rank[f"{name}/{backend}"]
+        for p, r in zip(result["params"], reference, strict=True):
+            torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+        # The weights moved: the comparison is not between two untouched models.
+        assert any(not torch.equal(p, q) for p, q in zip(result["params"],
+                                                          fsdp_worker.make_model().parameters()))
+        assert result["allreduces"] == fsdp_worker.CONFIGS[name][1]
+
+
+def test_mixed_sharded_and_plain_parameters_are_refused(tmp_path):
+    torch.multiprocessing.spawn(_mixed, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1)
+    assert (tmp_path / "refused").read_text().startswith("fastsam: 2 of the 3 parameters")
+
+
+def _mixed(rank, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layer = torch.nn.Linear(3, 2)
+    fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+    plain = torch.nn.Parameter(torch.zeros(2))
+    try:
+        fastsam.SAM([*layer.parameters(), plain], torch.optim.SGD, lr=0.1)
+    except RuntimeError as exc:
+        Path(out, "refused").write_text(str(exc))
+    dist.destroy_process_group()
