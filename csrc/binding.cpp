@@ -15,6 +15,7 @@
 //            fastsam.functional.Average; its weight is one more hp entry)
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
+//   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -264,8 +265,9 @@ void check_scratch(const char* op, at::Tensor& scratch, at::TensorList w, int64_
   }
 }
 
-void check_norm_out(const char* op, const char* name, const at::Tensor& t, at::TensorList w) {
-  check_scalar_tensor(op, name, t, w, 1);
+void check_norm_out(const char* op, const char* name, const at::Tensor& t, at::TensorList w,
+                    int64_t numel = 1) {
+  check_scalar_tensor(op, name, t, w, numel);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, msg("fastsam.",
                    op, ": ", name, " must be float32 or float64, got ", t.scalar_type()));
 }
@@ -317,6 +319,15 @@ struct Cpu {
   void gsam_partials(const Table& t, double* partials) const { cpu::gsam_partials(t, partials); }
   void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
     out.fill_(cpu::gsam_along(partials, n, eps));
+  }
+  void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
+    double sums[3];
+    cpu::gsam_sums(partials, n, sums);
+    if (out.scalar_type() == at::kDouble) {
+      std::copy(sums, sums + 3, out.data_ptr<double>());
+    } else {
+      std::copy(sums, sums + 3, out.data_ptr<float>());
+    }
   }
 };
 
@@ -446,6 +457,9 @@ struct Cuda {
   }
   void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
     cuda::gsam_along(partials, n, eps, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
+  }
+  void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
+    cuda::gsam_sums(partials, n, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
   }
 
   c10::Device device;
@@ -628,18 +642,19 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   for (const Table& t : tables->views) dev.adam(t, args);
 }
 
+// GSAM's reduction: along (sums = false: out is one element) or the three sums (out has 3).
 template <class D>
-void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps, at::Tensor& out,
-                   at::Tensor& scratch) {
+void gsam_reduce(const char* op, at::TensorList grads, at::TensorList first_grads, double eps,
+                 bool sums, at::Tensor& out, at::Tensor& scratch) {
   const Lists lists{{"grads", grads}, {"first_grads", first_grads}};
-  check_lists("gsam_along", lists);
-  check_norm_out("gsam_along", "out", out, grads);
-  check_device<D>("gsam_along", "out", out);
-  check_scalar_tensor("gsam_along", "scratch", scratch, grads, 0);
-  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble,
-                   msg("fastsam.gsam_along: scratch must be float64, got ", scratch.scalar_type()));
+  check_lists(op, lists);
+  check_norm_out(op, "out", out, grads, sums ? 3 : 1);
+  check_device<D>(op, "out", out);
+  check_scalar_tensor(op, "scratch", scratch, grads, 0);
+  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, msg("fastsam.", op,
+                   ": scratch must be float64, got ", scratch.scalar_type()));
   const D dev(device_of(grads, out));
-  const TablesPtr tables = dev.tables("gsam_along", lists, nullptr);
+  const TablesPtr tables = dev.tables(op, lists, nullptr);
   const int64_t n = tables->n_segments;
   if (scratch.numel() < 3 * n) scratch.resize_({3 * n});
   double* partials = scratch.data_ptr<double>();
@@ -648,7 +663,23 @@ void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps,
     dev.gsam_partials(t, partials + 3 * offset);
     offset += t.n_segments;
   }
-  dev.gsam_along(partials, n, eps, out);
+  if (sums) {
+    dev.gsam_sums(partials, n, out);
+  } else {
+    dev.gsam_along(partials, n, eps, out);
+  }
+}
+
+template <class D>
+void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps, at::Tensor& out,
+                   at::Tensor& scratch) {
+  gsam_reduce<D>("gsam_along", grads, first_grads, eps, false, out, scratch);
+}
+
+template <class D>
+void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& out,
+                  at::Tensor& scratch) {
+  gsam_reduce<D>("gsam_sums", grads, first_grads, 0.0, true, out, scratch);
 }
 
 #ifdef FASTSAM_WITH_CUDA
@@ -680,6 +711,9 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");
+  m.def(
+      "gsam_sums(Tensor[] grads, Tensor[] first_grads, Tensor(a!) out, Tensor(b!) scratch) "
+      "-> ()");
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).
   m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);
@@ -693,6 +727,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cpu>);
+  m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cpu>);
 }
 
 #ifdef FASTSAM_WITH_CUDA
@@ -703,6 +738,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cuda>);
+  m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cuda>);
 }
 #endif
 

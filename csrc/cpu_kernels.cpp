@@ -376,11 +376,16 @@ void gsam_partials(const Table& t, double* partials) {
   });
 }
 
-double gsam_along(const double* partials, int64_t n, double eps) {
-  double sums[3] = {0.0, 0.0, 0.0};
+void gsam_sums(const double* partials, int64_t n, double* sums) {
+  sums[0] = sums[1] = sums[2] = 0.0;
   for (int64_t s = 0; s < n; ++s) {
     for (int k = 0; k < 3; ++k) sums[k] += partials[3 * s + k];
   }
+}
+
+double gsam_along(const double* partials, int64_t n, double eps) {
+  double sums[3];
+  gsam_sums(partials, n, sums);
   return fastsam::gsam_along(sums[0], sums[1], sums[2], eps);
 }
 

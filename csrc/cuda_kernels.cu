@@ -290,7 +290,8 @@ __global__ void __launch_bounds__(kThreads) gsam_partials_kernel(Table tab, doub
   }
 }
 
-template <typename A>
+// kSums: out[0:3] = the three sums; else *out = along.
+template <bool kSums, typename A>
 __global__ void __launch_bounds__(kThreads) gsam_along_kernel(const double* partials, int64_t n,
                                                               double eps, A* out) {
   double acc[3] = {0.0, 0.0, 0.0};
@@ -300,7 +301,14 @@ __global__ void __launch_bounds__(kThreads) gsam_along_kernel(const double* part
   const double inner = block_sum(acc[0]);
   const double adv_sq = block_sum(acc[1]);
   const double first_sq = block_sum(acc[2]);
-  if (threadIdx.x == 0) *out = A(fastsam::gsam_along(inner, adv_sq, first_sq, eps));
+  if (threadIdx.x != 0) return;
+  if (kSums) {
+    out[0] = A(inner);
+    out[1] = A(adv_sq);
+    out[2] = A(first_sq);
+  } else {
+    *out = A(fastsam::gsam_along(inner, adv_sq, first_sq, eps));
+  }
 }
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
@@ -394,16 +402,28 @@ void gsam_partials(const Table& t, double* partials, void* stream) {
   check_launch("gsam partials");
 }
 
+namespace {
+template <bool kSums>
+void gsam_combine(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
+                  void* stream) {
+  if (out_fp64) {
+    gsam_along_kernel<kSums><<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
+                                                                    static_cast<double*>(out));
+  } else {
+    gsam_along_kernel<kSums><<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
+                                                                    static_cast<float*>(out));
+  }
+  check_launch(kSums ? "gsam sums" : "gsam along");
+}
+}  // namespace
+
 void gsam_along(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
                 void* stream) {
-  if (out_fp64) {
-    gsam_along_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
-                                                             static_cast<double*>(out));
-  } else {
-    gsam_along_kernel<<<1, kThreads, 0, as_stream(stream)>>>(partials, n, eps,
-                                                             static_cast<float*>(out));
-  }
-  check_launch("gsam along");
+  gsam_combine<false>(partials, n, eps, out, out_fp64, stream);
+}
+
+void gsam_sums(const double* partials, int64_t n, void* out, bool out_fp64, void* stream) {
+  gsam_combine<true>(partials, n, 0.0, out, out_fp64, stream);
 }
 
 bool runnable(int device) {

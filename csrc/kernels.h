@@ -97,6 +97,8 @@ void adam(const Table& t, const AdamArgs& a);
 void gsam_partials(const Table& t, double* partials);
 // The sums of n partial triples in index order → along (elementwise.h gsam_along).
 double gsam_along(const double* partials, int64_t n, double eps);
+// The same three sums themselves → sums[0:3].
+void gsam_sums(const double* partials, int64_t n, double* sums);
 }  // namespace cpu
 
 namespace cuda {
@@ -112,6 +114,8 @@ void gsam_partials(const Table& t, double* partials, void* stream);
 // out = along from the n partial triples summed in a fixed order (one block).
 void gsam_along(const double* partials, int64_t n, double eps, void* out, bool out_fp64,
                 void* stream);
+// out[0:3] = the three sums themselves (same order).
+void gsam_sums(const double* partials, int64_t n, void* out, bool out_fp64, void* stream);
 // Whether these kernels have an image (machine code or PTX) that `device` can run: false when
 // the extension was built for other architectures (FASTSAM_CUDA_ARCHS) or there is no device.
 bool runnable(int device);

@@ -147,6 +147,8 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.sgd(w, w, w, [], hp, False, False, False, *NO_GSAM[:4], w)
     with pytest.raises(ValueError, match="gsam_along: first_grads has 1 tensors but grads has 2"):
         ops.gsam_along(w, w[:1], 1e-12, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gsam_sums: out has 1 elements, needs 3"):
+        ops.gsam_sums(w, w, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
 
 
 def test_operator_schemas_pass_opcheck(ops):
@@ -189,6 +191,7 @@ def test_operator_schemas_pass_opcheck(ops):
                             [p.clone() for p in params])),
         (ops.gsam_along.default, (grads, keep, 1e-12, torch.zeros(()),
                                   torch.zeros(6, dtype=torch.float64))),
+        (ops.gsam_sums.default, (grads, keep, torch.zeros(3), torch.zeros(6, dtype=torch.float64))),
     ]
     for op, args in calls:
         result = torch.library.opcheck(op, args)

@@ -122,7 +122,7 @@ class NativeBackend(Backend):
         key = (name, device, dtype)
         buf = self._scratch.get(key)
         if buf is None:
-            shape = () if name in ("norm", "along") else (0,)
+            shape = {"norm": (), "along": (), "gsam_sums": (3,)}.get(name, (0,))
             buf = self._scratch[key] = torch.zeros(shape, dtype=dtype, device=device)
         return buf
 
@@ -211,4 +211,14 @@ class NativeBackend(Backend):
         out = self._buffer("along", device, torch.float64 if fp64 else torch.float32)
         scratch = self._buffer("gsam_scratch", device, torch.float64)
         torch.ops.fastsam.gsam_along(adv, first, eps, out, scratch)
+        return out
+
+    def gsam_sums(self, groups: list[DecomposeGroup]) -> Tensor:
+        adv = [t for g in groups for t in g.grads]
+        first = [t for g in groups for t in g.first_grads]
+        fp64 = any(t.dtype == torch.float64 for t in adv)
+        device = adv[0].device if adv else torch.device("cpu")
+        out = self._buffer("gsam_sums", device, torch.float64 if fp64 else torch.float32)
+        scratch = self._buffer("gsam_scratch", device, torch.float64)
+        torch.ops.fastsam.gsam_sums(adv, first, out, scratch)
         return out
