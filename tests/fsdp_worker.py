@@ -73,6 +73,10 @@ CONFIGS = {
     # step BAD_STEP: a NaN in one element of rank 0's second-pass shard; the skip flag is
     # summed across the shards (one more all-reduce per step) and every rank skips
     "sam-skip-nonfinite": (_sam_skip, 2 * STEPS),
+    # the same NaN under torch.amp.GradScaler (power-of-two scales: exact in fp64); the
+    # scaler's found-inf check on DTensor gradients agrees across ranks by itself (DTensor's
+    # collective, not counted here), fastsam adds only its norm's all-reduce
+    "sam-gradscaler": (_sam, STEPS),
 }
 BAD_STEP = 1
 
@@ -92,16 +96,18 @@ def make_data(world):
     return x, torch.randn(8 * world, 1, generator=gen, dtype=torch.float64)
 
 
-def train(model, optimizer, x, y, between=nullcontext, bad_step=None):
+def train(model, optimizer, x, y, between=nullcontext, bad_step=None, scaler=None):
     """STEPS steps (two passes each; one for FreeSAM and LookSAM's look-ahead steps);
     ``between`` wraps each optimizer call (counting). ``bad_step``: "poison" puts a NaN into
     rank 0's local gradient shard in step BAD_STEP's second pass, "omit" leaves that step out
-    (the single-process reference of a skipped step)."""
+    (the single-process reference of a skipped step). ``scaler``: a GradScaler for both passes
+    (the second step is ``scaler.step``)."""
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
     loss_fn = torch.nn.functional.mse_loss
     for step in range(STEPS):
         if bad_step == "omit" and step == BAD_STEP:
             continue
-        loss_fn(model(x), y).backward()
+        scale(loss_fn(model(x), y)).backward()
         if isinstance(optimizer, fastsam.FreeSAM):  # one pass per step
             with between():
                 optimizer.step()
@@ -111,11 +117,16 @@ def train(model, optimizer, x, y, between=nullcontext, bad_step=None):
             second_pass = optimizer.first_step(zero_grad=True)
         if second_pass is False:  # LookSAM's look-ahead step: updated already
             continue
-        loss_fn(model(x), y).backward()
+        scale(loss_fn(model(x), y)).backward()
         if bad_step == "poison" and step == BAD_STEP and dist.get_rank() == 0:
             next(model.parameters()).grad._local_tensor.view(-1)[0] = float("nan")
         with between():
-            optimizer.second_step(zero_grad=True)
+            if scaler is None:
+                optimizer.second_step(zero_grad=True)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
 
 
 class _Counting:
@@ -157,9 +168,14 @@ def run(rank, world, init_file, backends, out):
             fully_shard(model, mesh=mesh)
             optimizer = make_optimizer(model.parameters(), backend)
             counter.n = 0
-            train(model, optimizer, x, y, counter,
-                  "poison" if name == "sam-skip-nonfinite" else None)
+            bad = name in ("sam-skip-nonfinite", "sam-gradscaler")
+            scaler = (torch.amp.GradScaler("cpu", init_scale=2.0**10)
+                      if name == "sam-gradscaler" else None)
+            train(model, optimizer, x, y, counter, "poison" if bad else None, scaler)
             full = [p.full_tensor().detach() for p in model.parameters()]
-            results[f"{name}/{backend}"] = {"params": full, "allreduces": counter.n}
+            results[f"{name}/{backend}"] = {
+                "params": full, "allreduces": counter.n,
+                "skipped": optimizer.amp_skipped_steps + optimizer.nonfinite_skipped_steps,
+            }
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
