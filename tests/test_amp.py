@@ -1,7 +1,7 @@
 """torch.amp.GradScaler with fastsam optimizers (the _step_supports_amp_scaling protocol): the
 same steps as without a scaler, an inf/NaN in the second pass skips the update with the weights
 restored bit for bit and the scale backed off, an inf/NaN in the first pass skips only the
-perturbation."""
+perturbation; LookSAM's look-ahead steps go through scaler.step too."""
 import pytest
 import torch
 from conftest import DEVICE
@@ -136,13 +136,64 @@ def test_freesam_with_scaler(backend):
     assert opts[1].amp_skipped_steps == 1
 
 
-def test_looksam_refuses_the_scaler():
+def _looksam_step(model, opt, x, y, scaler=None, poison=False):
+    """One LookSAM step, the scaler's way when given (scaler.step for every update);
+    ``poison`` puts an inf into the last pass's gradient."""
+    scale = scaler.scale if scaler else (lambda loss: loss)
+    scale(LOSS(model(x), y)).backward()
+    sam_step = opt.sam_step_next
+    if sam_step:
+        opt.first_step(zero_grad=True)
+        scale(LOSS(model(x), y)).backward()
+    if poison:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    elif sam_step:
+        opt.second_step()
+    else:
+        opt.step()  # the look-ahead step, as scaler.step calls it
+    opt.zero_grad()
+
+
+def _looksam(model, backend):
+    return fastsam.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, k=3,
+                           alpha=0.7, backend=backend)
+
+
+def test_looksam_with_scaler(backend):
+    """SAM and look-ahead steps under the scaler match the unscaled ones; an inf in a
+    look-ahead step and in a SAM step's second pass skips each (weights, state, direction
+    untouched) and backs the scale off."""
+    x, y = _data()
+    plain, scaled = _model(), _model()
+    opts = [_looksam(m, backend) for m in (plain, scaled)]
+    scaler = _scaler()
+    for _ in range(5):  # SAM, look-ahead, look-ahead, SAM, look-ahead
+        _looksam_step(plain, opts[0], x, y)
+        _looksam_step(scaled, opts[1], x, y, scaler)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for skipped, sam_step in enumerate((False, True), start=1):  # step 6 look-ahead, 7 SAM
+        assert opts[1].sam_step_next is sam_step
+        weights = [p.detach().clone() for p in scaled.parameters()]
+        state = [v.clone() for st in opts[1].state_dict()["state"].values()
+                 for v in st.values() if torch.is_tensor(v)]
+        _looksam_step(scaled, opts[1], x, y, scaler, poison=True)
+        assert all(torch.equal(p, w) for p, w in zip(scaled.parameters(), weights))
+        after = [v for st in opts[1].state_dict()["state"].values()
+                 for v in st.values() if torch.is_tensor(v)]
+        assert all(torch.equal(a, b) for a, b in zip(after, state, strict=True))
+        assert opts[1].amp_skipped_steps == skipped
+    assert scaler.get_scale() == SCALE / 4
+
+
+def test_looksam_scaler_step_on_a_sam_step_needs_first_step():
     x, y = _data()
     model = _model()
-    opt = fastsam.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt = _looksam(model, None)
     scaler = _scaler()
     scaler.scale(LOSS(model(x), y)).backward()
-    assert opt.first_step(zero_grad=True)
-    scaler.scale(LOSS(model(x), y)).backward()
-    with pytest.raises(RuntimeError, match="LookSAM does not support torch.amp.GradScaler"):
+    with pytest.raises(RuntimeError, match="needs first_step"):
         scaler.step(opt)

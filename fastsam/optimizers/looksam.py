@@ -41,7 +41,18 @@ class LookSAM(SharpnessAwareOptimizer):
             optimizer.second_step(zero_grad=True)
         # else: a look-ahead step, already applied by first_step()
 
-    or ``optimizer.step(closure)``, which calls the closure on SAM steps only. With SGD, Adam
+    or ``optimizer.step(closure)``, which calls the closure on SAM steps only. Under
+    ``torch.amp.GradScaler`` every update goes through ``scaler.step(optimizer)``, so a
+    look-ahead step is taken by :meth:`step` instead of :meth:`first_step`::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        if optimizer.sam_step_next:
+            optimizer.first_step(zero_grad=True)
+            scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.step(optimizer)                     # SAM step's second step, or look-ahead step
+        scaler.update()
+        optimizer.zero_grad()
+ With SGD, Adam
     and AdamW a look-ahead step is one fused reduction (‖g‖) and one fused update that forms
     ``g + α·‖g‖·u_v`` in registers (``.grad`` is left as the backward pass wrote it); other base
     optimizers get the corrected gradient written into ``.grad`` before their ``step()``. The
@@ -127,12 +138,20 @@ class LookSAM(SharpnessAwareOptimizer):
         if sam_step:
             super().first_step(zero_grad)
             return True
+        self._look_ahead(zero_grad)
+        return False
+
+    def _look_ahead(self, zero_grad: bool) -> None:
+        """The look-ahead update (the step counter already advanced). Under GradScaler
+        (``scaler.step(optimizer)``) the gradients are unscaled first, and a step whose
+        gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
         plan, flat_grads = self._step_plan()
         all_grads = plan.grads(flat_grads)
-        if self._skip_update(all_grads, None):  # skip_nonfinite: inf/NaN gradients
+        if self._skip_update(all_grads, None):  # inf/NaN gradients: no update
+            self._opt_called = self.base_optimizer._opt_called = True
             if zero_grad:
                 self.zero_grad()
-            return False
+            return
         sources = None
         if plan.device is not None:
             scale = self._look_ahead_scale(plan, all_grads)
@@ -149,20 +168,26 @@ class LookSAM(SharpnessAwareOptimizer):
         self._update_in_place(plan, all_grads, sources)
         if zero_grad:
             self.zero_grad()
-        return False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """With a closure (called after the caller's first forward/backward): a whole step,
         calling ``closure()`` (forward + backward at w + e) on SAM steps only; returns its loss
-        (None on look-ahead steps). Without one: the pending second step."""
-        if getattr(self, "grad_scale", None) is not None:
-            raise RuntimeError(
-                "LookSAM does not support torch.amp.GradScaler yet: its look-ahead steps update "
-                "inside first_step(), which the scaler does not see. Use bf16 autocast (no "
-                "scaler needed) or SAM/GSAM/FreeSAM with the scaler."
-            )
+        (None on look-ahead steps). Without one: the pending second step after a SAM step's
+        :meth:`first_step`, or, when none is pending and the next step is a look-ahead step,
+        that look-ahead step (what ``scaler.step(optimizer)`` calls under GradScaler)."""
         if closure is None:
+            if self._perturbed is None and not self.sam_step_next:
+                self._refuse_when_swapped("step()")
+                self._steps += 1
+                self._look_ahead(zero_grad=False)
+                return None
+            if self._perturbed is None and getattr(self, "grad_scale", None) is not None:
+                raise RuntimeError(
+                    "scaler.step(optimizer) on a LookSAM SAM step needs first_step() and the "
+                    "second backward pass first: check optimizer.sam_step_next before the "
+                    "step (see the LookSAM docstring)"
+                )
             return super().step()
         if self._perturbed is not None:
             return super().step(closure)  # raises: a first_step() is pending
