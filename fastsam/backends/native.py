@@ -204,21 +204,21 @@ class NativeBackend(Backend):
         )
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
-        adv = [t for g in groups for t in g.grads]
-        first = [t for g in groups for t in g.first_grads]
-        fp64 = any(t.dtype == torch.float64 for t in adv)
-        device = adv[0].device if adv else torch.device("cpu")
-        out = self._buffer("along", device, torch.float64 if fp64 else torch.float32)
-        scratch = self._buffer("gsam_scratch", device, torch.float64)
+        adv, first, out, scratch = self._gsam_args(groups, "along")
         torch.ops.fastsam.gsam_along(adv, first, eps, out, scratch)
         return out
 
     def gsam_sums(self, groups: list[DecomposeGroup]) -> Tensor:
+        adv, first, out, scratch = self._gsam_args(groups, "gsam_sums")
+        torch.ops.fastsam.gsam_sums(adv, first, out, scratch)
+        return out
+
+    def _gsam_args(self, groups: list[DecomposeGroup], out_name: str) -> tuple:
+        """The lists of GSAM's reduction, its output buffer (fp64 when a gradient is) and the
+        scratch of its partial sums."""
         adv = [t for g in groups for t in g.grads]
         first = [t for g in groups for t in g.first_grads]
         fp64 = any(t.dtype == torch.float64 for t in adv)
         device = adv[0].device if adv else torch.device("cpu")
-        out = self._buffer("gsam_sums", device, torch.float64 if fp64 else torch.float32)
-        scratch = self._buffer("gsam_scratch", device, torch.float64)
-        torch.ops.fastsam.gsam_sums(adv, first, out, scratch)
-        return out
+        out = self._buffer(out_name, device, torch.float64 if fp64 else torch.float32)
+        return adv, first, out, self._buffer("gsam_scratch", device, torch.float64)

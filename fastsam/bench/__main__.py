@@ -85,7 +85,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 COLUMNS = [  # header, width, cell
     ("set", 11, lambda r: r["set"]),
-    ("optim", 5, lambda r: r["optimizer"]),
+    ("optim", 8, lambda r: r["optimizer"]),
     ("provider", 17, lambda r: r["provider"]),
     ("median ms", 10, lambda r: _fmt(r["median_ms"], ".3f")),
     ("p10-p90 ms", 17, lambda r: f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"),
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         progress.close()
     print(table(rows))
-    print("# x ref: speed-up over popular (SAM, ASAM; SAM + AveragedModel EMA for sam-ema), "
+    print("# x ref: speed-up over popular (SAM, ASAM, sam-skip; SAM + AveragedModel EMA for "
+          "sam-ema), "
           "official (GSAM) or naive (FreeSAM); "
           "floor: bytes moved "
           "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "

@@ -37,16 +37,18 @@ from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip")
 # Bytes per fp32 element of one step (DESIGN.md §2): SAM 40 = norm 4 + perturb 16 + restore and
 # SGD 20; ASAM's norm also reads w (+4); GSAM keeps g (+4), reduces over g and g_adv (+8) and
 # reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf; FreeSAM
 # adds the stored gradient, read and written (+8). SAM with an EMA of the weights reads and
-# writes the average too (+8).
-FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48}
+# writes the average too (+8). skip_nonfinite's check reads and rewrites g (torch's GradScaler
+# kernel, unscaling by 1: +8).
+FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48,
+               "sam-skip": 48}
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
-              "freesam": ("naive",), "sam-ema": ("popular",)}
+              "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",)}
 HYPER = dict(lr=0.01, momentum=0.9)
 EMA_DECAY = 0.999
 
@@ -120,6 +122,8 @@ def build(provider: str, optimizer: str, params: list) -> tuple[Callable[[], Non
         opt = PopularSAMWithEMA(params) if provider == "popular" else fastsam.SAM(
             params, sgd, rho=0.05, backend=provider, average=fastsam.EMA(EMA_DECAY), **HYPER
         )
+    elif optimizer == "sam-skip" and provider != "popular":
+        opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, skip_nonfinite=True, **HYPER)
     elif optimizer == "asam" and provider == "official":
         opt = OfficialASAM(sgd(params, **HYPER), _Named(params), rho=0.5, eta=0.01)
     elif optimizer == "asam" and provider == "popular":
