@@ -152,14 +152,22 @@ class _Counting:
         self.active = False
 
 
-def run(rank, world, init_file, backends, out):
+def run(rank, world, init_file, backends, out, replicas=1, names=None):
+    """Every configuration in ``names`` (default all) on every backend. ``replicas`` > 1: HSDP,
+    a (replicas, world / replicas) mesh, parameters replicated over its first dimension and
+    sharded over its second."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
+    if replicas == 1:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", (replicas, world // replicas),
+                                mesh_dim_names=("replicate", "shard"))
     x, y = (t.chunk(world)[rank] for t in make_data(world))
     counter = _Counting()
     results = {}
-    for name, (make_optimizer, _) in CONFIGS.items():
+    for name in names or CONFIGS:
+        make_optimizer = CONFIGS[name][0]
         for backend in backends:
             model = make_model()
             for layer in model:

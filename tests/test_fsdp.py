@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import BACKENDS
+from conftest import BACKENDS, NATIVE
 
 import fastsam
 
@@ -29,12 +29,16 @@ def sharded_runs(tmp_path_factory):
 
 
 def _single_process(name, backend):
+    return _single_process_over(name, backend, WORLD)
+
+
+def _single_process_over(name, backend, world):
     """The same optimizer on the unsharded model over the whole batch: FSDP2 averages the
     ranks' gradients of equal shards' mean losses, the gradient of the whole batch's mean."""
     model = fsdp_worker.make_model()
     make_optimizer, _ = fsdp_worker.CONFIGS[name]
     fsdp_worker.train(model, make_optimizer(model.parameters(), backend),
-                      *fsdp_worker.make_data(WORLD),
+                      *fsdp_worker.make_data(world),
                       bad_step="omit" if name in ("sam-skip-nonfinite", "sam-gradscaler")
                       else None)
     return [p.detach() for p in model.parameters()]
@@ -52,6 +56,34 @@ def test_fsdp2_matches_single_process(name, backend, sharded_runs):
                                                           fsdp_worker.make_model().parameters()))
         assert result["allreduces"] == fsdp_worker.CONFIGS[name][1], result["allreduces"]
         assert result["skipped"] == (name in ("sam-skip-nonfinite", "sam-gradscaler"))
+
+
+HSDP_CONFIGS = ["sam-sgd", "gsam-adamw", "looksam-sgd"]
+HSDP_BACKEND = NATIVE[0] if NATIVE else "torch"
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory):
+    """HSDP on 4 processes, a (2, 2) mesh (one backend: the sharding logic is the wrapper's)."""
+    tmp = tmp_path_factory.mktemp("hsdp")
+    torch.multiprocessing.spawn(
+        fsdp_worker.run, args=(4, str(tmp / "init"), [HSDP_BACKEND], str(tmp), 2, HSDP_CONFIGS),
+        nprocs=4,
+    )
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(4)]
+
+
+@pytest.mark.parametrize("name", HSDP_CONFIGS)
+def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
+    """Each sum is all-reduced over the 2 shards of its replica group only (reducing over the
+    replicas too would double it): the numbers of one process over the whole batch, and the
+    same all-reduce count as FSDP2."""
+    reference = _single_process_over(name, HSDP_BACKEND, world=4)
+    for rank in hsdp_runs:
+        result = rank[f"{name}/{HSDP_BACKEND}"]
+        for p, r in zip(result["params"], reference, strict=True):
+            torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+        assert result["allreduces"] == fsdp_worker.CONFIGS[name][1]
 
 
 def test_mixed_sharded_and_plain_parameters_are_refused(tmp_path):
