@@ -155,3 +155,17 @@ def test_empty_parameters_take_no_part(backend, normalization):
     for i in (1, 3):
         torch.testing.assert_close(with_empty[i], without[i], rtol=1e-14, atol=0)
         assert not torch.equal(with_empty[i], start[i])
+
+
+def test_meta_parameters_are_refused_at_the_step():
+    """An optimizer over a meta-device model (shapes only, no data) cannot step: refused with a
+    message that says to build it after materializing (to_empty makes new parameters). Only the
+    torch backend accepts meta tensors at all; the fused ones refuse them when built."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend="torch")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    with pytest.raises(RuntimeError, match="is on the meta device .* build the optimizer"):
+        opt.first_step()
+    assert not opt._perturbed

@@ -312,6 +312,13 @@ class SharpnessAwareOptimizer(Optimizer):
                         f"fastsam needs every parameter with a gradient on one device: found "
                         f"{device} and {p.device}"
                     )
+                if p.is_meta:
+                    raise RuntimeError(
+                        f"fastsam: a parameter of shape {tuple(p.shape)} is on the meta device "
+                        "(shapes only, no data): materialize the model first (module.to_empty("
+                        "device=...), then initialise it) and build the optimizer over its "
+                        "parameters then (to_empty replaces meta parameters with new ones)"
+                    )
                 has_complex |= p.is_complex()
                 w_old[-1].append(persistent_buffer(self._w_old, p) if self._keeps_w_old else p)
         self._plan = _StepPlan(key, params, w_old, positions, device, has_complex, idle)
