@@ -146,6 +146,7 @@ class SharpnessAwareOptimizer(Optimizer):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         self._skip_nonfinite = skip_nonfinite
         self._found: Tensor | None = None  # the skip flag of skip_nonfinite, on the device
+        self._one: Tensor | None = None  # its check's unscale factor, 1
         self._nonfinite_skipped = 0
         self._p = float(p)
         self._q = dual_exponent(self._p)
