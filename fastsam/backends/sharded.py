@@ -5,11 +5,12 @@ FSDP2 keeps every parameter as a DTensor sharded along dim 0 and reduce-scatters
 into the same layout, so between backward and the next forward every rank holds a slice of w, g
 and the optimizer state. Every elementwise pass of DESIGN.md §2 is local: it runs on the local
 tensors (``DTensor._local_tensor``, the storage FSDP2 all-gathers from) with the wrapped
-backend's fused kernels. The reductions are not: pass A's ``S = Σ |T·g|^q`` and GSAM's three
-sums are sums over shards, so each is computed locally and then all-reduced with one
-``all_reduce`` (of a 0-d tensor, or of the 3 sums together) over the process groups of the mesh
-dimensions the parameters are sharded on; replicated mesh dimensions (HSDP's) are left alone,
-their values already agree. The perturbation and the update then follow from the global sums on
+backend's fused kernels. The reductions are not: pass A's ``S = Σ |T·g|^q``, GSAM's three
+sums, LookSAM's sums and skip_nonfinite's flag are sums over shards, so each is computed
+locally and then all-reduced with one ``all_reduce`` (of a 0-d tensor, or of the 3 sums
+together; :meth:`ShardedBackend.sum_over_shards`) over the process group of each mesh dimension
+the parameters are sharded on; replicated mesh dimensions (HSDP's) are left alone, their values
+already agree. The perturbation and the update then follow from the global sums on
 every rank: the numbers of one process holding the whole model, up to the order of the sum.
 """
 from __future__ import annotations
