@@ -169,11 +169,7 @@ def run(rank, world, init_file, backends, out, replicas=1, names=None):
     for name in names or CONFIGS:
         make_optimizer = CONFIGS[name][0]
         for backend in backends:
-            model = make_model()
-            for layer in model:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            model = _sharded_model(mesh)
             optimizer = make_optimizer(model.parameters(), backend)
             counter.n = 0
             bad = name in ("sam-skip-nonfinite", "sam-gradscaler")
@@ -185,5 +181,57 @@ def run(rank, world, init_file, backends, out, replicas=1, names=None):
                 "params": full, "allreduces": counter.n,
                 "skipped": optimizer.amp_skipped_steps + optimizer.nonfinite_skipped_steps,
             }
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _sharded_model(mesh):
+    model = make_model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def checkpoint_run(rank, world, init_file, backend, out, names):
+    """torch.distributed.checkpoint's FSDP2 flow for each configuration in ``names``: train,
+    dcp.save the model's and optimizer's state dicts, build a fresh model and optimizer, dcp.load
+    into them (their own state dicts as templates), then train both further; saves both final
+    weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    x, y = (t.chunk(world)[rank] for t in make_data(world))
+    results = {}
+    for name in names:
+        make_optimizer = CONFIGS[name][0]
+        model = _sharded_model(mesh)
+        optimizer = make_optimizer(model.parameters(), backend)
+        train(model, optimizer, x, y)
+        saved = {"model": get_model_state_dict(model),
+                 "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(saved, checkpoint_id=f"{out}/{name}")
+        fresh = _sharded_model(mesh)
+        fresh_optimizer = make_optimizer(fresh.parameters(), backend)
+        loaded = {"model": get_model_state_dict(fresh),
+                  "optim": get_optimizer_state_dict(fresh, fresh_optimizer)}
+        dcp.load(loaded, checkpoint_id=f"{out}/{name}")
+        set_model_state_dict(fresh, loaded["model"])
+        set_optimizer_state_dict(fresh, fresh_optimizer, loaded["optim"])
+        train(model, optimizer, x, y)
+        train(fresh, fresh_optimizer, x, y)
+        results[name] = {
+            "continued": [p.full_tensor().detach() for p in model.parameters()],
+            "resumed": [p.full_tensor().detach() for p in fresh.parameters()],
+        }
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -86,6 +86,42 @@ def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
         assert result["allreduces"] == fsdp_worker.CONFIGS[name][1]
 
 
+DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam"]
+
+
+def test_distributed_checkpoint_resumes_bit_identically(tmp_path):
+    """torch.distributed.checkpoint (dcp.save / dcp.load with get/set_optimizer_state_dict, the
+    FSDP2 way): a fresh model and optimizer loaded from the checkpoint continue exactly as the
+    trained ones. DCP creates an empty optimizer's state with a zero-lr step() (accepted), and
+    loads with parameter names as keys (mapped through param_groups, as torch.optim does)."""
+    torch.multiprocessing.spawn(
+        fsdp_worker.checkpoint_run,
+        args=(WORLD, str(tmp_path / "init"), HSDP_BACKEND, str(tmp_path), DCP_CONFIGS),
+        nprocs=WORLD,
+    )
+    for r in range(WORLD):
+        results = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for name in DCP_CONFIGS:
+            for a, b in zip(results[name]["continued"], results[name]["resumed"], strict=True):
+                assert torch.equal(a, b), name
+
+
+def test_zero_lr_step_without_first_step_only_initialises_state(backend):
+    """The step DCP makes on an empty optimizer (zero gradients, every lr 0): the base
+    optimizer's state is created and no weight moves; with a non-zero lr the same call is still
+    refused (a forgotten first_step())."""
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.1,
+                      backend=backend)
+    p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="no first_step\\(\\) is pending"):
+        opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0]["lr"] = 0.0
+    opt.step()
+    assert torch.equal(p, before) and "momentum_buffer" in opt.state[p]
+
+
 def test_mixed_sharded_and_plain_parameters_are_refused(tmp_path):
     torch.multiprocessing.spawn(_mixed, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=1)
     assert (tmp_path / "refused").read_text().startswith("fastsam: 2 of the 3 parameters")

@@ -113,7 +113,7 @@ def test_state_of_another_model_is_refused_before_loading(backend):
     assert torch.equal(opt.state[p]["momentum_buffer"], before)  # nothing was loaded
     sd = opt.state_dict()
     sd["state"] = {**sd["state"], 7: sd["state"][0]}
-    with pytest.raises(ValueError, match="entry for parameter 7, but this optimizer has 1"):
+    with pytest.raises(ValueError, match="entry for parameter 7, but its param_groups do not"):
         opt.load_state_dict(sd)
 
 

@@ -434,6 +434,11 @@ class SharpnessAwareOptimizer(Optimizer):
         what ``GradScaler.step(optimizer)`` calls.
         """
         if closure is None:
+            if self._perturbed is None and self._lr_is_zero():
+                # torch.distributed.checkpoint creates an empty optimizer's state this way: a
+                # step with zero gradients and every lr set to 0, which moves no weight.
+                self.base_optimizer.step()
+                return None
             if self._perturbed is None:
                 raise RuntimeError(
                     "step() without a closure performs the second step, but no first_step() is "
@@ -452,6 +457,10 @@ class SharpnessAwareOptimizer(Optimizer):
             loss = closure()
         self.second_step()
         return loss
+
+    def _lr_is_zero(self) -> bool:
+        lrs = [group.get("lr") for group in self.param_groups]
+        return bool(lrs) and all(lr is not None and float(lr) == 0.0 for lr in lrs)
 
     def _plan_states(self, plan: _StepPlan) -> list[list[dict]]:
         """Per group of ``plan``, its parameters' state dicts. Tensor-keyed lookups cost ~1.6 us
@@ -822,11 +831,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer.load_state_dict({**state_dict, "state": state})
         self._link_base()
         self._layout_version += 1
-        params = self._indexed_params()
+        params = self._loaded_params(state_dict)
         for key, store in stores.items():
             store.clear()
             for index, tensor in loaded[key].items():
-                p = params[int(index)]
+                p = params[index]
                 store[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
         if averaging is not None:
             self._updates = int(averaging["updates"])
@@ -838,12 +847,13 @@ class SharpnessAwareOptimizer(Optimizer):
         """Refuse, before anything is loaded, a state whose per-parameter tensors do not have
         their parameter's shape (a checkpoint of another model): the fused kernels would read
         past the end of them. torch.optim itself checks only the group sizes."""
-        params = self._indexed_params()
+        params = self._loaded_params(state_dict)
         for index, entry in state_dict.get("state", {}).items():
-            if not isinstance(index, int) or not 0 <= index < len(params):
+            if index not in params:
                 raise ValueError(
-                    f"the loaded state has an entry for parameter {index!r}, but this optimizer "
-                    f"has {len(params)} parameters (numbered 0..{len(params) - 1})"
+                    f"the loaded state has an entry for parameter {index!r}, but its "
+                    f"param_groups do not list it among this optimizer's {len(params)} "
+                    "parameters"
                 )
             p = params[index]
             if not isinstance(entry, dict):
@@ -864,6 +874,15 @@ class SharpnessAwareOptimizer(Optimizer):
     def _indexed_params(self) -> list[Tensor]:
         """Parameters in state_dict order (torch.optim numbers them across groups in order)."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _loaded_params(self, state_dict: dict[str, Any]) -> dict[Any, Tensor]:
+        """The parameter each key of a loaded state stands for. As torch.optim does, the keys
+        are those its param_groups list, in our parameters' order: the indices this optimizer
+        saves, or any others (torch.distributed.checkpoint's parameter names)."""
+        ours = self._indexed_params()
+        groups = state_dict.get("param_groups")
+        keys = [k for g in groups for k in g["params"]] if groups else range(len(ours))
+        return dict(zip(keys, ours))
 
     def _refuse_when_perturbed(self, what: str) -> None:
         if self._perturbed is not None:
