@@ -86,7 +86,7 @@ def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
         assert result["allreduces"] == fsdp_worker.CONFIGS[name][1]
 
 
-DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam"]
+DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam", "freesam-sgd"]
 
 
 def test_distributed_checkpoint_resumes_bit_identically(tmp_path):
