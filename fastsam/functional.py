@@ -233,7 +233,8 @@ def gsam_along_from_sums(sums: Tensor, eps: float) -> Tensor:
 
 
 def _widen(tensors: list[Tensor], acc) -> list[Tensor]:
-    """Tensors narrower than fp32 as fp32 copies (the reductions accumulate in ``acc``)."""
+    """Tensors narrower than fp32 as copies in ``acc`` (the reductions' accumulation dtype);
+    fp32 and fp64 tensors as they are."""
     return [t if t.dtype in (torch.float32, torch.float64) else t.to(acc) for t in tensors]
 
 

@@ -52,12 +52,12 @@ class LookSAM(SharpnessAwareOptimizer):
         scaler.step(optimizer)                     # SAM step's second step, or look-ahead step
         scaler.update()
         optimizer.zero_grad()
- With SGD, Adam
-    and AdamW a look-ahead step is one fused reduction (‖g‖) and one fused update that forms
-    ``g + α·‖g‖·u_v`` in registers (``.grad`` is left as the backward pass wrote it); other base
-    optimizers get the corrected gradient written into ``.grad`` before their ``step()``. The
-    norms are global over every parameter with a gradient; ρ may differ per group, α is one
-    value.
+
+    With SGD, Adam and AdamW a look-ahead step is one fused reduction (‖g‖) and one fused
+    update that forms ``g + α·‖g‖·u_v`` in registers (``.grad`` is left as the backward pass
+    wrote it); other base optimizers get the corrected gradient written into ``.grad`` before
+    their ``step()``. The norms are global over every parameter with a gradient; ρ may differ
+    per group, α is one value.
 
     Memory: w_old and g (the SAM step's buffers) and u_v: three parameter-sized buffers.
 
