@@ -194,11 +194,22 @@ def _sharded_model(mesh):
     return model
 
 
+def _kept(model, optimizer):
+    """What a resumed run must reproduce: the full weights, the averaged weights (when the
+    optimizer averages) and the optimizer's counters."""
+    kept = {"weights": [p.full_tensor().detach() for p in model.parameters()],
+            "counters": optimizer.state_dict()["param_groups"][0]["fastsam_counters"]}
+    if optimizer.n_averaged:
+        with optimizer.averaged_weights():
+            kept["averaged"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    return kept
+
+
 def checkpoint_run(rank, world, init_file, backend, out, names):
     """torch.distributed.checkpoint's FSDP2 flow for each configuration in ``names``: train,
     dcp.save the model's and optimizer's state dicts, build a fresh model and optimizer, dcp.load
-    into them (their own state dicts as templates), then train both further; saves both final
-    weights."""
+    into them (their own state dicts as templates), then train both further; saves what both
+    kept (:func:`_kept`)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -216,7 +227,7 @@ def checkpoint_run(rank, world, init_file, backend, out, names):
         make_optimizer = CONFIGS[name][0]
         model = _sharded_model(mesh)
         optimizer = make_optimizer(model.parameters(), backend)
-        train(model, optimizer, x, y)
+        train(model, optimizer, x, y, bad_step="poison" if name == "sam-skip-nonfinite" else None)
         saved = {"model": get_model_state_dict(model),
                  "optim": get_optimizer_state_dict(model, optimizer)}
         dcp.save(saved, checkpoint_id=f"{out}/{name}")
@@ -229,9 +240,7 @@ def checkpoint_run(rank, world, init_file, backend, out, names):
         set_optimizer_state_dict(fresh, fresh_optimizer, loaded["optim"])
         train(model, optimizer, x, y)
         train(fresh, fresh_optimizer, x, y)
-        results[name] = {
-            "continued": [p.full_tensor().detach() for p in model.parameters()],
-            "resumed": [p.full_tensor().detach() for p in fresh.parameters()],
-        }
+        results[name] = {"continued": _kept(model, optimizer), "resumed": _kept(fresh,
+                                                                              fresh_optimizer)}
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()

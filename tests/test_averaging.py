@@ -34,7 +34,8 @@ def train(opt, params, steps, land):
         if isinstance(opt, fastsam.FreeSAM):
             opt.step()
             continue
-        opt.first_step(zero_grad=True)
+        if opt.first_step(zero_grad=True) is False:  # LookSAM's look-ahead step: updated
+            continue
         land.set_grads(params, SKIP.get(t, ()))
         opt.second_step(zero_grad=True)
 
@@ -189,11 +190,59 @@ def test_state_dict_loads_into_the_plain_base_optimizer():
     opt = fastsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, average="swa")
     train(opt, params, 2, Landscape([(3,), (2, 2)], seed=3))
     sd = opt.state_dict()
-    assert sd["averaging"] == {"updates": 2, "n_averaged": 2}
+    counters = [group["fastsam_counters"] for group in sd["param_groups"]]
+    assert counters == [{"updates": 2, "n_averaged": 2, "amp_skipped": 0,
+                         "nonfinite_skipped": 0}]
     assert all("averaged_weights" in s for s in sd["state"].values())
     plain = torch.optim.SGD(clone_params(params), lr=0.1, momentum=0.9)
     plain.load_state_dict(sd)  # the extra entries are carried, not in the way
     assert all("momentum_buffer" in s for s in plain.state.values())
+
+
+def _layout(sd):
+    """A state dict's entries without their values: what a DCP template must match."""
+    return ({i: sorted(entry) for i, entry in sd["state"].items()},
+            [sorted(group) for group in sd["param_groups"]])
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                           average=fastsam.SWA(start=2)),
+    lambda ps: fastsam.LookSAM(ps, torch.optim.Adam, lr=0.01, k=2, average="ema"),
+], ids=["sam-swa-late", "looksam-ema"])
+def test_every_state_dict_has_the_same_entries(make):
+    """torch.distributed.checkpoint loads a checkpoint into a fresh optimizer's state dict (its
+    template), reading only the entries the template has: a state dict has the same entries
+    before the averaging starts (copies of the weights stand in for the averages) and before
+    LookSAM's first step (zero directions) as later. The stand-ins are copies, and are not
+    loaded back while nothing has been averaged."""
+    shapes = [(3,), (2, 2)]
+    params = make_params(shapes, torch.float32, "cpu", seed=4)
+    opt = make(params)
+    land = Landscape(shapes, seed=5)
+    train(opt, params, 1, land)
+    before = opt.state_dict()
+    assert opt.n_averaged == 0 or isinstance(opt, fastsam.LookSAM)
+    for i, p in enumerate(params):
+        stand_in = before["state"][i]["averaged_weights"]
+        if opt.n_averaged == 0:
+            assert torch.equal(stand_in, p) and stand_in.data_ptr() != p.data_ptr()
+    train(opt, params, 3, land)
+    assert opt.n_averaged > 0
+    assert _layout(opt.state_dict()) == _layout(before)
+    fresh_params = clone_params(params)
+    fresh = make(fresh_params)
+    for p in fresh_params:
+        p.grad = torch.zeros_like(p)
+    fresh.param_groups[0]["lr"] = 0.0  # DCP's way of making a fresh optimizer's state
+    fresh.step()
+    assert _layout(fresh.state_dict()) == _layout(before)
+    fresh.load_state_dict(before)
+    fresh.param_groups[0]["lr"] = opt.param_groups[0]["lr"]
+    if not isinstance(opt, fastsam.LookSAM):
+        with pytest.raises(RuntimeError, match="no weights have been averaged yet"):
+            fresh.swap_average()
+        assert not fresh._averaged  # holds no copy of the model until the averaging starts
 
 
 def test_swap_errors_and_refusals():

@@ -86,14 +86,19 @@ def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
         assert result["allreduces"] == fsdp_worker.CONFIGS[name][1]
 
 
-DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam", "freesam-sgd"]
+# LookSAM (k = 2) is saved after 3 steps: the resumed run must take a look-ahead step next,
+# with the saved direction; the skip run is saved after a skipped step.
+DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam", "freesam-sgd", "sam-ema",
+               "looksam-sgd", "sam-skip-nonfinite"]
 
 
 def test_distributed_checkpoint_resumes_bit_identically(tmp_path):
     """torch.distributed.checkpoint (dcp.save / dcp.load with get/set_optimizer_state_dict, the
     FSDP2 way): a fresh model and optimizer loaded from the checkpoint continue exactly as the
-    trained ones. DCP creates an empty optimizer's state with a zero-lr step() (accepted), and
-    loads with parameter names as keys (mapped through param_groups, as torch.optim does)."""
+    trained ones: weights, averaged weights and counters. DCP creates an empty optimizer's
+    state with a zero-lr step() (accepted), loads with parameter names as keys (mapped through
+    param_groups, as torch.optim does), and keeps only per-parameter states and param groups
+    (where fastsam's tensors and counters are)."""
     torch.multiprocessing.spawn(
         fsdp_worker.checkpoint_run,
         args=(WORLD, str(tmp_path / "init"), HSDP_BACKEND, str(tmp_path), DCP_CONFIGS),
@@ -102,8 +107,15 @@ def test_distributed_checkpoint_resumes_bit_identically(tmp_path):
     for r in range(WORLD):
         results = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         for name in DCP_CONFIGS:
-            for a, b in zip(results[name]["continued"], results[name]["resumed"], strict=True):
-                assert torch.equal(a, b), name
+            continued, resumed = results[name]["continued"], results[name]["resumed"]
+            assert continued.keys() == resumed.keys(), name
+            assert continued["counters"] == resumed["counters"], name
+            for key in ("weights", "averaged"):
+                for a, b in zip(continued.get(key, []), resumed.get(key, []), strict=True):
+                    assert torch.equal(a, b), (name, key)
+        assert results["sam-ema"]["resumed"]["counters"]["n_averaged"] == 2 * fsdp_worker.STEPS
+        assert results["sam-skip-nonfinite"]["resumed"]["counters"]["nonfinite_skipped"] == 1
+        assert results["looksam-sgd"]["resumed"]["counters"]["looksam_steps"] == 6
 
 
 def test_zero_lr_step_without_first_step_only_initialises_state(backend):

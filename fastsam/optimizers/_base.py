@@ -34,6 +34,9 @@ from ..functional import (
 )
 
 AVERAGE_KEY = "averaged_weights"  # per-parameter state entry of the averaged copy
+# Each param group of a state dict carries the optimizer's counters under this key: a state
+# dict's groups and per-parameter states are all that torch.distributed.checkpoint keeps.
+COUNTERS_KEY = "fastsam_counters"
 
 
 @dataclass
@@ -791,33 +794,43 @@ class SharpnessAwareOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (momentum, Adam moments, step) with this optimizer's
         per-group options (rho, ...) in its param_groups. Loadable by the base optimizer class
-        itself, and by a fresh fastsam optimizer. Refused between first and second step."""
+        itself, and by a fresh fastsam optimizer. Refused between first and second step.
+
+        What fastsam keeps beyond the base optimizer goes where torch.distributed.checkpoint
+        keeps it too: each parameter's own tensors (averaged weights, ...) into its state, the
+        counters (updates, averaged snapshots, skipped steps, ...) into every param group under
+        ``"fastsam_counters"``. Every parameter's state has the same entries at every step, so
+        a fresh optimizer's state dict is a template DCP can load any checkpoint into: before
+        the first average, a parameter's averaged weights are saved as a copy of its weights
+        (not loaded back while nothing has been averaged)."""
         self._refuse_when_perturbed("state_dict()")
         self._refuse_when_swapped("state_dict()")
         sd = self.base_optimizer.state_dict()
-        # The per-parameter buffers of our own (averaged weights, FreeSAM's stored gradients,
-        # ...) go into each parameter's state, next to the base optimizer's entries.
         stores = self._param_stores()
         state = dict(sd["state"])
         for i, p in enumerate(self._indexed_params()):
-            extra = {key: store[p] for key, store in stores.items() if p in store}
+            extra = {}
+            for key, store in stores.items():
+                value = store.get(p)
+                if value is None:
+                    value = self._stand_in(key, p)
+                if value is not None:
+                    extra[key] = value
             if extra:
                 state[i] = {**state.get(i, {}), **extra}
-        sd = {**sd, "state": state}
-        if self._average_schedule is not None:
-            sd["averaging"] = {"updates": self._updates, "n_averaged": self._n_averaged}
-        if self._amp_skipped or self._nonfinite_skipped:
-            sd["skipped_steps"] = {"amp": self._amp_skipped, "nonfinite": self._nonfinite_skipped}
-        return sd
+        counters = self._counters()
+        groups = [{**group, COUNTERS_KEY: dict(counters)} for group in sd["param_groups"]]
+        return {**sd, "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by :meth:`state_dict` or by the plain base optimizer."""
         self._refuse_when_perturbed("load_state_dict()")
         self._refuse_when_swapped("load_state_dict()")
         self._check_loaded_shapes(state_dict)
-        state_dict = dict(state_dict)
-        averaging = state_dict.pop("averaging", None)
-        skipped = state_dict.pop("skipped_steps", {})
+        groups = [dict(group) for group in state_dict["param_groups"]]
+        counters = next((g[COUNTERS_KEY] for g in groups if COUNTERS_KEY in g), {})
+        for group in groups:
+            group.pop(COUNTERS_KEY, None)
         stores = self._param_stores()
         loaded: dict[str, dict] = {key: {} for key in stores}
         state = {}
@@ -828,20 +841,35 @@ class SharpnessAwareOptimizer(Optimizer):
                     loaded[key][index] = value.pop(key)
             if value:
                 state[index] = value
-        self.base_optimizer.load_state_dict({**state_dict, "state": state})
+        self.base_optimizer.load_state_dict({**state_dict, "state": state, "param_groups": groups})
         self._link_base()
         self._layout_version += 1
+        self._load_counters(counters)
+        if self._n_averaged == 0:  # copies of the weights standing in for averages to come
+            loaded[AVERAGE_KEY].clear()
         params = self._loaded_params(state_dict)
         for key, store in stores.items():
             store.clear()
             for index, tensor in loaded[key].items():
                 p = params[index]
                 store[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
-        if averaging is not None:
-            self._updates = int(averaging["updates"])
-            self._n_averaged = int(averaging["n_averaged"])
-        self._amp_skipped = int(skipped.get("amp", 0))
-        self._nonfinite_skipped = int(skipped.get("nonfinite", 0))
+
+    def _counters(self) -> dict[str, int]:
+        """The counts a state dict carries (subclasses add theirs)."""
+        return {
+            "updates": self._updates,
+            "n_averaged": self._n_averaged,
+            "amp_skipped": self._amp_skipped,
+            "nonfinite_skipped": self._nonfinite_skipped,
+        }
+
+    def _load_counters(self, counters: dict[str, Any]) -> None:
+        """Set the counts from a loaded state dict's (zero where it has none: a state dict of
+        the plain base optimizer)."""
+        self._updates = int(counters.get("updates", 0))
+        self._n_averaged = int(counters.get("n_averaged", 0))
+        self._amp_skipped = int(counters.get("amp_skipped", 0))
+        self._nonfinite_skipped = int(counters.get("nonfinite_skipped", 0))
 
     def _check_loaded_shapes(self, state_dict: dict[str, Any]) -> None:
         """Refuse, before anything is loaded, a state whose per-parameter tensors do not have
@@ -870,6 +898,14 @@ class SharpnessAwareOptimizer(Optimizer):
         """Per-parameter tensors kept beyond the base optimizer's state, by the key they are
         saved under in each parameter's state (subclasses add theirs)."""
         return {AVERAGE_KEY: self._averaged}
+
+    def _stand_in(self, key: str, p: Tensor) -> Tensor | None:
+        """What :meth:`state_dict` saves under ``key`` for a parameter that has no such tensor
+        yet (None: nothing). With weight averaging, a copy of the weights in place of the
+        averages to come, so that every state dict has the same entries."""
+        if key == AVERAGE_KEY and self._average_schedule is not None:
+            return p.detach().clone(memory_format=torch.preserve_format)
+        return None
 
     def _indexed_params(self) -> list[Tensor]:
         """Parameters in state_dict order (torch.optim numbers them across groups in order)."""

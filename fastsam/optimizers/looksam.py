@@ -267,15 +267,18 @@ class LookSAM(SharpnessAwareOptimizer):
     def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
         return {**super()._param_stores(), STATE_KEY: self._direction}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (see :meth:`fastsam.SAM.state_dict`) with each
-        parameter's direction u_v under ``"looksam_direction"`` and the step count."""
-        return {**super().state_dict(), "looksam": {"steps": self._steps}}
+    def _stand_in(self, key: str, p: Tensor) -> Tensor | None:
+        """A parameter without a direction yet is saved with zeros (no correction), as the
+        first step makes it: every state dict has the same entries."""
+        if key == STATE_KEY:
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        return super()._stand_in(key, p)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict made by :meth:`state_dict` (or by the plain base optimizer: then
-        the next step is a SAM step)."""
-        state_dict = dict(state_dict)
-        looksam = state_dict.pop("looksam", None)
-        super().load_state_dict(state_dict)
-        self._steps = int(looksam["steps"]) if looksam is not None else 0
+    def _counters(self) -> dict[str, int]:
+        """The counts, with the steps begun (a loaded optimizer goes on with the same kind of
+        step; a state dict of the plain base optimizer: a SAM step)."""
+        return {**super()._counters(), "looksam_steps": self._steps}
+
+    def _load_counters(self, counters: dict[str, Any]) -> None:
+        super()._load_counters(counters)
+        self._steps = int(counters.get("looksam_steps", 0))
