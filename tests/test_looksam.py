@@ -1,6 +1,7 @@
 """LookSAM against its per-parameter oracle on every backend, backward passes per step, k = 1
 being SAM, checkpoints and errors."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -153,6 +154,27 @@ def test_checkpoint_continues_bit_identically(backend, device):
     drive(fresh, resumed, land, 4, first=4)
     for p, r in zip(params, resumed):
         assert torch.equal(p.detach(), r.detach())
+
+
+def test_plain_base_state_dict_starts_looksam_afresh_with_a_warning():
+    """A state dict without fastsam's entries (the plain base optimizer's, or DCP's flattened
+    one) loads the base state; LookSAM's direction and step count start afresh (the next step
+    is a SAM step), and the load says so. SAM, which keeps nothing more, loads it silently."""
+    land = Landscape(SHAPES, seed=2)
+    params = make_params(SHAPES, torch.float32, "cpu", seed=3)
+    opt = fastsam.LookSAM(params, torch.optim.SGD, k=K, lr=0.1, momentum=0.9)
+    drive(opt, params, land, 4)
+    assert not opt.sam_step_next
+    plain = torch.optim.SGD(clone_params(params), lr=0.1, momentum=0.9)
+    plain.load_state_dict(opt.base_optimizer.state_dict())
+    with pytest.warns(UserWarning, match="looksam_direction and the counters start afresh"):
+        opt.load_state_dict(plain.state_dict())
+    assert opt.sam_step_next
+    assert all("momentum_buffer" in opt.state[p] for p in params)
+    sam = fastsam.SAM(clone_params(params), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sam.load_state_dict(plain.state_dict())
 
 
 def test_look_ahead_step_has_no_second_step():

@@ -6,6 +6,7 @@ call the passes of :mod:`fastsam.functional` on the selected backend.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -828,10 +829,13 @@ class SharpnessAwareOptimizer(Optimizer):
         self._refuse_when_swapped("load_state_dict()")
         self._check_loaded_shapes(state_dict)
         groups = [dict(group) for group in state_dict["param_groups"]]
-        counters = next((g[COUNTERS_KEY] for g in groups if COUNTERS_KEY in g), {})
+        counters = next((g[COUNTERS_KEY] for g in groups if COUNTERS_KEY in g), None)
+        stores = self._param_stores()
+        if counters is None:
+            self._warn_afresh(stores)
+            counters = {}
         for group in groups:
             group.pop(COUNTERS_KEY, None)
-        stores = self._param_stores()
         loaded: dict[str, dict] = {key: {} for key in stores}
         state = {}
         for index, value in state_dict["state"].items():
@@ -853,6 +857,19 @@ class SharpnessAwareOptimizer(Optimizer):
             for index, tensor in loaded[key].items():
                 p = params[index]
                 store[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
+
+    def _warn_afresh(self, stores: dict[str, dict[Tensor, Tensor]]) -> None:
+        """A loaded state dict without fastsam's counters has none of its tensors either: say
+        what starts afresh, when something does."""
+        lost = [key for key in stores if key != AVERAGE_KEY or self._average_schedule]
+        if lost:
+            warnings.warn(
+                "fastsam: the loaded state dict has the base optimizer's state only (a plain "
+                "torch.optim state dict, or torch.distributed.checkpoint with "
+                "flatten_optimizer_state_dict=True, which keeps only the entries a fresh "
+                f"optimizer has): {', '.join(lost)} and the counters start afresh",
+                stacklevel=3,
+            )
 
     def _counters(self) -> dict[str, int]:
         """The counts a state dict carries (subclasses add theirs)."""
