@@ -178,9 +178,7 @@ class LookSAM(SharpnessAwareOptimizer):
         that look-ahead step (what ``scaler.step(optimizer)`` calls under GradScaler)."""
         if closure is None:
             if self._perturbed is None and not self.sam_step_next:
-                self._refuse_when_swapped("step()")
-                self._steps += 1
-                self._look_ahead(zero_grad=False)
+                self.first_step()  # a look-ahead step: the whole update
                 return None
             if self._perturbed is None and getattr(self, "grad_scale", None) is not None:
                 raise RuntimeError(
