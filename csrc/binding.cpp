@@ -12,7 +12,9 @@
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
 //            (both: with `average`, the averaged weights follow the new w in the same pass,
-//            fastsam.functional.Average; its weight is one more hp entry)
+//            fastsam.functional.Average; its weight is one more hp entry; with `skip`, a
+//            one-element float32 flag read by the kernels, a non-zero flag makes them write
+//            w ← w_old only; adam's `bias`, float64 (n, 2): per-tensor bias corrections)
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
@@ -594,11 +596,24 @@ int average_role(Lists& lists, at::TensorList average) {
   return static_cast<int>(lists.size() - 1);
 }
 
+// The skip flag of a sync-free update (kernels.h SgdArgs.skip): null when not given.
+template <class D>
+const float* skip_flag(const char* op, const std::optional<at::Tensor>& skip,
+                       at::TensorList params) {
+  if (!skip.has_value()) return nullptr;
+  check_scalar_tensor(op, "skip", *skip, params, 1);
+  check_device<D>(op, "skip", *skip);
+  TORCH_CHECK_TYPE(skip->scalar_type() == at::kFloat,
+                   msg("fastsam.", op, ": skip must be float32, got ", skip->scalar_type()));
+  return skip->data_ptr<float>();
+}
+
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
-            double alpha, int64_t grad_mode, at::TensorList average) {
+            double alpha, int64_t grad_mode, at::TensorList average,
+            const std::optional<at::Tensor>& skip) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
@@ -610,8 +625,8 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   check_device<D>("sgd", "hp", hp);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh,   nesterov,
-                     maximize,              decompose,    avg_role};
+  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh,    nesterov,
+                     maximize,              decompose,    avg_role, skip_flag<D>("sgd", skip, params)};
   const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.sgd(t, args);
 }
@@ -621,7 +636,8 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
              const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
              at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
-             int64_t grad_mode, at::TensorList average) {
+             int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
+             const std::optional<at::Tensor>& bias) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
@@ -634,11 +650,28 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   check_lists("adam", lists);
   check_hp("adam", hp, params, avg_role < 0 ? 8 : kAdamAverageWeight + 1);
   check_device<D>("adam", "hp", hp);
+  const float* skip_ptr = skip_flag<D>("adam", skip, params);
+  // Per-tensor bias corrections: each table tensor's position in the lists rides in its
+  // `group` entry (kernels.h AdamArgs.bias).
+  std::optional<PerTensor> positions;
+  if (bias.has_value()) {
+    check_scalar_tensor("adam", "bias", *bias, params, 2 * static_cast<int64_t>(params.size()));
+    check_device<D>("adam", "bias", *bias);
+    TORCH_CHECK_TYPE(bias->scalar_type() == at::kDouble,
+                     msg("fastsam.adam: bias must be float64, got ", bias->scalar_type()));
+    positions.emplace();
+    for (size_t i = 0; i < params.size(); ++i) {
+      positions->mode.push_back(kPlain);
+      positions->group.push_back(static_cast<int64_t>(i));
+      positions->eta.push_back(0.0);
+    }
+  }
   if (params.empty()) return;
   const D dev(params[0].device());
-  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose,
-                      avg_role};
-  const TablesPtr tables = dev.tables("adam", lists, nullptr);  // alive for the loop
+  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose, avg_role,
+                      skip_ptr, bias.has_value() ? bias->data_ptr<double>() : nullptr};
+  const TablesPtr tables =
+      dev.tables("adam", lists, positions ? &*positions : nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.adam(t, args);
 }
 
@@ -702,12 +735,12 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor(c!)[] first_grads, "
-      "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average) -> ()");
+      "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average, Tensor? skip=None) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
       "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
-      "float alpha, int grad_mode, Tensor(f!)[] average) -> ()");
+      "float alpha, int grad_mode, Tensor(f!)[] average, Tensor? skip=None, Tensor? bias=None) -> ()");
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");

@@ -238,8 +238,10 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
   S* __restrict__ v = address<S>(tab, kAdamV, seg);
   S* __restrict__ vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
   S* __restrict__ avg = AVG ? address<S>(tab, a.average_role, seg) : nullptr;
+  // Bias corrections: the launch's (hp[5], hp[6]) or this tensor's row of a.bias.
+  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : a.hp + 5;
   const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
-                         A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+                         A(bias[0]), A(bias[1]), A(a.hp[7])};
   const A avg_weight = AVG ? A(a.hp[kAdamAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
@@ -254,6 +256,21 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
     if constexpr (AVG) avg[i] = S(average(A(avg[i]), A(out), avg_weight));
     return out;
   });
+}
+
+// A skipped update (SgdArgs.skip set): w ← w_old (role `old`), nothing else written. The flag
+// is in host memory here: the CPU reads it without waiting for anything.
+bool skipped_update(const Table& t, const float* skip, int old) {
+  static_assert(kSgdW == 0 && kAdamW == 0, "w is role 0 of every update");
+  if (skip == nullptr || *skip == 0.0f) return false;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    for_each_segment(t, [&](int64_t s) {
+      const Segment seg = segment(t, s);
+      std::memmove(address<S>(t, 0, seg), address<const S>(t, old, seg), seg.len * sizeof(S));
+    });
+  });
+  return true;
 }
 
 }  // namespace
@@ -305,6 +322,7 @@ void restore(const Table& t) {
 }
 
 void sgd(const Table& t, const SgdArgs& a) {
+  if (skipped_update(t, a.skip, kSgdOld)) return;
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     const auto k = gradient_scalars<Acc<S>>(a.decompose, a.maximize);
@@ -326,6 +344,7 @@ void sgd(const Table& t, const SgdArgs& a) {
 }
 
 void adam(const Table& t, const AdamArgs& a) {
+  if (skipped_update(t, a.skip, kAdamOld)) return;
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     const auto k = gradient_scalars<Acc<S>>(a.decompose, a.maximize);

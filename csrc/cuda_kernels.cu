@@ -200,12 +200,23 @@ __device__ __forceinline__ GradientScalars<A> gradient_scalars(const DecomposeAr
   return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
 }
 
+// A skipped update (kernels.h SgdArgs.skip, a flag in device memory, the same for every
+// block): w ← w_old, nothing else written. Returns whether it was skipped.
+template <typename S>
+__device__ __forceinline__ bool skipped_update(const float* skip, S* w, const S* old,
+                                               int64_t n) {
+  if (skip == nullptr || *skip == 0.0f) return false;
+  for_each(n, [&](int64_t i) { w[i] = old[i]; });
+  return true;
+}
+
 template <typename S, bool HAS_MOMENTUM, bool FRESH, bool NESTEROV, int GM>
 __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kSgdW, seg);
   const S* old = address<const S>(tab, kSgdOld, seg);  // may be w itself (not perturbed)
+  if (skipped_update(a.skip, w, old, seg.len)) return;
   const S* g = address<const S>(tab, kSgdG, seg);
   S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
@@ -239,6 +250,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   const Segment seg = segment(tab);
   S* w = address<S>(tab, kAdamW, seg);
   const S* old = address<const S>(tab, kAdamOld, seg);
+  if (skipped_update(a.skip, w, old, seg.len)) return;
   const S* g = address<const S>(tab, kAdamG, seg);
   S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   const GradientScalars<A> gk = gradient_scalars<GM, A>(a.decompose, a.maximize);
@@ -246,8 +258,10 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   S* v = address<S>(tab, kAdamV, seg);
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
   S* avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
+  // Bias corrections: the launch's (hp[5], hp[6]) or this tensor's row of a.bias.
+  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : a.hp + 5;
   const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
-                         A(a.hp[5]), A(a.hp[6]), A(a.hp[7])};
+                         A(bias[0]), A(bias[1]), A(a.hp[7])};
   const A avg_weight = avg ? A(a.hp[kAdamAverageWeight]) : A(0);
   for_each(seg.len, [&](int64_t i) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);

@@ -68,11 +68,18 @@ struct DecomposeArgs {
 
 // Weight averaging after an update (fastsam.functional.Average): the averaged weights are at
 // role `average_role` (-1: no averaging) and the weight is the hp entry after the optimizer's.
+//
+// Sync-free updates (the optimizers' capturable=True): `skip`, when not null, is a float flag
+// (device memory for CUDA) read by the kernels: non-zero → w ← w_old and nothing else is
+// written (no state, no stored gradient, no average). Adam's `bias`, when not null, holds
+// [lr/(1-β1^t), sqrt(1-β2^t)] per tensor, at 2·Table.group[t] (the tensor's position in the
+// caller's lists), in place of hp[5] and hp[6].
 struct SgdArgs {
   const double* hp;  // [lr, momentum, dampening, weight_decay, averaging weight]
   bool has_momentum, fresh, nesterov, maximize;
   DecomposeArgs decompose;
   int average_role;
+  const float* skip;
 };
 
 struct AdamArgs {
@@ -81,6 +88,8 @@ struct AdamArgs {
   bool decoupled, amsgrad, maximize;
   DecomposeArgs decompose;
   int average_role;
+  const float* skip;
+  const double* bias;
 };
 constexpr int kSgdAverageWeight = 4;
 constexpr int kAdamAverageWeight = 8;

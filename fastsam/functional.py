@@ -21,7 +21,7 @@ tensors and call these methods, nothing else. All arithmetic is fp32 whatever th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "Backend",
     "dual_exponent",
     "gsam_along_from_sums",
+    "adam_bias_corrections",
 ]
 
 
@@ -84,7 +85,7 @@ class SGDHyper:
     """torch.optim.SGD hyper-parameters of one group (torch.optim's exact semantics).
 
     ``lr`` is a Python number or a one-element tensor; a tensor is read on the device by the
-    kernels, never by the host."""
+    kernels, never by the host. ``skip``: see :class:`AdamHyper`."""
 
     lr: float | Tensor
     momentum: float
@@ -92,6 +93,7 @@ class SGDHyper:
     weight_decay: float
     nesterov: bool
     maximize: bool
+    skip: Tensor | None = None
 
     @property
     def kernel_scalars(self) -> tuple:
@@ -103,7 +105,14 @@ class SGDHyper:
 @dataclass(frozen=True)
 class AdamHyper:
     """torch.optim.Adam/AdamW hyper-parameters of one group; ``step`` is after the increment.
-    ``lr`` as in :class:`SGDHyper` (then ``step_size`` is a tensor too)."""
+    ``lr`` as in :class:`SGDHyper` (then ``step_size`` is a tensor too).
+
+    Sync-free updates (the optimizers' ``capturable=True``) give two device tensors instead of
+    host values: ``skip``, a one-element fp32 flag (here and in :class:`SGDHyper`): when it is
+    non-zero the update writes ``w ← w_old`` and nothing else (no state, no stored gradient,
+    no average); and ``bias`` (``step`` None), an (n, 2) fp64 tensor of each tensor's bias
+    corrections ``[lr/(1-β1^t), sqrt(1-β2^t)]`` in the order of the update's lists, from
+    :func:`adam_bias_corrections` (the tensors of one update may be at different steps)."""
 
     lr: float | Tensor
     beta1: float
@@ -113,10 +122,14 @@ class AdamHyper:
     decoupled: bool  # AdamW: w ← w·(1 - lr·wd) instead of g ← g + wd·w
     amsgrad: bool
     maximize: bool
-    step: float
+    step: float | None
+    skip: Tensor | None = None
+    bias: Tensor | None = None
 
     @property
     def step_size(self) -> float | Tensor:
+        if self.step is None:
+            return 0.0  # per tensor in ``bias``
         return self.lr / (1.0 - self.beta1**self.step)
 
     @property
@@ -126,7 +139,13 @@ class AdamHyper:
 
     @property
     def bias_correction2_sqrt(self) -> float:
+        if self.step is None:
+            return 0.0  # per tensor in ``bias``
         return (1.0 - self.beta2**self.step) ** 0.5
+
+    def select(self, idx: list[int]) -> AdamHyper:
+        """The same hyper-parameters for the tensors at positions ``idx`` (``bias`` rows)."""
+        return self if self.bias is None else replace(self, bias=self.bias[idx])
 
     @property
     def kernel_scalars(self) -> tuple:
@@ -224,6 +243,17 @@ def foreach_average(params: list[Tensor], average: Average) -> None:
         torch._foreach_lerp_(average.buffers, params, average.weight)
 
 
+def adam_bias_corrections(steps: list[Tensor], beta1: float, beta2: float,
+                          lr: float | Tensor) -> Tensor:
+    """:attr:`AdamHyper.bias` on the device: per step tensor ``t`` (0-d, already incremented),
+    ``[lr/(1-β1^t), sqrt(1-β2^t)]`` in fp64, the values torch.optim computes on the host."""
+    t = torch.stack(steps).to(torch.float64)
+    if isinstance(lr, Tensor):
+        lr = lr.to(device=t.device, dtype=torch.float64)
+    step_size = lr / (1.0 - torch.pow(beta1, t))
+    return torch.stack([step_size, (1.0 - torch.pow(beta2, t)).sqrt()], dim=1)
+
+
 def gsam_along_from_sums(sums: Tensor, eps: float) -> Tensor:
     """GSAM's ``along`` (:meth:`Backend.gsam_along`) from ``sums = [⟨g, g_adv⟩, ‖g_adv‖²,
     ‖g‖²]``, as a 0-d tensor of the sums' dtype, on their device."""
@@ -302,7 +332,8 @@ class Backend:
 
         ``momentum_buffers`` is empty when momentum is 0. ``w_old[i]`` may be ``params[i]``
         itself (a parameter that was not perturbed). With ``average``, the same pass then
-        averages the new w into its buffers (:class:`Average`)."""
+        averages the new w into its buffers (:class:`Average`). When ``hyper.skip`` holds a
+        non-zero flag (read on the device): ``w ← w_old`` and nothing else is written."""
         raise NotImplementedError
 
     def restore_adam(
@@ -326,7 +357,8 @@ class Backend:
             m = lerp(m, g, 1 - β1);  v = β2·v + (1 - β2)·g²;  v̂ = max(v̂, v) if amsgrad
             w = w - lr/(1 - β1^t) · m / (sqrt(v or v̂)/sqrt(1 - β2^t) + eps)
 
-        ``max_exp_avg_sqs`` is empty unless amsgrad. ``average`` as in :meth:`restore_sgd`."""
+        ``max_exp_avg_sqs`` is empty unless amsgrad. ``average`` and ``hyper.skip`` as in
+        :meth:`restore_sgd`; with ``hyper.bias``, tensor i's bias corrections are its row."""
         raise NotImplementedError
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

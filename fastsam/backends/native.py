@@ -178,7 +178,7 @@ class NativeBackend(Backend):
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
             params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
-            *_source(source), averaged,
+            *_source(source), averaged, hyper.skip,
         )
 
     def restore_adam(
@@ -201,6 +201,7 @@ class NativeBackend(Backend):
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp,
             hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source), averaged,
+            hyper.skip, hyper.bias,
         )
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

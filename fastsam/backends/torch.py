@@ -92,6 +92,34 @@ def _finish_swap(grads: list[Tensor], source: GradientSource | None) -> None:
         torch._foreach_copy_(source.previous, grads)
 
 
+def _written(params: list[Tensor], states: list[Tensor], source: GradientSource | None,
+             average: Average | None) -> list[Tensor]:
+    """Every tensor an update writes: the parameters, their optimizer state, FreeSAM's stored
+    gradients and the averaged weights."""
+    out = params + states
+    if isinstance(source, Swap):
+        out += source.previous
+    if average is not None:
+        out += average.buffers
+    return out
+
+
+def _snapshot(skip: Tensor | None, tensors: list[Tensor]) -> list[Tensor] | None:
+    """Copies of ``tensors`` to put back when the device flag ``skip`` is set (None without a
+    flag). This backend computes the update and then selects, element by element, on the
+    device; the fused backends test the flag in their kernels instead."""
+    return None if skip is None else [t.clone() for t in tensors]
+
+
+def _put_back(skip: Tensor | None, tensors: list[Tensor], saved: list[Tensor] | None) -> None:
+    """``t ← saved`` where the flag ``skip`` is non-zero, else ``t`` as it is (no host read)."""
+    if skip is None or saved is None:
+        return
+    flag = skip.reshape(()) != 0
+    for t, before in zip(tensors, saved):
+        t.copy_(torch.where(flag, before, t))
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -176,10 +204,13 @@ class TorchBackend(Backend):
         if not params:
             return
         self.restore(params, w_old)
+        written = _written(params, momentum_buffers, source, average)
+        saved = _snapshot(hyper.skip, written)
         self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
         _finish_swap(grads, source)
         if average is not None:
             foreach_average(params, average)
+        _put_back(hyper.skip, written, saved)
 
     def _sgd(self, params, grads, momentum_buffers, hyper, fresh_buffers) -> None:
         d = torch._foreach_neg(grads) if hyper.maximize else grads
@@ -215,11 +246,15 @@ class TorchBackend(Backend):
         if not params:
             return
         self.restore(params, w_old)
+        states = exp_avgs + exp_avg_sqs + (max_exp_avg_sqs if hyper.amsgrad else [])
+        written = _written(params, states, source, average)
+        saved = _snapshot(hyper.skip, written)
         self._adam(params, _update_grads(grads, source), exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                    hyper)
         _finish_swap(grads, source)
         if average is not None:
             foreach_average(params, average)
+        _put_back(hyper.skip, written, saved)
 
     def _adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper) -> None:
         g = torch._foreach_neg(grads) if hyper.maximize else grads
@@ -241,6 +276,14 @@ class TorchBackend(Backend):
         else:
             second = exp_avg_sqs
         denom = torch._foreach_sqrt(second)
+        if hyper.bias is not None:  # per tensor, on the device: [step size, sqrt(1 - β2^t)]
+            rows = hyper.bias.to(denom[0].dtype)
+            torch._foreach_div_(denom, list(rows[:, 1].unbind()))
+            torch._foreach_add_(denom, hyper.eps)
+            update = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_mul_(update, list(rows[:, 0].unbind()))
+            torch._foreach_sub_(params, update)
+            return
         torch._foreach_div_(denom, hyper.bias_correction2_sqrt)
         torch._foreach_add_(denom, hyper.eps)
         if isinstance(lr, Tensor):  # addcdiv takes only numbers: divide, then scale on device

@@ -350,8 +350,10 @@ class TritonBackend(Backend):
         def build() -> list[_Table]:
             _check_dense([t for ts in roles.values() for t in ts], "a parameter or its state")
             device = roles["w"][0].device
+            # "index": each table tensor's position in the caller's lists (AdamHyper.bias rows)
             return [
-                _Table(device, _pick(roles, idx), [CHUNK] * len(idx), {})
+                _Table(device, _pick(roles, idx), [CHUNK] * len(idx),
+                       {"index": (torch.int64, idx)})
                 for idx in _by_dtypes(roles)
             ]
 
@@ -387,16 +389,17 @@ class TritonBackend(Backend):
             roles["avg"] = average.buffers
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
+            hp = self._constants(constants, table.ref["w"].device)
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
-                table.addr.get("buf", table.addr["w"]),
-                self._constants(constants, table.ref["w"].device),
+                table.addr.get("buf", table.addr["w"]), hp,
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
+                hp if hyper.skip is None else hyper.skip,
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
                 MAXIMIZE=hyper.maximize, GMODE=_grad_mode(source), AVG=average is not None,
-                ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                SKIP=hyper.skip is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     def restore_adam(
@@ -419,16 +422,18 @@ class TritonBackend(Backend):
             roles["avg"] = average.buffers
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
+            hp = self._constants(constants, table.ref["w"].device)
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
-                table.addr["v"], table.addr.get("vmax", table.addr["v"]),
-                self._constants(constants, table.ref["w"].device),
+                table.addr["v"], table.addr.get("vmax", table.addr["v"]), hp,
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
+                hp if hyper.skip is None else hyper.skip,
+                hp if hyper.bias is None else hyper.bias, table.values["index"],
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
-                GMODE=_grad_mode(source), AVG=average is not None, ACC=table.acc,
-                ALIGNED=table.aligned, BLOCK=BLOCK,
+                GMODE=_grad_mode(source), AVG=average is not None, SKIP=hyper.skip is not None,
+                BIAS=hyper.bias is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- GSAM's reduction

@@ -189,14 +189,14 @@ def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
 
 
 @triton.jit
-def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
+def _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along,
                      MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr):
     """The gradient an update uses (GMODE): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first;
-    2 FreeSAM's stored gradient at first_ptr, which then receives g; 3 LookSAM's
-    g + along·u_v. Negated when maximizing."""
+    2 FreeSAM's stored gradient at first_ptr, which then receives g (where ``write``); 3
+    LookSAM's g + along·u_v. Negated when maximizing."""
     if GMODE == 2:
         g = tl.load(first_ptr + idx, mask=inside).to(ACC)
-        tl.store(first_ptr + idx, tl.load(g_ptr + idx, mask=inside), mask=inside)
+        tl.store(first_ptr + idx, tl.load(g_ptr + idx, mask=inside), mask=write)
     else:
         g = tl.load(g_ptr + idx, mask=inside).to(ACC)
     if GMODE == 1:
@@ -206,6 +206,17 @@ def _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along,
     if MAXIMIZE:
         g = -g
     return g
+
+
+@triton.jit
+def _update_goes_ahead(skip_ptr, SKIP: tl.constexpr):
+    """False when the update is skipped (SKIP: the device flag at skip_ptr is non-zero; then
+    w ← w_old and nothing else is written), else True."""
+    if SKIP:
+        ahead = tl.load(skip_ptr) == 0.0
+    else:
+        ahead = tl.full([], 1, tl.int1)
+    return ahead
 
 
 @triton.jit
@@ -297,17 +308,19 @@ def restore_kernel(
 @triton.jit
 def sgd_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr, avg_addr,
+    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr, avg_addr, skip_ptr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
-    MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, AVG: tl.constexpr, ACC: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr,
+    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.SGD (see functional.Backend.restore_sgd).
     hp = [lr, momentum, dampening, weight_decay, alpha, averaging weight]; GMODE as
     _update_gradient (first_addr: GSAM's g or FreeSAM's stored gradient; along: GSAM's 0-d
-    scalar); AVG: the new weights are averaged into avg_addr's tensors (_average)."""
+    scalar); AVG: the new weights are averaged into avg_addr's tensors (_average); SKIP: the
+    flag at skip_ptr may skip the update (_update_goes_ahead)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
+    ahead = _update_goes_ahead(skip_ptr, SKIP)
     lr = tl.load(hp).to(ACC)
     momentum = tl.load(hp + 1).to(ACC)
     dampening = tl.load(hp + 2).to(ACC)
@@ -326,8 +339,11 @@ def sgd_kernel(
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
         idx = start + local
-        w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        d = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, GMODE, ACC)
+        write = tl.where(ahead, inside, False)  # (inside & ahead fails in the interpreter)
+        w_raw = tl.load(old_ptr + idx, mask=inside)
+        w = w_raw.to(ACC)
+        d = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, MAXIMIZE,
+                             GMODE, ACC)
         d = d + weight_decay * w
         if HAS_MOMENTUM:
             if FRESH:  # torch.optim's first step: buf = d, no dampening
@@ -335,37 +351,46 @@ def sgd_kernel(
             else:
                 buf = momentum * tl.load(buf_ptr + idx, mask=inside).to(ACC)
                 buf = buf + (1.0 - dampening) * d
-            tl.store(buf_ptr + idx, _to_storage(buf, BUF_REF.dtype.element_ty), mask=inside)
+            tl.store(buf_ptr + idx, _to_storage(buf, BUF_REF.dtype.element_ty), mask=write)
             if NESTEROV:
                 d = d + momentum * buf
             else:
                 d = buf
-        new_w = _to_storage(w - lr * d, W_REF.dtype.element_ty)
+        new_w = tl.where(ahead, _to_storage(w - lr * d, W_REF.dtype.element_ty), w_raw)
         tl.store(w_ptr + idx, new_w, mask=inside)
         if AVG:
-            _average(avg_ptr, idx, inside, new_w, avg_weight, ACC)
+            _average(avg_ptr, idx, write, new_w, avg_weight, ACC)
 
 
 @triton.jit
 def adam_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr, avg_addr,
+    skip_ptr, bias, index_of,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-    GMODE: tl.constexpr, AVG: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr, BIAS: tl.constexpr,
+    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
     hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha,
     averaging weight] (lr itself is not read: only the derived values, which come from the host
-    as torch.optim forms them, in lr's dtype for a tensor lr). GMODE, AVG as in sgd_kernel."""
+    as torch.optim forms them, in lr's dtype for a tensor lr). GMODE, AVG, SKIP as in
+    sgd_kernel. BIAS: the two bias corrections per tensor, from row index_of[t] of bias (n, 2)
+    instead of hp."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
+    ahead = _update_goes_ahead(skip_ptr, SKIP)
     beta1 = tl.load(hp + 1).to(ACC)
     beta2 = tl.load(hp + 2).to(ACC)
     eps = tl.load(hp + 3).to(ACC)
     weight_decay = tl.load(hp + 4).to(ACC)
-    step_size = tl.load(hp + 5).to(ACC)
-    bias_correction2_sqrt = tl.load(hp + 6).to(ACC)
+    if BIAS:
+        row = bias + 2 * tl.load(index_of + t).to(tl.int64)
+        step_size = tl.load(row).to(ACC)
+        bias_correction2_sqrt = tl.load(row + 1).to(ACC)
+    else:
+        step_size = tl.load(hp + 5).to(ACC)
+        bias_correction2_sqrt = tl.load(hp + 6).to(ACC)
     decay = tl.load(hp + 7).to(ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
@@ -383,8 +408,11 @@ def adam_kernel(
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
         idx = start + local
-        w = tl.load(old_ptr + idx, mask=inside).to(ACC)
-        g = _update_gradient(g_ptr, first_ptr, idx, inside, alpha, along, MAXIMIZE, GMODE, ACC)
+        write = tl.where(ahead, inside, False)  # (inside & ahead fails in the interpreter)
+        w_raw = tl.load(old_ptr + idx, mask=inside)
+        w = w_raw.to(ACC)
+        g = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, MAXIMIZE,
+                             GMODE, ACC)
         if DECOUPLED:
             w = w * decay
         else:
@@ -393,13 +421,14 @@ def adam_kernel(
         v = tl.load(v_ptr + idx, mask=inside).to(ACC)
         m = m + (1.0 - beta1) * (g - m)
         v = beta2 * v + (1.0 - beta2) * g * g
-        tl.store(m_ptr + idx, _to_storage(m, M_REF.dtype.element_ty), mask=inside)
-        tl.store(v_ptr + idx, _to_storage(v, M_REF.dtype.element_ty), mask=inside)
+        tl.store(m_ptr + idx, _to_storage(m, M_REF.dtype.element_ty), mask=write)
+        tl.store(v_ptr + idx, _to_storage(v, M_REF.dtype.element_ty), mask=write)
         if AMSGRAD:
             v = tl.maximum(tl.load(vmax_ptr + idx, mask=inside).to(ACC), v)
-            tl.store(vmax_ptr + idx, _to_storage(v, M_REF.dtype.element_ty), mask=inside)
+            tl.store(vmax_ptr + idx, _to_storage(v, M_REF.dtype.element_ty), mask=write)
         denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        new_w = _to_storage(w - step_size * m / denom, W_REF.dtype.element_ty)
+        new_w = tl.where(ahead, _to_storage(w - step_size * m / denom, W_REF.dtype.element_ty),
+                         w_raw)
         tl.store(w_ptr + idx, new_w, mask=inside)
         if AVG:
-            _average(avg_ptr, idx, inside, new_w, avg_weight, ACC)
+            _average(avg_ptr, idx, write, new_w, avg_weight, ACC)
