@@ -9,7 +9,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import repeat
 from operator import attrgetter, is_not
 from typing import Any
@@ -30,6 +30,7 @@ from ..functional import (
     PerturbGroup,
     Scaling,
     SGDHyper,
+    adam_bias_corrections,
     dual_exponent,
     foreach_average,
 )
@@ -38,6 +39,9 @@ AVERAGE_KEY = "averaged_weights"  # per-parameter state entry of the averaged co
 # Each param group of a state dict carries the optimizer's counters under this key: a state
 # dict's groups and per-parameter states are all that torch.distributed.checkpoint keeps.
 COUNTERS_KEY = "fastsam_counters"
+# The base optimizers whose update is fused with the restore (exact classes: a subclass may
+# change step()).
+_FUSED_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 
 
 @dataclass
@@ -141,6 +145,7 @@ class SharpnessAwareOptimizer(Optimizer):
         base_kwargs: dict[str, Any],
         average: Any = None,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
     ) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"p must be a number (2, float('inf') or any p > 1), got {p!r}")
@@ -149,6 +154,18 @@ class SharpnessAwareOptimizer(Optimizer):
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         self._skip_nonfinite = skip_nonfinite
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and average is not None:
+            raise ValueError(
+                "capturable=True does not support weight averaging (average=) yet: the "
+                "averaging schedule counts updates on the host, and with capturable=True the "
+                "host does not know which updates were skipped"
+            )
+        self._capturable = capturable
+        # capturable: the skipped updates since construction or the last load, on the device
+        # ([GradScaler's, skip_nonfinite's], fp64), created at the first skip test.
+        self._device_skips: Tensor | None = None
         self._found: Tensor | None = None  # the skip flag of skip_nonfinite, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
         self._nonfinite_skipped = 0
@@ -188,6 +205,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"{base_optimizer!r}"
             )
         self._link_base()
+        if capturable and type(self.base_optimizer) not in _FUSED_KINDS:
+            raise ValueError(
+                "capturable=True needs a base update fastsam fuses (torch.optim.SGD, Adam or "
+                f"AdamW), got {type(self.base_optimizer).__name__}: its own step() cannot skip "
+                "an update on the device"
+            )
         self._requested_backend = backend
         self._backends: dict[torch.device, Backend] = {}
         first = next((p for g in self.param_groups for p in g["params"]), None)
@@ -344,6 +367,7 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         self._refuse_when_swapped("first_step()")
         plan, flat_grads = self._step_plan()
+        self._check_capturable(plan)
         if plan.device is not None:
             kept = self._first_buffers(plan) or repeat(None)
             groups = [
@@ -380,7 +404,8 @@ class SharpnessAwareOptimizer(Optimizer):
         perturbed, self._perturbed = self._perturbed, None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
-        if self._skip_update(all_grads, perturbed):  # inf/NaN gradients: restore only
+        skip = self._skip_update(all_grads, perturbed)
+        if skip is True:  # inf/NaN gradients: restore only
             for params, w_old in zip(perturbed.params, perturbed.w_old):
                 if params:
                     self._backend_for(params[0].device).restore(params, w_old)
@@ -388,7 +413,10 @@ class SharpnessAwareOptimizer(Optimizer):
             if zero_grad:
                 self.zero_grad()
             return
+        flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
         fused = self._fused_update_kind(now)
+        if flag is not None and fused is None:  # a parameter was added since first_step()
+            raise RuntimeError(self._not_capturable(now))
         sources = self._before_update(perturbed, now, all_grads, fused is not None)
         averages = self._count_update(now)
         states = self._plan_states(now) if fused else None
@@ -415,7 +443,7 @@ class SharpnessAwareOptimizer(Optimizer):
             update = self._fused_sgd if fused == "sgd" else self._fused_adam
             source = sources[i] if sources else None
             average = averages[i] if averages else None
-            update(backend, group, params, all_grads[i], w_old, states[i], source, average)
+            update(backend, group, params, all_grads[i], w_old, states[i], source, average, flag)
         if fused is None:
             self.base_optimizer.step()
         self._average_rest(now, averages, fused is None)
@@ -479,11 +507,13 @@ class SharpnessAwareOptimizer(Optimizer):
         plan: _StepPlan,
         all_grads: list[list[Tensor]],
         sources: list[GradientSource | None] | None = None,
+        skip: Tensor | None = None,
     ) -> None:
         """One update of the plan's parameters from their current weights, with nothing to
         restore (FreeSAM, LookSAM's look-ahead steps): fused with SGD/Adam/AdamW (each
-        parameter is its own w_old; ``sources`` per group), else the base optimizer's own
-        ``step()``. Counts the update and averages the weights as scheduled."""
+        parameter is its own w_old; ``sources`` per group; ``skip``: capturable's device
+        flag), else the base optimizer's own ``step()``. Counts the update and averages the
+        weights as scheduled."""
         averages = self._count_update(plan)
         fused = self._fused_update_kind(plan)
         if plan.device is not None and fused is not None:
@@ -495,33 +525,47 @@ class SharpnessAwareOptimizer(Optimizer):
                 if params:
                     source = sources[i] if sources else None
                     average = averages[i] if averages else None
-                    update(backend, group, params, grads, params, states, source, average)
+                    update(backend, group, params, grads, params, states, source, average, skip)
         elif plan.device is not None:
             self.base_optimizer.step()
         self._average_rest(plan, averages, fused is None)
         self._opt_called = self.base_optimizer._opt_called = True
 
     # ----------------------------------------------------------------- GradScaler
-    def _skip_update(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
-        """At the start of an update: True when it must be skipped for inf/NaN gradients.
+    def _skip_update(
+        self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None, on_host: bool = False
+    ) -> bool | Tensor:
+        """At the start of an update: True when it must be skipped for inf/NaN gradients,
+        False when it goes ahead, or, with ``capturable`` (unless ``on_host``), the 0-d fp32
+        device flag the update kernels read instead (False when nothing can skip it).
 
         Under GradScaler (its protocol: ``found_inf`` and ``grad_scale`` set around ``step()``):
         skip when the scaler found inf/NaN in this step's gradients (read on the host, one
-        sync per step, as torch.optim's optimizers make under GradScaler), else divide this
-        step's gradients (and the kept first-pass ones, which the update combines with them) by
-        the loss scale, on the device. Without a scaler and with ``skip_nonfinite``: skip when
-        the first pass's perturbation norm (``perturbed``) or a gradient of this pass is
-        inf/NaN (:meth:`_nonfinite`)."""
+        sync per step, as torch.optim's optimizers make under GradScaler; the flag itself with
+        ``capturable``), and divide this step's gradients (and the kept first-pass ones, which
+        the update combines with them) by the loss scale, on the device. Without a scaler and
+        with ``skip_nonfinite``: skip when the first pass's perturbation norm (``perturbed``)
+        or a gradient of this pass is inf/NaN (:meth:`_nonfinite`)."""
         scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
+        flag: Tensor | None = None
+        on_device = self._capturable and not on_host
+        if found_inf is not None and on_device:
+            flag = self._count_device_skip(0, found_inf)
+        elif found_inf is not None and bool(found_inf.item()):
             self._amp_skipped += 1
             return True
         if scale is None:
-            if found_inf is None and self._skip_nonfinite and self._nonfinite(all_grads, perturbed):
-                self._nonfinite_skipped += 1
-                return True
-            return False
+            if found_inf is None and self._skip_nonfinite:
+                found = self._nonfinite(all_grads, perturbed)
+                if found is None:
+                    return False
+                if on_device:
+                    return self._count_device_skip(1, found)
+                if bool(found.item()):
+                    self._nonfinite_skipped += 1
+                    return True
+            return False if flag is None else flag
         inverse = scale.double().reciprocal()
         kept = (self._first_buffers(perturbed) if perturbed is not None else None) or []
         by_dtype: dict[tuple, list[Tensor]] = {}
@@ -529,16 +573,37 @@ class SharpnessAwareOptimizer(Optimizer):
             by_dtype.setdefault((t.device, t.dtype), []).append(t)
         for (device, dtype), tensors in by_dtype.items():
             torch._foreach_mul_(tensors, inverse.to(device=device, dtype=dtype))
-        return False
+        return False if flag is None else flag
 
-    def _nonfinite(self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None) -> bool:
-        """skip_nonfinite's test: whether a gradient in ``all_grads`` is inf/NaN or, after a
-        perturbation (``perturbed``), the first pass's norm was. One fused check per dtype
-        (torch's GradScaler kernel, with an unscale by exactly 1) into a device flag, summed
-        over the shards of sharded parameters, then read on the host (one sync per step)."""
+    def _count_device_skip(self, which: int, flag: Tensor) -> Tensor:
+        """capturable: add the device flag (0 or 1) to skip counter ``which`` (0 GradScaler's,
+        1 skip_nonfinite's) on the device, and return it as the 0-d fp32 flag the kernels
+        read (on the parameters' device)."""
+        device = self._plan.device if self._plan is not None else flag.device
+        flag = flag.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
+        if self._device_skips is None or self._device_skips.device != flag.device:
+            self._device_skips = torch.zeros(2, dtype=torch.float64, device=flag.device)
+        self._device_skips[which].add_(flag)
+        return flag
+
+    def _device_skipped(self) -> tuple[int, int]:
+        """capturable: the device skip counts since construction or the last load (reading
+        them waits for the device)."""
+        if self._device_skips is None:
+            return 0, 0
+        amp, nonfinite = self._device_skips.tolist()
+        return int(amp), int(nonfinite)
+
+    def _nonfinite(
+        self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None
+    ) -> Tensor | None:
+        """skip_nonfinite's test: a one-element device flag, 1 when a gradient in
+        ``all_grads`` is inf/NaN or, after a perturbation (``perturbed``), the first pass's norm
+        was, else 0 (None without gradients). One fused check per dtype (torch's GradScaler
+        kernel, with an unscale by exactly 1), summed over the shards of sharded parameters."""
         grads = [g for gs in all_grads for g in gs]
         if not grads:
-            return False
+            return None
         device = grads[0].device
         if self._found is None or self._found.device != device:
             self._found = torch.zeros(1, dtype=torch.float32, device=device)
@@ -554,18 +619,49 @@ class SharpnessAwareOptimizer(Optimizer):
             by_dtype.setdefault(g.dtype, []).append(g)
         for tensors in by_dtype.values():
             torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
-        return bool(backend.sum_over_shards(found).item())
+        return backend.sum_over_shards(found).clamp_(max=1.0)
 
     @property
     def amp_skipped_steps(self) -> int:
-        """Updates skipped because GradScaler found inf/NaN gradients (weights restored)."""
-        return self._amp_skipped
+        """Updates skipped because GradScaler found inf/NaN gradients (weights restored).
+        With ``capturable`` the count is on the device: reading it waits for the device."""
+        return self._amp_skipped + self._device_skipped()[0]
 
     @property
     def nonfinite_skipped_steps(self) -> int:
         """Updates skipped by ``skip_nonfinite=True`` for inf/NaN gradients (weights restored
-        bit for bit, optimizer state untouched). Saved in :meth:`state_dict`."""
-        return self._nonfinite_skipped
+        bit for bit, optimizer state untouched). Saved in :meth:`state_dict`. With
+        ``capturable`` the count is on the device: reading it waits for the device."""
+        return self._nonfinite_skipped + self._device_skipped()[1]
+
+    # ----------------------------------------------------------------- capturable
+    def _check_capturable(self, plan: _StepPlan) -> None:
+        """With ``capturable``, before a step changes anything: refuse what the update kernels
+        cannot skip on the device."""
+        if not self._capturable or plan.device is None:
+            return
+        if self._fused_update_kind(plan) is None:
+            raise RuntimeError(self._not_capturable(plan))
+        if type(self.base_optimizer) is torch.optim.SGD:
+            for group in self.param_groups:
+                if group["momentum"] != 0 and group["dampening"] != 0:
+                    raise ValueError(
+                        "capturable=True supports SGD momentum without dampening only: "
+                        "torch.optim's first step sets the momentum buffer to the gradient, "
+                        "undampened, and whether that first update was skipped is known on the "
+                        f"device only (dampening={group['dampening']})"
+                    )
+
+    def _not_capturable(self, plan: _StepPlan) -> str:
+        why = (
+            "complex parameters" if plan.has_complex
+            else "a base optimizer option fastsam does not fuse (differentiable, fused, "
+            "capturable or tensor betas)"
+        )
+        return (
+            f"capturable=True needs the fused SGD/Adam/AdamW update, which {why} rule out: "
+            "the base optimizer's own step() cannot be skipped on the device"
+        )
 
     # ----------------------------------------------------------------- weight averaging
     def _count_update(self, plan: _StepPlan) -> list[Average] | None:
@@ -668,11 +764,7 @@ class SharpnessAwareOptimizer(Optimizer):
         configurations whose state layout we reproduce: float betas, no differentiable,
         capturable or fused Adam, no complex parameters. lr may be a number or a tensor.
         """
-        kind = {
-            torch.optim.SGD: "sgd",
-            torch.optim.Adam: "adam",
-            torch.optim.AdamW: "adam",
-        }.get(type(self.base_optimizer))
+        kind = _FUSED_KINDS.get(type(self.base_optimizer))
         if kind is None:
             return None
         for group in self.param_groups:
@@ -696,6 +788,7 @@ class SharpnessAwareOptimizer(Optimizer):
         states: list,
         source: GradientSource | None,
         average: Average | None = None,
+        skip: Tensor | None = None,
     ) -> None:
         hyper = SGDHyper(
             lr=_lr(group["lr"]),
@@ -704,6 +797,7 @@ class SharpnessAwareOptimizer(Optimizer):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
             maximize=group.get("maximize", False),
+            skip=skip,
         )
         if hyper.momentum == 0:
             backend.restore_sgd(params, grads, w_old, [], hyper, False, source, average)
@@ -713,7 +807,8 @@ class SharpnessAwareOptimizer(Optimizer):
             backend.restore_sgd(params, grads, w_old, bufs, hyper, False, source, average)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
-        # call with fresh_buffers=True.
+        # call with fresh_buffers=True. (capturable: a skipped first step leaves the zeros,
+        # and m·0 + d = d is that first step again; dampening is refused there.)
         for fresh in (False, True):
             idx = [i for i, b in enumerate(bufs) if (b is None) == fresh]
             if not idx:
@@ -743,18 +838,58 @@ class SharpnessAwareOptimizer(Optimizer):
         states: list,
         source: GradientSource | None,
         average: Average | None = None,
+        skip: Tensor | None = None,
     ) -> None:
         amsgrad = group["amsgrad"]
+        capturable = self._capturable
         for p, state in zip(params, states):
-            if len(state) == 0:  # torch.optim.Adam's layout: CPU fp32 step, moments like p
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if len(state) == 0:  # torch.optim.Adam's layout: fp32 step, moments like p
+                # The step lives on the CPU, or on p's device with capturable (torch's
+                # capturable layout).
+                state["step"] = torch.zeros(
+                    (), dtype=torch.float32, device=p.device if capturable else "cpu"
+                )
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if amsgrad:
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
+            elif state["step"].device != (p.device if capturable else torch.device("cpu")):
+                # loaded from the other layout: moved once (a copy, no read of its value)
+                state["step"] = state["step"].to(
+                    device=p.device if capturable else "cpu", dtype=torch.float32
+                )
         steps = [state["step"] for state in states]
+        beta1, beta2 = group["betas"]
+        decoupled = group.get(
+            "decoupled_weight_decay", isinstance(self.base_optimizer, torch.optim.AdamW)
+        )
+        hyper = AdamHyper(
+            lr=_lr(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=bool(decoupled),
+            amsgrad=amsgrad,
+            maximize=group.get("maximize", False),
+            step=None,
+            skip=skip,
+        )
+        moments = (
+            [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states],
+            [st["max_exp_avg_sq"] for st in states] if amsgrad else [],
+        )
+        if capturable:  # one call; each tensor's bias corrections from its step, on the device
+            torch._foreach_add_(steps, 1.0)
+            if skip is not None:
+                torch._foreach_sub_(steps, [skip] * len(steps))
+            bias = adam_bias_corrections(steps, beta1, beta2, hyper.lr)
+            backend.restore_adam(params, grads, w_old, *moments, replace(hyper, bias=bias),
+                                 source, average)
+            return
         torch._foreach_add_(steps, 1)
         # Tensors that joined late have a smaller step: one call per distinct step value. The
         # steps are CPU tensors (torch.optim's layout), so reading them waits for no device.
@@ -762,31 +897,13 @@ class SharpnessAwareOptimizer(Optimizer):
         by_step: dict[float, list[int]] = {}
         for i, value in enumerate(values):
             by_step.setdefault(value, []).append(i)
-        beta1, beta2 = group["betas"]
-        decoupled = group.get(
-            "decoupled_weight_decay", isinstance(self.base_optimizer, torch.optim.AdamW)
-        )
         for step, idx in by_step.items():
-            hyper = AdamHyper(
-                lr=_lr(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                decoupled=bool(decoupled),
-                amsgrad=amsgrad,
-                maximize=group.get("maximize", False),
-                step=step,
-            )
-            sts = [states[i] for i in idx]
             backend.restore_adam(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
                 [w_old[i] for i in idx],
-                [st["exp_avg"] for st in sts],
-                [st["exp_avg_sq"] for st in sts],
-                [st["max_exp_avg_sq"] for st in sts] if amsgrad else [],
-                hyper,
+                *([m[i] for i in idx] if m else [] for m in moments),
+                replace(hyper, step=step),
                 source.select(idx) if source else None,
                 average.select(idx) if average else None,
             )
@@ -872,17 +989,21 @@ class SharpnessAwareOptimizer(Optimizer):
             )
 
     def _counters(self) -> dict[str, int]:
-        """The counts a state dict carries (subclasses add theirs)."""
+        """The counts a state dict carries (subclasses add theirs). With ``capturable`` the
+        updates counted on the host include the ones skipped on the device: those are taken
+        off here."""
+        amp, nonfinite = self._device_skipped()
         return {
-            "updates": self._updates,
+            "updates": self._updates - amp - nonfinite,
             "n_averaged": self._n_averaged,
-            "amp_skipped": self._amp_skipped,
-            "nonfinite_skipped": self._nonfinite_skipped,
+            "amp_skipped": self._amp_skipped + amp,
+            "nonfinite_skipped": self._nonfinite_skipped + nonfinite,
         }
 
     def _load_counters(self, counters: dict[str, Any]) -> None:
         """Set the counts from a loaded state dict's (zero where it has none: a state dict of
         the plain base optimizer)."""
+        self._device_skips = None
         self._updates = int(counters.get("updates", 0))
         self._n_averaged = int(counters.get("n_averaged", 0))
         self._amp_skipped = int(counters.get("amp_skipped", 0))

@@ -41,7 +41,13 @@ class ASAM(SharpnessAwareOptimizer):
         skip_nonfinite (bool, default False): skip an update whose gradients hold inf/NaN
             (with the weights restored bit for bit and the state untouched; counted by
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
-            torch.optim does. Costs one fused check of the gradients and one host read per step.
+            torch.optim does. Costs one fused check of the gradients and one host read per step
+            (none with ``capturable``).
+        capturable (bool, default False): no step reads a device value on the host. inf/NaN
+            skips (GradScaler's, ``skip_nonfinite``'s) are applied inside the update kernels,
+            Adam's step counts live on the parameters' device (torch.optim's capturable
+            layout) and the skip counters are device tensors. Needs a fused base update
+            (torch.optim SGD without dampening, Adam, AdamW); not with ``average``.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -69,6 +75,7 @@ class ASAM(SharpnessAwareOptimizer):
         *,
         average: Any = None,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -81,6 +88,7 @@ class ASAM(SharpnessAwareOptimizer):
             base_kwargs=base_kwargs,
             average=average,
             skip_nonfinite=skip_nonfinite,
+            capturable=capturable,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

@@ -43,7 +43,10 @@ class FreeSAM(SharpnessAwareOptimizer):
         skip_nonfinite (bool, default False): skip an update whose gradients hold inf/NaN
             (with the weights restored bit for bit and the state untouched; counted by
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
-            torch.optim does. Costs one fused check of the gradients and one host read per step.
+            torch.optim does. Costs one fused check of the gradients and one host read per step
+            (none with ``capturable``).
+        capturable (bool, default False): as in :class:`fastsam.SAM` (the stored gradients
+            are kept, not replaced, when the update is skipped on the device).
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -64,6 +67,7 @@ class FreeSAM(SharpnessAwareOptimizer):
         backend: str | None = None,
         average: Any = None,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
         self._stored: dict[Tensor, Tensor] = {}
@@ -72,7 +76,7 @@ class FreeSAM(SharpnessAwareOptimizer):
         self._stored_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
         super().__init__(params, base_optimizer, {}, p=2, eps=0.0, backend=backend,
                          base_kwargs=base_kwargs, average=average,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         pass  # no options of its own
@@ -95,6 +99,15 @@ class FreeSAM(SharpnessAwareOptimizer):
             out.append(prev)
         return out
 
+    def _storing(self, plan: _StepPlan) -> bool:
+        """Whether a step over ``plan`` stores a first gradient (a parameter has none yet, or
+        one of another shape or dtype)."""
+        for p in (p for ps in plan.params for p in ps):
+            prev = self._stored.get(p)
+            if prev is None or prev.shape != p.shape or prev.dtype != p.dtype:
+                return True
+        return False
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update with the previous step's gradients and keep the current ones.
@@ -108,16 +121,24 @@ class FreeSAM(SharpnessAwareOptimizer):
             with torch.enable_grad():
                 loss = closure()
         plan, flat_grads = self._step_plan()
+        self._check_capturable(plan)
         all_grads = plan.grads(flat_grads)
-        if self._skip_update(all_grads, None):  # inf/NaN gradients: no update, no swap
+        new_plan = self._stored_plan is None or self._stored_plan[0] is not plan
+        # A step that stores a parameter's first gradient decides its skip on the host, even
+        # with capturable: a skipped step must not leave an inf/NaN gradient as the one the
+        # next step uses (torch's capturable optimizers also need warm-up steps).
+        skip = self._skip_update(all_grads, None, on_host=new_plan and self._storing(plan))
+        if skip is True:  # inf/NaN gradients: no update, no swap
             self._opt_called = self.base_optimizer._opt_called = True
             return loss
-        if self._stored_plan is None or self._stored_plan[0] is not plan:
+        if new_plan:
             stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]
             self._stored_plan = (plan, stored)
         stored = self._stored_plan[1]
         if self._fused_update_kind(plan) is not None:
-            self._update_in_place(plan, all_grads, [Swap(previous) for previous in stored])
+            flag = skip if isinstance(skip, Tensor) else None
+            self._update_in_place(plan, all_grads, [Swap(previous) for previous in stored],
+                                  flag)
             return loss
         # The base optimizer steps with the stored gradients in .grad, then .grad gets this
         # step's gradient back (kept in the stored buffer meanwhile).

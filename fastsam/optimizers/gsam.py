@@ -83,7 +83,13 @@ class GSAM(SharpnessAwareOptimizer):
         skip_nonfinite (bool, default False): skip an update whose gradients hold inf/NaN
             (with the weights restored bit for bit and the state untouched; counted by
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
-            torch.optim does. Costs one fused check of the gradients and one host read per step.
+            torch.optim does. Costs one fused check of the gradients and one host read per step
+            (none with ``capturable``).
+        capturable (bool, default False): no step reads a device value on the host. inf/NaN
+            skips (GradScaler's, ``skip_nonfinite``'s) are applied inside the update kernels,
+            Adam's step counts live on the parameters' device (torch.optim's capturable
+            layout) and the skip counters are device tensors. Needs a fused base update
+            (torch.optim SGD without dampening, Adam, AdamW); not with ``average``.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -114,6 +120,7 @@ class GSAM(SharpnessAwareOptimizer):
         backend: str | None = None,
         average: Any = None,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -144,6 +151,7 @@ class GSAM(SharpnessAwareOptimizer):
             base_kwargs=base_kwargs,
             average=average,
             skip_nonfinite=skip_nonfinite,
+            capturable=capturable,
         )
         self.rho_t = rho
         if rho_scheduler is not None:

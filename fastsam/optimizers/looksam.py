@@ -74,6 +74,8 @@ class LookSAM(SharpnessAwareOptimizer):
             (with the weights restored bit for bit and the state untouched; counted by
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
             torch.optim does. Costs one fused check of the gradients and one host read per step.
+        capturable (bool, default False): not supported by LookSAM yet (its direction update
+            and its step schedule are decided on the host); True raises ``ValueError``.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
     """
 
@@ -89,8 +91,14 @@ class LookSAM(SharpnessAwareOptimizer):
         *,
         average: Any = None,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
+        if capturable is not False:
+            raise ValueError(
+                "LookSAM does not support capturable=True yet: the update of its reused "
+                "direction is not skipped on the device; use SAM, ASAM, GSAM or FreeSAM"
+            )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
         self.k = k

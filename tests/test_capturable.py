@@ -1,0 +1,275 @@
+"""capturable=True: inf/NaN skips (GradScaler's found_inf, skip_nonfinite's check) are decided
+on the device by the update kernels, Adam's step counts live on the parameters' device, and no
+step reads a tensor's value on the host.
+
+Each run is compared with the same run under capturable=False, whose host-side skips
+test_amp.py and test_api.py check against the textbook loop: weights after every step, the
+optimizer state and the counters, over 7 steps with skipped ones among them (the very first
+update, which creates the state, and one in steady state)."""
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, FUSED
+
+import fastsam
+
+LOSS = torch.nn.functional.cross_entropy
+STEPS = 7
+POISONED = (0, 3)  # steps whose second-pass gradient holds an inf
+WARM_UP = 2  # steps before the host-read guard (plans, tables and state are made first)
+
+CONFIGS = {
+    "sam_sgd_nesterov": lambda ps, **kw: fastsam.SAM(
+        ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+        **kw),
+    "asam_adam_amsgrad": lambda ps, **kw: fastsam.ASAM(
+        ps, torch.optim.Adam, rho=0.5, lr=1e-2, amsgrad=True, **kw),
+    "gsam_adamw": lambda ps, **kw: fastsam.GSAM(
+        ps, torch.optim.AdamW, rho=0.05, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
+    "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
+        ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(DEVICE)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(32, 6, generator=gen).to(DEVICE),
+            torch.randint(0, 3, (32,), generator=gen).to(DEVICE))
+
+
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def no_host_reads(active=True):
+    """Fail on any Python-level read of a tensor's value (what waits for a GPU)."""
+    if not active:
+        yield
+        return
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"a step read a tensor on the host (Tensor.{name})")
+        return read
+
+    for name in _READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _step(model, opt, x, y, scaler, poison, guard):
+    """One step (two passes, or FreeSAM's one); ``poison`` puts an inf into the gradient the
+    update uses. ``guard``: (first pass guarded, update guarded). Gradients are zeroed in
+    place: they keep their addresses, as in a captured step (new addresses make the fused
+    backends build new launch tables on the host, from host data)."""
+    scale = scaler.scale if scaler else (lambda loss: loss)
+    if not isinstance(opt, fastsam.FreeSAM):
+        scale(LOSS(model(x), y)).backward()
+        with no_host_reads(guard[0]):
+            opt.first_step()
+        opt.zero_grad(set_to_none=False)
+    scale(LOSS(model(x), y)).backward()
+    if poison:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    with no_host_reads(guard[1]):
+        if scaler:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler:
+        scaler.update()
+    opt.zero_grad(set_to_none=False)
+
+
+def _run(name, backend, source, capturable):
+    x, y = _data()
+    model = _model()
+    opt = CONFIGS[name](model.parameters(), backend=backend, capturable=capturable,
+                        skip_nonfinite=source == "skip_nonfinite")
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) if source == "scaler" else None
+    weights = []
+    for t in range(STEPS):
+        guarded = capturable and t >= WARM_UP
+        # The torch backend's perturb reads the norm on CPU tensors (a shortcut that is free
+        # there and never taken on a GPU): its first pass is not guarded on CPU.
+        first = guarded and (backend != "torch" or DEVICE.type != "cpu")
+        _step(model, opt, x, y, scaler, t in POISONED, (first, guarded))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    return weights, opt, scaler
+
+
+@pytest.mark.parametrize("source", ["scaler", "skip_nonfinite"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_capturable_steps_equal_host_decided_steps(backend, name, source):
+    host, host_opt, host_scaler = _run(name, backend, source, capturable=False)
+    dev, dev_opt, dev_scaler = _run(name, backend, source, capturable=True)
+    # The fused kernels compute the same formulas either way; the torch backend forms Adam's
+    # per-tensor bias corrections with device ops instead of addcdiv's host scalar.
+    exact = backend in FUSED or "sgd" in name
+    for t in range(STEPS):
+        for a, b in zip(host[t], dev[t]):
+            if exact:
+                assert torch.equal(a, b), f"step {t}"
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        if t in POISONED:  # skipped: every weight exactly as before the step
+            before = dev[t - 1] if t else [p.detach() for p in _model().parameters()]
+            assert all(torch.equal(a, b) for a, b in zip(before, dev[t]))
+    counters = {
+        "amp_skipped": len(POISONED) if source == "scaler" else 0,
+        "nonfinite_skipped": len(POISONED) if source == "skip_nonfinite" else 0,
+    }
+    for opt in (host_opt, dev_opt):
+        assert opt.amp_skipped_steps == counters["amp_skipped"]
+        assert opt.nonfinite_skipped_steps == counters["nonfinite_skipped"]
+    host_sd, dev_sd = host_opt.state_dict(), dev_opt.state_dict()
+    assert host_sd["param_groups"][0]["fastsam_counters"] == dev_sd["param_groups"][0][
+        "fastsam_counters"]
+    assert host_sd["param_groups"][0]["fastsam_counters"]["updates"] == STEPS - len(POISONED)
+    assert host_sd["state"].keys() == dev_sd["state"].keys()
+    for index, entry in host_sd["state"].items():
+        assert entry.keys() == dev_sd["state"][index].keys()
+        for key, value in entry.items():
+            mine = dev_sd["state"][index][key]
+            if key == "step":  # torch's capturable layout: on the parameters' device
+                assert mine.device == DEVICE and float(mine) == float(value)
+            elif exact:
+                assert torch.equal(value, mine), key
+            else:
+                torch.testing.assert_close(mine, value, rtol=1e-6, atol=1e-7)
+    if source == "scaler":
+        assert host_scaler.get_scale() == dev_scaler.get_scale() < 2.0**10
+
+
+def test_skipped_first_update_keeps_torch_optims_first_step(backend):
+    """A skipped first update leaves zero momentum buffers and Adam moments at step 0; the next
+    update is then torch.optim's first step exactly (buf = d, bias corrections at t = 1)."""
+    x, y = _data()
+    for base, kw in ((torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, {})):
+        runs = []
+        for poison_first in (True, False):
+            model = _model()
+            opt = fastsam.SAM(model.parameters(), base, lr=0.05, backend=backend,
+                              capturable=True, skip_nonfinite=True, **kw)
+            if poison_first:
+                _step(model, opt, x, y, None, True, (False, False))
+            _step(model, opt, x, y, None, False, (False, False))
+            runs.append((model, opt))
+        (a, opt_a), (b, opt_b) = runs
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        sd_a, sd_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+        for index in sd_b:
+            for key, value in sd_b[index].items():
+                assert torch.equal(sd_a[index][key].cpu(), value.cpu()), key
+
+
+def test_capturable_refusals():
+    model = _model()
+    with pytest.raises(TypeError, match="capturable must be True or False"):
+        fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=1)
+    with pytest.raises(ValueError, match="weight averaging"):
+        fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=True, average="ema")
+    with pytest.raises(ValueError, match="RMSprop"):
+        fastsam.SAM(model.parameters(), torch.optim.RMSprop, lr=0.1, capturable=True)
+    with pytest.raises(ValueError, match="LookSAM does not support capturable"):
+        fastsam.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=True)
+    # dampening: refused at the step, before any weight moves
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
+                      dampening=0.5, capturable=True)
+    x, y = _data()
+    LOSS(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="without dampening"):
+        opt.first_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # a base option fastsam does not fuse: refused at the step too
+    opt = fastsam.SAM(model.parameters(), torch.optim.Adam, lr=0.1, capturable=True)
+    opt.param_groups[0]["differentiable"] = True
+    with pytest.raises(RuntimeError, match="cannot be skipped on the device"):
+        opt.first_step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_loaded_host_layout_moves_adam_steps_to_the_device(backend):
+    """A state dict of a capturable=False run (CPU steps) loads into a capturable optimizer and
+    continues exactly as the run it came from."""
+    x, y = _data()
+    models = [_model(), _model()]
+    opts = [fastsam.SAM(m.parameters(), torch.optim.Adam, lr=1e-2, backend=backend,
+                        capturable=c) for m, c in zip(models, (False, True))]
+    for _ in range(2):
+        _step(models[0], opts[0], x, y, None, False, (False, False))
+    models[1].load_state_dict(models[0].state_dict())
+    # a copy, as from a checkpoint file (torch.optim keeps loaded tensors that need no cast)
+    opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+    for _ in range(2):
+        for m, o in zip(models, opts):
+            _step(m, o, x, y, None, False, (False, False))
+    for p, q in zip(*(m.parameters() for m in models)):
+        if backend in FUSED:
+            assert torch.equal(q, p)
+        else:  # bias corrections as device ops (see the first test)
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert all(s["step"].device == DEVICE and float(s["step"]) == 4.0
+               for s in opts[1].state.values())
+
+
+def test_native_ops_check_the_skip_flag():
+    """The native operators take a one-element float32 flag only."""
+    pytest.importorskip("fastsam._C")
+    p = torch.zeros(4, device=DEVICE)
+    hp = torch.tensor([0.1, 0.0, 0.0, 0.0], dtype=torch.float64, device=DEVICE)
+    args = ([p], [torch.ones(4, device=DEVICE)], [p.clone()], [], hp, False, False, False, [],
+            None, 0.0, 0, [])
+    with pytest.raises(TypeError, match="skip must be float32"):
+        torch.ops.fastsam.sgd(*args, torch.zeros(1, dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="skip has 0 elements"):
+        torch.ops.fastsam.sgd(*args, torch.zeros(0, device=DEVICE))
+    old = args[2][0].clone()
+    torch.ops.fastsam.sgd(*args, torch.ones(1, device=DEVICE))  # skipped: w ← w_old
+    assert torch.equal(p, old)
+    torch.ops.fastsam.sgd(*args, torch.zeros(1, device=DEVICE))
+    assert torch.equal(p, old - 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_no_synchronisation_on_cuda(backend, name):
+    """On a GPU: steady-state steps with GradScaler, skipped ones among them, raise under
+    torch.cuda.set_sync_debug_mode("error") nowhere."""
+    x, y = _data()
+    model = _model()
+    opt = CONFIGS[name](model.parameters(), backend=backend, capturable=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    for t in range(STEPS):
+        if t < WARM_UP:
+            _step(model, opt, x, y, scaler, t in POISONED, (False, False))
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scale = scaler.scale
+            if not isinstance(opt, fastsam.FreeSAM):
+                scale(LOSS(model(x), y)).backward()
+                opt.first_step(zero_grad=True)
+            scale(LOSS(model(x), y)).backward()
+            if t in POISONED:
+                next(model.parameters()).grad.view(-1)[:1].fill_(float("inf"))
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt.zero_grad()
+    assert opt.amp_skipped_steps >= 1
