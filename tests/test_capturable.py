@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, FUSED
+from test_amp import _data, _model
 
 import fastsam
 
@@ -31,18 +32,6 @@ CONFIGS = {
     "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
         ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
 }
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 3)).to(DEVICE)
-
-
-def _data():
-    gen = torch.Generator().manual_seed(1)
-    return (torch.randn(32, 6, generator=gen).to(DEVICE),
-            torch.randint(0, 3, (32,), generator=gen).to(DEVICE))
 
 
 _READS = ("item", "tolist", "__bool__", "__float__", "__int__")

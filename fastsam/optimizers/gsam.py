@@ -85,11 +85,7 @@ class GSAM(SharpnessAwareOptimizer):
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
             torch.optim does. Costs one fused check of the gradients and one host read per step
             (none with ``capturable``).
-        capturable (bool, default False): no step reads a device value on the host. inf/NaN
-            skips (GradScaler's, ``skip_nonfinite``'s) are applied inside the update kernels,
-            Adam's step counts live on the parameters' device (torch.optim's capturable
-            layout) and the skip counters are device tensors. Needs a fused base update
-            (torch.optim SGD without dampening, Adam, AdamW); not with ``average``.
+        capturable (bool, default False): as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
