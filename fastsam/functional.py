@@ -21,7 +21,7 @@ tensors and call these methods, nothing else. All arithmetic is fp32 whatever th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -142,10 +142,6 @@ class AdamHyper:
         if self.step is None:
             return 0.0  # per tensor in ``bias``
         return (1.0 - self.beta2**self.step) ** 0.5
-
-    def select(self, idx: list[int]) -> AdamHyper:
-        """The same hyper-parameters for the tensors at positions ``idx`` (``bias`` rows)."""
-        return self if self.bias is None else replace(self, bias=self.bias[idx])
 
     @property
     def kernel_scalars(self) -> tuple:

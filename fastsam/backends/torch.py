@@ -104,17 +104,15 @@ def _written(params: list[Tensor], states: list[Tensor], source: GradientSource 
     return out
 
 
-def _snapshot(skip: Tensor | None, tensors: list[Tensor]) -> list[Tensor] | None:
-    """Copies of ``tensors`` to put back when the device flag ``skip`` is set (None without a
-    flag). This backend computes the update and then selects, element by element, on the
+def _snapshot(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of what an update writes, put back by :func:`_put_back` when the device skip flag
+    is set. This backend computes the update and then selects, element by element, on the
     device; the fused backends test the flag in their kernels instead."""
-    return None if skip is None else [t.clone() for t in tensors]
+    return [t.clone() for t in tensors]
 
 
-def _put_back(skip: Tensor | None, tensors: list[Tensor], saved: list[Tensor] | None) -> None:
+def _put_back(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
     """``t ← saved`` where the flag ``skip`` is non-zero, else ``t`` as it is (no host read)."""
-    if skip is None or saved is None:
-        return
     flag = skip.reshape(()) != 0
     for t, before in zip(tensors, saved):
         t.copy_(torch.where(flag, before, t))
@@ -204,13 +202,15 @@ class TorchBackend(Backend):
         if not params:
             return
         self.restore(params, w_old)
-        written = _written(params, momentum_buffers, source, average)
-        saved = _snapshot(hyper.skip, written)
+        if hyper.skip is not None:
+            written = _written(params, momentum_buffers, source, average)
+            saved = _snapshot(written)
         self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
         _finish_swap(grads, source)
         if average is not None:
             foreach_average(params, average)
-        _put_back(hyper.skip, written, saved)
+        if hyper.skip is not None:
+            _put_back(hyper.skip, written, saved)
 
     def _sgd(self, params, grads, momentum_buffers, hyper, fresh_buffers) -> None:
         d = torch._foreach_neg(grads) if hyper.maximize else grads
@@ -246,15 +246,17 @@ class TorchBackend(Backend):
         if not params:
             return
         self.restore(params, w_old)
-        states = exp_avgs + exp_avg_sqs + (max_exp_avg_sqs if hyper.amsgrad else [])
-        written = _written(params, states, source, average)
-        saved = _snapshot(hyper.skip, written)
+        if hyper.skip is not None:
+            states = exp_avgs + exp_avg_sqs + (max_exp_avg_sqs if hyper.amsgrad else [])
+            written = _written(params, states, source, average)
+            saved = _snapshot(written)
         self._adam(params, _update_grads(grads, source), exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                    hyper)
         _finish_swap(grads, source)
         if average is not None:
             foreach_average(params, average)
-        _put_back(hyper.skip, written, saved)
+        if hyper.skip is not None:
+            _put_back(hyper.skip, written, saved)
 
     def _adam(self, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hyper) -> None:
         g = torch._foreach_neg(grads) if hyper.maximize else grads

@@ -239,6 +239,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Share param_groups and state with the base optimizer (one source of truth)."""
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        self._place_steps()
         self.defaults = {**self.base_optimizer.defaults, **self._sam_defaults}
         for group in self.param_groups:
             for key, value in self._sam_defaults.items():
@@ -406,9 +407,7 @@ class SharpnessAwareOptimizer(Optimizer):
         all_grads = now.grads(flat_grads)
         skip = self._skip_update(all_grads, perturbed)
         if skip is True:  # inf/NaN gradients: restore only
-            for params, w_old in zip(perturbed.params, perturbed.w_old):
-                if params:
-                    self._backend_for(params[0].device).restore(params, w_old)
+            self._restore(perturbed)
             self._opt_called = self.base_optimizer._opt_called = True
             if zero_grad:
                 self.zero_grad()
@@ -416,6 +415,7 @@ class SharpnessAwareOptimizer(Optimizer):
         flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
         fused = self._fused_update_kind(now)
         if flag is not None and fused is None:  # a parameter was added since first_step()
+            self._restore(perturbed)
             raise RuntimeError(self._not_capturable(now))
         sources = self._before_update(perturbed, now, all_grads, fused is not None)
         averages = self._count_update(now)
@@ -470,6 +470,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 # torch.distributed.checkpoint creates an empty optimizer's state this way: a
                 # step with zero gradients and every lr set to 0, which moves no weight.
                 self.base_optimizer.step()
+                self._place_steps()
                 return None
             if self._perturbed is None:
                 raise RuntimeError(
@@ -489,6 +490,12 @@ class SharpnessAwareOptimizer(Optimizer):
             loss = closure()
         self.second_step()
         return loss
+
+    def _restore(self, perturbed: _StepPlan) -> None:
+        """Every perturbed parameter back to its saved weights, exactly."""
+        for params, w_old in zip(perturbed.params, perturbed.w_old):
+            if params:
+                self._backend_for(params[0].device).restore(params, w_old)
 
     def _lr_is_zero(self) -> bool:
         lrs = [group.get("lr") for group in self.param_groups]
@@ -651,6 +658,24 @@ class SharpnessAwareOptimizer(Optimizer):
                         "undampened, and whether that first update was skipped is known on the "
                         f"device only (dampening={group['dampening']})"
                     )
+
+    def _place_steps(self) -> None:
+        """Adam's step tensors where the fused update keeps them: on the CPU (torch.optim's
+        layout), or on the parameter's device with ``capturable`` (torch's capturable
+        layout). Called where torch creates or loads them (a load, the base optimizer's own
+        step), not per step; a copy, no read of the value. Groups the base optimizer steps
+        itself (its own capturable or fused Adam) keep torch's placement."""
+        if _FUSED_KINDS.get(type(self.base_optimizer)) != "adam":
+            return
+        for group in self.param_groups:
+            if group.get("capturable") or group.get("fused"):
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                step = state.get("step") if state else None
+                device = p.device if self._capturable else torch.device("cpu")
+                if isinstance(step, Tensor) and step.device != device:
+                    state["step"] = step.to(device=device, dtype=torch.float32)
 
     def _not_capturable(self, plan: _StepPlan) -> str:
         why = (
@@ -855,11 +880,6 @@ class SharpnessAwareOptimizer(Optimizer):
                     state["max_exp_avg_sq"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            elif state["step"].device != (p.device if capturable else torch.device("cpu")):
-                # loaded from the other layout: moved once (a copy, no read of its value)
-                state["step"] = state["step"].to(
-                    device=p.device if capturable else "cpu", dtype=torch.float32
-                )
         steps = [state["step"] for state in states]
         beta1, beta2 = group["betas"]
         decoupled = group.get(

@@ -15,6 +15,11 @@ from ._base import SharpnessAwareOptimizer, _StepPlan
 STATE_KEY = "previous_grad"
 
 
+def _stale(stored: Tensor | None, like: Tensor) -> bool:
+    """Whether a stored gradient is missing or no longer fits (shape, dtype) tensor ``like``."""
+    return stored is None or stored.shape != like.shape or stored.dtype != like.dtype
+
+
 class FreeSAM(SharpnessAwareOptimizer):
     r"""One-pass SAM: the update of step t uses the gradient of step t − 1.
 
@@ -94,19 +99,14 @@ class FreeSAM(SharpnessAwareOptimizer):
         out = []
         for p, g in zip(params, grads):
             prev = self._stored.get(p)
-            if prev is None or prev.shape != g.shape or prev.dtype != g.dtype:
+            if _stale(prev, g):
                 prev = self._stored[p] = g.detach().clone(memory_format=torch.preserve_format)
             out.append(prev)
         return out
 
     def _storing(self, plan: _StepPlan) -> bool:
-        """Whether a step over ``plan`` stores a first gradient (a parameter has none yet, or
-        one of another shape or dtype)."""
-        for p in (p for ps in plan.params for p in ps):
-            prev = self._stored.get(p)
-            if prev is None or prev.shape != p.shape or prev.dtype != p.dtype:
-                return True
-        return False
+        """Whether a step over ``plan`` stores a first gradient (:meth:`_previous` makes one)."""
+        return any(_stale(self._stored.get(p), p) for ps in plan.params for p in ps)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
