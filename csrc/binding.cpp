@@ -6,8 +6,9 @@
 //
 //   norm     S = Σ |T·g|^q over every tensor → out (0-d); per-segment partials and filter
 //            norms go to `scratch` (fp64, grown when too small, reused by `perturb`)
-//   perturb  w_old ← w; w ← w + e (rho per group); skipped ← 1 if S is not finite;
-//            keep ← g when `keep` is given (GSAM)
+//   perturb  w_old ← w; w ← w + e (rho per group, from `group_rhos`: float64, on the
+//            parameters' device); skipped ← 1 if S is not finite; keep ← g when `keep` is
+//            given (GSAM)
 //   restore  w ← w_old
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
@@ -286,8 +287,6 @@ struct Tables {
   std::vector<Table> views;  // host pointers (CPU) or device pointers (CUDA)
   int64_t n_segments = 0;
   at::Tensor device_blob;    // CUDA: every table's arrays in one int64 device tensor
-  std::vector<double> rho;   // CUDA perturb: the per-group rho last uploaded...
-  at::Tensor rho_device;     // ...and its device copy
 };
 using TablesPtr = std::shared_ptr<Tables>;
 
@@ -309,7 +308,6 @@ struct Cpu {
   TablesPtr tables(const char*, const Lists& lists, const PerTensor* options) const {
     return host_tables(lists, options, kCpuChunk);
   }
-  const double* rho(Tables&, at::ArrayRef<double> rho) const { return rho.data(); }
   void norm_partials(const Table& t, const NormArgs& a) const { cpu::norm_partials(t, a); }
   void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
     out.fill_(cpu::sum_partials(partials, n));
@@ -430,20 +428,6 @@ struct Cuda {
     static DeviceTableCache cache;
     return cache.get(op, lists, options, device);
   }
-  // rho per group on the device; uploaded again only when a value changed (a rho schedule).
-  const double* rho(Tables& tables, at::ArrayRef<double> rho) const {
-    if (!tables.rho_device.defined() || tables.rho != rho.vec()) {
-      tables.rho = rho.vec();
-      at::Tensor host = at::empty({std::max<int64_t>(rho.size(), 1)},
-                                  at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
-      std::memcpy(host.data_ptr<double>(), rho.data(), rho.size() * sizeof(double));
-      if (!tables.rho_device.defined()) {
-        tables.rho_device = at::empty_like(host, at::TensorOptions().device(device));
-      }
-      tables.rho_device.copy_(host, /*non_blocking=*/true);
-    }
-    return tables.rho_device.data_ptr<double>();
-  }
   void norm_partials(const Table& t, const NormArgs& a) const {
     cuda::norm_partials(t, a, stream);
   }
@@ -509,7 +493,7 @@ void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_
 template <class D>
 void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
                 at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
-                at::ArrayRef<double> group_etas, at::ArrayRef<double> group_rhos,
+                at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
                 const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
                 double eps, at::Tensor& skipped, at::TensorList keep) {
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
@@ -521,8 +505,10 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
   check_scalar_tensor("perturb", "skipped", skipped, params, 1);
   TORCH_CHECK_TYPE(skipped.scalar_type() == at::kFloat,
                    msg("fastsam.perturb: skipped must be float32"));
-  TORCH_CHECK_VALUE(group_rhos.size() == group_sizes.size(), msg("fastsam.perturb: ",
-                    group_rhos.size(), " rho values for ", group_sizes.size(), " groups"));
+  check_scalar_tensor("perturb", "group_rhos", group_rhos, params, group_sizes.size());
+  TORCH_CHECK_TYPE(group_rhos.scalar_type() == at::kDouble, msg("fastsam.perturb: group_rhos ",
+                   "must be float64, got ", group_rhos.scalar_type()));
+  check_device<D>("perturb", "group_rhos", group_rhos);
   const PerTensor options =
       expand_groups("perturb", params, group_sizes, group_modes, group_etas);
   const D dev(device_of(params, norm_sum));
@@ -538,7 +524,7 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                    q,
                    std::isinf(p) ? 0.0 : 1.0 / p,
                    eps,
-                   dev.rho(*tables, group_rhos),
+                   group_rhos.data_ptr<double>(),
                    scratch.data_ptr<double>() + n,
                    norm_sum.data_ptr(),
                    norm_sum.scalar_type() == at::kDouble,
@@ -728,7 +714,7 @@ TORCH_LIBRARY(fastsam, m) {
       "float[] group_etas, float q, Tensor(a!) out, Tensor(b!) scratch) -> ()");
   m.def(
       "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, int[] group_sizes, "
-      "int[] group_modes, float[] group_etas, float[] group_rhos, Tensor norm_sum, "
+      "int[] group_modes, float[] group_etas, Tensor group_rhos, Tensor norm_sum, "
       "Tensor scratch, float q, float p, float eps, Tensor(c!) skipped, "
       "Tensor(d!)[] keep) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");

@@ -75,7 +75,7 @@ class PerturbGroup:
     params: list[Tensor]
     grads: list[Tensor]
     w_old: list[Tensor]
-    rho: float
+    rho: float | Tensor  # a number, or a 0-d tensor the kernels read on the device
     scaling: Scaling
     keep_grads: list[Tensor] | None = None
 

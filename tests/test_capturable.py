@@ -22,13 +22,13 @@ POISONED = (0, 3)  # steps whose second-pass gradient holds an inf
 WARM_UP = 2  # steps before the host-read guard (plans, tables and state are made first)
 
 CONFIGS = {
-    "sam_sgd_nesterov": lambda ps, **kw: fastsam.SAM(
-        ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+    "sam_sgd_nesterov": lambda ps, rho=0.1, **kw: fastsam.SAM(
+        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
         **kw),
-    "asam_adam_amsgrad": lambda ps, **kw: fastsam.ASAM(
-        ps, torch.optim.Adam, rho=0.5, lr=1e-2, amsgrad=True, **kw),
-    "gsam_adamw": lambda ps, **kw: fastsam.GSAM(
-        ps, torch.optim.AdamW, rho=0.05, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
+    "asam_adam_amsgrad": lambda ps, rho=0.5, **kw: fastsam.ASAM(
+        ps, torch.optim.Adam, rho=rho, lr=1e-2, amsgrad=True, **kw),
+    "gsam_adamw": lambda ps, rho=0.05, **kw: fastsam.GSAM(
+        ps, torch.optim.AdamW, rho=rho, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
     "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
         ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
 }
@@ -216,6 +216,75 @@ def test_loaded_host_layout_moves_adam_steps_to_the_device(backend):
                for s in opts[1].state.values())
 
 
+RHOS = (0.25, 0.0625, 0.5, 0.125, 0.0, 0.375)  # exact in fp32: the runs compare bitwise
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if "freesam" not in n])
+def test_tensor_rho_written_in_place_drives_the_steps(backend, name):
+    """rho as a device tensor (what a captured step reads): a schedule written into it in place
+    gives the steps a float rho set on the group gives, and no step reads it on the host."""
+    x, y = _data()
+    runs = []
+    for tensor in (False, True):
+        model = _model()
+        rho = torch.tensor(RHOS[0], device=DEVICE) if tensor else RHOS[0]
+        opt = CONFIGS[name](model.parameters(), rho=rho, backend=backend, capturable=tensor)
+        weights = []
+        for t, value in enumerate(RHOS):
+            if tensor:
+                rho.fill_(value)
+                assert opt.param_groups[0]["rho"] is rho
+            else:
+                opt.param_groups[0]["rho"] = value
+            guarded = tensor and t >= WARM_UP
+            first = guarded and (backend != "torch" or DEVICE.type != "cpu")
+            _step(model, opt, x, y, None, False, (first, guarded))
+            weights.append([p.detach().clone() for p in model.parameters()])
+        runs.append(weights)
+    exact = backend in FUSED or "sgd" in name  # see the first test
+    for t, (a, b) in enumerate(zip(*runs)):
+        for p, q in zip(a, b):
+            if exact:
+                assert torch.equal(p, q), f"step {t}"
+            else:
+                torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_rho_checks_schedules_and_loads():
+    model = _model()
+    params = list(model.parameters())
+    for bad, error, match in (
+        (torch.tensor(1), TypeError, "one-element floating-point tensor"),
+        (torch.tensor([0.1, 0.2]), TypeError, "one-element floating-point tensor"),
+        (torch.tensor(0.1, requires_grad=True), ValueError, "must not require grad"),
+        (torch.tensor(-0.1), ValueError, "finite number >= 0"),
+        (torch.tensor(float("nan")), ValueError, "finite number >= 0"),
+    ):
+        with pytest.raises(error, match=match):
+            fastsam.SAM(params, torch.optim.SGD, rho=bad, lr=0.1)
+    # GSAM's rho schedule writes into a tensor rho, which stays the group's
+    rho = torch.tensor([0.05], dtype=torch.float64)
+    schedule = fastsam.schedulers.LinearScheduler(0.5, 0.25, total_steps=2)
+    opt = fastsam.GSAM(params, torch.optim.SGD, rho=rho, lr=0.1, rho_scheduler=schedule)
+    assert opt.param_groups[0]["rho"] is rho and float(rho) == 0.5  # the schedule's start
+    opt.update_rho_t()
+    assert opt.param_groups[0]["rho"] is rho and float(rho) == opt.rho_t == 0.375
+    # a load copies the saved value into the live tensor (a graph captured over it still reads
+    # the group's rho), from a float or a tensor
+    saved = opt.state_dict()
+    saved["param_groups"][0]["rho"] = 0.125
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["rho"] is rho and float(rho) == 0.125
+    saved["param_groups"][0]["rho"] = torch.tensor(0.25)
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["rho"] is rho and float(rho) == 0.25
+    # a float rho takes the loaded value as torch.optim does
+    plain = fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1)
+    plain.load_state_dict({**saved, "param_groups": [
+        {**g, "rho": torch.tensor(0.5)} for g in plain.state_dict()["param_groups"]]})
+    assert float(plain.param_groups[0]["rho"]) == 0.5
+
+
 def test_native_ops_check_the_skip_flag():
     """The native operators take a one-element float32 flag only."""
     pytest.importorskip("fastsam._C")
@@ -232,6 +301,29 @@ def test_native_ops_check_the_skip_flag():
     assert torch.equal(p, old)
     torch.ops.fastsam.sgd(*args, torch.zeros(1, device=DEVICE))
     assert torch.equal(p, old - 0.1)
+
+
+def test_native_perturb_takes_rho_as_a_device_array():
+    """The native perturb reads one float64 rho per group from memory on the parameters'
+    device (the host never sees a tensor rho's value)."""
+    pytest.importorskip("fastsam._C")
+    w, g = torch.ones(4, device=DEVICE), torch.full((4,), 2.0, device=DEVICE)
+    norm, scratch = torch.zeros((), device=DEVICE), torch.zeros(0, dtype=torch.float64,
+                                                                  device=DEVICE)
+    skipped, w_old = torch.zeros((), device=DEVICE), torch.empty(4, device=DEVICE)
+    torch.ops.fastsam.norm([w], [g], [1], [0], [0.0], 2.0, norm, scratch)
+
+    def perturb(rhos):
+        torch.ops.fastsam.perturb([w], [g], [w_old], [1], [0], [0.0], rhos, norm, scratch,
+                                  2.0, 2.0, 0.0, skipped, [])
+
+    with pytest.raises(TypeError, match="group_rhos must be float64"):
+        perturb(torch.tensor([0.5], device=DEVICE))
+    with pytest.raises(ValueError, match="group_rhos has 0 elements, needs 1"):
+        perturb(torch.zeros(0, dtype=torch.float64, device=DEVICE))
+    perturb(torch.tensor([0.5], dtype=torch.float64, device=DEVICE))
+    assert torch.equal(w_old, torch.ones(4, device=DEVICE))
+    assert torch.equal(w, torch.full((4,), 1.25, device=DEVICE))  # 1 + 0.5·g/‖g‖ (‖g‖ = 4)
 
 
 @pytest.mark.gpu

@@ -38,6 +38,7 @@ SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 
 # The sgd/adam operators' trailing gradient-source and averaging arguments, unused.
 NO_GSAM = ([], None, 0.0, 0, [])
+RHO = torch.tensor([0.05], dtype=torch.float64)  # perturb's rho per group (float64, on device)
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
@@ -119,10 +120,10 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     with pytest.raises(ValueError, match="group_modes"):
         ops.norm(w, w, [2], [7], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
     with pytest.raises(ValueError, match="call norm over the same tensors first"):
-        ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], [0.05], torch.ones(()),
+        ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], RHO, torch.ones(()),
                     torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), [])
     with pytest.raises(ValueError, match=r"perturb: keep has 1 tensors but params has 2"):
-        ops.perturb(w, w, w, [2], [0], [0.0], [0.05], torch.ones(()),
+        ops.perturb(w, w, w, [2], [0], [0.0], RHO, torch.ones(()),
                     torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
     with pytest.raises(ValueError, match="grad_mode 2 needs first_grads"):
         ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, 2, [])
@@ -168,9 +169,9 @@ def test_operator_schemas_pass_opcheck(ops):
 
     calls = [
         (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
-        (ops.perturb.default, (params, grads, old, [2], [0], [0.0], [0.05], out, scratch, 2.0,
+        (ops.perturb.default, (params, grads, old, [2], [0], [0.0], RHO, out, scratch, 2.0,
                                2.0, 1e-12, skipped, [])),
-        (ops.perturb.default, (params, grads, old, [2], [3], [0.01], [0.05], out, scratch, 2.0,
+        (ops.perturb.default, (params, grads, old, [2], [3], [0.01], RHO, out, scratch, 2.0,
                                2.0, 1e-12, skipped, keep)),
         (ops.restore.default, (params, old)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),

@@ -147,7 +147,7 @@ class NativeBackend(Backend):
         flat = pending[1] if pending is not None and pending[0] is groups else _flatten(groups)
         params, grads, sizes, modes, etas = flat
         w_old = [t for g in groups for t in g.w_old]
-        rhos = [float(g.rho) for g in groups]
+        rhos = self._constants(tuple(g.rho for g in groups), params[0].device)
         keep = _kept(groups)
         scratch = self._buffer("scratch", params[0].device, torch.float64)
         q = dual_exponent(p)

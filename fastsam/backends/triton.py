@@ -330,7 +330,7 @@ class TritonBackend(Backend):
         q = dual_exponent(p)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)
-        rho = self._constants(tuple(float(g.rho) for g in groups), plan.device)
+        rho = self._constants(tuple(g.rho for g in groups), plan.device)
         if not plan.launches:
             skipped.zero_()
         for table, start in plan.launches:

@@ -91,6 +91,13 @@ def _lr(lr: float | Tensor) -> float | Tensor:
     return lr.detach() if isinstance(lr, Tensor) else float(lr)
 
 
+def _rho(rho: float | Tensor) -> float | Tensor:
+    """A number as float; a one-element tensor as a 0-d view of it: the backends read it on
+    the device (a device tensor rho changed in place between steps is never read by the
+    host)."""
+    return rho.detach().reshape(()) if isinstance(rho, Tensor) else float(rho)
+
+
 def _canonical(device: torch.device) -> torch.device:
     """``cuda`` and ``cuda:0`` (the current device) are one device."""
     if device.type == "cuda" and device.index is None:
@@ -107,6 +114,22 @@ def check_finite_nonnegative(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_rho(value: Any) -> None:
+    """Validate a group's rho: a finite number >= 0, or a one-element floating-point tensor
+    holding one (its value is read once here, when the group is added or loaded; what is
+    written into it later goes to the kernels unread)."""
+    if isinstance(value, Tensor):
+        if not value.is_floating_point() or value.numel() != 1:
+            raise TypeError(
+                "rho must be a number or a one-element floating-point tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        if value.requires_grad:
+            raise ValueError("a tensor rho must not require grad (rho is not differentiated)")
+        value = value.item()
+    check_finite_nonnegative("rho", value)
+
+
 def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor, copy: bool = False) -> Tensor:
     """``store[p]``: a buffer shaped like ``p``, allocated once and kept across steps
     (re-allocated only if ``p`` changed shape, dtype or device); ``copy``: a new buffer starts
@@ -118,6 +141,22 @@ def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor, copy: bool = False
             buf.copy_(p.detach())
         store[p] = buf
     return buf
+
+
+def _keep_option_tensors(groups: list[dict[str, Any]], live: list[dict[str, Tensor]]) -> None:
+    """After a load, a group option that was a tensor (lr, rho) keeps that tensor, with the
+    loaded value copied into it (torch.optim would put the loaded object in its place): a CUDA
+    graph captured over it, or a schedule writing into it, still drives the group."""
+    for group, tensors in zip(groups, live):
+        for key, mine in tensors.items():
+            loaded = group.get(key)
+            if isinstance(loaded, Tensor) and loaded.numel() == mine.numel():
+                mine.copy_(loaded.reshape(mine.shape))
+            elif isinstance(loaded, (int, float)) and not isinstance(loaded, bool):
+                mine.fill_(loaded)
+            else:
+                continue  # another kind of value: the loaded one stands
+            group[key] = mine
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -267,7 +306,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ----------------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:
-        check_finite_nonnegative("rho", group["rho"])
+        check_rho(group["rho"])
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
@@ -372,7 +411,7 @@ class SharpnessAwareOptimizer(Optimizer):
         if plan.device is not None:
             kept = self._first_buffers(plan) or repeat(None)
             groups = [
-                PerturbGroup(ps, grads, olds, group["rho"], self._scaling(group), keep)
+                PerturbGroup(ps, grads, olds, _rho(group["rho"]), self._scaling(group), keep)
                 for group, ps, grads, olds, keep in zip(
                     self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old, kept
                 )
@@ -982,7 +1021,12 @@ class SharpnessAwareOptimizer(Optimizer):
                     loaded[key][index] = value.pop(key)
             if value:
                 state[index] = value
+        live = [
+            {k: v for k, v in g.items() if k != "params" and isinstance(v, Tensor)}
+            for g in self.param_groups
+        ]
         self.base_optimizer.load_state_dict({**state_dict, "state": state, "param_groups": groups})
+        _keep_option_tensors(self.base_optimizer.param_groups, live)
         self._link_base()
         self._layout_version += 1
         self._load_counters(counters)

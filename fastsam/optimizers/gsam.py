@@ -173,7 +173,10 @@ class GSAM(SharpnessAwareOptimizer):
     def _set_rho(self, value: float) -> float:
         value = check_finite_nonnegative("rho from rho_scheduler", float(value))
         for group in self.param_groups:
-            group["rho"] = value
+            if isinstance(group["rho"], Tensor):  # written in place: a captured step reads it
+                group["rho"].fill_(value)
+            else:
+                group["rho"] = value
         self.rho_t = value
         return value
 
