@@ -96,10 +96,11 @@ FASTSAM_HD A sgd(A w, A d, A& buf, A lr, A momentum, A dampening, A weight_decay
 }
 
 // Weight averaging (fastsam.functional.Average) of the stored new weight w: w itself when
-// weight is 1 (the first average: an exact copy), else avg + weight·(w − avg).
+// weight is 1 (the first average: an exact copy), avg itself when weight is 0 (capturable: an
+// update the schedule does not average), else avg + weight·(w − avg).
 template <typename A>
 FASTSAM_HD A average(A avg, A w, A weight) {
-  return weight == A(1) ? w : avg + weight * (w - avg);
+  return weight == A(1) ? w : weight == A(0) ? avg : avg + weight * (w - avg);
 }
 
 // The scalars of torch.optim.Adam/AdamW as the launchers pass them:

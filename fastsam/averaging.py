@@ -55,9 +55,18 @@ class SWA:
         """Whether the weights are averaged after update number ``update`` (from 1)."""
         return update > self.start and (update - self.start) % self.every == 0
 
+    def due_on_device(self, update: torch.Tensor) -> torch.Tensor:
+        """:meth:`due` of a float64 device count, as 0. or 1. on the device."""
+        since = update - self.start
+        return ((since > 0) & (torch.remainder(since, self.every) == 0)).to(update.dtype)
+
     def weight(self, n_averaged: int) -> float:
         """The weight of the new snapshot when ``n_averaged`` are already in the mean."""
         return 1.0 / (n_averaged + 1)
+
+    def weight_on_device(self, n_averaged: torch.Tensor) -> torch.Tensor:
+        """:meth:`weight` of a float64 device count (the same division in fp64)."""
+        return (n_averaged + 1.0).reciprocal()
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,13 @@ class EMA:
         _check_count("every", self.every, 1)
 
     due = SWA.due
+    due_on_device = SWA.due_on_device
 
     def weight(self, n_averaged: int) -> float:
         return 1.0 if n_averaged == 0 else 1.0 - float(self.decay)
+
+    def weight_on_device(self, n_averaged: torch.Tensor) -> torch.Tensor:
+        return 1.0 - (n_averaged != 0).to(n_averaged.dtype) * float(self.decay)
 
 
 Schedule = SWA | EMA

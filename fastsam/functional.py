@@ -218,12 +218,15 @@ class Average:
     value w (as stored, rounded to its dtype), ``buffers[i]`` becomes
 
         avg = w                          when weight == 1 (the first average: an exact copy)
+        avg  unchanged                   when weight == 0 (not averaged after this update)
         avg = avg + weight·(w - avg)     otherwise
 
-    SWA's running mean of n earlier averages uses weight 1/(n + 1), an EMA 1 - decay."""
+    SWA's running mean of n earlier averages uses weight 1/(n + 1), an EMA 1 - decay. A 0-d
+    fp64 tensor weight is read on the device (``capturable``: the schedule runs there, and an
+    update it does not average passes weight 0)."""
 
     buffers: list[Tensor]
-    weight: float
+    weight: float | Tensor
 
     def select(self, idx: list[int]) -> Average:
         return Average([self.buffers[i] for i in idx], self.weight)
@@ -233,10 +236,19 @@ def foreach_average(params: list[Tensor], average: Average) -> None:
     """:class:`Average` as one foreach call of its own over ``params``."""
     if not params:
         return
-    if average.weight == 1.0:
+    weight = average.weight
+    if isinstance(weight, Tensor):  # on the device: weights 1 and 0 selected, as the kernels do
+        as_dtype = {p.dtype: weight.to(p.dtype) for p in params}
+        lerped = torch._foreach_lerp(average.buffers, params, [as_dtype[p.dtype] for p in params])
+        copy, keep = weight == 1.0, weight == 0.0
+        torch._foreach_copy_(average.buffers, [
+            torch.where(copy, p, torch.where(keep, avg, new))
+            for p, avg, new in zip(params, average.buffers, lerped)
+        ])
+    elif weight == 1.0:
         torch._foreach_copy_(average.buffers, params)
     else:
-        torch._foreach_lerp_(average.buffers, params, average.weight)
+        torch._foreach_lerp_(average.buffers, params, weight)
 
 
 def adam_bias_corrections(steps: list[Tensor], beta1: float, beta2: float,

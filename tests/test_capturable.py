@@ -83,11 +83,11 @@ def _step(model, opt, x, y, scaler, poison, guard):
     opt.zero_grad(set_to_none=False)
 
 
-def _run(name, backend, source, capturable):
+def _run(name, backend, source, capturable, **options):
     x, y = _data()
     model = _model()
     opt = CONFIGS[name](model.parameters(), backend=backend, capturable=capturable,
-                        skip_nonfinite=source == "skip_nonfinite")
+                        skip_nonfinite=source == "skip_nonfinite", **options)
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) if source == "scaler" else None
     weights = []
     for t in range(STEPS):
@@ -143,6 +143,143 @@ def test_capturable_steps_equal_host_decided_steps(backend, name, source):
         assert host_scaler.get_scale() == dev_scaler.get_scale() < 2.0**10
 
 
+def _run_looksam(backend, source, capturable):
+    """LookSAM (k = 2) over 7 steps, SAM steps at 0, 2, 4, 6; an inf in the update's gradient
+    at SAM steps 0 and 4 and at look-ahead step 3."""
+    x, y = _data()
+    model = _model()
+    opt = fastsam.LookSAM(model.parameters(), torch.optim.Adam, rho=0.1, k=2, alpha=0.5,
+                          lr=1e-2, backend=backend, capturable=capturable,
+                          skip_nonfinite=source == "skip_nonfinite")
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) if source == "scaler" else None
+    scale = scaler.scale if scaler else (lambda loss: loss)
+    weights = []
+    for t in range(STEPS):
+        guarded = capturable and t >= WARM_UP
+        first = guarded and (backend != "torch" or DEVICE.type != "cpu")
+        scale(LOSS(model(x), y)).backward()
+        if opt.sam_step_next:
+            with no_host_reads(first):
+                opt.first_step()
+            opt.zero_grad(set_to_none=False)
+            scale(LOSS(model(x), y)).backward()
+        if t in (0, 3, 4):
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        with no_host_reads(guarded):
+            if scaler:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler:
+            scaler.update()
+        opt.zero_grad(set_to_none=False)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    return weights, opt
+
+
+@pytest.mark.parametrize("source", ["scaler", "skip_nonfinite"])
+def test_capturable_looksam(backend, source):
+    """LookSAM's look-ahead and SAM steps skipped on the device: the weights after every step,
+    the reused directions and the counters equal capturable=False's."""
+    host, host_opt = _run_looksam(backend, source, False)
+    dev, dev_opt = _run_looksam(backend, source, True)
+    exact = backend in FUSED
+    for t in range(STEPS):
+        for a, b in zip(host[t], dev[t]):
+            if exact:
+                assert torch.equal(a, b), f"step {t}"
+            else:
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        if t in (3, 4):  # skipped: every weight exactly as before the step
+            assert all(torch.equal(a, b) for a, b in zip(dev[t - 1], dev[t]))
+    host_sd, dev_sd = host_opt.state_dict(), dev_opt.state_dict()
+    assert host_sd["param_groups"][0]["fastsam_counters"] == dev_sd["param_groups"][0][
+        "fastsam_counters"]
+    for index, entry in host_sd["state"].items():
+        direction, expected = (sd["state"][index]["looksam_direction"]
+                               for sd in (dev_sd, host_sd))
+        assert torch.isfinite(direction).all() and direction.abs().sum() > 0
+        if exact:
+            assert torch.equal(direction, expected)
+        else:
+            torch.testing.assert_close(direction, expected, rtol=1e-5, atol=1e-6)
+
+
+AVERAGES = {
+    "swa_start1_every2": fastsam.SWA(start=1, every=2),
+    "ema_every1": fastsam.EMA(decay=0.75),
+}
+
+
+@pytest.mark.parametrize("average", list(AVERAGES))
+@pytest.mark.parametrize("name", ["sam_sgd_nesterov", "gsam_adamw", "freesam_sgd"])
+def test_capturable_averaging_runs_its_schedule_on_the_device(backend, name, average):
+    """With capturable the averaging schedule counts updates on the device: skipped updates
+    are not counted, and the averaged weights after every step equal capturable=False's
+    (where the host decides), with no host read in a step."""
+    weights_a, opt_a, _ = _run(name, backend, "scaler", False, average=AVERAGES[average])
+    weights_b, opt_b, _ = _run(name, backend, "scaler", True, average=AVERAGES[average])
+    exact = backend in FUSED or "sgd" in name
+    for a, b in zip(weights_a[-1], weights_b[-1]):
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    # 5 updates made (calls 1 and 4 of 7 skipped); SWA(1, 2) averages after updates 3 and 5
+    # (counting the skipped calls would make it 3 averages), the EMA after each of the 5
+    expected = 2 if average.startswith("swa") else STEPS - len(POISONED)
+    assert opt_a.n_averaged == opt_b.n_averaged == expected
+    counters = [o.state_dict()["param_groups"][0]["fastsam_counters"] for o in (opt_a, opt_b)]
+    assert counters[0] == counters[1]
+    averaged = []
+    for opt in (opt_a, opt_b):
+        with opt.averaged_weights():
+            averaged.append([p.detach().clone() for p in opt.param_groups[0]["params"]])
+    for a, b in zip(*averaged):
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(a, w) for a, w in zip(averaged[1], weights_b[-1]))
+
+
+def test_zero_and_one_average_weights_are_exact(backend):
+    """The update kernels' averaging at a device weight of 0 (capturable: an update the
+    schedule skips) leaves the average as it is, and at 1 copies the new weights, even where
+    w - avg overflows (0·inf would be NaN)."""
+    from fastsam.backends import select_backend
+    from fastsam.functional import Average, SGDHyper
+
+    engine = select_backend(backend, DEVICE)
+    hyper = SGDHyper(lr=0.5, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                     maximize=False)
+    big = torch.tensor([3e38, 1.0, -2.5], device=DEVICE)
+    for weight, expected in ((0.0, -big), (1.0, big - 0.5)):
+        w, avg = big.clone(), -big
+        engine.restore_sgd([w], [torch.ones_like(w)], [big.clone()], [], hyper, False, None,
+                           Average([avg], torch.tensor(weight, dtype=torch.float64,
+                                                       device=DEVICE)))
+        assert torch.equal(w, big - 0.5)
+        assert torch.equal(avg, expected), weight
+
+
+def test_capturable_averaging_continues_from_a_checkpoint(backend):
+    """The device counts start from a loaded state dict's counters (both layouts)."""
+    average = fastsam.SWA(start=1, every=2)
+    x, y = _data()
+    models = [_model(), _model()]
+    opts = [fastsam.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend,
+                        capturable=c, average=average) for m, c in zip(models, (False, True))]
+    for _ in range(4):  # updates 1..4: averaged after 3
+        _step(models[0], opts[0], x, y, None, False, (False, False))
+    models[1].load_state_dict(models[0].state_dict())
+    opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))
+    assert opts[1].n_averaged == 1
+    for _ in range(3):  # updates 5..7: averaged after 5 and 7
+        for m, o in zip(models, opts):
+            _step(m, o, x, y, None, False, (False, False))
+    assert opts[0].n_averaged == opts[1].n_averaged == 3
+    averaged = []
+    for opt in opts:
+        with opt.averaged_weights():
+            averaged.append([p.detach().clone() for p in opt.param_groups[0]["params"]])
+    assert all(torch.equal(a, b) for a, b in zip(*averaged))
+
+
 def test_skipped_first_update_keeps_torch_optims_first_step(backend):
     """A skipped first update leaves zero momentum buffers and Adam moments at step 0; the next
     update is then torch.optim's first step exactly (buf = d, bias corrections at t = 1)."""
@@ -169,12 +306,8 @@ def test_capturable_refusals():
     model = _model()
     with pytest.raises(TypeError, match="capturable must be True or False"):
         fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=1)
-    with pytest.raises(ValueError, match="weight averaging"):
-        fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=True, average="ema")
     with pytest.raises(ValueError, match="RMSprop"):
         fastsam.SAM(model.parameters(), torch.optim.RMSprop, lr=0.1, capturable=True)
-    with pytest.raises(ValueError, match="LookSAM does not support capturable"):
-        fastsam.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=True)
     # dampening: refused at the step, before any weight moves
     opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
                       dampening=0.5, capturable=True)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..averaging import averaging_schedule
+from ..averaging import Schedule, averaging_schedule
 from ..backends import select_backend
 from ..backends.sharded import ShardedBackend, shard_groups
 from ..functional import (
@@ -195,12 +195,6 @@ class SharpnessAwareOptimizer(Optimizer):
         self._skip_nonfinite = skip_nonfinite
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
-        if capturable and average is not None:
-            raise ValueError(
-                "capturable=True does not support weight averaging (average=) yet: the "
-                "averaging schedule counts updates on the host, and with capturable=True the "
-                "host does not know which updates were skipped"
-            )
         self._capturable = capturable
         # capturable: the skipped updates since construction or the last load, on the device
         # ([GradScaler's, skip_nonfinite's], fp64), created at the first skip test.
@@ -224,6 +218,11 @@ class SharpnessAwareOptimizer(Optimizer):
         self._averaged: dict[Tensor, Tensor] = {}
         self._updates = 0
         self._n_averaged = 0
+        # capturable with average=: [updates made, snapshots averaged] on the device (the
+        # schedule runs there: the host does not know which updates were skipped), created at
+        # the first update from the counts of the construction or the last load.
+        self._average_counts: Tensor | None = None
+        self._loaded_updates = 0
         self._swapped = False
         self._amp_skipped = 0
 
@@ -322,11 +321,14 @@ class SharpnessAwareOptimizer(Optimizer):
         return plan.first
 
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool,
+        skip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
         """Called at the start of the second step, before restore and update, with this step's
         gradients per group of ``now``. GSAM returns, per group, the decomposition the fused
-        update applies (``fused``: the update is fused), or rewrites the gradients in place."""
+        update applies (``fused``: the update is fused), or rewrites the gradients in place.
+        ``skip``: capturable's device flag of the update (what the hook keeps must not change
+        when it is set)."""
         return None
 
     # ----------------------------------------------------------------- the step
@@ -456,8 +458,8 @@ class SharpnessAwareOptimizer(Optimizer):
         if flag is not None and fused is None:  # a parameter was added since first_step()
             self._restore(perturbed)
             raise RuntimeError(self._not_capturable(now))
-        sources = self._before_update(perturbed, now, all_grads, fused is not None)
-        averages = self._count_update(now)
+        sources = self._before_update(perturbed, now, all_grads, fused is not None, flag)
+        averages = self._count_update(now, flag)
         states = self._plan_states(now) if fused else None
         for i, group in enumerate(self.param_groups):
             if now is perturbed:  # the usual case: the same parameters have gradients
@@ -560,7 +562,7 @@ class SharpnessAwareOptimizer(Optimizer):
         parameter is its own w_old; ``sources`` per group; ``skip``: capturable's device
         flag), else the base optimizer's own ``step()``. Counts the update and averages the
         weights as scheduled."""
-        averages = self._count_update(plan)
+        averages = self._count_update(plan, skip)
         fused = self._fused_update_kind(plan)
         if plan.device is not None and fused is not None:
             backend = self._backend_for(plan.device)
@@ -728,20 +730,43 @@ class SharpnessAwareOptimizer(Optimizer):
         )
 
     # ----------------------------------------------------------------- weight averaging
-    def _count_update(self, plan: _StepPlan) -> list[Average] | None:
+    def _count_update(self, plan: _StepPlan, skip: Tensor | None = None) -> list[Average] | None:
         """Count one update; per group of ``plan``, the averaging the update folds in when the
-        schedule averages the weights after it, else None."""
+        schedule averages the weights after it, else None. With ``capturable`` the schedule
+        runs on the device (``skip``: the update's device flag) and every update gets an
+        averaging, of weight 0 when it is skipped or not due."""
         self._updates += 1
         schedule = self._average_schedule
-        if schedule is None or not schedule.due(self._updates):
+        if schedule is None:
             return None
-        weight = schedule.weight(self._n_averaged)
-        self._n_averaged += 1
+        if self._capturable and plan.device is not None:
+            weight: float | Tensor = self._device_average_weight(schedule, plan.device, skip)
+        elif schedule.due(self._updates):
+            weight = schedule.weight(self._n_averaged)
+            self._n_averaged += 1
+        else:
+            return None
         if plan.averaged is None:  # new copies start as the weights: defined from the start
             plan.averaged = [
                 [persistent_buffer(self._averaged, p, copy=True) for p in ps] for ps in plan.params
             ]
         return [Average(buffers, weight) for buffers in plan.averaged]
+
+    def _device_average_weight(
+        self, schedule: Schedule, device: torch.device, skip: Tensor | None
+    ) -> Tensor:
+        """capturable: advance the device counts by this update (unless ``skip`` is set) and
+        return its averaging weight, a 0-d fp64 device tensor (0 when it averages nothing)."""
+        counts = self._average_counts
+        if counts is None:
+            counts = torch.tensor([self._loaded_updates, self._n_averaged], dtype=torch.float64)
+        counts = self._average_counts = counts.to(device)
+        made = 1.0 if skip is None else 1.0 - skip.to(torch.float64)
+        updates, n = counts[0] + made, counts[1]
+        due = schedule.due_on_device(updates) * made
+        weight = schedule.weight_on_device(n) * due
+        counts.copy_(torch.stack([updates, n + due]))
+        return weight
 
     def _average_rest(
         self, plan: _StepPlan, averages: list[Average] | None, unfused: bool
@@ -763,7 +788,10 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @property
     def n_averaged(self) -> int:
-        """Snapshots in the averaged weights so far (0 without ``average=``)."""
+        """Snapshots in the averaged weights so far (0 without ``average=``). With
+        ``capturable`` the count is on the device: reading it waits for the device."""
+        if self._average_counts is not None:
+            return int(self._average_counts[1].item())
         return self._n_averaged
 
     @torch.no_grad()
@@ -778,9 +806,10 @@ class SharpnessAwareOptimizer(Optimizer):
                 "this optimizer averages no weights: construct it with average='swa' or 'ema' "
                 "(or fastsam.SWA(...) / fastsam.EMA(...))"
             )
-        if self._n_averaged == 0:
+        if self.n_averaged == 0:
             raise RuntimeError(
-                f"no weights have been averaged yet: {self._updates} updates made, and "
+                f"no weights have been averaged yet: {self._counters()['updates']} updates "
+                "made, and "
                 f"{self._average_schedule} averages after update "
                 f"{self._average_schedule.start + self._average_schedule.every} first"
             )
@@ -1059,7 +1088,7 @@ class SharpnessAwareOptimizer(Optimizer):
         amp, nonfinite = self._device_skipped()
         return {
             "updates": self._updates - amp - nonfinite,
-            "n_averaged": self._n_averaged,
+            "n_averaged": self.n_averaged,
             "amp_skipped": self._amp_skipped + amp,
             "nonfinite_skipped": self._nonfinite_skipped + nonfinite,
         }
@@ -1068,7 +1097,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """Set the counts from a loaded state dict's (zero where it has none: a state dict of
         the plain base optimizer)."""
         self._device_skips = None
-        self._updates = int(counters.get("updates", 0))
+        self._average_counts = None
+        self._updates = self._loaded_updates = int(counters.get("updates", 0))
         self._n_averaged = int(counters.get("n_averaged", 0))
         self._amp_skipped = int(counters.get("amp_skipped", 0))
         self._nonfinite_skipped = int(counters.get("nonfinite_skipped", 0))

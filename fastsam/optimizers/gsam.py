@@ -188,8 +188,10 @@ class GSAM(SharpnessAwareOptimizer):
 
     # ----------------------------------------------------------------- the two hooks
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool,
+        skip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
+        # (keeps nothing itself: a skipped update ignores the decomposition it gets)
         if now.device is None:
             return None
         firsts = self._first_buffers(perturbed)

@@ -59,7 +59,8 @@ class LookSAM(SharpnessAwareOptimizer):
     their ``step()``. The norms are global over every parameter with a gradient; ρ may differ
     per group, α is one value.
 
-    Memory: w_old and g (the SAM step's buffers) and u_v: three parameter-sized buffers.
+    Memory: w_old and g (the SAM step's buffers) and u_v: three parameter-sized buffers (four
+    with ``capturable``).
 
     Args:
         params: parameters or parameter groups (a group may set ``rho``).
@@ -74,8 +75,10 @@ class LookSAM(SharpnessAwareOptimizer):
             (with the weights restored bit for bit and the state untouched; counted by
             :attr:`nonfinite_skipped_steps`) instead of letting the NaN into the weights as
             torch.optim does. Costs one fused check of the gradients and one host read per step.
-        capturable (bool, default False): not supported by LookSAM yet (its direction update
-            and its step schedule are decided on the host); True raises ``ValueError``.
+        capturable (bool, default False): as in :class:`fastsam.SAM`: the look-ahead steps'
+            and the SAM steps' skips are decided on the device, a skipped SAM step leaves u_v
+            as it was (its new value is formed in one more parameter-sized buffer, then
+            selected on the device). Which steps are SAM steps is a host count of the steps.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
     """
 
@@ -94,11 +97,6 @@ class LookSAM(SharpnessAwareOptimizer):
         capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        if capturable is not False:
-            raise ValueError(
-                "LookSAM does not support capturable=True yet: the update of its reused "
-                "direction is not skipped on the device; use SAM, ASAM, GSAM or FreeSAM"
-            )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
         self.k = k
@@ -106,6 +104,7 @@ class LookSAM(SharpnessAwareOptimizer):
         self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
         self._direction_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
+        self._candidate: dict[Tensor, Tensor] = {}  # capturable: the new u_v, by u_v tensor
         super().__init__(
             params,
             base_optimizer,
@@ -116,6 +115,7 @@ class LookSAM(SharpnessAwareOptimizer):
             base_kwargs=base_kwargs,
             average=average,
             skip_nonfinite=skip_nonfinite,
+            capturable=capturable,
         )
 
     _keeps_first_grads = True  # the SAM steps' perturb pass keeps g for u_v
@@ -154,8 +154,10 @@ class LookSAM(SharpnessAwareOptimizer):
         (``scaler.step(optimizer)``) the gradients are unscaled first, and a step whose
         gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
         plan, flat_grads = self._step_plan()
+        self._check_capturable(plan)
         all_grads = plan.grads(flat_grads)
-        if self._skip_update(all_grads, None):  # inf/NaN gradients: no update
+        skip = self._skip_update(all_grads, None)
+        if skip is True:  # inf/NaN gradients: no update
             self._opt_called = self.base_optimizer._opt_called = True
             if zero_grad:
                 self.zero_grad()
@@ -173,7 +175,8 @@ class LookSAM(SharpnessAwareOptimizer):
                         ds = local(ds)
                         torch._foreach_addcmul_(local(grads), ds,
                                                 [scale.to(d.dtype).expand_as(d) for d in ds])
-        self._update_in_place(plan, all_grads, sources)
+        flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
+        self._update_in_place(plan, all_grads, sources, flag)
         if zero_grad:
             self.zero_grad()
 
@@ -231,10 +234,12 @@ class LookSAM(SharpnessAwareOptimizer):
 
     # ----------------------------------------------------------------- SAM-step hook
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool,
+        skip: Tensor | None = None,
     ) -> None:
         """Keep u_v from g (the first pass, kept) and g_s (this pass), over the parameters with
-        a gradient in both passes."""
+        a gradient in both passes; with a device ``skip`` flag, formed aside and kept only when
+        the flag is clear."""
         if now.device is None:
             return None
         firsts = self._first_buffers(perturbed)
@@ -253,8 +258,10 @@ class LookSAM(SharpnessAwareOptimizer):
             return None
         backend = self._backend_for(now.device)
         # Sharded parameters (FSDP2): the local shards; the two reductions below are global.
-        first, second, directions = backend.local(first), backend.local(second), backend.local(
+        first, second, kept = backend.local(first), backend.local(second), backend.local(
             directions)
+        directions = kept if skip is None else [persistent_buffer(self._candidate, d)
+                                                for d in kept]
         torch._foreach_copy_(directions, second)
         # g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g, then the same projection of the result again: g_v is
         # a small difference of close vectors, so the rounding of the first coefficient shows
@@ -267,6 +274,10 @@ class LookSAM(SharpnessAwareOptimizer):
         square = torch.stack(torch._foreach_norm(directions)).double().square().sum()
         norm = backend.sum_over_shards(square).sqrt()
         torch._foreach_div_(directions, (norm + self._eps).to(directions[0].dtype))
+        if skip is not None:  # the new u_v unless the update is skipped
+            keep_old = skip != 0
+            for old, new in zip(kept, directions):
+                torch.where(keep_old, old, new, out=old)
         return None
 
     # ----------------------------------------------------------------- state

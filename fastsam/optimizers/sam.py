@@ -48,8 +48,9 @@ class SAM(SharpnessAwareOptimizer):
         capturable (bool, default False): no step reads a device value on the host. inf/NaN
             skips (GradScaler's, ``skip_nonfinite``'s) are applied inside the update kernels,
             Adam's step counts live on the parameters' device (torch.optim's capturable
-            layout) and the skip counters are device tensors. Needs a fused base update
-            (torch.optim SGD without dampening, Adam, AdamW); not with ``average``.
+            layout), the skip counters are device tensors and so are ``average``'s schedule
+            counts. ``lr`` and ``rho`` may be device tensors, written in place by a schedule.
+            Needs a fused base update (torch.optim SGD without dampening, Adam, AdamW).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:

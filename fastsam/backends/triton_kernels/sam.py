@@ -222,10 +222,10 @@ def _update_goes_ahead(skip_ptr, SKIP: tl.constexpr):
 @triton.jit
 def _average(avg_ptr, idx, inside, new_w, weight, ACC: tl.constexpr):
     """Weight averaging of the stored new weights (functional.Average): avg ← w when weight is 1
-    (an exact copy), else avg + weight·(w - avg)."""
+    (an exact copy), avg kept when it is 0, else avg + weight·(w - avg)."""
     w = new_w.to(ACC)
     avg = tl.load(avg_ptr + idx, mask=inside).to(ACC)
-    avg = tl.where(weight == 1.0, w, avg + weight * (w - avg))
+    avg = tl.where(weight == 1.0, w, tl.where(weight == 0.0, avg, avg + weight * (w - avg)))
     tl.store(avg_ptr + idx, _to_storage(avg, avg_ptr.dtype.element_ty), mask=inside)
 
 
