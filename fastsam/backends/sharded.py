@@ -116,6 +116,7 @@ class ShardedBackend(Backend):
         self.groups = groups
         self.dims = dims
         self.name = inner.name
+        self._pending: tuple[list[PerturbGroup], list[PerturbGroup]] | None = None
 
     def local(self, tensors: list[Tensor]) -> list[Tensor]:
         return local_tensors(tensors)
@@ -141,12 +142,18 @@ class ShardedBackend(Backend):
         return out
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        return self.sum_over_shards(self.inner.perturbation_norm(self._local_groups(groups), q))
+        local = self._local_groups(groups)
+        self._pending = (groups, local)
+        return self.sum_over_shards(self.inner.perturbation_norm(local, q))
 
     def perturb(
         self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
     ) -> None:
-        self.inner.perturb(self._local_groups(groups), norm_sum, p, eps, skipped)
+        # The same local groups as the norm just before (the inner backend may reuse what it
+        # built for them, as it does unsharded), unwrapped once per step.
+        pending, self._pending = self._pending, None
+        local = pending[1] if pending is not None and pending[0] is groups else None
+        self.inner.perturb(local or self._local_groups(groups), norm_sum, p, eps, skipped)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         self.inner.restore(local_tensors(params), local_tensors(w_old))
