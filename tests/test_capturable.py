@@ -487,3 +487,65 @@ def test_no_synchronisation_on_cuda(backend, name):
         scaler.update()
         opt.zero_grad()
     assert opt.amp_skipped_steps >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cuda_graph_replay_equals_eager(backend, name):
+    """On a GPU: a whole step (both passes, or FreeSAM's one) captured in a CUDA graph after
+    warm-up steps, then replayed, equals the same steps run eagerly: lr and rho are device
+    tensors written between replays, skip_nonfinite skips the replay whose loss is made inf,
+    and the device counters advance with the replays. Gradients are zeroed in place, so the
+    fused backends' launch tables (keyed by gradient addresses) are built in the warm-up."""
+    x, y = _data()
+    freesam = "freesam" in name
+    runs = []
+    for graphed in (False, True):
+        model = _model()
+        lr, rho = torch.tensor(0.01, device=DEVICE), torch.tensor(0.05, device=DEVICE)
+        opt = CONFIGS[name](model.parameters(), backend=backend, capturable=True,
+                            skip_nonfinite=True, **({} if freesam else {"rho": rho}))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        poison = torch.ones((), device=DEVICE)
+
+        def step():
+            if not freesam:
+                LOSS(model(x), y).backward()
+                opt.first_step()
+                opt.zero_grad(set_to_none=False)
+            (LOSS(model(x), y) * poison).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARM_UP + 1):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        run = step
+        if graphed:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        weights = []
+        for t in range(STEPS):
+            lr.fill_(0.01 / (1 + t))
+            rho.fill_(0.05 + 0.01 * t)
+            poison.fill_(float("inf") if t == 3 else 1.0)
+            run()
+            weights.append([p.detach().clone() for p in model.parameters()])
+        runs.append((weights, opt))
+    (eager, eager_opt), (replayed, graph_opt) = runs
+    for t in range(STEPS):
+        for a, b in zip(eager[t], replayed[t]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=f"step {t}")
+    assert all(torch.equal(a, b) for a, b in zip(replayed[2], replayed[3]))  # skipped
+    assert not all(torch.equal(a, b) for a, b in zip(replayed[3], replayed[4]))
+    counters = [o.state_dict()["param_groups"][0]["fastsam_counters"]
+                for o in (eager_opt, graph_opt)]
+    assert counters[0] == counters[1]
+    assert counters[1]["nonfinite_skipped"] == 1
+    assert counters[1]["updates"] == WARM_UP + 1 + STEPS - 1

@@ -196,9 +196,11 @@ class SharpnessAwareOptimizer(Optimizer):
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
         self._capturable = capturable
-        # capturable: the skipped updates since construction or the last load, on the device
-        # ([GradScaler's, skip_nonfinite's], fp64), created at the first skip test.
-        self._device_skips: Tensor | None = None
+        # capturable: the counts on the device (fp64; what a replayed CUDA graph advances):
+        # [GradScaler's skips, skip_nonfinite's skips] since construction or the last load,
+        # then [updates made, snapshots averaged] in all, started from the host's counts at the
+        # first update or skip after construction or a load (:meth:`_device_counter`).
+        self._device_counts: Tensor | None = None
         self._found: Tensor | None = None  # the skip flag of skip_nonfinite, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
         self._nonfinite_skipped = 0
@@ -218,11 +220,6 @@ class SharpnessAwareOptimizer(Optimizer):
         self._averaged: dict[Tensor, Tensor] = {}
         self._updates = 0
         self._n_averaged = 0
-        # capturable with average=: [updates made, snapshots averaged] on the device (the
-        # schedule runs there: the host does not know which updates were skipped), created at
-        # the first update from the counts of the construction or the last load.
-        self._average_counts: Tensor | None = None
-        self._loaded_updates = 0
         self._swapped = False
         self._amp_skipped = 0
 
@@ -629,18 +626,25 @@ class SharpnessAwareOptimizer(Optimizer):
         read (on the parameters' device)."""
         device = self._plan.device if self._plan is not None else flag.device
         flag = flag.reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
-        if self._device_skips is None or self._device_skips.device != flag.device:
-            self._device_skips = torch.zeros(2, dtype=torch.float64, device=flag.device)
-        self._device_skips[which].add_(flag)
+        self._device_counter(flag.device)[which].add_(flag)
         return flag
 
-    def _device_skipped(self) -> tuple[int, int]:
-        """capturable: the device skip counts since construction or the last load (reading
-        them waits for the device)."""
-        if self._device_skips is None:
-            return 0, 0
-        amp, nonfinite = self._device_skips.tolist()
-        return int(amp), int(nonfinite)
+    def _device_counter(self, device: torch.device) -> Tensor:
+        """capturable: the device counts (see ``_device_counts``), made on first use."""
+        counts = self._device_counts
+        if counts is None:
+            counts = torch.tensor([0, 0, self._updates, self._n_averaged], dtype=torch.float64)
+        if counts.device != device:
+            counts = counts.to(device)
+        self._device_counts = counts
+        return counts
+
+    def _device_counted(self) -> list[int] | None:
+        """capturable: the device counts as numbers (reading them waits for the device), or
+        None while the host's are current."""
+        if self._device_counts is None:
+            return None
+        return [int(v) for v in self._device_counts.tolist()]
 
     def _nonfinite(
         self, all_grads: list[list[Tensor]], perturbed: _StepPlan | None
@@ -673,14 +677,14 @@ class SharpnessAwareOptimizer(Optimizer):
     def amp_skipped_steps(self) -> int:
         """Updates skipped because GradScaler found inf/NaN gradients (weights restored).
         With ``capturable`` the count is on the device: reading it waits for the device."""
-        return self._amp_skipped + self._device_skipped()[0]
+        return self._counters()["amp_skipped"]
 
     @property
     def nonfinite_skipped_steps(self) -> int:
         """Updates skipped by ``skip_nonfinite=True`` for inf/NaN gradients (weights restored
         bit for bit, optimizer state untouched). Saved in :meth:`state_dict`. With
         ``capturable`` the count is on the device: reading it waits for the device."""
-        return self._nonfinite_skipped + self._device_skipped()[1]
+        return self._counters()["nonfinite_skipped"]
 
     # ----------------------------------------------------------------- capturable
     def _check_capturable(self, plan: _StepPlan) -> None:
@@ -735,37 +739,36 @@ class SharpnessAwareOptimizer(Optimizer):
         schedule averages the weights after it, else None. With ``capturable`` the schedule
         runs on the device (``skip``: the update's device flag) and every update gets an
         averaging, of weight 0 when it is skipped or not due."""
-        self._updates += 1
         schedule = self._average_schedule
-        if schedule is None:
-            return None
-        if self._capturable and plan.device is not None:
-            weight: float | Tensor = self._device_average_weight(schedule, plan.device, skip)
-        elif schedule.due(self._updates):
+        if self._capturable and (plan.device is not None or self._device_counts is not None):
+            counts = self._device_counter(plan.device or self._device_counts.device)
+            made = 1.0 if skip is None else 1.0 - skip.to(torch.float64)
+            counts[2].add_(made)
+            if schedule is None:
+                return None
+            weight: float | Tensor = self._device_average_weight(schedule, counts, made)
+        else:
+            self._updates += 1
+            if schedule is None or not schedule.due(self._updates):
+                return None
             weight = schedule.weight(self._n_averaged)
             self._n_averaged += 1
-        else:
-            return None
         if plan.averaged is None:  # new copies start as the weights: defined from the start
             plan.averaged = [
                 [persistent_buffer(self._averaged, p, copy=True) for p in ps] for ps in plan.params
             ]
         return [Average(buffers, weight) for buffers in plan.averaged]
 
+    @staticmethod
     def _device_average_weight(
-        self, schedule: Schedule, device: torch.device, skip: Tensor | None
+        schedule: Schedule, counts: Tensor, made: float | Tensor
     ) -> Tensor:
-        """capturable: advance the device counts by this update (unless ``skip`` is set) and
-        return its averaging weight, a 0-d fp64 device tensor (0 when it averages nothing)."""
-        counts = self._average_counts
-        if counts is None:
-            counts = torch.tensor([self._loaded_updates, self._n_averaged], dtype=torch.float64)
-        counts = self._average_counts = counts.to(device)
-        made = 1.0 if skip is None else 1.0 - skip.to(torch.float64)
-        updates, n = counts[0] + made, counts[1]
-        due = schedule.due_on_device(updates) * made
-        weight = schedule.weight_on_device(n) * due
-        counts.copy_(torch.stack([updates, n + due]))
+        """capturable: the averaging weight of the update just counted in ``counts`` (``made``:
+        1, or 0 when skipped), a 0-d fp64 device tensor, 0 when it averages nothing; counts
+        the snapshot."""
+        due = schedule.due_on_device(counts[2]) * made
+        weight = schedule.weight_on_device(counts[3]) * due
+        counts[3].add_(due)
         return weight
 
     def _average_rest(
@@ -790,9 +793,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def n_averaged(self) -> int:
         """Snapshots in the averaged weights so far (0 without ``average=``). With
         ``capturable`` the count is on the device: reading it waits for the device."""
-        if self._average_counts is not None:
-            return int(self._average_counts[1].item())
-        return self._n_averaged
+        return self._counters()["n_averaged"]
 
     @torch.no_grad()
     def swap_average(self) -> None:
@@ -1082,13 +1083,17 @@ class SharpnessAwareOptimizer(Optimizer):
             )
 
     def _counters(self) -> dict[str, int]:
-        """The counts a state dict carries (subclasses add theirs). With ``capturable`` the
-        updates counted on the host include the ones skipped on the device: those are taken
-        off here."""
-        amp, nonfinite = self._device_skipped()
+        """The counts a state dict carries (subclasses add theirs). With ``capturable`` they
+        are read from the device (the steps a replayed CUDA graph made count too)."""
+        counted = self._device_counted()
+        if counted is None:
+            amp = nonfinite = 0
+            updates, n_averaged = self._updates, self._n_averaged
+        else:
+            amp, nonfinite, updates, n_averaged = counted
         return {
-            "updates": self._updates - amp - nonfinite,
-            "n_averaged": self.n_averaged,
+            "updates": updates,
+            "n_averaged": n_averaged,
             "amp_skipped": self._amp_skipped + amp,
             "nonfinite_skipped": self._nonfinite_skipped + nonfinite,
         }
@@ -1096,9 +1101,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def _load_counters(self, counters: dict[str, Any]) -> None:
         """Set the counts from a loaded state dict's (zero where it has none: a state dict of
         the plain base optimizer)."""
-        self._device_skips = None
-        self._average_counts = None
-        self._updates = self._loaded_updates = int(counters.get("updates", 0))
+        self._device_counts = None
+        self._updates = int(counters.get("updates", 0))
         self._n_averaged = int(counters.get("n_averaged", 0))
         self._amp_skipped = int(counters.get("amp_skipped", 0))
         self._nonfinite_skipped = int(counters.get("nonfinite_skipped", 0))
