@@ -59,7 +59,20 @@ def no_host_reads(active=True):
             setattr(torch.Tensor, name, method)
 
 
-def _step(model, opt, x, y, scaler, poison, guard):
+@contextlib.contextmanager
+def sync_errors(active=True):
+    """On a GPU: fail on any synchronisation with the host (what a host read costs there)."""
+    if not active:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def _step(model, opt, x, y, scaler, poison, guard, refuse=no_host_reads):
     """One step (two passes, or FreeSAM's one); ``poison`` puts an inf into the gradient the
     update uses. ``guard``: (first pass guarded, update guarded). Gradients are zeroed in
     place: they keep their addresses, as in a captured step (new addresses make the fused
@@ -67,13 +80,13 @@ def _step(model, opt, x, y, scaler, poison, guard):
     scale = scaler.scale if scaler else (lambda loss: loss)
     if not isinstance(opt, fastsam.FreeSAM):
         scale(LOSS(model(x), y)).backward()
-        with no_host_reads(guard[0]):
+        with refuse(guard[0]):
             opt.first_step()
         opt.zero_grad(set_to_none=False)
     scale(LOSS(model(x), y)).backward()
     if poison:
         next(model.parameters()).grad.view(-1)[0] = float("inf")
-    with no_host_reads(guard[1]):
+    with refuse(guard[1]):
         if scaler:
             scaler.step(opt)
         else:
@@ -83,7 +96,7 @@ def _step(model, opt, x, y, scaler, poison, guard):
     opt.zero_grad(set_to_none=False)
 
 
-def _run(name, backend, source, capturable, **options):
+def _run(name, backend, source, capturable, refuse=no_host_reads, **options):
     x, y = _data()
     model = _model()
     opt = CONFIGS[name](model.parameters(), backend=backend, capturable=capturable,
@@ -95,7 +108,7 @@ def _run(name, backend, source, capturable, **options):
         # The torch backend's perturb reads the norm on CPU tensors (a shortcut that is free
         # there and never taken on a GPU): its first pass is not guarded on CPU.
         first = guarded and (backend != "torch" or DEVICE.type != "cpu")
-        _step(model, opt, x, y, scaler, t in POISONED, (first, guarded))
+        _step(model, opt, x, y, scaler, t in POISONED, (first, guarded), refuse)
         weights.append([p.detach().clone() for p in model.parameters()])
     return weights, opt, scaler
 
@@ -143,14 +156,14 @@ def test_capturable_steps_equal_host_decided_steps(backend, name, source):
         assert host_scaler.get_scale() == dev_scaler.get_scale() < 2.0**10
 
 
-def _run_looksam(backend, source, capturable):
+def _run_looksam(backend, source, capturable, refuse=no_host_reads, **options):
     """LookSAM (k = 2) over 7 steps, SAM steps at 0, 2, 4, 6; an inf in the update's gradient
     at SAM steps 0 and 4 and at look-ahead step 3."""
     x, y = _data()
     model = _model()
     opt = fastsam.LookSAM(model.parameters(), torch.optim.Adam, rho=0.1, k=2, alpha=0.5,
                           lr=1e-2, backend=backend, capturable=capturable,
-                          skip_nonfinite=source == "skip_nonfinite")
+                          skip_nonfinite=source == "skip_nonfinite", **options)
     scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10) if source == "scaler" else None
     scale = scaler.scale if scaler else (lambda loss: loss)
     weights = []
@@ -159,13 +172,13 @@ def _run_looksam(backend, source, capturable):
         first = guarded and (backend != "torch" or DEVICE.type != "cpu")
         scale(LOSS(model(x), y)).backward()
         if opt.sam_step_next:
-            with no_host_reads(first):
+            with refuse(first):
                 opt.first_step()
             opt.zero_grad(set_to_none=False)
             scale(LOSS(model(x), y)).backward()
         if t in (0, 3, 4):
             next(model.parameters()).grad.view(-1)[0] = float("inf")
-        with no_host_reads(guarded):
+        with refuse(guarded):
             if scaler:
                 scaler.step(opt)
             else:
@@ -460,32 +473,16 @@ def test_native_perturb_takes_rho_as_a_device_array():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_no_synchronisation_on_cuda(backend, name):
-    """On a GPU: steady-state steps with GradScaler, skipped ones among them, raise under
-    torch.cuda.set_sync_debug_mode("error") nowhere."""
-    x, y = _data()
-    model = _model()
-    opt = CONFIGS[name](model.parameters(), backend=backend, capturable=True)
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
-    for t in range(STEPS):
-        if t < WARM_UP:
-            _step(model, opt, x, y, scaler, t in POISONED, (False, False))
-            continue
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            scale = scaler.scale
-            if not isinstance(opt, fastsam.FreeSAM):
-                scale(LOSS(model(x), y)).backward()
-                opt.first_step(zero_grad=True)
-            scale(LOSS(model(x), y)).backward()
-            if t in POISONED:
-                next(model.parameters()).grad.view(-1)[:1].fill_(float("inf"))
-            scaler.step(opt)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-        opt.zero_grad()
+@pytest.mark.parametrize("average", [None, "ema"])
+@pytest.mark.parametrize("name", [*CONFIGS, "looksam"])
+def test_no_synchronisation_on_cuda(backend, name, average):
+    """On a GPU: after the warm-up steps, every optimizer call of a step (with GradScaler, with
+    skipped steps among them, with averaging) runs under
+    torch.cuda.set_sync_debug_mode("error"), which raises on a synchronisation."""
+    if name == "looksam":
+        _, opt = _run_looksam(backend, "scaler", True, sync_errors, average=average)
+    else:
+        _, opt, _ = _run(name, backend, "scaler", True, sync_errors, average=average)
     assert opt.amp_skipped_steps >= 1
 
 

@@ -639,7 +639,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._device_counts = counts
         return counts
 
-    def _device_counted(self) -> list[int] | None:
+    def _read_device_counts(self) -> list[int] | None:
         """capturable: the device counts as numbers (reading them waits for the device), or
         None while the host's are current."""
         if self._device_counts is None:
@@ -1085,7 +1085,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def _counters(self) -> dict[str, int]:
         """The counts a state dict carries (subclasses add theirs). With ``capturable`` they
         are read from the device (the steps a replayed CUDA graph made count too)."""
-        counted = self._device_counted()
+        counted = self._read_device_counts()
         if counted is None:
             amp = nonfinite = 0
             updates, n_averaged = self._updates, self._n_averaged
