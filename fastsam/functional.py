@@ -85,11 +85,12 @@ class SGDHyper:
     """torch.optim.SGD hyper-parameters of one group (torch.optim's exact semantics).
 
     ``lr`` is a Python number or a one-element tensor; a tensor is read on the device by the
-    kernels, never by the host. ``skip``: see :class:`AdamHyper`."""
+    kernels, never by the host; so is a 0-d tensor ``dampening`` (capturable: 0 while no update
+    of the buffers went ahead). ``skip``: see :class:`AdamHyper`."""
 
     lr: float | Tensor
     momentum: float
-    dampening: float
+    dampening: float | Tensor
     weight_decay: float
     nesterov: bool
     maximize: bool

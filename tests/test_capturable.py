@@ -25,6 +25,8 @@ CONFIGS = {
     "sam_sgd_nesterov": lambda ps, rho=0.1, **kw: fastsam.SAM(
         ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
         **kw),
+    "sam_sgd_dampening": lambda ps, rho=0.1, **kw: fastsam.SAM(
+        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, dampening=0.5, **kw),
     "asam_adam_amsgrad": lambda ps, rho=0.5, **kw: fastsam.ASAM(
         ps, torch.optim.Adam, rho=rho, lr=1e-2, amsgrad=True, **kw),
     "gsam_adamw": lambda ps, rho=0.05, **kw: fastsam.GSAM(
@@ -295,9 +297,13 @@ def test_capturable_averaging_continues_from_a_checkpoint(backend):
 
 def test_skipped_first_update_keeps_torch_optims_first_step(backend):
     """A skipped first update leaves zero momentum buffers and Adam moments at step 0; the next
-    update is then torch.optim's first step exactly (buf = d, bias corrections at t = 1)."""
+    update is then torch.optim's first step exactly (buf = d undampened, bias corrections at
+    t = 1). A state dict taken after the skipped step has no momentum buffer yet (torch.optim
+    would have none): a fresh optimizer loaded from it makes that first step too."""
     x, y = _data()
-    for base, kw in ((torch.optim.SGD, dict(momentum=0.9)), (torch.optim.Adam, {})):
+    for base, kw in ((torch.optim.SGD, dict(momentum=0.9)),
+                     (torch.optim.SGD, dict(momentum=0.9, dampening=0.5)),
+                     (torch.optim.Adam, {})):
         runs = []
         for poison_first in (True, False):
             model = _model()
@@ -305,6 +311,12 @@ def test_skipped_first_update_keeps_torch_optims_first_step(backend):
                               capturable=True, skip_nonfinite=True, **kw)
             if poison_first:
                 _step(model, opt, x, y, None, True, (False, False))
+                saved = copy.deepcopy(opt.state_dict())
+                if kw.get("dampening"):
+                    assert all("momentum_buffer" not in s for s in saved["state"].values())
+                opt = fastsam.SAM(model.parameters(), base, lr=0.05, backend=backend,
+                                  capturable=True, skip_nonfinite=True, **kw)
+                opt.load_state_dict(saved)
             _step(model, opt, x, y, None, False, (False, False))
             runs.append((model, opt))
         (a, opt_a), (b, opt_b) = runs
@@ -321,16 +333,10 @@ def test_capturable_refusals():
         fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=1)
     with pytest.raises(ValueError, match="RMSprop"):
         fastsam.SAM(model.parameters(), torch.optim.RMSprop, lr=0.1, capturable=True)
-    # dampening: refused at the step, before any weight moves
-    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
-                      dampening=0.5, capturable=True)
+    # a base option fastsam does not fuse: refused at the step, before any weight moves
     x, y = _data()
     LOSS(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="without dampening"):
-        opt.first_step()
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    # a base option fastsam does not fuse: refused at the step too
     opt = fastsam.SAM(model.parameters(), torch.optim.Adam, lr=0.1, capturable=True)
     opt.param_groups[0]["differentiable"] = True
     with pytest.raises(RuntimeError, match="cannot be skipped on the device"):

@@ -221,7 +221,11 @@ class TorchBackend(Backend):
                 torch._foreach_copy_(momentum_buffers, d)
             else:
                 torch._foreach_mul_(momentum_buffers, hyper.momentum)
-                torch._foreach_add_(momentum_buffers, d, alpha=1 - hyper.dampening)
+                if isinstance(hyper.dampening, Tensor):  # on the device (capturable)
+                    torch._foreach_add_(momentum_buffers,
+                                        torch._foreach_mul(d, 1.0 - hyper.dampening))
+                else:
+                    torch._foreach_add_(momentum_buffers, d, alpha=1 - hyper.dampening)
             if hyper.nesterov:
                 d = torch._foreach_add(d, momentum_buffers, alpha=hyper.momentum)
             else:

@@ -201,6 +201,9 @@ class SharpnessAwareOptimizer(Optimizer):
         # then [updates made, snapshots averaged] in all, started from the host's counts at the
         # first update or skip after construction or a load (:meth:`_device_counter`).
         self._device_counts: Tensor | None = None
+        # capturable, SGD with dampening: per parameter whose momentum buffer was made in a
+        # step skipped or not on the device, its cohort's flag (1 once an update went ahead)
+        self._momentum_cohorts: dict[Tensor, Tensor] = {}
         self._found: Tensor | None = None  # the skip flag of skip_nonfinite, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
         self._nonfinite_skipped = 0
@@ -694,15 +697,6 @@ class SharpnessAwareOptimizer(Optimizer):
             return
         if self._fused_update_kind(plan) is None:
             raise RuntimeError(self._not_capturable(plan))
-        if type(self.base_optimizer) is torch.optim.SGD:
-            for group in self.param_groups:
-                if group["momentum"] != 0 and group["dampening"] != 0:
-                    raise ValueError(
-                        "capturable=True supports SGD momentum without dampening only: "
-                        "torch.optim's first step sets the momentum buffer to the gradient, "
-                        "undampened, and whether that first update was skipped is known on the "
-                        f"device only (dampening={group['dampening']})"
-                    )
 
     def _place_steps(self) -> None:
         """Adam's step tensors where the fused update keeps them: on the CPU (torch.optim's
@@ -897,30 +891,46 @@ class SharpnessAwareOptimizer(Optimizer):
             backend.restore_sgd(params, grads, w_old, [], hyper, False, source, average)
             return
         bufs = [state.get("momentum_buffer") for state in states]
-        if all(map(is_not, bufs, repeat(None))):  # steady state: one call
+        cohorts = self._momentum_cohorts
+        if all(map(is_not, bufs, repeat(None))) and not cohorts:  # steady state: one call
             backend.restore_sgd(params, grads, w_old, bufs, hyper, False, source, average)
             return
         # torch.optim's first step sets buf = d (no dampening): those params go in their own
-        # call with fresh_buffers=True. (capturable: a skipped first step leaves the zeros,
-        # and m·0 + d = d is that first step again; dampening is refused there.)
-        for fresh in (False, True):
-            idx = [i for i, b in enumerate(bufs) if (b is None) == fresh]
-            if not idx:
-                continue
+        # call with fresh_buffers=True. capturable: a skipped first step leaves the zero
+        # buffers, and m·0 + d = d is that first step again, unless there is dampening: then
+        # the buffers made in a step whose skip is decided on the device form a cohort with a
+        # device flag, 1 once an update of theirs went ahead, and their updates take
+        # dampening·flag.
+        calls: dict[int, list[int]] = {}
+        for i, (p, buf) in enumerate(zip(params, bufs)):
+            calls.setdefault(-1 if buf is None else id(cohorts.get(p)), []).append(i)
+        for key, idx in calls.items():
+            fresh = key == -1
             for i in idx if fresh else ():
                 bufs[i] = states[i]["momentum_buffer"] = torch.zeros_like(
                     params[i], memory_format=torch.preserve_format
                 )
+            started = None if fresh else cohorts.get(params[idx[0]])
             backend.restore_sgd(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
                 [w_old[i] for i in idx],
                 [bufs[i] for i in idx],
-                hyper,
+                hyper if started is None else replace(
+                    hyper, dampening=started * hyper.dampening
+                ),
                 fresh,
                 source.select(idx) if source else None,
                 average.select(idx) if average else None,
             )
+            if started is not None and skip is None:
+                started.fill_(1.0)
+            elif started is not None:
+                torch.maximum(started, 1.0 - skip.to(torch.float64), out=started)
+            elif fresh and skip is not None and hyper.dampening != 0:
+                started = (1.0 - skip.to(torch.float64)).reshape(())
+                for i in idx:
+                    cohorts[params[i]] = started
 
     def _fused_adam(
         self,
@@ -1015,6 +1025,7 @@ class SharpnessAwareOptimizer(Optimizer):
         sd = self.base_optimizer.state_dict()
         stores = self._param_stores()
         state = dict(sd["state"])
+        self._drop_unmade_buffers(state)
         for i, p in enumerate(self._indexed_params()):
             extra = {}
             for key, store in stores.items():
@@ -1069,6 +1080,17 @@ class SharpnessAwareOptimizer(Optimizer):
                 p = params[index]
                 store[p] = tensor.detach().to(device=p.device, dtype=p.dtype).clone()
 
+    def _drop_unmade_buffers(self, state: dict[int, dict]) -> None:
+        """capturable, SGD with dampening: a momentum buffer whose every update so far was
+        skipped on the device is zeros standing in for none (torch.optim has made none yet):
+        saved without it, so that the next update after a load is torch's first step."""
+        if not self._momentum_cohorts:
+            return
+        for i, p in enumerate(self._indexed_params()):
+            started = self._momentum_cohorts.get(p)
+            if started is not None and not started.item() and "momentum_buffer" in state.get(i, {}):
+                state[i] = {k: v for k, v in state[i].items() if k != "momentum_buffer"}
+
     def _warn_afresh(self, stores: dict[str, dict[Tensor, Tensor]]) -> None:
         """A loaded state dict without fastsam's counters has none of its tensors either: say
         what starts afresh, when something does."""
@@ -1102,6 +1124,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Set the counts from a loaded state dict's (zero where it has none: a state dict of
         the plain base optimizer)."""
         self._device_counts = None
+        self._momentum_cohorts.clear()  # loaded buffers are those of updates made
         self._updates = int(counters.get("updates", 0))
         self._n_averaged = int(counters.get("n_averaged", 0))
         self._amp_skipped = int(counters.get("amp_skipped", 0))

@@ -50,7 +50,7 @@ class SAM(SharpnessAwareOptimizer):
             Adam's step counts live on the parameters' device (torch.optim's capturable
             layout), the skip counters are device tensors and so are ``average``'s schedule
             counts. ``lr`` and ``rho`` may be device tensors, written in place by a schedule.
-            Needs a fused base update (torch.optim SGD without dampening, Adam, AdamW).
+            Needs a fused base update (torch.optim SGD, Adam, AdamW).
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:
