@@ -115,6 +115,8 @@ def _run(name, backend, source, capturable, refuse=no_host_reads, **options):
         # there and never taken on a GPU): its first pass is not guarded on CPU.
         first = guarded and (backend != "torch" or DEVICE.type != "cpu")
         _step(model, opt, x, y, scaler, t in POISONED, (first, guarded), refuse)
+        if t < WARM_UP:  # checkpoints taken mid-run (after a skipped first update, and
+            opt.state_dict()  # after one that went ahead) change nothing that follows
         weights.append([p.detach().clone() for p in model.parameters()])
     return weights, opt, scaler
 

@@ -1083,12 +1083,20 @@ class SharpnessAwareOptimizer(Optimizer):
     def _drop_unmade_buffers(self, state: dict[int, dict]) -> None:
         """capturable, SGD with dampening: a momentum buffer whose every update so far was
         skipped on the device is zeros standing in for none (torch.optim has made none yet):
-        saved without it, so that the next update after a load is torch's first step."""
-        if not self._momentum_cohorts:
+        saved without it, so that the next update after a load is torch's first step. Reads
+        each cohort's flag once; cohorts found started are done with (their buffers are real:
+        the steady-state call takes them again)."""
+        cohorts = self._momentum_cohorts
+        if not cohorts:
             return
+        started = {id(flag): bool(flag.item()) for flag in cohorts.values()}
         for i, p in enumerate(self._indexed_params()):
-            started = self._momentum_cohorts.get(p)
-            if started is not None and not started.item() and "momentum_buffer" in state.get(i, {}):
+            flag = cohorts.get(p)
+            if flag is None:
+                continue
+            if started[id(flag)]:
+                del cohorts[p]
+            elif "momentum_buffer" in state.get(i, {}):
                 state[i] = {k: v for k, v in state[i].items() if k != "momentum_buffer"}
 
     def _warn_afresh(self, stores: dict[str, dict[Tensor, Tensor]]) -> None:
