@@ -115,7 +115,7 @@ def _put_back(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
     """``t ← saved`` where the flag ``skip`` is non-zero, else ``t`` as it is (no host read)."""
     flag = skip.reshape(()) != 0
     for t, before in zip(tensors, saved):
-        t.copy_(torch.where(flag, before, t))
+        torch.where(flag, before, t, out=t)
 
 
 class TorchBackend(Backend):

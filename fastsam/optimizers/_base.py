@@ -901,6 +901,7 @@ class SharpnessAwareOptimizer(Optimizer):
         # the buffers made in a step whose skip is decided on the device form a cohort with a
         # device flag, 1 once an update of theirs went ahead, and their updates take
         # dampening·flag.
+        went_ahead = None if skip is None else 1.0 - skip.to(torch.float64)
         calls: dict[int, list[int]] = {}
         for i, (p, buf) in enumerate(zip(params, bufs)):
             calls.setdefault(-1 if buf is None else id(cohorts.get(p)), []).append(i)
@@ -923,12 +924,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 source.select(idx) if source else None,
                 average.select(idx) if average else None,
             )
-            if started is not None and skip is None:
+            if started is not None and went_ahead is None:
                 started.fill_(1.0)
             elif started is not None:
-                torch.maximum(started, 1.0 - skip.to(torch.float64), out=started)
-            elif fresh and skip is not None and hyper.dampening != 0:
-                started = (1.0 - skip.to(torch.float64)).reshape(())
+                torch.maximum(started, went_ahead, out=started)
+            elif fresh and went_ahead is not None and hyper.dampening != 0:
+                started = went_ahead.reshape(()).clone()
                 for i in idx:
                     cohorts[params[i]] = started
 
