@@ -1,8 +1,12 @@
 """Production use: gradient accumulation, determinism, torch.compile, and bad input refused with
-clear errors (issue 8; GradScaler, DDP/FSDP2 and CUDA graphs are not here yet)."""
+clear errors (issue 8; GradScaler, non-finite gradients, DDP/FSDP2 and capturable=True have
+their own files)."""
+import copy
+
 import pytest
 import torch
 from conftest import DEVICE
+from test_capturable import CONFIGS, _step
 
 import fastsam
 
@@ -115,6 +119,48 @@ def test_state_of_another_model_is_refused_before_loading(backend):
     sd["state"] = {**sd["state"], 7: sd["state"][0]}
     with pytest.raises(ValueError, match="entry for parameter 7, but its param_groups do not"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("name", ["sam_sgd_nesterov", "asam_adam_amsgrad", "freesam_sgd",
+                                  "looksam_adam"])
+def test_loaded_state_takes_the_parameters_dtype(backend, name):
+    """A state dict saved by an fp64 run loads into an fp32 optimizer as torch.optim loads one:
+    every floating-point state tensor (fastsam's too: averages, FreeSAM's stored gradients,
+    LookSAM's direction) takes its parameter's dtype, the step count is kept as saved; the run
+    then continues exactly as from the same state cast to fp32 by hand (the fused kernels read
+    each buffer with its parameter's dtype: a buffer left in fp64 would be read out of bounds)."""
+    x, y = _data(dtype=torch.float32)
+
+    def run(dtype, steps, state=None):
+        model = _model(dtype=dtype)
+        opt = CONFIGS[name](model.parameters(), backend=backend, average="ema")
+        if state is not None:
+            opt.load_state_dict(state)
+        for _ in range(steps):
+            _step(model, opt, x.to(dtype), y, None, False, (False, False))
+        return model, opt
+
+    _, saved = run(torch.float64, 3)
+    saved = saved.state_dict()
+    by_hand = {**saved, "state": {
+        i: {k: v.float() if k != "step" and v.is_floating_point() else v for k, v in s.items()}
+        for i, s in saved["state"].items()}}
+    fp64_keys = {k for s in saved["state"].values() for k, v in s.items()
+                 if k != "step" and v.dtype == torch.float64}
+    assert {"exp_avg", "averaged_weights"} & fp64_keys  # the check below is not vacuous
+    # (copies: as in torch.optim, a loaded step count is the saved tensor itself)
+    loaded, loaded_opt = run(torch.float32, 3, copy.deepcopy(saved))
+    reference, reference_opt = run(torch.float32, 3, copy.deepcopy(by_hand))
+    for a, b in zip(loaded.parameters(), reference.parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    with loaded_opt.averaged_weights(), reference_opt.averaged_weights():
+        assert all(torch.equal(a, b) for a, b in zip(loaded.parameters(),
+                                                      reference.parameters()))
+    resaved = loaded_opt.state_dict()["state"]
+    for i, s in saved["state"].items():
+        assert set(resaved[i]) == set(s)
+        for key in fp64_keys & set(s):
+            assert resaved[i][key].dtype == torch.float32, key
 
 
 def test_parameters_on_two_devices_are_refused():

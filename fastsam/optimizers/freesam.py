@@ -51,7 +51,9 @@ class FreeSAM(SharpnessAwareOptimizer):
             torch.optim does. Costs one fused check of the gradients and one host read per step
             (none with ``capturable``).
         capturable (bool, default False): as in :class:`fastsam.SAM` (the stored gradients
-            are kept, not replaced, when the update is skipped on the device).
+            are kept, not replaced, when the update is skipped on the device). A parameter's
+            first step, which stores its first gradient, still reads the skip flag on the
+            host: take it before capturing a graph.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
