@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,7 +46,6 @@
 
 #ifdef FASTSAM_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -255,6 +255,13 @@ void check_exponents(const char* op, double q) {
                                   " must be >= 1 (q is the dual of p > 1)"));
 }
 
+// A scratch tensor grows onto new storage instead of resizing its own: a CUDA graph captured
+// with the old storage reads it at every replay, and fastsam/backends/native.py keeps it alive
+// for that graph (a resize would free it under the graph).
+void grow_scratch(at::Tensor& scratch, int64_t numel) {
+  scratch.set_(at::empty({numel}, scratch.options()));
+}
+
 // Scratch (fp64): [0, n) per-segment partials, [n, 2n) filter norms. Grown, never shrunk.
 void check_scratch(const char* op, at::Tensor& scratch, at::TensorList w, int64_t n, bool grow) {
   check_scalar_tensor(op, "scratch", scratch, w, 0);
@@ -264,7 +271,7 @@ void check_scratch(const char* op, at::Tensor& scratch, at::TensorList w, int64_
     TORCH_CHECK_VALUE(grow, msg("fastsam.", op, ": scratch holds ", scratch.numel(),
                       " values but these tensors need ", 2 * n,
                       "; call norm over the same tensors first"));
-    scratch.resize_({2 * n});
+    grow_scratch(scratch, 2 * n);
   }
 }
 
@@ -287,6 +294,7 @@ struct Tables {
   std::vector<Table> views;  // host pointers (CPU) or device pointers (CUDA)
   int64_t n_segments = 0;
   at::Tensor device_blob;    // CUDA: every table's arrays in one int64 device tensor
+  at::Tensor host_blob;      // CUDA: its pinned source (a captured upload reads it at replay)
 };
 using TablesPtr = std::shared_ptr<Tables>;
 
@@ -334,21 +342,35 @@ struct Cpu {
 #ifdef FASTSAM_WITH_CUDA
 // Device copies of the tables, cached: an entry is reused while every address, size, dtype
 // and per-tensor option of the call is unchanged, so a steady-state step uploads nothing.
+// An entry used while the stream is being captured into a CUDA graph is held for good: the
+// graph's kernels read its device copy (and a captured upload its pinned host copy) at every
+// replay, long after the cache may have evicted it.
 class DeviceTableCache {
  public:
-  TablesPtr get(const char* op, const Lists& lists, const PerTensor* options, c10::Device device) {
+  TablesPtr get(const char* op, const Lists& lists, const PerTensor* options, c10::Device device,
+                cudaStream_t stream) {
     std::vector<int64_t> key = make_key(op, lists, options, device);
     std::lock_guard<std::mutex> lock(mutex_);
+    TablesPtr tables;
     for (auto it = entries_.begin(); it != entries_.end(); ++it) {
       if (it->first == key) {
         entries_.splice(entries_.begin(), entries_, it);  // most recently used first
-        return entries_.front().second;
+        tables = entries_.front().second;
+        break;
       }
     }
-    auto tables = host_tables(lists, options, kCudaChunk);
-    upload(*tables, device);
-    entries_.emplace_front(std::move(key), tables);
-    if (entries_.size() > kCapacity) entries_.pop_back();
+    if (!tables) {
+      tables = host_tables(lists, options, kCudaChunk);
+      upload(*tables, device);
+      entries_.emplace_front(std::move(key), tables);
+      if (entries_.size() > kCapacity) entries_.pop_back();
+    }
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) == cudaSuccess &&
+        status != cudaStreamCaptureStatusNone &&
+        std::find(held_.begin(), held_.end(), tables) == held_.end()) {
+      held_.push_back(tables);
+    }
     return tables;
   }
 
@@ -403,6 +425,7 @@ class DeviceTableCache {
       append(tab.eta.data(), tab.eta.size());  // doubles, bit for bit
     }
     tables.device_blob = host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
+    tables.host_blob = host;
     const int64_t* base = tables.device_blob.data_ptr<int64_t>();
     for (size_t k = 0; k < tables.host.size(); ++k) {
       Table& v = tables.views[k];
@@ -417,6 +440,7 @@ class DeviceTableCache {
 
   std::mutex mutex_;
   std::list<std::pair<std::vector<int64_t>, TablesPtr>> entries_;
+  std::vector<TablesPtr> held_;  // used during a capture: never released
 };
 
 struct Cuda {
@@ -426,7 +450,7 @@ struct Cuda {
       : device(device), guard(device), stream(c10::cuda::getCurrentCUDAStream().stream()) {}
   TablesPtr tables(const char* op, const Lists& lists, const PerTensor* options) const {
     static DeviceTableCache cache;
-    return cache.get(op, lists, options, device);
+    return cache.get(op, lists, options, device, stream);
   }
   void norm_partials(const Table& t, const NormArgs& a) const {
     cuda::norm_partials(t, a, stream);
@@ -675,7 +699,7 @@ void gsam_reduce(const char* op, at::TensorList grads, at::TensorList first_grad
   const D dev(device_of(grads, out));
   const TablesPtr tables = dev.tables(op, lists, nullptr);
   const int64_t n = tables->n_segments;
-  if (scratch.numel() < 3 * n) scratch.resize_({3 * n});
+  if (scratch.numel() < 3 * n) grow_scratch(scratch, 3 * n);
   double* partials = scratch.data_ptr<double>();
   int64_t offset = 0;
   for (const Table& t : tables->views) {

@@ -8,6 +8,8 @@ optimizer state and the counters, over 7 steps with skipped ones among them (the
 update, which creates the state, and one in steady state)."""
 import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from conftest import DEVICE, FUSED
 from test_amp import _data, _model
 
 import fastsam
+from fastsam.backends import _constants
 
 LOSS = torch.nn.functional.cross_entropy
 STEPS = 7
@@ -436,15 +439,64 @@ def test_no_synchronisation_on_cuda(backend, name, average):
     assert opt.amp_skipped_steps >= 1
 
 
+def _cached_objects(opt):
+    """What the fused backends of ``opt`` cache for its steps: launch plans (their device
+    tables), scalar arrays, scratch buffers (the native operators grow theirs onto new storage:
+    the storage is what a graph reads)."""
+    out = []
+    for backend in set(opt._backends.values()):
+        for plan in getattr(backend, "_plans", {}).values():  # update plans: lists of tables
+            out += plan if isinstance(plan, list) else [plan]
+        out += backend._constants._arrays.values()
+        for buf in backend._scratch.values():
+            out.append(buf.untyped_storage() if backend.name != "triton" else buf)
+    return out
+
+
+def _drop_caches(opt):
+    for backend in set(opt._backends.values()):
+        getattr(backend, "_plans", {}).clear()
+        backend._constants._arrays.clear()
+        backend._scratch.clear()
+
+
+@pytest.mark.parametrize("captured", [True, False])
+@pytest.mark.parametrize("backend", FUSED)
+def test_what_a_captured_step_reads_outlives_the_caches(backend, captured, monkeypatch):
+    """A CUDA graph reads its step's tables, scalar arrays and scratch at every replay, long
+    after a cache may have evicted them (an eager step with new gradient addresses makes new
+    entries): whatever a step uses during a capture is held for good. The capture is emulated
+    here (the query answers yes for one step); without it, the same objects die with the
+    caches, so the check can fail."""
+    monkeypatch.setattr(_constants, "_HELD_FOR_GRAPHS", {})
+    x, y = _data()
+    model = _model()
+    opt = CONFIGS["gsam_adamw"](model.parameters(), backend=backend, capturable=True,
+                                skip_nonfinite=True, average="ema")
+    for t in range(WARM_UP + 1):
+        if t == WARM_UP and captured:
+            monkeypatch.setattr(_constants, "capturing", lambda: True)
+        _step(model, opt, x, y, None, False, (False, False))
+    monkeypatch.setattr(_constants, "capturing", lambda: False)
+    refs = [weakref.ref(obj) for obj in _cached_objects(opt)]
+    assert len(refs) >= 5
+    _drop_caches(opt)
+    del opt, model
+    gc.collect()
+    assert all(ref() is not None for ref in refs) == captured
+    assert any(ref() is not None for ref in refs) == captured
+
+
 @pytest.mark.gpu
 # (LookSAM is left out: a replay repeats the captured kind of step, its host schedule stands)
 @pytest.mark.parametrize("name", [n for n in CONFIGS if "looksam" not in n])
 def test_cuda_graph_replay_equals_eager(backend, name):
     """On a GPU: a whole step (both passes, or FreeSAM's one) captured in a CUDA graph after
-    warm-up steps, then replayed, equals the same steps run eagerly: lr and rho are device
-    tensors written between replays, skip_nonfinite skips the replay whose loss is made inf,
-    and the device counters advance with the replays. Gradients are zeroed in place, so the
-    fused backends' launch tables (keyed by gradient addresses) are built in the warm-up."""
+    warm-up steps, then replayed (with the backends' caches dropped), equals the same steps run
+    eagerly: lr and rho are device tensors written between replays, skip_nonfinite skips the
+    replay whose loss is made inf, and the device counters advance with the replays. Gradients
+    are zeroed in place, so the fused backends' launch tables (keyed by gradient addresses) are
+    built in the warm-up."""
     x, y = _data()
     freesam = "freesam" in name
     runs = []
@@ -478,6 +530,8 @@ def test_cuda_graph_replay_equals_eager(backend, name):
             with torch.cuda.graph(graph):
                 step()
             run = graph.replay
+            if backend in FUSED:  # replays read what the capture held, not the caches
+                _drop_caches(opt)
         weights = []
         for t in range(STEPS):
             lr.fill_(0.01 / (1 + t))

@@ -152,6 +152,22 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.gsam_sums(w, w, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
 
 
+def test_scratch_grows_onto_new_storage(ops):
+    """norm and the GSAM reductions grow a too-small scratch by giving it new storage: the old
+    storage is left as it was (a CUDA graph captured with it reads it at every replay; the
+    backend holds it), where a resize would free it."""
+    small, large = _tensors([(5,)], seed=3), _tensors([(5,), (100_003,)], seed=4)
+    _, scratch = _norm(ops, small, small)
+    for call in (lambda: ops.norm(large, large, [2], [0], [0.0], 2.0, torch.zeros(()), scratch),
+                 lambda: ops.gsam_sums(large, large, torch.zeros(3), scratch)):
+        before = scratch.untyped_storage()
+        size, address = before.nbytes(), before.data_ptr()
+        call()
+        after = scratch.untyped_storage()
+        assert after.data_ptr() != address and after.nbytes() > size
+        assert (before.data_ptr(), before.nbytes()) == (address, size)
+
+
 def test_operator_schemas_pass_opcheck(ops):
     """Mutation annotations, fake-tensor and autograd registration as torch.compile sees them."""
     params, grads = _tensors([(5,), (3, 4)], seed=3), _tensors([(5,), (3, 4)], seed=4)

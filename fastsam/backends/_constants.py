@@ -15,14 +15,39 @@ from torch import Tensor
 
 _CACHE_SIZE = 32
 
+# What captured CUDA graphs read, kept for the rest of the process (see held_for_graphs).
+_HELD_FOR_GRAPHS: dict[int, object] = {}
+
+
+def capturing() -> bool:
+    """Whether work queued now is being captured into a CUDA graph (a host-side query, no
+    synchronisation; False wherever CUDA was never initialised)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def held_for_graphs(obj):
+    """``obj``, kept alive for the rest of the process when it is used during a CUDA graph
+    capture; returned as is.
+
+    A graph bakes in the addresses its kernels and copies read (segment tables, constant arrays,
+    scratch buffers, the pinned staging copy of an upload) and reads them again at every replay.
+    Once a cache evicted one, or a bigger buffer replaced one, the allocators would hand its
+    memory to another tensor and replays would read that tensor's bytes. What a captured step
+    holds is small: its tables and scalar arrays, each object once.
+    """
+    if capturing():
+        _HELD_FOR_GRAPHS.setdefault(id(obj), obj)
+    return obj
+
 
 def upload(host: Tensor, device: torch.device) -> Tensor:
     """A host tensor on ``device`` without making the host wait."""
     if device.type == "cpu":
         return host
     # Pinned + non_blocking: the copy is queued on the stream, the host does not wait. A fresh
-    # pinned tensor per upload: the caching host allocator keeps it alive until the copy is done.
-    return host.pin_memory().to(device, non_blocking=True)
+    # pinned tensor per upload: the caching host allocator keeps it alive until the copy is done
+    # (a captured copy reads it again at every replay: then it is kept for good).
+    return held_for_graphs(host.pin_memory()).to(device, non_blocking=True)
 
 
 class ConstantArrays:
@@ -46,4 +71,4 @@ class ConstantArrays:
             array = self._arrays[key] = upload(torch.tensor(values, dtype=torch.float64), device)
             if len(self._arrays) > _CACHE_SIZE:
                 self._arrays.popitem(last=False)
-        return array
+        return held_for_graphs(array)

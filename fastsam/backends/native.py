@@ -30,7 +30,7 @@ from ..functional import (
     Swap,
     dual_exponent,
 )
-from ._constants import ConstantArrays
+from ._constants import ConstantArrays, held_for_graphs
 
 try:
     from .. import _C  # noqa: F401  (importing registers torch.ops.fastsam.*)
@@ -118,12 +118,14 @@ class NativeBackend(Backend):
         self._pending: tuple[list[PerturbGroup], tuple] | None = None  # norm → perturb
 
     def _buffer(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """A persistent buffer per (name, device, dtype); the operators grow ``scratch``."""
+        """A persistent buffer per (name, device, dtype); the operators grow ``scratch`` onto
+        new storage (a captured graph keeps the old one: its storage is held)."""
         key = (name, device, dtype)
         buf = self._scratch.get(key)
         if buf is None:
             shape = {"norm": (), "along": (), "gsam_sums": (3,)}.get(name, (0,))
             buf = self._scratch[key] = torch.zeros(shape, dtype=dtype, device=device)
+        held_for_graphs(buf.untyped_storage())
         return buf
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:

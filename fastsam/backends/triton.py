@@ -41,7 +41,7 @@ from ..functional import (
     Swap,
     dual_exponent,
 )
-from ._constants import ConstantArrays, upload
+from ._constants import ConstantArrays, held_for_graphs, upload
 
 try:
     import triton.language as tl
@@ -285,14 +285,14 @@ class TritonBackend(Backend):
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
-        return plan
+        return held_for_graphs(plan)
 
     def _buffer(self, name: str, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (name, device, dtype)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._scratch[key] = torch.empty(max(numel, 1), dtype=dtype, device=device)
-        return buf
+        return held_for_graphs(buf)
 
     # ---------------------------------------------------------------- pass A
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
