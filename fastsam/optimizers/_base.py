@@ -801,12 +801,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 "this optimizer averages no weights: construct it with average='swa' or 'ema' "
                 "(or fastsam.SWA(...) / fastsam.EMA(...))"
             )
-        if self.n_averaged == 0:
+        counters = self._counters()  # with capturable, one read of the device counts
+        if counters["n_averaged"] == 0:
+            schedule = self._average_schedule
             raise RuntimeError(
-                f"no weights have been averaged yet: {self._counters()['updates']} updates "
-                "made, and "
-                f"{self._average_schedule} averages after update "
-                f"{self._average_schedule.start + self._average_schedule.every} first"
+                f"no weights have been averaged yet: {counters['updates']} updates made, and "
+                f"{schedule} averages after update {schedule.start + schedule.every} first"
             )
         for p, average in self._averaged.items():  # one tensor's copy at a time
             current = p.detach().clone()
