@@ -111,6 +111,35 @@ def test_k_equal_one_is_sam(backend, device):
         assert torch.equal(p.detach(), r.detach())
 
 
+@pytest.mark.parametrize("capturable", [False, True])
+def test_no_orthogonal_part_gives_no_direction(backend, device, capturable):
+    """rho = 0: g_s = g, so g_v = g_s - (⟨g,g_s⟩/‖g‖²)·g is cancellation noise. u_v is 0 (not
+    noise normalised to a unit vector, whose sign and direction depend on the backend's
+    rounding), so LookSAM is its base optimizer: a look-ahead step uses g itself. The same
+    steps with rho = 0.05 make a unit direction (the check can fail)."""
+    kw = dict(lr=0.05, momentum=0.9)
+    for rho in (0.0, 0.05):
+        params = make_params(SHAPES, torch.float32, device, seed=16)
+        ref = clone_params(params)
+        opt = fastsam.LookSAM(
+            params, torch.optim.SGD, k=2, backend=backend, capturable=capturable,
+            rho=torch.tensor(rho, device=device) if capturable else rho, **kw,
+        )
+        land = Landscape(SHAPES, seed=12)
+        drive(opt, params, land, 4)  # SAM, look-ahead, SAM, look-ahead: 4 updates
+        total = sum(float(d.double().square().sum()) for d in opt._direction.values()) ** 0.5
+        if rho != 0.0:
+            assert abs(total - 1.0) < 1e-5, total
+            continue
+        assert opt._direction and total == 0.0, total
+        base = torch.optim.SGD(ref, foreach=False, **kw)
+        for _ in range(4):
+            land.set_grads(ref)
+            base.step()
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_backward_passes_per_step_are_one_plus_one_over_k():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))

@@ -3,6 +3,7 @@ the SAM gradient is computed every k steps only; in between, the part of it that
 (its component orthogonal to the plain gradient) is reused."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,6 +15,20 @@ from ..functional import Correction, DecomposeGroup, PerturbGroup, Scaling
 from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative, persistent_buffer
 
 STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
+
+
+def orthogonal_tolerance(dtype: torch.dtype) -> float:
+    """The relative size ‖g_v‖/‖g_s‖ at and below which g_v counts as rounding and u_v is 0:
+    the machine epsilon of the dtype g_v is computed in (1.2e-7 for fp32, 2.2e-16 for fp64).
+    g_s itself is stored only to ±ε·‖g_s‖, so a part orthogonal to g smaller than that is not
+    resolvable. The degenerate case (rho = 0, g_s = g) leaves ~ε²·‖g_s‖ of noise (measured:
+    1e-13 to 0 on the three CPU backends in fp32), a genuine part at rho = 1e-4 ~2.6e-7."""
+    return torch.finfo(dtype).eps
+
+
+def _square_sum(tensors: list[Tensor]) -> Tensor:
+    """Σ‖t‖² over ``tensors`` as a 0-d fp64 device tensor."""
+    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
 
 
 class LookSAM(SharpnessAwareOptimizer):
@@ -28,7 +43,10 @@ class LookSAM(SharpnessAwareOptimizer):
         u_v = \frac{g_v}{\|g_v\| + \epsilon}
 
     (the paper's ``g_s - ‖g_s‖cos θ · g/‖g‖``; the projection is applied twice, which removes
-    the rounding left along g when g_s and g are close). On the other steps (*look-ahead
+    the rounding left along g when g_s and g are close). Where g_s has no part orthogonal to g
+    beyond rounding (``‖g_v‖ ≤ ε·‖g_s‖``, ε the machine epsilon of the parameters' dtype;
+    e.g. rho = 0, where g_s = g), the paper's formula is 0/0: u_v is 0 and the
+    look-ahead steps use g itself. On the other steps (*look-ahead
     steps*) there is no second pass: the update uses ``g + α·‖g‖·u_v``, the paper's
     ``g + α·(‖g‖/‖g_v‖)·g_v``.
     Over k steps that is k + 1 forward/backward passes instead of SAM's 2k.
@@ -271,9 +289,15 @@ class LookSAM(SharpnessAwareOptimizer):
             along = backend.gsam_along([DecomposeGroup(first, directions, 0.0)], self._eps)
             coefficient = (-along).to(directions[0].dtype)
             torch._foreach_addcmul_(directions, first, [coefficient.expand_as(d) for d in first])
-        square = torch.stack(torch._foreach_norm(directions)).double().square().sum()
-        norm = backend.sum_over_shards(square).sqrt()
-        torch._foreach_div_(directions, (norm + self._eps).to(directions[0].dtype))
+        square = backend.sum_over_shards(_square_sum(directions))
+        # u_v = g_v/(‖g_v‖ + eps), or 0 where g_v is only rounding: when g_s is (nearly)
+        # parallel to g (rho = 0 makes g_s = g), g_v is the cancellation noise of g_s - g,
+        # whose direction differs by backend and machine; normalising it would make a random
+        # unit vector (see orthogonal_tolerance).
+        tolerance = max(map(orthogonal_tolerance, {d.dtype for d in directions})) ** 2
+        real = square > tolerance * backend.sum_over_shards(_square_sum(second))
+        denominator = torch.where(real, square.sqrt() + self._eps, math.inf)  # x/inf = 0
+        torch._foreach_div_(directions, denominator.to(directions[0].dtype))
         if skip is not None:  # the new u_v unless the update is skipped
             keep_old = skip != 0
             for old, new in zip(kept, directions):
