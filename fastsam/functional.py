@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = [
     "Scaling",
     "PerturbGroup",
+    "PerturbationNorm",
     "SGDHyper",
     "AdamHyper",
     "DecomposeGroup",
@@ -78,6 +79,19 @@ class PerturbGroup:
     rho: float | Tensor  # a number, or a 0-d tensor the kernels read on the device
     scaling: Scaling
     keep_grads: list[Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class PerturbationNorm:
+    """What pass A hands pass B: ``total`` = S as a 0-d device tensor (fp32; fp64 when a
+    parameter is fp64), the ``groups`` it was taken over, and what the backend ``prepared`` for
+    them (its launch tables, the per-filter norms it computed on the way), which only that
+    backend's :meth:`Backend.perturb` reads. Nothing passes between the two calls any other
+    way: a backend keeps no state from one to the other."""
+
+    total: Tensor
+    groups: list[PerturbGroup]
+    prepared: object = None
 
 
 @dataclass(frozen=True)
@@ -300,17 +314,16 @@ class Backend:
         all-reduce across the shards for sharded parameters."""
         return partial
 
-    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        """Pass A. Return ``S = Σ |T·g|^q`` over every tensor of every group as a 0-d fp32
-        tensor on the parameters' device (fp32 accumulation)."""
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
+        """Pass A. ``S = Σ |T·g|^q`` over every tensor of every group, as the ``total`` (a 0-d
+        tensor on the parameters' device, fp32 accumulation) of a :class:`PerturbationNorm`."""
         raise NotImplementedError
 
-    def perturb(
-        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
-    ) -> None:
-        """Pass B. ``w_old ← w`` and ``w ← w + e`` for every tensor (formula in the module
-        docstring, ``rho`` per group). If ``norm_sum`` is not finite the perturbation is zero
-        and ``skipped`` (0-d fp32) is set to 1, else to 0."""
+    def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
+        """Pass B over the groups of ``norm`` (what :meth:`perturbation_norm` returned, its
+        total possibly made global in place): ``w_old ← w`` and ``w ← w + e`` for every tensor
+        (formula in the module docstring, ``rho`` per group). If the total is not finite the
+        perturbation is zero and ``skipped`` (0-d fp32) is set to 1, else to 0."""
         raise NotImplementedError
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

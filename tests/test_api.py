@@ -173,6 +173,39 @@ def test_state_dict_keeps_base_state_and_moves_to_torch_optim():
     assert again.state is again.base_optimizer.state
 
 
+@pytest.mark.parametrize("saved_with,loaded_into,guess", [
+    (torch.optim.Adam, torch.optim.SGD, "Adam"),
+    (torch.optim.SGD, torch.optim.AdamW, "SGD"),
+    (torch.optim.RMSprop, torch.optim.SGD, "RMSprop"),
+])
+def test_state_dict_of_another_base_optimizer_is_refused_before_loading(
+    saved_with, loaded_into, guess
+):
+    """A checkpoint saved with another base optimizer (an Adam state dict into SAM over SGD:
+    the first step after it would die with KeyError 'momentum') is refused with both names,
+    and nothing of the live optimizer changes. Adam into AdamW (the same layout) loads."""
+    land = Landscape(SHAPES[:3], seed=2)
+    params = make_params(SHAPES[:3], torch.float32, "cpu", seed=3)
+    theirs = fastsam.SAM(clone_params(params), saved_with, lr=0.01)
+    drive(theirs, theirs.param_groups[0]["params"], land, 2)
+    ours = fastsam.SAM(params, loaded_into, lr=0.01)
+    drive(ours, params, land, 2)
+    before = ours.state_dict()
+    for saved in (theirs.state_dict(), theirs.base_optimizer.state_dict()):
+        with pytest.raises(ValueError, match=rf"saved from another base optimizer.*"
+                                             rf"{loaded_into.__name__}.*\({'as ' + guess}"):
+            ours.load_state_dict(saved)
+    after = ours.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, entry in before["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in entry.items())
+    adamw = fastsam.SAM(clone_params(params), torch.optim.AdamW, lr=0.01)
+    adam = fastsam.SAM(clone_params(params), torch.optim.Adam, lr=0.01)
+    drive(adam, adam.param_groups[0]["params"], land, 1)
+    adamw.load_state_dict(adam.state_dict())
+    assert adamw.state_dict()["state"].keys() == adam.state_dict()["state"].keys()
+
+
 def test_groups_and_state_are_shared_with_base():
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
     opt = fastsam.SAM([a], torch.optim.SGD, rho=0.2, lr=0.1)

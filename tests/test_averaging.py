@@ -155,7 +155,7 @@ def test_fused_update_averages_without_the_base_step(backend, device):
 
     opt.base_optimizer.step = refuse
     train(opt, params, 3, Landscape(SHAPES, seed=3))
-    assert opt.n_averaged == 3 and len(opt._averaged) == len(params)
+    assert opt.n_averaged == 3 and len(opt._averager.averaged) == len(params)
 
 
 def test_checkpoint_continues_bit_identically(backend, device):
@@ -242,7 +242,7 @@ def test_every_state_dict_has_the_same_entries(make):
     if not isinstance(opt, fastsam.LookSAM):
         with pytest.raises(RuntimeError, match="no weights have been averaged yet"):
             fresh.swap_average()
-        assert not fresh._averaged  # holds no copy of the model until the averaging starts
+        assert not fresh._averager.averaged  # no copy of the model until the averaging starts
 
 
 def test_swap_errors_and_refusals():

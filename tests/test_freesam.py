@@ -73,7 +73,7 @@ def test_update_is_fused(backend, device, base):
 
     opt.base_optimizer.step = refuse
     run(opt, params, Landscape(SHAPES, seed=8), 2)
-    assert not opt._w_old and len(opt._stored) == len(params)
+    assert not opt._planner.w_old and len(opt._stored) == len(params)
 
 
 def test_one_backward_per_step():

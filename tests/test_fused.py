@@ -159,12 +159,12 @@ def test_non_finite_norm_skips_perturbation(bad, fused):
     opt.first_step()
     for p, b in zip(params, before):
         assert torch.equal(p, b)  # bit-identical: nothing perturbed
-    assert float(opt._skipped) == 1.0
+    assert float(opt._skips.perturb_skipped) == 1.0
     opt.second_step()
     for p in params:
         p.grad = torch.ones_like(p)
     opt.first_step()
-    assert float(opt._skipped) == 0.0
+    assert float(opt._skips.perturb_skipped) == 0.0
     assert not torch.equal(params[0], before[0])
 
 
@@ -233,7 +233,7 @@ def test_tensor_over_2_pow_31_elements(fused):
     one_ulp = dict(rtol=2**-7, atol=1e-6)
     expected = w0 + 0.05 * g0 / (norm + 1e-12)
     torch.testing.assert_close(w.detach()[tail].float(), expected, **one_ulp)
-    assert torch.equal(opt._w_old[w][tail].float(), w0)  # the copy is exact
+    assert torch.equal(opt._planner.w_old[w][tail].float(), w0)  # the copy is exact
     opt.second_step()  # grad unchanged: w = w_old - lr * g
     torch.testing.assert_close(w.detach()[tail].float(), w0 - 0.1 * g0, **one_ulp)
 

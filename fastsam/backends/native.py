@@ -25,6 +25,7 @@ from ..functional import (
     Correction,
     DecomposeGroup,
     GradientSource,
+    PerturbationNorm,
     PerturbGroup,
     SGDHyper,
     Swap,
@@ -115,7 +116,6 @@ class NativeBackend(Backend):
         self.name = name
         self._constants = ConstantArrays()
         self._scratch: dict[tuple, Tensor] = {}
-        self._pending: tuple[list[PerturbGroup], tuple] | None = None  # norm → perturb
 
     def _buffer(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
         """A persistent buffer per (name, device, dtype); the operators grow ``scratch`` onto
@@ -128,9 +128,8 @@ class NativeBackend(Backend):
         held_for_graphs(buf.untyped_storage())
         return buf
 
-    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         flat = _flatten(groups)
-        self._pending = (groups, flat)
         params, grads, sizes, modes, etas = flat
         device = params[0].device
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
@@ -138,16 +137,14 @@ class NativeBackend(Backend):
         out = self._buffer("norm", device, torch.float64 if fp64 else torch.float32)
         scratch = self._buffer("scratch", device, torch.float64)
         torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch)
-        return out
+        # prepared: the flattened lists; the filter norms stay in ``scratch`` for perturb
+        return PerturbationNorm(out, groups, flat)
 
-    def perturb(
-        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
-    ) -> None:
-        # Reads the filter norms the perturbation_norm call just made over the same groups
-        # left in ``scratch`` (the engine always calls the two in a row), and reuses its lists.
-        pending, self._pending = self._pending, None
-        flat = pending[1] if pending is not None and pending[0] is groups else _flatten(groups)
-        params, grads, sizes, modes, etas = flat
+    def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
+        # Reads the filter norms that perturbation_norm left in ``scratch`` for these groups
+        # (the engine calls the two in a row), with the lists it flattened.
+        groups, norm_sum = norm.groups, norm.total
+        params, grads, sizes, modes, etas = norm.prepared
         w_old = [t for g in groups for t in g.w_old]
         rhos = self._constants(tuple(g.rho for g in groups), params[0].device)
         keep = _kept(groups)

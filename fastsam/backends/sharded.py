@@ -28,6 +28,7 @@ from ..functional import (
     DecomposeGroup,
     Decomposition,
     GradientSource,
+    PerturbationNorm,
     PerturbGroup,
     SGDHyper,
     Swap,
@@ -116,7 +117,6 @@ class ShardedBackend(Backend):
         self.groups = groups
         self.dims = dims
         self.name = inner.name
-        self._pending: tuple[list[PerturbGroup], list[PerturbGroup]] | None = None
 
     def local(self, tensors: list[Tensor]) -> list[Tensor]:
         return local_tensors(tensors)
@@ -141,19 +141,14 @@ class ShardedBackend(Backend):
             ))
         return out
 
-    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
-        local = self._local_groups(groups)
-        self._pending = (groups, local)
-        return self.sum_over_shards(self.inner.perturbation_norm(local, q))
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
+        local = self.inner.perturbation_norm(self._local_groups(groups), q)
+        # the local sum made global in place: the inner backend's perturb reads the same tensor
+        return PerturbationNorm(self.sum_over_shards(local.total), groups, local)
 
-    def perturb(
-        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
-    ) -> None:
-        # The same local groups as the norm just before (the inner backend may reuse what it
-        # built for them, as it does unsharded), unwrapped once per step.
-        pending, self._pending = self._pending, None
-        local = pending[1] if pending is not None and pending[0] is groups else None
-        self.inner.perturb(local or self._local_groups(groups), norm_sum, p, eps, skipped)
+    def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
+        # the inner backend's own hand-off, over the local groups unwrapped once per step
+        self.inner.perturb(norm.prepared, p, eps, skipped)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         self.inner.restore(local_tensors(params), local_tensors(w_old))

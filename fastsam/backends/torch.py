@@ -22,6 +22,7 @@ from ..functional import (
     Backend,
     Correction,
     GradientSource,
+    PerturbationNorm,
     PerturbGroup,
     Scaling,
     SGDHyper,
@@ -121,7 +122,11 @@ def _put_back(skip: Tensor, tensors: list[Tensor], saved: list[Tensor]) -> None:
 class TorchBackend(Backend):
     name = "torch"
 
-    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
+        return PerturbationNorm(self._norm_sum(groups, q), groups)
+
+    @staticmethod
+    def _norm_sum(groups: list[PerturbGroup], q: float) -> Tensor:
         total = None
         for group in groups:
             if not group.params:  # an empty group (or none of its params has a gradient)
@@ -133,9 +138,8 @@ class TorchBackend(Backend):
             return torch.zeros(())
         return total.float() if total.dtype in _NARROW else total
 
-    def perturb(
-        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
-    ) -> None:
+    def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
+        groups, norm_sum = norm.groups, norm.total
         finite = torch.isfinite(norm_sum)
         skipped.copy_(~finite)
         if math.isinf(p):

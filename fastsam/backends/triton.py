@@ -36,6 +36,7 @@ from ..functional import (
     DecomposeGroup,
     Decomposition,
     GradientSource,
+    PerturbationNorm,
     PerturbGroup,
     SGDHyper,
     Swap,
@@ -267,7 +268,6 @@ class TritonBackend(Backend):
         self._plans: OrderedDict[Hashable, object] = OrderedDict()
         self._constants = ConstantArrays()
         self._scratch: dict[tuple, Tensor] = {}
-        self._pending: tuple[_PerturbPlan, Tensor] | None = None
 
     # ---------------------------------------------------------------- plumbing
     def _launch(self, kernel, n_programs: int, *args, **meta) -> None:
@@ -295,7 +295,7 @@ class TritonBackend(Backend):
         return held_for_graphs(buf)
 
     # ---------------------------------------------------------------- pass A
-    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> Tensor:
+    def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         key = ("perturb",) + _roles_key(groups)
         plan = self._cached(key, lambda: _PerturbPlan(groups))
         partials = self._buffer("partials", plan.n_segments, plan.device, plan.acc)
@@ -315,18 +315,13 @@ class TritonBackend(Backend):
             K.sum_kernel, 1, partials, plan.n_segments, norm_sum,
             ACC=_ACC[plan.acc], BLOCK=SUM_BLOCK,
         )
-        self._pending = (plan, filter_T)
-        return norm_sum
+        return PerturbationNorm(norm_sum, groups, (plan, filter_T))
 
     # ---------------------------------------------------------------- pass B
-    def perturb(
-        self, groups: list[PerturbGroup], norm_sum: Tensor, p: float, eps: float, skipped: Tensor
-    ) -> None:
-        # Uses the plan and filter norms of the perturbation_norm call just made over the same
-        # groups (the engine always calls the two in a row).
-        if self._pending is None:
-            raise RuntimeError("triton backend: perturb() must follow perturbation_norm()")
-        (plan, filter_T), self._pending = self._pending, None
+    def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
+        # The plan and the filter norms of the perturbation_norm call just made over the same
+        # groups (the engine calls the two in a row: the filter norms are in scratch).
+        (plan, filter_T), groups, norm_sum = norm.prepared, norm.groups, norm.total
         q = dual_exponent(p)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)

@@ -9,7 +9,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Scaling
-from ._base import SharpnessAwareOptimizer, check_finite_nonnegative
+from ._base import SharpnessAwareOptimizer
+from ._checks import check_finite_nonnegative
 
 NORMALIZATIONS = ("element", "filter")
 

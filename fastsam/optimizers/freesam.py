@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Swap
-from ._base import SharpnessAwareOptimizer, _StepPlan
+from ._core import FusedOptimizer
+from ._plan import StepPlan
 
 STATE_KEY = "previous_grad"
 
@@ -20,7 +21,7 @@ def _stale(stored: Tensor | None, like: Tensor) -> bool:
     return stored is None or stored.shape != like.shape or stored.dtype != like.dtype
 
 
-class FreeSAM(SharpnessAwareOptimizer):
+class FreeSAM(FusedOptimizer):
     r"""One-pass SAM: the update of step t uses the gradient of step t − 1.
 
     .. math::
@@ -80,20 +81,16 @@ class FreeSAM(SharpnessAwareOptimizer):
         self._stored: dict[Tensor, Tensor] = {}
         # The stored buffers per group of the current step plan: looked up once per plan, not
         # once per step (tensor-keyed lookups cost microseconds per parameter).
-        self._stored_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
-        super().__init__(params, base_optimizer, {}, p=2, eps=0.0, backend=backend,
+        self._stored_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
+        super().__init__(params, base_optimizer, {}, backend=backend,
                          base_kwargs=base_kwargs, average=average,
                          skip_nonfinite=skip_nonfinite, capturable=capturable)
 
-    def _check_group(self, group: dict[str, Any]) -> None:
-        pass  # no options of its own
-
     def first_step(self, zero_grad: bool = False) -> None:
+        """Not a step of FreeSAM's (a migration aid): it has no perturbation to make."""
         raise RuntimeError("FreeSAM makes one forward/backward pass per step: call step()")
 
     second_step = first_step
-
-    _keeps_w_old = False  # never perturbed: no w_old buffers
 
     def _previous(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The stored gradients of ``params``; a parameter seen for the first time gets a copy
@@ -106,7 +103,7 @@ class FreeSAM(SharpnessAwareOptimizer):
             out.append(prev)
         return out
 
-    def _storing(self, plan: _StepPlan) -> bool:
+    def _storing(self, plan: StepPlan) -> bool:
         """Whether a step over ``plan`` stores a first gradient (:meth:`_previous` makes one)."""
         return any(_stale(self._stored.get(p), p) for ps in plan.params for p in ps)
 
@@ -129,9 +126,10 @@ class FreeSAM(SharpnessAwareOptimizer):
         # A step that stores a parameter's first gradient decides its skip on the host, even
         # with capturable: a skipped step must not leave an inf/NaN gradient as the one the
         # next step uses (torch's capturable optimizers also need warm-up steps).
-        skip = self._skip_update(all_grads, None, on_host=new_plan and self._storing(plan))
+        skip = self._skip_update(plan, all_grads, None, False,
+                                 on_host=new_plan and self._storing(plan))
         if skip is True:  # inf/NaN gradients: no update, no swap
-            self._opt_called = self.base_optimizer._opt_called = True
+            self._mark_stepped()
             return loss
         if new_plan:
             stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]

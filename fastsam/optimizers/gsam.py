@@ -11,11 +11,9 @@ from torch.optim import Optimizer
 
 from ..batchnorm import frozen_bn_stats
 from ..functional import DecomposeGroup, Decomposition, Scaling
-from ._base import (
-    SharpnessAwareOptimizer,
-    _StepPlan,
-    check_finite_nonnegative,
-)
+from ._base import SharpnessAwareOptimizer
+from ._checks import check_finite_nonnegative
+from ._plan import StepPlan
 
 # The perturbation scaling of each ``adaptive`` option.
 _ADAPTIVE = {
@@ -188,7 +186,7 @@ class GSAM(SharpnessAwareOptimizer):
 
     # ----------------------------------------------------------------- the two hooks
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool,
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
         skip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
         # (keeps nothing itself: a skipped update ignores the decomposition it gets)

@@ -12,7 +12,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Correction, DecomposeGroup, PerturbGroup, Scaling
-from ._base import SharpnessAwareOptimizer, _StepPlan, check_finite_nonnegative, persistent_buffer
+from ._base import SharpnessAwareOptimizer
+from ._checks import check_finite_nonnegative
+from ._plan import StepPlan, persistent_buffer
 
 STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
 
@@ -121,7 +123,7 @@ class LookSAM(SharpnessAwareOptimizer):
         self.alpha = check_finite_nonnegative("alpha", alpha)
         self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
-        self._direction_plan: tuple[_StepPlan, list[list[Tensor]]] | None = None
+        self._direction_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
         self._candidate: dict[Tensor, Tensor] = {}  # capturable: the new u_v, by u_v tensor
         super().__init__(
             params,
@@ -174,9 +176,9 @@ class LookSAM(SharpnessAwareOptimizer):
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         all_grads = plan.grads(flat_grads)
-        skip = self._skip_update(all_grads, None)
+        skip = self._skip_update(plan, all_grads, None, False)
         if skip is True:  # inf/NaN gradients: no update
-            self._opt_called = self.base_optimizer._opt_called = True
+            self._mark_stepped()
             if zero_grad:
                 self.zero_grad()
             return
@@ -225,15 +227,16 @@ class LookSAM(SharpnessAwareOptimizer):
         self.second_step()
         return loss
 
-    def _look_ahead_scale(self, plan: _StepPlan, all_grads: list[list[Tensor]]) -> Tensor:
+    def _look_ahead_scale(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor:
         """α·‖g‖ over every parameter with a gradient, as a 0-d device tensor (one fused
         reduction; never read by the host)."""
         grads = [g for gs in all_grads for g in gs]
         params = [p for ps in plan.params for p in ps]
         group = PerturbGroup(params, grads, params, 0.0, Scaling())
-        return self._backend_for(plan.device).perturbation_norm([group], 2.0).sqrt() * self.alpha
+        norm = self._backend_for(plan.device).perturbation_norm([group], 2.0)
+        return norm.total.sqrt() * self.alpha
 
-    def _plan_directions(self, plan: _StepPlan) -> list[list[Tensor]]:
+    def _plan_directions(self, plan: StepPlan) -> list[list[Tensor]]:
         """Per group of ``plan``, each parameter's u_v; zeros (no correction) for a parameter
         that had no gradient at any SAM step yet. Looked up once per plan: the SAM steps
         rewrite the same tensors in place."""
@@ -252,7 +255,7 @@ class LookSAM(SharpnessAwareOptimizer):
 
     # ----------------------------------------------------------------- SAM-step hook
     def _before_update(
-        self, perturbed: _StepPlan, now: _StepPlan, grads: list[list[Tensor]], fused: bool,
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
         skip: Tensor | None = None,
     ) -> None:
         """Keep u_v from g (the first pass, kept) and g_s (this pass), over the parameters with
@@ -289,13 +292,16 @@ class LookSAM(SharpnessAwareOptimizer):
             along = backend.gsam_along([DecomposeGroup(first, directions, 0.0)], self._eps)
             coefficient = (-along).to(directions[0].dtype)
             torch._foreach_addcmul_(directions, first, [coefficient.expand_as(d) for d in first])
-        square = backend.sum_over_shards(_square_sum(directions))
+        # [‖g_v‖², ‖g_s‖²], one all-reduce for both when sharded
+        square, second_square = backend.sum_over_shards(
+            torch.stack([_square_sum(directions), _square_sum(second)])
+        )
         # u_v = g_v/(‖g_v‖ + eps), or 0 where g_v is only rounding: when g_s is (nearly)
         # parallel to g (rho = 0 makes g_s = g), g_v is the cancellation noise of g_s - g,
         # whose direction differs by backend and machine; normalising it would make a random
         # unit vector (see orthogonal_tolerance).
         tolerance = max(map(orthogonal_tolerance, {d.dtype for d in directions})) ** 2
-        real = square > tolerance * backend.sum_over_shards(_square_sum(second))
+        real = square > tolerance * second_square
         denominator = torch.where(real, square.sqrt() + self._eps, math.inf)  # x/inf = 0
         torch._foreach_div_(directions, denominator.to(directions[0].dtype))
         if skip is not None:  # the new u_v unless the update is skipped

@@ -1,0 +1,140 @@
+"""The step plan: which parameters take part in a step, with their persistent buffers, cached
+for as long as nothing it depends on changes (docs/design.md, "The step plan")."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_not
+
+import torch
+from torch import Tensor
+
+_grad = attrgetter("grad")
+_is_sparse = attrgetter("is_sparse")
+
+
+def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor, copy: bool = False) -> Tensor:
+    """``store[p]``: a buffer shaped like ``p``, allocated once and kept across steps
+    (re-allocated only if ``p`` changed shape, dtype or device); ``copy``: a new buffer starts
+    as a copy of ``p`` rather than uninitialised."""
+    buf = store.get(p)
+    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+        buf = torch.empty_like(p, memory_format=torch.preserve_format)
+        if copy:
+            buf.copy_(p.detach())
+        store[p] = buf
+    return buf
+
+
+@dataclass
+class StepPlan:
+    """Per group, the parameters that have a gradient and their persistent w_old buffers.
+
+    Collecting these costs a few microseconds per tensor in Python (tensor-keyed lookups,
+    device checks), so a plan is reused for as long as its key holds: the same parameters have
+    gradients, at the same addresses (a ``p.data = ...`` swap changes the address), with the
+    same param groups. Gradient tensors themselves are read afresh every step.
+    """
+
+    key: tuple
+    params: list[list[Tensor]]
+    w_old: list[list[Tensor]]
+    positions: list[list[int]]  # where each group's params sit in the flat parameter list
+    device: torch.device | None
+    has_complex: bool
+    idle: list[Tensor]  # parameters without a gradient this step (averaged on their own)
+    states: list[list[dict]] | None = None  # per-parameter state dicts, looked up once
+    averaged: list[list[Tensor]] | None = None  # per group, the averaged copies (once)
+    first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
+    idle_averaged: list[Tensor] | None = None
+
+    def grads(self, flat_grads: list) -> list[list[Tensor]]:
+        """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
+        out = []
+        for positions, params in zip(self.positions, self.params):
+            grads = list(map(flat_grads.__getitem__, positions))
+            if any(map(_is_sparse, grads)):
+                bad = next(p for p, g in zip(params, grads) if g.is_sparse)
+                raise RuntimeError(
+                    f"fastsam does not support sparse gradients (parameter of shape "
+                    f"{tuple(bad.shape)}); use a dense gradient or a sparse-aware optimizer"
+                )
+            out.append(grads)
+        return out
+
+
+class StepPlanner:
+    """Builds the step plan and keeps it while its key holds; owns the persistent buffers a
+    plan lists (w_old, and the first-pass gradients of the optimizers that keep them).
+
+    Args:
+        keeps_w_old: a w_old buffer per parameter (False: each parameter is its own w_old,
+            for optimizers that never perturb).
+    """
+
+    def __init__(self, keeps_w_old: bool) -> None:
+        self.keeps_w_old = keeps_w_old
+        self.w_old: dict[Tensor, Tensor] = {}
+        self.first: dict[Tensor, Tensor] = {}  # g of the first pass (GSAM, LookSAM)
+        self.current: StepPlan | None = None
+        self._version = 0  # bumped when groups or loaded state change: plans expire
+
+    def expire(self) -> None:
+        """Plans made so far are not reused (the groups or the loaded state changed)."""
+        self._version += 1
+
+    def plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
+        """This step's plan, and the flat list of every parameter's gradient (or None)."""
+        flat = [p for group in param_groups for p in group["params"]]
+        flat_grads = list(map(_grad, flat))
+        key = (
+            self._version,
+            tuple(map(is_not, flat_grads, repeat(None))),
+            tuple(map(Tensor.data_ptr, flat)),
+        )
+        if self.current is not None and self.current.key == key:
+            return self.current, flat_grads
+        params, w_old, positions, device, has_complex = [], [], [], None, False
+        idle = [p for p, g in zip(flat, flat_grads) if g is None]
+        offset = 0
+        for group in param_groups:
+            n = len(group["params"])
+            positions.append([offset + i for i in range(n) if flat_grads[offset + i] is not None])
+            params.append([flat[i] for i in positions[-1]])
+            offset += n
+            w_old.append([])
+            for p in params[-1]:
+                if device is None:
+                    device = p.device
+                elif p.device != device:
+                    raise RuntimeError(
+                        f"fastsam needs every parameter with a gradient on one device: found "
+                        f"{device} and {p.device}"
+                    )
+                if p.is_meta:
+                    raise RuntimeError(
+                        f"fastsam: a parameter of shape {tuple(p.shape)} is on the meta device "
+                        "(shapes only, no data): materialize the model first (module.to_empty("
+                        "device=...), then initialise it) and build the optimizer over its "
+                        "parameters then (to_empty replaces meta parameters with new ones)"
+                    )
+                has_complex |= p.is_complex()
+                w_old[-1].append(persistent_buffer(self.w_old, p) if self.keeps_w_old else p)
+        self.current = StepPlan(key, params, w_old, positions, device, has_complex, idle)
+        return self.current, flat_grads
+
+    def first_buffers(self, plan: StepPlan) -> list[list[Tensor]]:
+        """Per group of ``plan``, the persistent buffers the perturb pass fills with a copy of
+        g (GSAM, LookSAM). Looked up once per plan."""
+        if plan.first is None:
+            plan.first = [[persistent_buffer(self.first, p) for p in ps] for ps in plan.params]
+        return plan.first
+
+    @staticmethod
+    def states(plan: StepPlan, state: dict) -> list[list[dict]]:
+        """Per group of ``plan``, its parameters' state dicts. Tensor-keyed lookups cost ~1.6 us
+        each (Tensor.__hash__ is Python): once per plan. torch.optim only ever replaces the
+        whole state mapping, which expires the plan."""
+        if plan.states is None:
+            plan.states = [[state[p] for p in ps] for ps in plan.params]
+        return plan.states
