@@ -21,8 +21,8 @@ tensors and call these methods, nothing else. All arithmetic is fp32 whatever th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ __all__ = [
     "Decomposition",
     "Swap",
     "GradientSource",
+    "Correction",
+    "Average",
+    "accumulation_dtype",
     "Backend",
     "dual_exponent",
     "gsam_along_from_sums",
@@ -61,6 +64,15 @@ class Scaling:
 
     kind: Literal["none", "element", "filter", "outer"] = "none"
     eta: float = 0.0
+
+    @property
+    def mode(self) -> int:
+        """The kernels' code of ``kind`` (``csrc/elementwise.h`` Mode, the Triton kernels'
+        mode values): 0 none, 1 element, 2 filter, 3 outer."""
+        return _SCALING_MODES[self.kind]
+
+
+_SCALING_MODES = {"none": 0, "element": 1, "filter": 2, "outer": 3}
 
 
 @dataclass
@@ -178,8 +190,52 @@ class DecomposeGroup:
     alpha: float
 
 
+class GradientSource:
+    """What pass C may use instead of the plain gradient, with its kernel encoding: every
+    backend reads these attributes and none re-derives them (docs/design.md §2, §10).
+
+    mode:
+        the per-element formula's code (``csrc/kernels.h`` GradMode, the Triton kernels'
+        GMODE); 0, the plain gradient, is no source at all (``None``).
+    operand:
+        the per-tensor list the formula reads beside g (``operand[i]`` like ``grads[i]``).
+    scalar:
+        a 0-d device tensor the formula reads (never read by the host), or None.
+    coefficient:
+        a host number the formula reads (GSAM's alpha; 0 where unused).
+    writes_operand:
+        whether the update also writes the operand (then it is part of what a skipped update
+        leaves untouched).
+    """
+
+    mode: ClassVar[int]
+    writes_operand: ClassVar[bool] = False
+    operand_field: ClassVar[str]  # the dataclass field that holds the operand
+
+    @property
+    def coefficient(self) -> float:
+        return 0.0
+
+    @property
+    def operand(self) -> list[Tensor]:
+        return getattr(self, self.operand_field)
+
+    @property
+    def scalar(self) -> Tensor | None:
+        return None
+
+    def with_operand(self, operand: list[Tensor]) -> GradientSource:
+        """The same source over other operand tensors (a subset, or local shards)."""
+        return replace(self, **{self.operand_field: operand})
+
+    def select(self, idx: list[int]) -> GradientSource:
+        """The same source over the tensors at positions ``idx``."""
+        operand = self.operand
+        return self.with_operand([operand[i] for i in idx])
+
+
 @dataclass(frozen=True)
-class Decomposition:
+class Decomposition(GradientSource):
     """GSAM's decomposition fused into pass C of one group: the update uses
 
         d = (1 + alpha·along)·g_adv - alpha·g
@@ -187,44 +243,49 @@ class Decomposition:
     instead of g_adv, where ``first_grads[i]`` is g of ``params[i]`` and ``along`` the 0-d
     device tensor returned by :meth:`Backend.gsam_along` (never read by the host)."""
 
+    mode: ClassVar[int] = 1
+    operand_field: ClassVar[str] = "first_grads"
     first_grads: list[Tensor]
     alpha: float
     along: Tensor
 
-    def select(self, idx: list[int]) -> Decomposition:
-        """The same decomposition over the tensors at positions ``idx``."""
-        return Decomposition([self.first_grads[i] for i in idx], self.alpha, self.along)
+    @property
+    def scalar(self) -> Tensor:
+        return self.along
+
+    @property
+    def coefficient(self) -> float:
+        return float(self.alpha)
 
 
 @dataclass(frozen=True)
-class Swap:
+class Swap(GradientSource):
     """FreeSAM's gradient for pass C: the update of ``params[i]`` uses ``previous[i]`` (the
     gradient stored by the last step) and the same pass then stores this step's gradient
     there, ``previous[i] ← grads[i]``."""
 
+    mode: ClassVar[int] = 2
+    writes_operand: ClassVar[bool] = True
+    operand_field: ClassVar[str] = "previous"
     previous: list[Tensor]
-
-    def select(self, idx: list[int]) -> Swap:
-        return Swap([self.previous[i] for i in idx])
 
 
 @dataclass(frozen=True)
-class Correction:
+class Correction(GradientSource):
     """LookSAM's gradient for pass C on a look-ahead step: the update of ``params[i]`` uses
 
         g + scale·directions[i]
 
     with ``scale`` a 0-d device tensor (alpha·‖g‖, never read by the host)."""
 
+    mode: ClassVar[int] = 3
+    operand_field: ClassVar[str] = "directions"
     directions: list[Tensor]
     scale: Tensor
 
-    def select(self, idx: list[int]) -> Correction:
-        return Correction([self.directions[i] for i in idx], self.scale)
-
-
-# What pass C may take instead of the plain gradient.
-GradientSource = Decomposition | Swap | Correction
+    @property
+    def scalar(self) -> Tensor:
+        return self.scale
 
 
 @dataclass(frozen=True)
@@ -243,8 +304,12 @@ class Average:
     buffers: list[Tensor]
     weight: float | Tensor
 
+    def with_buffers(self, buffers: list[Tensor]) -> Average:
+        """The same averaging over other buffers (a subset, or local shards)."""
+        return Average(buffers, self.weight)
+
     def select(self, idx: list[int]) -> Average:
-        return Average([self.buffers[i] for i in idx], self.weight)
+        return self.with_buffers([self.buffers[i] for i in idx])
 
 
 def foreach_average(params: list[Tensor], average: Average) -> None:
@@ -283,6 +348,12 @@ def gsam_along_from_sums(sums: Tensor, eps: float) -> Tensor:
     adv_norm, first_norm = sums[1].sqrt(), sums[2].sqrt()
     cosine = sums[0] / (adv_norm * first_norm + eps)
     return cosine * first_norm / (adv_norm + eps)
+
+
+def accumulation_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The dtype reductions over ``tensors`` accumulate in (and return): fp64 when one of them
+    is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _widen(tensors: list[Tensor], acc) -> list[Tensor]:
@@ -403,7 +474,7 @@ class Backend:
         (FSDP2) all-reduce these before combining them. This default is foreach ops."""
         adv = [t for g in groups for t in g.grads]
         first = [t for g in groups for t in g.first_grads]
-        acc = torch.float64 if any(t.dtype == torch.float64 for t in adv) else torch.float32
+        acc = accumulation_dtype(adv)
         if not adv:
             return torch.zeros(3, dtype=acc)
         wide_adv, wide_first = _widen(adv, acc), _widen(first, acc)

@@ -1,5 +1,6 @@
-"""Scalar hyper-parameters as small fp64 arrays on the parameters' device, shared by the
-fused backends (triton, cpu, cuda).
+"""What the fused backends (triton, cpu, cuda) share: the one cache policy (an LRU), the hold
+on what CUDA graphs read, uploads, and scalar hyper-parameters as small fp64 arrays on the
+parameters' device (docs/design.md §7).
 
 Kernels read scalars from memory rather than from launch arguments: values stay fp64 (Triton
 would round Python floats to fp32) and a tensor value (an lr given as a tensor) is copied in on
@@ -8,12 +9,13 @@ the device, never read by the host.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-_CACHE_SIZE = 32
+CACHE_SIZE = 32
 
 # What captured CUDA graphs read, kept for the rest of the process (see held_for_graphs).
 _HELD_FOR_GRAPHS: dict[int, object] = {}
@@ -50,12 +52,33 @@ def upload(host: Tensor, device: torch.device) -> Tensor:
     return held_for_graphs(host.pin_memory()).to(device, non_blocking=True)
 
 
+class LRUCache(OrderedDict):
+    """The backends' cache policy: at most ``capacity`` entries, the least recently used one
+    evicted first; an entry used during a CUDA graph capture is also held for good
+    (:func:`held_for_graphs`), whatever the cache later evicts."""
+
+    def __init__(self, capacity: int = CACHE_SIZE) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def get_or_build(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        value = self.get(key)
+        if value is None:
+            value = self[key] = build()
+            if len(self) > self.capacity:
+                self.popitem(last=False)
+        else:
+            self.move_to_end(key)
+        return held_for_graphs(value)
+
+
 class ConstantArrays:
-    """fp64 device arrays of scalar values, one per distinct tuple of values (LRU-cached: an lr
-    schedule makes a new tuple every step, a fixed configuration uploads once)."""
+    """fp64 device arrays of scalar values, one per distinct tuple of values (an
+    :class:`LRUCache`: an lr schedule makes a new tuple every step, a fixed configuration
+    uploads once)."""
 
     def __init__(self) -> None:
-        self._arrays: OrderedDict[Hashable, Tensor] = OrderedDict()
+        self._arrays = LRUCache()
 
     def __call__(self, values: tuple, device: torch.device) -> Tensor:
         tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
@@ -65,10 +88,6 @@ class ConstantArrays:
             for i, v in tensors:
                 array[i].copy_(v.reshape(()), non_blocking=True)
             return array
-        key = (values, device)
-        array = self._arrays.get(key)
-        if array is None:
-            array = self._arrays[key] = upload(torch.tensor(values, dtype=torch.float64), device)
-            if len(self._arrays) > _CACHE_SIZE:
-                self._arrays.popitem(last=False)
-        return held_for_graphs(array)
+        return self._arrays.get_or_build(
+            (values, device), lambda: upload(torch.tensor(values, dtype=torch.float64), device)
+        )

@@ -22,13 +22,12 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
-    Correction,
     DecomposeGroup,
     GradientSource,
     PerturbationNorm,
     PerturbGroup,
     SGDHyper,
-    Swap,
+    accumulation_dtype,
     dual_exponent,
 )
 from ._constants import ConstantArrays, held_for_graphs
@@ -39,8 +38,6 @@ try:
     _IMPORT_ERROR: BaseException | None = None
 except Exception as exc:  # keep the reason: shown when the backend is asked for
     _IMPORT_ERROR = exc
-
-_MODES = {"none": 0, "element": 1, "filter": 2, "outer": 3}
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -76,7 +73,7 @@ def _flatten(groups: list[PerturbGroup]):
         [p for g in groups for p in g.params],
         [t for g in groups for t in g.grads],
         [len(g.params) for g in groups],
-        [_MODES[g.scaling.kind] for g in groups],
+        [g.scaling.mode for g in groups],
         [float(g.scaling.eta) for g in groups],
     )
 
@@ -93,14 +90,10 @@ def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
 
 def _source(source: GradientSource | None) -> tuple:
     """The trailing (first_grads, along, alpha, grad_mode) arguments of the sgd and adam
-    operators (grad_mode as csrc/kernels.h GradMode)."""
+    operators: the source's own kernel encoding (grad_mode 0: the plain gradient)."""
     if source is None:
         return [], None, 0.0, 0
-    if isinstance(source, Swap):
-        return source.previous, None, 0.0, 2
-    if isinstance(source, Correction):
-        return source.directions, source.scale, 0.0, 3
-    return source.first_grads, source.along, float(source.alpha), 1
+    return source.operand, source.scalar, source.coefficient, source.mode
 
 
 def _averaging(hyper_scalars: tuple, average: Average | None) -> tuple[tuple, list[Tensor]]:
@@ -133,8 +126,7 @@ class NativeBackend(Backend):
         params, grads, sizes, modes, etas = flat
         device = params[0].device
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
-        fp64 = any(p.dtype == torch.float64 for p in params)
-        out = self._buffer("norm", device, torch.float64 if fp64 else torch.float32)
+        out = self._buffer("norm", device, accumulation_dtype(params))
         scratch = self._buffer("scratch", device, torch.float64)
         torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch)
         # prepared: the flattened lists; the filter norms stay in ``scratch`` for perturb
@@ -218,7 +210,6 @@ class NativeBackend(Backend):
         scratch of its partial sums."""
         adv = [t for g in groups for t in g.grads]
         first = [t for g in groups for t in g.first_grads]
-        fp64 = any(t.dtype == torch.float64 for t in adv)
         device = adv[0].device if adv else torch.device("cpu")
-        out = self._buffer(out_name, device, torch.float64 if fp64 else torch.float32)
+        out = self._buffer(out_name, device, accumulation_dtype(adv))
         return adv, first, out, self._buffer("gsam_scratch", device, torch.float64)

@@ -15,8 +15,6 @@ every rank: the numbers of one process holding the whole model, up to the order 
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch.distributed as dist
 from torch import Tensor
 
@@ -24,14 +22,11 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
-    Correction,
     DecomposeGroup,
-    Decomposition,
     GradientSource,
     PerturbationNorm,
     PerturbGroup,
     SGDHyper,
-    Swap,
     gsam_along_from_sums,
 )
 
@@ -100,13 +95,7 @@ def _local_grads(grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
 
 
 def _local_source(source: GradientSource | None) -> GradientSource | None:
-    if isinstance(source, Decomposition):
-        return replace(source, first_grads=local_tensors(source.first_grads))
-    if isinstance(source, Swap):
-        return Swap(local_tensors(source.previous))
-    if isinstance(source, Correction):
-        return replace(source, directions=local_tensors(source.directions))
-    return source
+    return None if source is None else source.with_operand(local_tensors(source.operand))
 
 
 class ShardedBackend(Backend):
@@ -205,4 +194,4 @@ class ShardedBackend(Backend):
 
 
 def _local_average(average: Average | None) -> Average | None:
-    return None if average is None else Average(local_tensors(average.buffers), average.weight)
+    return None if average is None else average.with_buffers(local_tensors(average.buffers))

@@ -88,9 +88,10 @@ def _update_grads(grads: list[Tensor], source: GradientSource | None) -> list[Te
 
 
 def _finish_swap(grads: list[Tensor], source: GradientSource | None) -> None:
-    """FreeSAM: after the update has read the stored gradients, store this step's."""
-    if isinstance(source, Swap):
-        torch._foreach_copy_(source.previous, grads)
+    """A source that ``writes_operand`` (FreeSAM's): after the update has read the stored
+    gradients, store this step's."""
+    if source is not None and source.writes_operand:
+        torch._foreach_copy_(source.operand, grads)
 
 
 def _written(params: list[Tensor], states: list[Tensor], source: GradientSource | None,
@@ -98,8 +99,8 @@ def _written(params: list[Tensor], states: list[Tensor], source: GradientSource 
     """Every tensor an update writes: the parameters, their optimizer state, FreeSAM's stored
     gradients and the averaged weights."""
     out = params + states
-    if isinstance(source, Swap):
-        out += source.previous
+    if source is not None and source.writes_operand:
+        out += source.operand
     if average is not None:
         out += average.buffers
     return out

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from operator import attrgetter
 
@@ -32,17 +31,15 @@ from ..functional import (
     AdamHyper,
     Average,
     Backend,
-    Correction,
     DecomposeGroup,
-    Decomposition,
     GradientSource,
     PerturbationNorm,
     PerturbGroup,
     SGDHyper,
-    Swap,
+    accumulation_dtype,
     dual_exponent,
 )
-from ._constants import ConstantArrays, held_for_graphs, upload
+from ._constants import ConstantArrays, LRUCache, held_for_graphs, upload
 
 try:
     import triton.language as tl
@@ -65,8 +62,6 @@ BLOCK = 4096 if _INTERPRETING else 512  # elements per loop iteration of a progr
 CHUNK = 8192  # elements per segment (one program) for element-wise passes
 NUM_WARPS = 4
 SUM_BLOCK = 1024
-_MODES = {"none": 0, "element": 1, "filter": 2, "outer": 3}
-_CACHE_SIZE = 32
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -87,7 +82,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def _acc(t: Tensor):
     """Compute dtype of a launch: fp64 for fp64 storage, fp32 for everything else."""
-    return _ACC[torch.float64 if t.dtype == torch.float64 else torch.float32]
+    return _ACC[accumulation_dtype([t])]
 
 
 class _Table:
@@ -196,7 +191,7 @@ class _PerturbPlan:
         _check_dense(roles["g"], "a gradient")
         mode, eta, group_of, seg_lens = [], [], [], []
         for k, group in enumerate(groups):
-            kind = _MODES[group.scaling.kind]
+            kind = group.scaling.mode
             for p in group.params:
                 m = 1 if (kind == 2 and p.dim() < 2) else kind  # 1-D: element-wise T
                 mode.append(m)
@@ -220,44 +215,33 @@ class _PerturbPlan:
             self.launches.append((table, self.n_segments))
             self.n_segments += table.n_segments
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
-        fp64 = any(p.dtype == torch.float64 for p in roles["w"])
-        self.acc = torch.float64 if fp64 else torch.float32
+        self.acc = accumulation_dtype(roles["w"])
         self.device = device
 
 
 def _source_args(table: _Table, source: GradientSource | None) -> tuple:
-    """The second-gradient addresses (GSAM's g, FreeSAM's stored gradient) and GSAM's along
-    scalar of an update launch (unused stand-ins where the source does not need them)."""
+    """The operand addresses and the scalar of an update launch's gradient source (unused
+    stand-ins where the source has none)."""
     if source is None:
         return table.addr["g"], table.addr["g"]
-    if isinstance(source, Correction):
-        return table.addr["first"], source.scale
-    along = source.along if isinstance(source, Decomposition) else table.addr["g"]
-    return table.addr["first"], along
+    scalar = source.scalar
+    return table.addr["first"], table.addr["g"] if scalar is None else scalar
 
 
-def _source_roles(roles: dict, source: GradientSource | None) -> None:
-    if isinstance(source, Swap):
-        roles["first"] = source.previous
-    elif isinstance(source, Correction):
-        roles["first"] = source.directions
-    elif source is not None:
-        roles["first"] = source.first_grads
-
-
-def _grad_mode(source: GradientSource | None) -> int:
-    """GMODE of the update kernels: 0 the gradient, 1 GSAM's decomposition, 2 FreeSAM's swap,
-    3 LookSAM's correction."""
-    if source is None:
-        return 0
-    return {Decomposition: 1, Swap: 2, Correction: 3}[type(source)]
+def _update_roles(roles: dict, source: GradientSource | None, average: Average | None) -> None:
+    """The roles of an update launch beyond the optimizer's: the source's operand, the
+    averaged weights."""
+    if source is not None:
+        roles["first"] = source.operand
+    if average is not None:
+        roles["avg"] = average.buffers
 
 
 def _extra_scalars(source: GradientSource | None, average: Average | None) -> tuple:
-    """The update kernels' scalars after the optimizer's: GSAM's alpha, the averaging weight
-    (0 where unused)."""
-    alpha = source.alpha if isinstance(source, Decomposition) else 0.0
-    return (alpha, average.weight if average is not None else 0.0)
+    """The update kernels' scalars after the optimizer's: the source's coefficient, the
+    averaging weight (0 where unused)."""
+    return (source.coefficient if source is not None else 0.0,
+            average.weight if average is not None else 0.0)
 
 
 class TritonBackend(Backend):
@@ -265,7 +249,7 @@ class TritonBackend(Backend):
 
     def __init__(self) -> None:
         self.launches = 0  # kernel launches so far: read by tests and benchmarks
-        self._plans: OrderedDict[Hashable, object] = OrderedDict()
+        self._plans = LRUCache()
         self._constants = ConstantArrays()
         self._scratch: dict[tuple, Tensor] = {}
 
@@ -276,16 +260,9 @@ class TritonBackend(Backend):
             kernel[(n_programs,)](*args, num_warps=NUM_WARPS, **meta)
 
     def _cached(self, key: Hashable, build: Callable[[], object]):
-        """LRU cache of plans: a plan is rebuilt only when its key (addresses, shapes,
-        options) changes, e.g. after ``zero_grad(set_to_none=True)`` moved the gradients."""
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = build()
-            if len(self._plans) > _CACHE_SIZE:
-                self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
-        return held_for_graphs(plan)
+        """A plan, rebuilt only when its key (addresses, shapes, options) changes, e.g. after
+        ``zero_grad(set_to_none=True)`` moved the gradients."""
+        return self._plans.get_or_build(key, build)
 
     def _buffer(self, name: str, numel: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (name, device, dtype)
@@ -379,9 +356,7 @@ class TritonBackend(Backend):
         roles = {"w": params, "g": grads, "old": w_old}
         if has_momentum:
             roles["buf"] = momentum_buffers
-        _source_roles(roles, source)
-        if average is not None:
-            roles["avg"] = average.buffers
+        _update_roles(roles, source, average)
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
             hp = self._constants(constants, table.ref["w"].device)
@@ -393,7 +368,8 @@ class TritonBackend(Backend):
                 hp if hyper.skip is None else hyper.skip,
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
-                MAXIMIZE=hyper.maximize, GMODE=_grad_mode(source), AVG=average is not None,
+                MAXIMIZE=hyper.maximize, GMODE=source.mode if source else 0,
+                AVG=average is not None,
                 SKIP=hyper.skip is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
@@ -412,9 +388,7 @@ class TritonBackend(Backend):
         roles = {"w": params, "g": grads, "old": w_old, "m": exp_avgs, "v": exp_avg_sqs}
         if hyper.amsgrad:
             roles["vmax"] = max_exp_avg_sqs
-        _source_roles(roles, source)
-        if average is not None:
-            roles["avg"] = average.buffers
+        _update_roles(roles, source, average)
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
             hp = self._constants(constants, table.ref["w"].device)
@@ -427,7 +401,8 @@ class TritonBackend(Backend):
                 hp if hyper.bias is None else hyper.bias, table.values["index"],
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
-                GMODE=_grad_mode(source), AVG=average is not None, SKIP=hyper.skip is not None,
+                GMODE=source.mode if source else 0, AVG=average is not None,
+                SKIP=hyper.skip is not None,
                 BIAS=hyper.bias is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
@@ -442,8 +417,7 @@ class TritonBackend(Backend):
         """Stage 1 (per-segment partials), then stage 2: ``along`` with ``eps``, the three
         sums without."""
         adv = [t for g in groups for t in g.grads]
-        fp64 = any(t.dtype == torch.float64 for t in adv)
-        acc = torch.float64 if fp64 else torch.float32
+        acc = accumulation_dtype(adv)
         sums = eps is None
         if not adv:
             return torch.zeros(3 if sums else (), dtype=acc)
