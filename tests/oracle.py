@@ -176,8 +176,8 @@ class OracleLookSAM:
     by rho·g/(‖g‖ + eps), update with g_s (the gradient at w + e), and keep the unit direction
     u_v = g_v / (‖g_v‖ + eps) of g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g (with the GSAM code's eps
     placement: ⟨g,g_s⟩/(‖g‖‖g_s‖ + eps) · ‖g_s‖/(‖g‖ + eps)). Other steps update with
-    g + alpha·‖g‖·u_v and take no second pass; u_v = 0 when ‖g_v‖ ≤ ε_dtype·‖g_s‖ (g_v
-    only rounding). ``groups``: dicts with ``params`` and ``rho``
+    g + alpha·‖g‖·u_v and take no second pass; u_v = 0 when ‖g_v‖ ≤ 2·(ε_dtype·‖g_s‖ +
+    eps·(1 + ‖g_s‖)/(‖g‖ + eps)) (g_v only what rounding and eps leave of a parallel g_s). ``groups``: dicts with ``params`` and ``rho``
     (plus base-optimizer keys); reductions in fp64."""
 
     def __init__(self, groups, base_cls, k, alpha, eps=1e-12, **base_kwargs):
@@ -224,9 +224,13 @@ class OracleLookSAM:
         along = cosine * second_norm / (first_norm + self.eps)
         g_v = {w: s - along * f for w, f, s in pairs}
         norm_v = self._norm(list(g_v.values()))
-        # no part orthogonal to g beyond rounding (rho = 0: g_s = g): u_v = 0, not noise/‖noise‖
-        noise = max((torch.finfo(v.dtype).eps for v in g_v.values()), default=0.0)
-        real = norm_v > noise * second_norm
+        # No resolvable part of g_s orthogonal to g (rho = 0: g_s = g): u_v = 0. Below the
+        # floor g_v is rounding (the dtype's epsilon of ‖g_s‖) or what the eps constants in the
+        # coefficient's denominators leave along g (at most eps·(1 + ‖g_s‖)/‖g‖; twice both).
+        machine = max((torch.finfo(v.dtype).eps for v in g_v.values()), default=0.0)
+        floor = 2 * (machine * second_norm
+                     + self.eps * (1 + second_norm) / (first_norm + self.eps))
+        real = norm_v > floor
         for w, v in g_v.items():
             self.u_v[w] = v / (norm_v + self.eps) if real else torch.zeros_like(v)
         for w, old in self.w_old.items():

@@ -19,13 +19,19 @@ from ._plan import StepPlan, persistent_buffer
 STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
 
 
-def orthogonal_tolerance(dtype: torch.dtype) -> float:
-    """The relative size ‖g_v‖/‖g_s‖ at and below which g_v counts as rounding and u_v is 0:
-    the machine epsilon of the dtype g_v is computed in (1.2e-7 for fp32, 2.2e-16 for fp64).
-    g_s itself is stored only to ±ε·‖g_s‖, so a part orthogonal to g smaller than that is not
-    resolvable. The degenerate case (rho = 0, g_s = g) leaves ~ε²·‖g_s‖ of noise (measured:
-    1e-13 to 0 on the three CPU backends in fp32), a genuine part at rho = 1e-4 ~2.6e-7."""
-    return torch.finfo(dtype).eps
+def orthogonal_floor(g_s_norm, g_norm, dtype: torch.dtype, eps: float):
+    """The size of g_v at and below which it is what the projection leaves of a g_s parallel to
+    g, not a part of g_s orthogonal to g (then u_v = 0; tensors or numbers):
+
+        2·(ε·‖g_s‖ + eps·(1 + ‖g_s‖)/(‖g‖ + eps))
+
+    ε·‖g_s‖: g_s is stored only to ±ε·‖g_s‖ (ε the dtype's machine epsilon), so no smaller
+    orthogonal part is resolvable. The eps term bounds, to first order, what the eps constants
+    in the projection's denominators leave along g (its coefficient is off by a factor of about
+    eps/(‖g‖‖g_s‖) + eps/‖g‖): with rho = 0 (g_s = g) and ‖g‖ near 1 in fp64 that is ~1e-12,
+    far above rounding, and normalising it would make an arbitrary unit vector. The bound is
+    reached when g_s is exactly parallel to g (one-element parameters): hence the factor 2."""
+    return 2.0 * (torch.finfo(dtype).eps * g_s_norm + eps * (1.0 + g_s_norm) / (g_norm + eps))
 
 
 def _square_sum(tensors: list[Tensor]) -> Tensor:
@@ -45,10 +51,11 @@ class LookSAM(SharpnessAwareOptimizer):
         u_v = \frac{g_v}{\|g_v\| + \epsilon}
 
     (the paper's ``g_s - ‖g_s‖cos θ · g/‖g‖``; the projection is applied twice, which removes
-    the rounding left along g when g_s and g are close). Where g_s has no part orthogonal to g
-    beyond rounding (``‖g_v‖ ≤ ε·‖g_s‖``, ε the machine epsilon of the parameters' dtype;
-    e.g. rho = 0, where g_s = g), the paper's formula is 0/0: u_v is 0 and the
-    look-ahead steps use g itself. On the other steps (*look-ahead
+    the rounding left along g when g_s and g are close). Where g_s has no resolvable part
+    orthogonal to g (``‖g_v‖ ≤ 2·(ε·‖g_s‖ + eps·(1 + ‖g_s‖)/(‖g‖ + eps))``, ε the machine epsilon
+    of the parameters' dtype: :func:`orthogonal_floor`; e.g. rho = 0, where g_s = g, or
+    one-element parameters only), the paper's formula is 0/0: u_v is 0 and the look-ahead steps
+    use g itself. On the other steps (*look-ahead
     steps*) there is no second pass: the update uses ``g + α·‖g‖·u_v``, the paper's
     ``g + α·(‖g‖/‖g_v‖)·g_v``.
     Over k steps that is k + 1 forward/backward passes instead of SAM's 2k.
@@ -292,17 +299,16 @@ class LookSAM(SharpnessAwareOptimizer):
             along = backend.gsam_along([DecomposeGroup(first, directions, 0.0)], self._eps)
             coefficient = (-along).to(directions[0].dtype)
             torch._foreach_addcmul_(directions, first, [coefficient.expand_as(d) for d in first])
-        # [‖g_v‖², ‖g_s‖²], one all-reduce for both when sharded
-        square, second_square = backend.sum_over_shards(
-            torch.stack([_square_sum(directions), _square_sum(second)])
-        )
-        # u_v = g_v/(‖g_v‖ + eps), or 0 where g_v is only rounding: when g_s is (nearly)
-        # parallel to g (rho = 0 makes g_s = g), g_v is the cancellation noise of g_s - g,
-        # whose direction differs by backend and machine; normalising it would make a random
-        # unit vector (see orthogonal_tolerance).
-        tolerance = max(map(orthogonal_tolerance, {d.dtype for d in directions})) ** 2
-        real = square > tolerance * second_square
-        denominator = torch.where(real, square.sqrt() + self._eps, math.inf)  # x/inf = 0
+        # [‖g_v‖, ‖g_s‖, ‖g‖], one all-reduce for the three squares when sharded
+        norm, second_norm, first_norm = backend.sum_over_shards(
+            torch.stack([_square_sum(directions), _square_sum(second), _square_sum(first)])
+        ).sqrt()
+        # u_v = g_v/(‖g_v‖ + eps), or 0 where g_v is what the projection leaves of a g_s
+        # parallel to g (rho = 0 makes g_s = g): its direction differs by backend and machine
+        # (orthogonal_floor). The narrowest dtype's epsilon counts.
+        dtype = max({d.dtype for d in directions}, key=lambda t: torch.finfo(t).eps)
+        real = norm > orthogonal_floor(second_norm, first_norm, dtype, self._eps)
+        denominator = torch.where(real, norm + self._eps, math.inf)  # x/inf = 0
         torch._foreach_div_(directions, denominator.to(directions[0].dtype))
         if skip is not None:  # the new u_v unless the update is skipped
             keep_old = skip != 0
