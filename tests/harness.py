@@ -1,9 +1,18 @@
-"""Problems and drivers shared by the tests: parameters, a weight-dependent gradient field, and
-a loop that runs fastsam and the oracle side by side."""
+"""Problems and drivers shared by the tests: parameters, a weight-dependent gradient field, a
+loop that runs fastsam and the oracle side by side, a small classifier with its data, the
+optimizer configurations every cross-cutting test runs, and the one-step driver. Test modules
+share code through this module only (none imports another)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from conftest import DEVICE
 from oracle import OracleSAM
+
+import fastsam
+
+LOSS = torch.nn.functional.cross_entropy
 
 # Odd sizes (DESIGN.md §4): scalars, a prime, just past a power of two, conv and matrix shapes,
 # an empty tensor.
@@ -78,3 +87,102 @@ def assert_state_close(fast_opt, fast_params, ref_opt, ref_params, **tol):
                 torch.testing.assert_close(
                     fs[key].double().cpu(), rs[key].double().cpu(), msg=key, **tol
                 )
+
+
+def small_model(seed=0):
+    """A two-layer classifier (6 → 16 → 3) on the test device."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(DEVICE)
+
+
+def small_data():
+    """32 samples for :func:`small_model`."""
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(32, 6, generator=gen).to(DEVICE),
+            torch.randint(0, 3, (32,), generator=gen).to(DEVICE))
+
+
+# One configuration per optimizer, with options that exercise its state: the cross-cutting
+# tests (capturable, dtypes, checkpoints) run each of them.
+CONFIGS = {
+    "sam_sgd_nesterov": lambda ps, rho=0.1, **kw: fastsam.SAM(
+        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+        **kw),
+    "sam_sgd_dampening": lambda ps, rho=0.1, **kw: fastsam.SAM(
+        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, dampening=0.5, **kw),
+    "asam_adam_amsgrad": lambda ps, rho=0.5, **kw: fastsam.ASAM(
+        ps, torch.optim.Adam, rho=rho, lr=1e-2, amsgrad=True, **kw),
+    "gsam_adamw": lambda ps, rho=0.05, **kw: fastsam.GSAM(
+        ps, torch.optim.AdamW, rho=rho, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
+    "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
+        ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
+    # SAM steps at 0, 2, 4, 6, look-ahead steps between
+    "looksam_adam": lambda ps, rho=0.1, **kw: fastsam.LookSAM(
+        ps, torch.optim.Adam, rho=rho, k=2, alpha=0.5, lr=1e-2, **kw),
+}
+
+
+_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def no_host_reads(active=True):
+    """Fail on any Python-level read of a tensor's value (what waits for a GPU)."""
+    if not active:
+        yield
+        return
+    saved = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"a step read a tensor on the host (Tensor.{name})")
+        return read
+
+    for name in _READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@contextlib.contextmanager
+def sync_errors(active=True):
+    """On a GPU: fail on any synchronisation with the host (what a host read costs there)."""
+    if not active:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def step(model, opt, x, y, scaler, poison, guard, refuse=no_host_reads):
+    """One step (two passes, or one: FreeSAM, LookSAM's look-ahead steps); ``poison`` puts an
+    inf into the gradient the update uses. ``guard``: (first pass guarded, update guarded),
+    by ``refuse``. Gradients are zeroed in place: they keep their addresses, as in a captured
+    step (new addresses make the fused backends build new launch tables on the host, from host
+    data)."""
+    scale = scaler.scale if scaler else (lambda loss: loss)
+    if getattr(opt, "sam_step_next", not isinstance(opt, fastsam.FreeSAM)):
+        scale(LOSS(model(x), y)).backward()
+        with refuse(guard[0]):
+            opt.first_step()
+        opt.zero_grad(set_to_none=False)
+    scale(LOSS(model(x), y)).backward()
+    if poison:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    with refuse(guard[1]):
+        if scaler:
+            scaler.step(opt)
+        else:
+            opt.step()
+    if scaler:
+        scaler.update()
+    opt.zero_grad(set_to_none=False)
+
+

@@ -5,23 +5,13 @@ perturbation; LookSAM's look-ahead steps go through scaler.step too."""
 import pytest
 import torch
 from conftest import DEVICE
+from harness import small_data as _data
+from harness import small_model as _model
 
 import fastsam
 
 LOSS = torch.nn.functional.cross_entropy
 SCALE = 2.0**12
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
-                               torch.nn.Linear(16, 3)).to(DEVICE)
-
-
-def _data():
-    gen = torch.Generator().manual_seed(1)
-    return (torch.randn(32, 6, generator=gen).to(DEVICE),
-            torch.randint(0, 3, (32,), generator=gen).to(DEVICE))
 
 
 def _scaler():

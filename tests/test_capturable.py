@@ -6,7 +6,6 @@ Each run is compared with the same run under capturable=False, whose host-side s
 test_amp.py and test_api.py check against the textbook loop: weights after every step, the
 optimizer state and the counters, over 7 steps with skipped ones among them (the very first
 update, which creates the state, and one in steady state)."""
-import contextlib
 import copy
 import gc
 import weakref
@@ -14,96 +13,17 @@ import weakref
 import pytest
 import torch
 from conftest import DEVICE, FUSED
-from test_amp import _data, _model
+from harness import CONFIGS, LOSS, no_host_reads, sync_errors
+from harness import small_data as _data
+from harness import small_model as _model
+from harness import step as _step
 
 import fastsam
 from fastsam.backends import _constants
 
-LOSS = torch.nn.functional.cross_entropy
 STEPS = 7
 POISONED = (0, 3, 4)  # steps whose update's gradient holds an inf
 WARM_UP = 2  # steps before the host-read guard (plans, tables and state are made first)
-
-CONFIGS = {
-    "sam_sgd_nesterov": lambda ps, rho=0.1, **kw: fastsam.SAM(
-        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
-        **kw),
-    "sam_sgd_dampening": lambda ps, rho=0.1, **kw: fastsam.SAM(
-        ps, torch.optim.SGD, rho=rho, lr=0.1, momentum=0.9, dampening=0.5, **kw),
-    "asam_adam_amsgrad": lambda ps, rho=0.5, **kw: fastsam.ASAM(
-        ps, torch.optim.Adam, rho=rho, lr=1e-2, amsgrad=True, **kw),
-    "gsam_adamw": lambda ps, rho=0.05, **kw: fastsam.GSAM(
-        ps, torch.optim.AdamW, rho=rho, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
-    "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
-        ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
-    # SAM steps at 0, 2, 4, 6, look-ahead steps between
-    "looksam_adam": lambda ps, rho=0.1, **kw: fastsam.LookSAM(
-        ps, torch.optim.Adam, rho=rho, k=2, alpha=0.5, lr=1e-2, **kw),
-}
-
-
-_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-
-@contextlib.contextmanager
-def no_host_reads(active=True):
-    """Fail on any Python-level read of a tensor's value (what waits for a GPU)."""
-    if not active:
-        yield
-        return
-    saved = {name: getattr(torch.Tensor, name) for name in _READS}
-
-    def refuse(name):
-        def read(*args, **kwargs):
-            raise AssertionError(f"a step read a tensor on the host (Tensor.{name})")
-        return read
-
-    for name in _READS:
-        setattr(torch.Tensor, name, refuse(name))
-    try:
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-@contextlib.contextmanager
-def sync_errors(active=True):
-    """On a GPU: fail on any synchronisation with the host (what a host read costs there)."""
-    if not active:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def _step(model, opt, x, y, scaler, poison, guard, refuse=no_host_reads):
-    """One step (two passes, or one: FreeSAM, LookSAM's look-ahead steps); ``poison`` puts an
-    inf into the gradient the update uses. ``guard``: (first pass guarded, update guarded),
-    by ``refuse``. Gradients are zeroed in place: they keep their addresses, as in a captured
-    step (new addresses make the fused backends build new launch tables on the host, from host
-    data)."""
-    scale = scaler.scale if scaler else (lambda loss: loss)
-    if getattr(opt, "sam_step_next", not isinstance(opt, fastsam.FreeSAM)):
-        scale(LOSS(model(x), y)).backward()
-        with refuse(guard[0]):
-            opt.first_step()
-        opt.zero_grad(set_to_none=False)
-    scale(LOSS(model(x), y)).backward()
-    if poison:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
-    with refuse(guard[1]):
-        if scaler:
-            scaler.step(opt)
-        else:
-            opt.step()
-    if scaler:
-        scaler.update()
-    opt.zero_grad(set_to_none=False)
-
 
 def _run(name, backend, source, capturable, refuse=no_host_reads, **options):
     x, y = _data()

@@ -15,7 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fsdp_worker  # noqa: E402
 
 WORLD = 2
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+# multi-process: marked slow (docs/design.md §4; `-m "not slow and not bench"` for a quick run)
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")
