@@ -177,8 +177,9 @@ class OracleLookSAM:
     u_v = g_v / (‖g_v‖ + eps) of g_v = g_s - (⟨g, g_s⟩/‖g‖²)·g (with the GSAM code's eps
     placement: ⟨g,g_s⟩/(‖g‖‖g_s‖ + eps) · ‖g_s‖/(‖g‖ + eps)). Other steps update with
     g + alpha·‖g‖·u_v and take no second pass; u_v = 0 when ‖g_v‖ ≤ 2·(ε_dtype·‖g_s‖ +
-    eps·(1 + ‖g_s‖)/(‖g‖ + eps)) (g_v only what rounding and eps leave of a parallel g_s). ``groups``: dicts with ``params`` and ``rho``
-    (plus base-optimizer keys); reductions in fp64."""
+    eps·(1 + ‖g_s‖)/(‖g‖ + eps)) (g_v only what rounding and eps leave of a parallel g_s).
+    ``groups``: dicts with ``params`` and ``rho`` (plus base-optimizer keys); reductions in
+    fp64."""
 
     def __init__(self, groups, base_cls, k, alpha, eps=1e-12, **base_kwargs):
         self.groups, self.k, self.alpha, self.eps = groups, k, alpha, eps
