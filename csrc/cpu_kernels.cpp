@@ -1,5 +1,5 @@
-// CPU loops of the passes of DESIGN.md §2: arithmetic only (validation and tables are in
-// binding.cpp). Each pass is one sweep over memory, segments split across threads with
+// CPU loops of the passes of docs/design.md §2: arithmetic only (validation and tables are in
+// the binding, binding/). Each pass is one sweep over memory, segments split across threads with
 // at::parallel_for; the per-element math is elementwise.h, shared with the CUDA kernels.
 //
 // Loops are written so gcc vectorises them without -ffast-math: reductions keep kLanes
@@ -326,16 +326,12 @@ void sgd(const Table& t, const SgdArgs& a) {
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     const auto k = gradient_scalars<Acc<S>>(a.decompose, a.maximize);
-    with_bool(a.has_momentum, [&](auto m) {
-      with_bool(a.fresh, [&](auto f) {
-        with_bool(a.nesterov, [&](auto n) {
-          with_grad_mode(a.decompose.mode, [&](auto x) {
-            with_bool(a.average_role >= 0, [&](auto avg) {
-              for_each_segment(t, [&](int64_t s) {
-                sgd_segment<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
-                            decltype(x)::value, decltype(avg)::value>(t, a, k, s);
-              });
-            });
+    with_sgd_flags(a.has_momentum, a.fresh, a.nesterov, [&](auto m, auto f, auto n) {
+      with_grad_mode(a.decompose.mode, [&](auto x) {
+        with_bool(a.average_role >= 0, [&](auto avg) {
+          for_each_segment(t, [&](int64_t s) {
+            sgd_segment<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
+                        decltype(x)::value, decltype(avg)::value>(t, a, k, s);
           });
         });
       });

@@ -1,4 +1,4 @@
-// CUDA kernels of the passes of DESIGN.md §2: arithmetic only, no torch headers (the binding
+// CUDA kernels of the passes of docs/design.md §2: arithmetic only, no torch headers (the binding
 // builds the tables, validates and picks the stream), so this file compiles with plain nvcc —
 // the test suite does exactly that on machines without a GPU.
 //
@@ -376,15 +376,11 @@ void sgd(const Table& t, const SgdArgs& a, void* stream) {
   if (t.n_segments == 0) return;
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
-    with_bool(a.has_momentum, [&](auto m) {
-      with_bool(a.fresh, [&](auto f) {
-        with_bool(a.nesterov, [&](auto n) {
-          with_grad_mode(a.decompose.mode, [&](auto x) {
-            sgd_kernel<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
-                       decltype(x)::value>
-                <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
-          });
-        });
+    with_sgd_flags(a.has_momentum, a.fresh, a.nesterov, [&](auto m, auto f, auto n) {
+      with_grad_mode(a.decompose.mode, [&](auto x) {
+        sgd_kernel<S, decltype(m)::value, decltype(f)::value, decltype(n)::value,
+                   decltype(x)::value>
+            <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
       });
     });
   });

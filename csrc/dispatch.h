@@ -35,6 +35,19 @@ void with_bool(bool value, F&& f) {
   }
 }
 
+// f(has_momentum, fresh, nesterov) as compile-time booleans, over the combinations an SGD
+// update reaches: without momentum there is no buffer to start fresh and no Nesterov step
+// (elementwise.h sgd reads FRESH and NESTEROV only under HAS_MOMENTUM; torch.optim.SGD refuses
+// nesterov without momentum), so every such call runs the (false, false, false) kernel.
+// 5 instantiations instead of 8.
+template <typename F>
+void with_sgd_flags(bool has_momentum, bool fresh, bool nesterov, F&& f) {
+  if (!has_momentum) return f(std::false_type{}, std::false_type{}, std::false_type{});
+  with_bool(fresh, [&](auto fr) {
+    with_bool(nesterov, [&](auto n) { f(std::true_type{}, fr, n); });
+  });
+}
+
 template <typename F>
 void with_qmode(int qmode, F&& f) {
   switch (qmode) {

@@ -1,4 +1,4 @@
-// The interface between the binding (binding.cpp: validation, tables, dispatch) and the
+// The interface between the binding (binding.cpp, binding/: validation, tables, dispatch) and the
 // kernel files (cpu_kernels.cpp, cuda_kernels.cu: arithmetic only). No torch headers.
 //
 // A launch covers the tensors of one storage dtype through a *segment table*: segment s is

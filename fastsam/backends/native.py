@@ -1,8 +1,9 @@
 """The ``cpu`` and ``cuda`` backends: the operators of the compiled extension ``fastsam._C``.
 
 Each pass is one call of a ``torch.ops.fastsam`` operator over every tensor of the step
-(csrc/binding.cpp validates and builds the segment tables in C++; csrc/cpu_kernels.cpp and
-csrc/cuda_kernels.cu do the arithmetic, with the per-element formulas of csrc/elementwise.h).
+(the binding, csrc/binding.cpp and csrc/binding/, validates and builds the segment tables in
+C++; csrc/cpu_kernels.cpp and csrc/cuda_kernels.cu do the arithmetic, with the per-element
+formulas of csrc/elementwise.h; docs/design.md §3).
 
 - ``cpu``: one sweep over memory per pass, segments of 32768 elements spread over the threads
   of ``torch.get_num_threads()``; the norm is summed per segment and then in segment order, so

@@ -1,0 +1,47 @@
+// The CPU adapter of the operators (fastsam._C binding): tables in host memory, the loops of
+// csrc/cpu_kernels.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+
+#include "../kernels.h"
+#include "tables.h"
+
+namespace fastsam {
+namespace {  // this header is included by csrc/binding.cpp only
+
+// Each device runs the passes through the same few calls: `Cpu` and `Cuda` below.
+struct Cpu {
+  static constexpr c10::DeviceType type = c10::DeviceType::CPU;
+
+  explicit Cpu(c10::Device) {}
+  TablesPtr tables(const char*, const Lists& lists, const PerTensor* options) const {
+    return host_tables(lists, options, kCpuChunk);
+  }
+  void norm_partials(const Table& t, const NormArgs& a) const { cpu::norm_partials(t, a); }
+  void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
+    out.fill_(cpu::sum_partials(partials, n));
+  }
+  void perturb(const Table& t, const PerturbArgs& a) const { cpu::perturb(t, a); }
+  void restore(const Table& t) const { cpu::restore(t); }
+  void sgd(const Table& t, const SgdArgs& a) const { cpu::sgd(t, a); }
+  void adam(const Table& t, const AdamArgs& a) const { cpu::adam(t, a); }
+  void gsam_partials(const Table& t, double* partials) const { cpu::gsam_partials(t, partials); }
+  void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
+    out.fill_(cpu::gsam_along(partials, n, eps));
+  }
+  void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
+    double sums[3];
+    cpu::gsam_sums(partials, n, sums);
+    if (out.scalar_type() == at::kDouble) {
+      std::copy(sums, sums + 3, out.data_ptr<double>());
+    } else {
+      std::copy(sums, sums + 3, out.data_ptr<float>());
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fastsam

@@ -1,0 +1,252 @@
+// The operators of fastsam._C, each written once for every device adapter D (Cpu, Cuda): check
+// the arguments, get the tables, run the kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <optional>
+
+#include "../kernels.h"
+#include "checks.h"
+#include "tables.h"
+
+namespace fastsam {
+namespace {  // this header is included by csrc/binding.cpp only
+
+template <class D>
+void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
+             at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
+             at::Tensor& out, at::Tensor& scratch) {
+  const Lists lists{{"params", params}, {"grads", grads}};
+  check_lists("norm", lists);
+  check_exponents("norm", q);
+  check_norm_out("norm", "out", out, params);
+  check_device<D>("norm", "out", out);
+  const PerTensor options = expand_groups("norm", params, group_sizes, group_modes, group_etas);
+  const D dev(device_of(params, out));
+  const TablesPtr tables = dev.tables("norm", lists, &options);
+  const int64_t n = tables->n_segments;
+  check_scratch("norm", scratch, params, n, /*grow=*/true);
+  double* partials = scratch.data_ptr<double>();
+  int64_t offset = 0;
+  for (const Table& t : tables->views) {
+    dev.norm_partials(t, {qmode_of(q), q, partials + offset, partials + n + offset});
+    offset += t.n_segments;
+  }
+  dev.norm_sum(partials, n, out);
+}
+
+template <class D>
+void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+                at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
+                at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
+                const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
+                double eps, at::Tensor& skipped, at::TensorList keep) {
+  Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
+  if (!keep.empty()) lists.emplace_back("keep", keep);
+  check_lists("perturb", lists);
+  check_exponents("perturb", q);
+  check_norm_out("perturb", "norm_sum", norm_sum, params);
+  check_device<D>("perturb", "norm_sum", norm_sum);
+  check_scalar_tensor("perturb", "skipped", skipped, params, 1);
+  TORCH_CHECK_TYPE(skipped.scalar_type() == at::kFloat,
+                   msg("fastsam.perturb: skipped must be float32"));
+  check_scalar_tensor("perturb", "group_rhos", group_rhos, params, group_sizes.size());
+  TORCH_CHECK_TYPE(group_rhos.scalar_type() == at::kDouble, msg("fastsam.perturb: group_rhos ",
+                   "must be float64, got ", group_rhos.scalar_type()));
+  check_device<D>("perturb", "group_rhos", group_rhos);
+  const PerTensor options =
+      expand_groups("perturb", params, group_sizes, group_modes, group_etas);
+  const D dev(device_of(params, norm_sum));
+  const TablesPtr tables = dev.tables("perturb", lists, &options);
+  const int64_t n = tables->n_segments;
+  at::Tensor scratch_ = scratch;
+  check_scratch("perturb", scratch_, params, n, /*grow=*/false);
+  if (n == 0) {
+    skipped.zero_();  // nothing to perturb (a norm over nothing is 0: finite)
+    return;
+  }
+  PerturbArgs args{qmode_of(q),
+                   q,
+                   std::isinf(p) ? 0.0 : 1.0 / p,
+                   eps,
+                   group_rhos.data_ptr<double>(),
+                   scratch.data_ptr<double>() + n,
+                   norm_sum.data_ptr(),
+                   norm_sum.scalar_type() == at::kDouble,
+                   skipped.data_ptr<float>(),
+                   !keep.empty()};
+  for (const Table& t : tables->views) {
+    dev.perturb(t, args);
+    args.row_T += t.n_segments;
+  }
+}
+
+template <class D>
+void restore_op(at::TensorList params, at::TensorList w_old) {
+  const Lists lists{{"params", params}, {"w_old", w_old}};
+  check_lists("restore", lists);
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  const TablesPtr tables = dev.tables("restore", lists, nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.restore(t);
+}
+
+// The gradient source of an update (kernels.h GradMode `grad_mode`): appends first_grads to
+// the lists for every mode but plain: GSAM's first gradients (with along and alpha), FreeSAM's
+// stored gradients (which the update reads and then overwrites with g), or LookSAM's
+// directions (with their coefficient in along).
+template <class D>
+DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first_grads,
+                              const std::optional<at::Tensor>& along, double alpha,
+                              int64_t grad_mode) {
+  TORCH_CHECK_VALUE(grad_mode >= kGradPlain && grad_mode <= kGradCorrect,
+                    msg("fastsam.", op, ": grad_mode = ", grad_mode,
+                        " (0 plain, 1 GSAM decomposition, 2 FreeSAM swap, 3 LookSAM correction)"));
+  const int mode = static_cast<int>(grad_mode);
+  if (mode == kGradPlain) {
+    TORCH_CHECK_VALUE(first_grads.empty(),
+                      msg("fastsam.", op, ": first_grads given with grad_mode 0 (plain)"));
+    return {kGradPlain, 0, 0.0, nullptr, false};
+  }
+  TORCH_CHECK_VALUE(!first_grads.empty(), msg("fastsam.", op, ": grad_mode ", grad_mode,
+                                              " needs first_grads (the second gradient)"));
+  lists.emplace_back("first_grads", first_grads);
+  const int role = static_cast<int>(lists.size() - 1);
+  if (mode == kGradSwap) return {kGradSwap, role, 0.0, nullptr, false};
+  TORCH_CHECK_VALUE(along.has_value(), msg("fastsam.", op, ": grad_mode ", grad_mode,
+                                           " needs along (the coefficient, a 0-d tensor)"));
+  check_norm_out(op, "along", *along, lists.front().second);
+  check_device<D>(op, "along", *along);
+  return {mode, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
+}
+
+// The role of the averaged weights (kernels.h SgdArgs), appended to the lists when given.
+int average_role(Lists& lists, at::TensorList average) {
+  if (average.empty()) return -1;
+  lists.emplace_back("average", average);
+  return static_cast<int>(lists.size() - 1);
+}
+
+// The skip flag of a sync-free update (kernels.h SgdArgs.skip): null when not given.
+template <class D>
+const float* skip_flag(const char* op, const std::optional<at::Tensor>& skip,
+                       at::TensorList params) {
+  if (!skip.has_value()) return nullptr;
+  check_scalar_tensor(op, "skip", *skip, params, 1);
+  check_device<D>(op, "skip", *skip);
+  TORCH_CHECK_TYPE(skip->scalar_type() == at::kFloat,
+                   msg("fastsam.", op, ": skip must be float32, got ", skip->scalar_type()));
+  return skip->data_ptr<float>();
+}
+
+template <class D>
+void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+            at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
+            bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
+            double alpha, int64_t grad_mode, at::TensorList average,
+            const std::optional<at::Tensor>& skip) {
+  const bool has_momentum = !momentum_buffers.empty();
+  Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
+  if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
+  const DecomposeArgs decompose =
+      gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
+  const int avg_role = average_role(lists, average);
+  check_lists("sgd", lists);
+  check_hp("sgd", hp, params, avg_role < 0 ? 4 : kSgdAverageWeight + 1);
+  check_device<D>("sgd", "hp", hp);
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh,    nesterov,
+                     maximize,              decompose,    avg_role, skip_flag<D>("sgd", skip, params)};
+  const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.sgd(t, args);
+}
+
+template <class D>
+void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+             const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
+             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
+             int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
+             const std::optional<at::Tensor>& bias) {
+  Lists lists{{"params", params},
+              {"grads", grads},
+              {"w_old", w_old},
+              {"exp_avgs", exp_avgs},
+              {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
+  const DecomposeArgs decompose =
+      gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
+  const int avg_role = average_role(lists, average);
+  check_lists("adam", lists);
+  check_hp("adam", hp, params, avg_role < 0 ? 8 : kAdamAverageWeight + 1);
+  check_device<D>("adam", "hp", hp);
+  const float* skip_ptr = skip_flag<D>("adam", skip, params);
+  // Per-tensor bias corrections: each table tensor's position in the lists rides in its
+  // `group` entry (kernels.h AdamArgs.bias).
+  std::optional<PerTensor> positions;
+  if (bias.has_value()) {
+    check_scalar_tensor("adam", "bias", *bias, params, 2 * static_cast<int64_t>(params.size()));
+    check_device<D>("adam", "bias", *bias);
+    TORCH_CHECK_TYPE(bias->scalar_type() == at::kDouble,
+                     msg("fastsam.adam: bias must be float64, got ", bias->scalar_type()));
+    positions.emplace();
+    for (size_t i = 0; i < params.size(); ++i) {
+      positions->mode.push_back(kPlain);
+      positions->group.push_back(static_cast<int64_t>(i));
+      positions->eta.push_back(0.0);
+    }
+  }
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose, avg_role,
+                      skip_ptr, bias.has_value() ? bias->data_ptr<double>() : nullptr};
+  const TablesPtr tables =
+      dev.tables("adam", lists, positions ? &*positions : nullptr);  // alive for the loop
+  for (const Table& t : tables->views) dev.adam(t, args);
+}
+
+// GSAM's reduction: along (sums = false: out is one element) or the three sums (out has 3).
+template <class D>
+void gsam_reduce(const char* op, at::TensorList grads, at::TensorList first_grads, double eps,
+                 bool sums, at::Tensor& out, at::Tensor& scratch) {
+  const Lists lists{{"grads", grads}, {"first_grads", first_grads}};
+  check_lists(op, lists);
+  check_norm_out(op, "out", out, grads, sums ? 3 : 1);
+  check_device<D>(op, "out", out);
+  check_scalar_tensor(op, "scratch", scratch, grads, 0);
+  TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, msg("fastsam.", op,
+                   ": scratch must be float64, got ", scratch.scalar_type()));
+  const D dev(device_of(grads, out));
+  const TablesPtr tables = dev.tables(op, lists, nullptr);
+  const int64_t n = tables->n_segments;
+  if (scratch.numel() < 3 * n) grow_scratch(scratch, 3 * n);
+  double* partials = scratch.data_ptr<double>();
+  int64_t offset = 0;
+  for (const Table& t : tables->views) {
+    dev.gsam_partials(t, partials + 3 * offset);
+    offset += t.n_segments;
+  }
+  if (sums) {
+    dev.gsam_sums(partials, n, out);
+  } else {
+    dev.gsam_along(partials, n, eps, out);
+  }
+}
+
+template <class D>
+void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps, at::Tensor& out,
+                   at::Tensor& scratch) {
+  gsam_reduce<D>("gsam_along", grads, first_grads, eps, false, out, scratch);
+}
+
+template <class D>
+void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& out,
+                  at::Tensor& scratch) {
+  gsam_reduce<D>("gsam_sums", grads, first_grads, 0.0, true, out, scratch);
+}
+
+}  // namespace
+}  // namespace fastsam
