@@ -1,7 +1,7 @@
 """skip_nonfinite=True without a GradScaler: a step whose gradients hold inf/NaN (in either
 pass) is skipped, the weights and the whole optimizer state stay bit for bit as they were, the
-skip is counted (and checkpointed), and the following steps are those of a run without that
-step. Without the option a NaN reaches the weights, as with torch.optim."""
+skip is counted (and checkpointed: test_engine.py), and the following steps are those of a run
+without that step. Without the option a NaN reaches the weights, as with torch.optim."""
 import math
 
 import pytest
@@ -119,16 +119,6 @@ def test_looksam_skips_sam_and_look_ahead_steps(backend):
     assert opt.nonfinite_skipped_steps == 2
     _step(opt, params, 3)
     assert all(torch.isfinite(p).all() for p in params)
-
-
-def test_skip_count_is_checkpointed(backend):
-    params = _params()
-    opt = _sam(params, backend)
-    _step(opt, params, 0, (2, math.nan))
-    _step(opt, params, 1)
-    loaded = _sam(_params(), backend)
-    loaded.load_state_dict(opt.state_dict())
-    assert loaded.nonfinite_skipped_steps == 1
 
 
 def test_without_the_option_nan_reaches_the_weights(backend):
