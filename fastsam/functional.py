@@ -1,6 +1,6 @@
 """The passes of one sharpness-aware step, and the contract every backend implements.
 
-A SAM-family step is three passes over memory (DESIGN.md §2):
+A SAM-family step is three passes over memory (docs/design.md §2):
 
     A  perturbation_norm   S = Σ_groups Σ_tensors Σ_i |u_i|^q,  u = T·g         (one reduction)
     B  perturb             w_old ← w;  w ← w + e,  e = ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps)
@@ -368,7 +368,7 @@ def dual_exponent(p: float) -> float:
 
 
 class Backend:
-    """The passes of DESIGN.md §2. A backend overrides every method below.
+    """The passes of docs/design.md §2. A backend overrides every method below.
 
     No method synchronises with the host: reductions stay on the device as 0-d fp32 tensors.
     """

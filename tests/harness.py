@@ -14,7 +14,7 @@ import fastsam
 
 LOSS = torch.nn.functional.cross_entropy
 
-# Odd sizes (DESIGN.md §4): scalars, a prime, just past a power of two, conv and matrix shapes,
+# Odd sizes (docs/design.md §4): scalars, a prime, just past a power of two, conv and matrix shapes,
 # an empty tensor.
 SHAPES = [(1,), (7,), (4097,), (6, 3, 3, 3), (33, 65), (0,), (5,), (65537,)]
 
@@ -53,13 +53,26 @@ class Landscape:
             p.grad = None if i in skip else self.grad(i, p)
 
 
-def drive(opt, params, landscape, steps, skip=lambda t: ()):
-    """``steps`` full SAM steps with the two-step API; ``skip(t)`` lists params without grads."""
-    for t in range(steps):
-        landscape.set_grads(params, skip(t))
-        opt.first_step(zero_grad=True)
-        landscape.set_grads(params, skip(t))
-        opt.second_step(zero_grad=True)
+def drive(opt, params, landscape, steps, skip=(), first=0):
+    """``steps`` whole steps, from step ``first``, of a fastsam optimizer, an oracle or a
+    reference implementation, with the gradients of ``landscape`` at the current weights. A
+    step is one pass (FreeSAM's ``step()``, LookSAM's look-ahead steps, whose ``first_step()``
+    returns False) or two (``first_step``, ``second_step``). ``skip``: step -> the parameters
+    without a gradient then (a dict, or a function of the step). Returns the backward passes."""
+    def without(t):
+        return skip.get(t, ()) if isinstance(skip, dict) else skip(t) if callable(skip) else ()
+
+    passes = 0
+    for t in range(first, first + steps):
+        landscape.set_grads(params, without(t))
+        passes += 1
+        if not hasattr(opt, "second_step") or isinstance(opt, fastsam.FreeSAM):
+            opt.step()
+        elif opt.first_step(zero_grad=True) is not False:
+            landscape.set_grads(params, without(t))
+            passes += 1
+            opt.second_step(zero_grad=True)
+    return passes
 
 
 def split_groups(params, specs):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE
-from harness import SHAPES, Landscape, clone_params, make_params
+from harness import SHAPES, Landscape, clone_params, drive, make_params
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import fastsam
@@ -27,18 +27,6 @@ SCHEDULES = {
 }
 
 
-def train(opt, params, steps, land):
-    for t in range(steps):
-        land.set_grads(params, SKIP.get(t, ()))
-        if isinstance(opt, fastsam.FreeSAM):
-            opt.step()
-            continue
-        if opt.first_step(zero_grad=True) is False:  # LookSAM's look-ahead step: updated
-            continue
-        land.set_grads(params, SKIP.get(t, ()))
-        opt.second_step(zero_grad=True)
-
-
 def reference_average(cls, base, kw, params, schedule, multi_avg_fn, backend):
     """The same optimizer without averaging, AveragedModel updated after the same updates, and
     fp64 snapshots of the weights there (for :func:`exact_average`)."""
@@ -47,7 +35,7 @@ def reference_average(cls, base, kw, params, schedule, multi_avg_fn, backend):
     opt = cls(params, base, backend=backend, **kw)
     land, snapshots = Landscape(SHAPES, seed=3), []
     for t in range(STEPS):
-        train(opt, params, 1, _Replay(land, t))
+        drive(opt, params, _Replay(land, t), 1, SKIP)
         if schedule.due(t + 1):
             averaged.update_parameters(module)
             snapshots.append([p.detach().to(torch.float64, copy=True) for p in params])
@@ -85,7 +73,7 @@ def test_matches_averaged_model(backend, device, name, schedule, dtype, tol):
     params = make_params(SHAPES, dtype, device, seed=4)
     twin = clone_params(params)
     opt = cls(params, base, backend=backend, average=sched, **kw)
-    train(opt, params, STEPS, Landscape(SHAPES, seed=3))
+    drive(opt, params, Landscape(SHAPES, seed=3), STEPS, SKIP)
     expected, n, exact = reference_average(cls, base, kw, twin, sched, multi_avg_fn, backend)
     assert opt.n_averaged == n > 1
     trained = [p.detach().clone() for p in params]
@@ -114,7 +102,7 @@ def test_low_precision_average(backend, device, schedule):
     params = make_params(SHAPES, torch.bfloat16, device, seed=5)
     twin = clone_params(params)
     opt = cls(params, base, backend=backend, average=sched, **kw)
-    train(opt, params, STEPS, Landscape(SHAPES, seed=3))
+    drive(opt, params, Landscape(SHAPES, seed=3), STEPS, SKIP)
     expected, _, exact = reference_average(cls, base, kw, twin, sched, multi_avg_fn, backend)
 
     def error(values):
@@ -137,10 +125,10 @@ def test_average_is_fused_into_the_update(device):
         ps = clone_params(params)
         opt = fastsam.SAM(ps, torch.optim.SGD, lr=0.05, momentum=0.9, backend="triton",
                           average=average)
-        train(opt, ps, 2, land)  # warm-up: momentum buffers exist, averages started
+        drive(opt, ps, land, 2, SKIP)  # warm-up: momentum buffers exist, averages started
         backend = opt._backend_for(ps[0].device)
         before = backend.launches
-        train(opt, ps, 1, land)
+        drive(opt, ps, land, 1, SKIP)
         counts.append(backend.launches - before)
     assert counts == [4, 4]
 
@@ -148,7 +136,7 @@ def test_average_is_fused_into_the_update(device):
 def test_state_dict_loads_into_the_plain_base_optimizer():
     params = make_params([(3,), (2, 2)], torch.float32, "cpu", seed=9)
     opt = fastsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, average="swa")
-    train(opt, params, 2, Landscape([(3,), (2, 2)], seed=3))
+    drive(opt, params, Landscape([(3,), (2, 2)], seed=3), 2, SKIP)
     sd = opt.state_dict()
     counters = [group["fastsam_counters"] for group in sd["param_groups"]]
     assert counters == [{"updates": 2, "n_averaged": 2, "amp_skipped": 0,
@@ -180,14 +168,14 @@ def test_every_state_dict_has_the_same_entries(make):
     params = make_params(shapes, torch.float32, "cpu", seed=4)
     opt = make(params)
     land = Landscape(shapes, seed=5)
-    train(opt, params, 1, land)
+    drive(opt, params, land, 1, SKIP)
     before = opt.state_dict()
     assert opt.n_averaged == 0 or isinstance(opt, fastsam.LookSAM)
     for i, p in enumerate(params):
         stand_in = before["state"][i]["averaged_weights"]
         if opt.n_averaged == 0:
             assert torch.equal(stand_in, p) and stand_in.data_ptr() != p.data_ptr()
-    train(opt, params, 3, land)
+    drive(opt, params, land, 3, SKIP)
     assert opt.n_averaged > 0
     assert _layout(opt.state_dict()) == _layout(before)
     fresh_params = clone_params(params)
@@ -212,17 +200,17 @@ def test_swap_errors_and_refusals():
     with pytest.raises(RuntimeError, match="averages no weights"):
         plain.swap_average()
     opt = fastsam.SAM(params, torch.optim.SGD, lr=0.1, average=fastsam.SWA(start=2, every=3))
-    train(opt, params, 2, land)
+    drive(opt, params, land, 2, SKIP)
     with pytest.raises(RuntimeError, match="no weights have been averaged yet: 2 updates made"):
         opt.swap_average()
-    train(opt, params, 3, land)
+    drive(opt, params, land, 3, SKIP)
     opt.swap_average()
     with pytest.raises(RuntimeError, match="averaged weights are swapped"):
-        train(opt, params, 1, land)
+        drive(opt, params, land, 1, SKIP)
     with pytest.raises(RuntimeError, match="averaged weights are swapped"):
         opt.state_dict()
     opt.swap_average()
-    train(opt, params, 1, land)
+    drive(opt, params, land, 1, SKIP)
     land.set_grads(params)
     opt.first_step()
     with pytest.raises(RuntimeError, match="perturbed"):

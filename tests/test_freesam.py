@@ -3,7 +3,7 @@ one buffer per parameter (checkpoint continuation: test_engine.py)."""
 
 import pytest
 import torch
-from harness import SHAPES, Landscape, assert_state_close, clone_params, make_params
+from harness import SHAPES, Landscape, assert_state_close, clone_params, drive, make_params
 from oracle import OracleFreeSAM
 
 import fastsam
@@ -19,12 +19,6 @@ BASES = {
 }
 
 
-def run(opt, params, land, steps, skip=lambda t: ()):
-    for t in range(steps):
-        land.set_grads(params, skip(t))
-        opt.step()
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-10, atol=1e-12)),
                                        (torch.float32, dict(rtol=1e-5, atol=1e-5))])
 @pytest.mark.parametrize("base", list(BASES))
@@ -36,8 +30,8 @@ def test_matches_oracle(backend, device, dtype, tol, base):
     oracle = OracleFreeSAM(ref, base_cls, foreach=False, **kw)
     land = Landscape(SHAPES, seed=2)
     skip = lambda t: (1,) if t == 2 else (6,) if t == 4 else ()  # noqa: E731
-    run(opt, params, land, STEPS, skip)
-    run(oracle, ref, land, STEPS, skip)
+    drive(opt, params, land, STEPS, skip)
+    drive(oracle, ref, land, STEPS, skip)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, **tol)
         if r.grad is not None:  # .grad is left as the backward pass wrote it
@@ -71,7 +65,7 @@ def test_update_is_fused(backend, device, base):
         raise AssertionError("the unfused base step ran")
 
     opt.base_optimizer.step = refuse
-    run(opt, params, Landscape(SHAPES, seed=8), 2)
+    drive(opt, params, Landscape(SHAPES, seed=8), 2)
     assert not opt._planner.w_old and len(opt._stored) == len(params)
 
 

@@ -70,7 +70,7 @@ def _allocations(fn):
 @pytest.mark.parametrize("options", [{}, {"average": "ema"}, {"skip_nonfinite": True}])
 @pytest.mark.parametrize("cls", [fastsam.SAM, fastsam.ASAM, fastsam.GSAM, fastsam.FreeSAM])
 def test_steps_after_the_first_allocate_nothing(fused, cls, options):
-    """DESIGN.md §4: no allocation in a step after the first, with SGD's update (Adam's step
+    """docs/design.md §4: no allocation in a step after the first, with SGD's update (Adam's step
     count and SWA's weight change the kernels' scalar array every step: one small array per
     step). Gradients are rewritten in place between steps, as a training loop's backward does
     after zero_grad(set_to_none=False)."""

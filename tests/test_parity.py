@@ -202,7 +202,7 @@ def test_low_precision(perturbation, base, dtype, backend, device):
 
 
 def test_large_odd_tensor(backend, device):
-    """278011 elements (DESIGN.md §4), 7 steps, SAM + Adam."""
+    """278011 elements (docs/design.md §4), 7 steps, SAM + Adam."""
     shapes = [(278011,), (3,)]
     params = make_params(shapes, torch.float32, device, seed=11)
     ref = clone_params(params)

@@ -3,7 +3,7 @@ run on each rank's local shards, and each reduction is all-reduced across the sh
 
 FSDP2 keeps every parameter as a DTensor sharded along dim 0 and reduce-scatters the gradients
 into the same layout, so between backward and the next forward every rank holds a slice of w, g
-and the optimizer state. Every elementwise pass of DESIGN.md §2 is local: it runs on the local
+and the optimizer state. Every elementwise pass of docs/design.md §2 is local: it runs on the local
 tensors (``DTensor._local_tensor``, the storage FSDP2 all-gathers from) with the wrapped
 backend's fused kernels. The reductions are not: pass A's ``S = Σ |T·g|^q``, GSAM's three
 sums, LookSAM's sums and skip_nonfinite's flag are sums over shards, so each is computed

@@ -8,7 +8,7 @@ What it does, per step, and what that costs:
                ``w += (w² if adaptive else 1)·g·ρ/(norm + 1e-12)``.
   second_step: ``p.data = old_p`` for every parameter (a storage swap), then ``base.step()``.
 About 84 bytes per element with SGD momentum and 5-8 kernels per tensor, against fastsam's 40
-bytes in 3-4 launches (DESIGN.md §2).
+bytes in 3-4 launches (docs/design.md §2).
 """
 import torch
 

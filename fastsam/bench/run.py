@@ -38,7 +38,7 @@ from .param_sets import SETS
 from .popular_sam import PopularSAM
 
 OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip")
-# Bytes per fp32 element of one step (DESIGN.md §2): SAM 40 = norm 4 + perturb 16 + restore and
+# Bytes per fp32 element of one step (docs/design.md §2): SAM 40 = norm 4 + perturb 16 + restore and
 # SGD 20; ASAM's norm also reads w (+4); GSAM keeps g (+4), reduces over g and g_adv (+8) and
 # reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf; FreeSAM
 # adds the stored gradient, read and written (+8). SAM with an EMA of the weights reads and

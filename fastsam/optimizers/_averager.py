@@ -1,5 +1,5 @@
 """Weight averaging (SWA, EMA) folded into the update, and swapping the averages in for
-evaluation (docs/design.md, "Weight averaging"). The schedules are in :mod:`fastsam.averaging`."""
+evaluation (docs/design.md §5; docs/averaging.md). The schedules are in :mod:`fastsam.averaging`."""
 from __future__ import annotations
 
 from typing import Any

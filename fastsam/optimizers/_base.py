@@ -1,6 +1,6 @@
 """The two-step machine shared by the perturbing optimizers (SAM, ASAM, GSAM, LookSAM): first
 step (pass A, the norm; pass B, perturb), second step (pass C, restore + update) and the closure
-step, over the engine of :mod:`._core` (docs/design.md, "The step, pass by pass").
+step, over the engine of :mod:`._core` (docs/design.md §2).
 
 The classes here hold no arithmetic: they collect tensors, keep torch.optim's state layout, and
 call the passes of :mod:`fastsam.functional` on the selected backend.

@@ -1,5 +1,5 @@
 """The checkpoint codec: what :meth:`state_dict` saves beyond the base optimizer's state, and the
-checks a load makes before anything changes (docs/design.md, "Checkpoints").
+checks a load makes before anything changes (docs/design.md §6).
 
 The optimizer side of the codec is four hooks every fastsam optimizer has: ``_param_stores()``
 (per-parameter tensors kept beyond the base state, by state key), ``_stand_in(key, p)`` (what is

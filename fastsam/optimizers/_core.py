@@ -1,7 +1,7 @@
 """The engine every fastsam optimizer is built on: a torch.optim-style class that shares its
 groups and state with a base optimizer and runs one fused update per step.
 
-It composes the components (docs/design.md, "The engine"): the step plan
+It composes the components (docs/design.md §5): the step plan
 (:class:`~._plan.StepPlanner`), skip decisions and counters (:mod:`._skips`), the fused base
 update (:class:`~._update.FusedUpdate`), weight averaging (:class:`~._averager.WeightAverager`)
 and the checkpoint codec (:mod:`._checkpoint`). :class:`~._base.SharpnessAwareOptimizer` adds

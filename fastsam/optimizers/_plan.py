@@ -1,5 +1,5 @@
 """The step plan: which parameters take part in a step, with their persistent buffers, cached
-for as long as nothing it depends on changes (docs/design.md, "The step plan")."""
+for as long as nothing it depends on changes (docs/design.md §5, §7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

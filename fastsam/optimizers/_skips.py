@@ -1,6 +1,6 @@
 """Skip decisions (GradScaler's found_inf, ``skip_nonfinite``) and the counts a state dict
-carries, on the host or, with ``capturable``, on the device (docs/design.md, "Skips and
-counters")."""
+carries, on the host or, with ``capturable``, on the device (docs/design.md §5, §8;
+docs/amp.md)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,5 +1,5 @@
 """The base update fused with pass C: torch.optim.SGD and Adam/AdamW with torch.optim's exact
-semantics and state layout (docs/design.md, "The fused base update")."""
+semantics and state layout (docs/design.md §2, §6)."""
 from __future__ import annotations
 
 from dataclasses import replace

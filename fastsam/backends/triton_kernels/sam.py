@@ -1,4 +1,4 @@
-"""Triton kernels for the passes of DESIGN.md §2. Arithmetic only; launchers in ../triton.py.
+"""Triton kernels for the passes of docs/design.md §2. Arithmetic only; launchers in ../triton.py.
 
 Every kernel walks a *segment table*: program ``s`` handles elements
 ``[seg_start[s], seg_start[s] + seg_len[s])`` of tensor ``seg_tensor[s]``, whose base address
