@@ -175,20 +175,28 @@ def sync_errors(active=True):
 
 
 def step(model, opt, x, y, scaler, poison, guard, refuse=no_host_reads):
-    """One step (two passes, or one: FreeSAM, LookSAM's look-ahead steps); ``poison`` puts an
-    inf into the gradient the update uses. ``guard``: (first pass guarded, update guarded),
-    by ``refuse``. Gradients are zeroed in place: they keep their addresses, as in a captured
-    step (new addresses make the fused backends build new launch tables on the host, from host
-    data)."""
+    """One step (two passes, or one: FreeSAM, LookSAM's look-ahead steps). ``poison``: True
+    puts an inf into the gradient the update uses; ``(pass, value)`` puts ``value`` into the
+    gradient of pass "first" or "update" (a one-pass step has only the update's). ``guard``:
+    (first pass guarded, update guarded), by ``refuse``. Gradients are zeroed in place: they
+    keep their addresses, as in a captured step (new addresses make the fused backends build
+    new launch tables on the host, from host data)."""
+    where, value = ("update", float("inf")) if poison is True else poison or (None, None)
     scale = scaler.scale if scaler else (lambda loss: loss)
-    if getattr(opt, "sam_step_next", not isinstance(opt, fastsam.FreeSAM)):
+
+    def backward(pass_):
         scale(LOSS(model(x), y)).backward()
+        if pass_ == where:
+            next(model.parameters()).grad.view(-1)[0] = value
+
+    if getattr(opt, "sam_step_next", not isinstance(opt, fastsam.FreeSAM)):
+        backward("first")
         with refuse(guard[0]):
             opt.first_step()
         opt.zero_grad(set_to_none=False)
-    scale(LOSS(model(x), y)).backward()
-    if poison:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    else:
+        where = "update" if where else where  # one pass: the update's
+    backward("update")
     with refuse(guard[1]):
         if scaler:
             scaler.step(opt)

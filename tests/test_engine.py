@@ -6,12 +6,17 @@ capturable) and every backend:
 - a checkpoint (torch.save / torch.load(weights_only=True)) continues bit for bit: weights,
   the whole state dict (base state, averages, FreeSAM's gradients, LookSAM's direction) and the
   counters of a fresh optimizer loaded from it equal the uninterrupted run's;
+- an update whose gradient holds inf/NaN (GradScaler's found_inf, or skip_nonfinite's check;
+  decided on the host or, with capturable, on the device) changes nothing but its counter, and
+  the run goes on as the run without that step;
 - with a fused base update the base optimizer's own step() never runs.
 """
 import io
+import math
 
 import pytest
 import torch
+from conftest import DEVICE
 from harness import CONFIGS, small_data, small_model, step
 
 import fastsam
@@ -90,3 +95,63 @@ def test_fused_base_update_never_runs_the_base_step(backend, name, option):
     if "average" in OPTIONS[option]:  # the averages written by the fused pass, every parameter
         assert opt.n_averaged > 0
         assert len(opt._averager.averaged) == len(list(model.parameters()))
+
+
+# (source of the skip, the pass whose gradient holds the bad value, the value). Under a
+# GradScaler an inf in the first pass skips only the perturbation (test_amp.py).
+SKIPS = [("scaler", "update", math.inf), ("skip_nonfinite", "update", math.nan),
+         ("skip_nonfinite", "first", -math.inf)]
+SKIPPED_AT = (1, 2)  # a look-ahead and a SAM step of LookSAM (k = 2)
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+             for i, entry in opt.state_dict()["state"].items()})
+
+
+def _assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    _assert_same_state({"param_groups": [], "state": a[1]}, {"param_groups": [], "state": b[1]})
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("source,where,value", SKIPS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_skipped_update_changes_nothing(backend, name, source, where, value, capturable):
+    """The weights, the whole state (base state, EMA averages, FreeSAM's gradients, LookSAM's
+    direction) stay bit for bit as before a skipped update, the skip is counted (and the scaler
+    backs off), and every later step is that of the run without the skipped steps (LookSAM's
+    step count, which decides SAM and look-ahead steps, counts skipped steps too: the reference
+    run's count is advanced past them)."""
+    x, y = small_data()
+    kw = dict(capturable=capturable, skip_nonfinite=source == "skip_nonfinite",
+              average=fastsam.EMA(decay=0.7))
+
+    def make(model):
+        opt = CONFIGS[name](model.parameters(), backend=backend, **kw)
+        scaler = (torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10)
+                  if source == "scaler" else None)
+        return opt, scaler
+
+    model, clean = small_model(), small_model()
+    (opt, scaler), (ref, ref_scaler) = make(model), make(clean)
+    looksam = isinstance(opt, fastsam.LookSAM)
+    for t in range(5):
+        if t in SKIPPED_AT:
+            before = _snapshot(model, opt)
+            step(model, opt, x, y, scaler, (where, value), (False, False))
+            _assert_same(_snapshot(model, opt), before)
+            if looksam:  # the reference makes no update either: its step count advances
+                ref._steps += 1
+            continue
+        step(model, opt, x, y, scaler, None, (False, False))
+        step(clean, ref, x, y, ref_scaler, None, (False, False))
+    counted = opt.amp_skipped_steps if scaler else opt.nonfinite_skipped_steps
+    assert counted == len(SKIPPED_AT)
+    if scaler:
+        assert scaler.get_scale() == ref_scaler.get_scale() / 2 ** len(SKIPPED_AT)
+    _assert_same(_snapshot(model, opt), _snapshot(clean, ref))
+    with opt.averaged_weights(), ref.averaged_weights():
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clean.parameters()))
