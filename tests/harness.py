@@ -174,7 +174,8 @@ def sync_errors(active=True):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def step(model, opt, x, y, scaler, poison, guard, refuse=no_host_reads):
+def step(model, opt, x, y, scaler=None, poison=None, guard=(False, False),
+         refuse=no_host_reads):
     """One step (two passes, or one: FreeSAM, LookSAM's look-ahead steps). ``poison``: True
     puts an inf into the gradient the update uses; ``(pass, value)`` puts ``value`` into the
     gradient of pass "first" or "update" (a one-pass step has only the update's). ``guard``:

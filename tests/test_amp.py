@@ -3,11 +3,14 @@ same steps as without a scaler, an inf/NaN in the first pass skips only the pert
 LookSAM's look-ahead steps go through scaler.step too. An inf/NaN in the second pass skips the
 update with everything restored bit for bit and the scale backed off: test_engine.py checks
 that for every optimizer, option and backend."""
+import math
+
 import pytest
 import torch
 from conftest import DEVICE
 from harness import small_data as _data
 from harness import small_model as _model
+from harness import step
 
 import fastsam
 
@@ -17,24 +20,6 @@ SCALE = 2.0**12
 
 def _scaler():
     return torch.amp.GradScaler(DEVICE.type, init_scale=SCALE)
-
-
-def _two_pass(model, opt, x, y, scaler=None, poison=None):
-    """One SAM step; ``poison`` = 1 or 2 puts an inf into that pass's gradient."""
-    scale = scaler.scale if scaler else (lambda loss: loss)
-    scale(LOSS(model(x), y)).backward()
-    if poison == 1:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
-    opt.first_step(zero_grad=True)
-    scale(LOSS(model(x), y)).backward()
-    if poison == 2:
-        next(model.parameters()).grad.view(-1)[0] = float("nan")
-    if scaler:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.second_step()
-    opt.zero_grad()
 
 
 OPTIMIZERS = {
@@ -54,8 +39,8 @@ def test_scaled_steps_match_unscaled_steps(backend, name):
     opts = [OPTIMIZERS[name](m.parameters(), backend) for m in (plain, scaled)]
     scaler = _scaler()
     for _ in range(4):
-        _two_pass(plain, opts[0], x, y)
-        _two_pass(scaled, opts[1], x, y, scaler)
+        step(plain, opts[0], x, y)
+        step(scaled, opts[1], x, y, scaler)
     assert opts[1].amp_skipped_steps == 0 and scaler.get_scale() == SCALE
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -68,7 +53,7 @@ def test_inf_in_first_pass_skips_the_perturbation(backend):
     model, twin = _model(), _model()
     opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
     base = torch.optim.SGD(twin.parameters(), lr=0.1)
-    _two_pass(model, opt, x, y, _scaler(), poison=1)
+    step(model, opt, x, y, _scaler(), ("first", math.inf))
     assert float(opt._skips.perturb_skipped) == 1.0
     LOSS(twin(x), y).backward()
     base.step()
@@ -84,49 +69,17 @@ def test_freesam_with_scaler(backend):
     opts = [fastsam.FreeSAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
                             backend=backend) for m in (plain, scaled)]
     scaler = _scaler()
-
-    def scaled_step(poison=False):
-        scaler.scale(LOSS(scaled(x), y)).backward()
-        if poison:
-            next(scaled.parameters()).grad.view(-1)[0] = float("inf")
-        scaler.step(opts[1])
-        scaler.update()
-        opts[1].zero_grad()
-
     for _ in range(3):
-        LOSS(plain(x), y).backward()
-        opts[0].step()
-        opts[0].zero_grad()
-        scaled_step()
+        step(plain, opts[0], x, y)
+        step(scaled, opts[1], x, y, scaler)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     weights = [p.detach().clone() for p in scaled.parameters()]
     stored = {p: g.clone() for p, g in opts[1]._stored.items()}
-    scaled_step(poison=True)
+    step(scaled, opts[1], x, y, scaler, True)
     assert all(torch.equal(p, w) for p, w in zip(scaled.parameters(), weights))
     assert all(torch.equal(opts[1]._stored[p], g) for p, g in stored.items())
     assert opts[1].amp_skipped_steps == 1
-
-
-def _looksam_step(model, opt, x, y, scaler=None, poison=False):
-    """One LookSAM step, the scaler's way when given (scaler.step for every update);
-    ``poison`` puts an inf into the last pass's gradient."""
-    scale = scaler.scale if scaler else (lambda loss: loss)
-    scale(LOSS(model(x), y)).backward()
-    sam_step = opt.sam_step_next
-    if sam_step:
-        opt.first_step(zero_grad=True)
-        scale(LOSS(model(x), y)).backward()
-    if poison:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
-    if scaler:
-        scaler.step(opt)
-        scaler.update()
-    elif sam_step:
-        opt.second_step()
-    else:
-        opt.step()  # the look-ahead step, as scaler.step calls it
-    opt.zero_grad()
 
 
 def _looksam(model, backend):
@@ -143,8 +96,8 @@ def test_looksam_with_scaler(backend):
     opts = [_looksam(m, backend) for m in (plain, scaled)]
     scaler = _scaler()
     for _ in range(5):  # SAM, look-ahead, look-ahead, SAM, look-ahead
-        _looksam_step(plain, opts[0], x, y)
-        _looksam_step(scaled, opts[1], x, y, scaler)
+        step(plain, opts[0], x, y)
+        step(scaled, opts[1], x, y, scaler)
     for a, b in zip(plain.parameters(), scaled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for skipped, sam_step in enumerate((False, True), start=1):  # step 6 look-ahead, 7 SAM
@@ -152,7 +105,7 @@ def test_looksam_with_scaler(backend):
         weights = [p.detach().clone() for p in scaled.parameters()]
         state = [v.clone() for st in opts[1].state_dict()["state"].values()
                  for v in st.values() if torch.is_tensor(v)]
-        _looksam_step(scaled, opts[1], x, y, scaler, poison=True)
+        step(scaled, opts[1], x, y, scaler, True)
         assert all(torch.equal(p, w) for p, w in zip(scaled.parameters(), weights))
         after = [v for st in opts[1].state_dict()["state"].values()
                  for v in st.values() if torch.is_tensor(v)]
