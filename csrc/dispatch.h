@@ -4,6 +4,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "elementwise.h"
 #include "kernels.h"
@@ -57,13 +58,15 @@ void with_qmode(int qmode, F&& f) {
   }
 }
 
-template <typename F>
+// f(integral_constant<int, mode>) for each GradMode of kernels.h below kGradModes, so a new mode
+// needs no case here (an out-of-range mode is refused by the binding before any dispatch).
+template <int M = kGradPlain, typename F>
 void with_grad_mode(int mode, F&& f) {
-  switch (mode) {
-    case kGradDecompose: return f(std::integral_constant<int, kGradDecompose>{});
-    case kGradSwap: return f(std::integral_constant<int, kGradSwap>{});
-    case kGradCorrect: return f(std::integral_constant<int, kGradCorrect>{});
-    default: return f(std::integral_constant<int, kGradPlain>{});
+  if constexpr (M < kGradModes) {
+    if (mode == M) return f(std::integral_constant<int, M>{});
+    return with_grad_mode<M + 1>(mode, std::forward<F>(f));
+  } else {
+    return f(std::integral_constant<int, kGradPlain>{});
   }
 }
 

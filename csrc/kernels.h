@@ -55,7 +55,14 @@ struct PerturbArgs {
 //   kGradDecompose  GSAM's (1 + alpha·along)·g − alpha·g_first, g_first at role `first_role`
 //   kGradSwap       FreeSAM's stored gradient at role `first_role`, which then receives g
 //   kGradCorrect    LookSAM's g + along·u_v, u_v at role `first_role`
-enum GradMode : int { kGradPlain = 0, kGradDecompose = 1, kGradSwap = 2, kGradCorrect = 3 };
+// kGradModes counts them: the binding's range check and dispatch.h follow it.
+enum GradMode : int {
+  kGradPlain = 0,
+  kGradDecompose = 1,
+  kGradSwap = 2,
+  kGradCorrect = 3,
+  kGradModes
+};
 
 struct DecomposeArgs {
   int mode;

@@ -101,7 +101,7 @@ template <class D>
 DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first_grads,
                               const std::optional<at::Tensor>& along, double alpha,
                               int64_t grad_mode) {
-  TORCH_CHECK_VALUE(grad_mode >= kGradPlain && grad_mode <= kGradCorrect,
+  TORCH_CHECK_VALUE(grad_mode >= kGradPlain && grad_mode < kGradModes,
                     msg("fastsam.", op, ": grad_mode = ", grad_mode,
                         " (0 plain, 1 GSAM decomposition, 2 FreeSAM swap, 3 LookSAM correction)"));
   const int mode = static_cast<int>(grad_mode);
