@@ -193,6 +193,8 @@ class FusedOptimizer(Optimizer):
         """:meth:`SkipPolicy.decide <fastsam.optimizers._skips.SkipPolicy.decide>` for this
         update (GradScaler's attributes read from the optimizer)."""
         scaler = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        if scaler == (None, None) and not self._skips.skip_nonfinite:
+            return False  # nothing can skip this update: no per-tensor work
         backend = self._backend_for(plan.device) if plan.device is not None else None
         return self._skips.decide(
             scaler, [g for gs in all_grads for g in gs], [k for ks in kept or () for k in ks],
