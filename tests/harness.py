@@ -44,9 +44,11 @@ class Landscape:
         self.d = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
 
     def grad(self, i, w):
+        """The gradient at ``w``, laid out as ``w`` (autograd's gradient layout contract: a
+        dense parameter's gradient has its strides)."""
         w64 = w.detach().double().cpu()
         g = 2 * self.c[i] * w64 + 0.5 * self.d[i] * torch.cos(2 * w64)
-        return g.to(w.device, w.dtype)
+        return torch.empty_like(w).copy_(g)
 
     def set_grads(self, params, skip=()):
         for i, p in enumerate(params):

@@ -176,13 +176,64 @@ def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
                     backend="triton")
 
 
-def test_non_contiguous_parameter_is_refused(fused):
-    base = torch.randn(8, 6, device=DEVICE)
-    p = torch.nn.Parameter(base.t())  # a non-contiguous leaf
-    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, backend=fused)
-    p.grad = torch.ones_like(p)
-    with pytest.raises(ValueError, match="not contiguous"):
+MEMORY_FORMATS = [(6, 3, 3, 3), (8, 5), (7,)]  # a conv weight, a matrix, a bias
+
+
+def _laid_out(params, transpose):
+    """The conv weight in channels_last (dim 0 still outermost) and, with ``transpose``, the
+    matrix transposed: dense, not contiguous."""
+    w = params[0].detach().to(memory_format=torch.channels_last)
+    m = params[1].detach().t().contiguous().t() if transpose else params[1].detach()
+    return [torch.nn.Parameter(w), torch.nn.Parameter(m), params[2]]
+
+
+@pytest.mark.parametrize("kind", ["none", "filter"])
+def test_memory_formats_match_the_oracle(fused, kind):
+    """channels_last and transposed parameters (gradients laid out alike, as autograd makes them)
+    run on the fused backends, walking memory linearly: 4 steps of SAM (or filter-wise ASAM,
+    whose filters are still dim-0 slices) + SGD momentum against the oracle, fp64; the state
+    buffers take the parameters' layout."""
+    # filter-wise ASAM needs dim 0 outermost: the transposed matrix is refused there (below)
+    params = _laid_out(make_params(MEMORY_FORMATS, torch.float64, DEVICE, seed=21),
+                       transpose=kind == "none")
+    assert not params[0].is_contiguous() and params[1].is_contiguous() == (kind == "filter")
+    ref = clone_params(params)
+    land = Landscape(MEMORY_FORMATS, seed=22)
+    T = ("filter", 0.01) if kind == "filter" else ("none", 0.0)
+    opt = (fastsam.ASAM(params, torch.optim.SGD, rho=0.5, eta=0.01, normalization="filter",
+                        lr=0.05, momentum=0.9, backend=fused) if kind == "filter"
+           else fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9,
+                            backend=fused))
+    oracle = OracleSAM([{"params": ref, "rho": 0.5 if kind == "filter" else 0.05, "T": T}],
+                       torch.optim.SGD, foreach=False, lr=0.05, momentum=0.9)
+    drive(opt, params, land, 4)
+    drive(oracle, ref, land, 4)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-10, atol=1e-12)
+        assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+
+
+def test_layouts_the_kernels_cannot_walk_are_refused(fused):
+    """Refused before anything is written, with the fix in the message: a gradient laid out
+    unlike its parameter, a parameter that is not dense, filter-wise ASAM over a tensor whose
+    filters are not contiguous blocks."""
+    w = torch.nn.Parameter(torch.randn(8, 6, device=DEVICE).t())  # dense, transposed
+    opt = fastsam.SAM([w], torch.optim.SGD, lr=0.1, backend=fused)
+    w.grad = torch.ones(w.shape, device=DEVICE)  # contiguous: another layout than w
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="another memory format"):
         opt.first_step()
+    assert torch.equal(w.detach(), before)
+    gapped = torch.nn.Parameter(torch.randn(6, 16, device=DEVICE)[:, ::2])
+    opt = fastsam.SAM([gapped], torch.optim.SGD, lr=0.1, backend=fused)
+    gapped.grad = torch.ones_like(gapped)
+    with pytest.raises(ValueError, match="not dense"):
+        opt.first_step()
+    w.grad = torch.ones_like(w)
+    asam = fastsam.ASAM([w], torch.optim.SGD, normalization="filter", lr=0.1, backend=fused)
+    with pytest.raises(ValueError, match="filter-wise ASAM needs each filter"):
+        asam.first_step()
+    assert torch.equal(w.detach(), before)
 
 
 # ----------------------------------------------------------------------------- GPU only

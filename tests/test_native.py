@@ -109,8 +109,11 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.sgd(w, w[:1], w, [], hp, False, False, False, *NO_GSAM)
     with pytest.raises(TypeError, match=r"params\[0\] has dtype Long"):
         ops.restore([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
-    with pytest.raises(ValueError, match=r"w_old\[1\] is not contiguous"):
+    with pytest.raises(ValueError, match=r"w_old\[1\] has strides \[1, 3\] but params\[1\] has "
+                                         r"\[4, 1\] \(another memory format\)"):
         ops.restore(w, [w[0], torch.randn(4, 3).t()])
+    with pytest.raises(ValueError, match=r"w_old\[1\] is not dense"):
+        ops.restore(w, [w[0], torch.randn(3, 8)[:, ::2]])
     with pytest.raises(ValueError, match="hp has 2 elements, needs 4"):
         ops.sgd(w, w, w, [], hp[:2], False, False, False, *NO_GSAM)
     with pytest.raises(TypeError, match="hp must be float64"):

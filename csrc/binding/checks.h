@@ -30,8 +30,19 @@ DType storage_code(const char* op, const char* what, size_t i, const at::Tensor&
   }
 }
 
+// Whether a and b lay their elements out alike in memory: the same stride on every dim that has
+// more than one element (a size-1 dim's stride says nothing about the layout).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 // Every list has as many tensors as the first (the parameters); tensor i of each list is
-// dense, contiguous, on the parameters' device, with parameter i's dtype and shape.
+// dense and non-overlapping (any memory format: channels_last too) and laid out as parameter i,
+// on the parameters' device, with parameter i's dtype and shape. The kernels walk each tensor's
+// memory linearly, so element k of one is element k of every other.
 void check_lists(const char* op, const Lists& lists) {
   const auto& [w_name, w] = lists.front();
   for (const auto& [name, list] : lists) {
@@ -55,9 +66,13 @@ void check_lists(const char* op, const Lists& lists) {
       TORCH_CHECK_VALUE(t.sizes() == w[i].sizes(), msg("fastsam.", op, ": ", name, "[", i,
                         "] has shape ", t.sizes(), " but ", w_name, "[", i, "] has ",
                         w[i].sizes()));
-      TORCH_CHECK_VALUE(t.is_contiguous(), msg("fastsam.", op, ": ", name, "[", i,
-                        "] is not contiguous (strides ", t.strides(),
+      TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), msg("fastsam.", op, ": ", name, "[",
+                        i, "] is not dense (strides ", t.strides(), " for shape ", t.sizes(),
                         "); make it contiguous or use backend='torch'"));
+      TORCH_CHECK_VALUE(same_layout(t, w[i]), msg("fastsam.", op, ": ", name, "[", i,
+                        "] has strides ", t.strides(), " but ", w_name, "[", i, "] has ",
+                        w[i].strides(), " (another memory format): give it its parameter's "
+                        "layout (torch.empty_like(p) does) or use backend='torch'"));
     }
   }
 }

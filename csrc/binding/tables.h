@@ -43,6 +43,14 @@ PerTensor expand_groups(const char* op, at::TensorList params, at::IntArrayRef s
       TORCH_CHECK_VALUE(i < params.size(), msg("fastsam.", op, ": group_sizes add up to more than ",
                         params.size(), " tensors"));
       const bool filter_1d = modes[k] == kFilter && params[i].dim() < 2;  // 1-D: element-wise
+      // Filter-wise: filter j is the j-th block of numel/size(0) elements in memory, so dim 0
+      // must be outermost (it is in contiguous and channels_last layouts).
+      const at::Tensor& p = params[i];
+      TORCH_CHECK_VALUE(modes[k] != kFilter || filter_1d || p.size(0) <= 1 ||
+                            p.stride(0) * p.size(0) == p.numel(),
+                        msg("fastsam.", op, ": params[", i, "] has strides ", p.strides(),
+                            " for shape ", p.sizes(), ": filter-wise ASAM needs each filter (a "
+                            "slice along dim 0) contiguous in memory, dim 0 outermost"));
       out.mode.push_back(filter_1d ? kElement : modes[k]);
       out.group.push_back(static_cast<int64_t>(k));
       out.eta.push_back(etas[k]);

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from operator import attrgetter
 
 import torch
@@ -123,13 +123,40 @@ class _Table:
         ) and all(L % BLOCK == 0 or c <= 1 for L, c in zip(seg_lens, counts.tolist()))
 
 
-def _check_dense(tensors: Sequence[Tensor], what: str) -> None:
-    for t in tensors:
-        if not t.is_contiguous():
-            raise ValueError(
-                f"triton backend: {what} of shape {tuple(t.shape)} is not contiguous "
-                f"(strides {t.stride()}); make it contiguous or use backend='torch'"
-            )
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (any memory format)."""
+    expected = 1
+    for size, stride in sorted(
+        ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: d[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _layout(t: Tensor) -> tuple:
+    """The strides of the dims with more than one element: what says how ``t`` lies in memory."""
+    return tuple(st for s, st in zip(t.shape, t.stride()) if s != 1)
+
+
+def _check_layout(roles: dict[str, list[Tensor]]) -> None:
+    """Every tensor dense and laid out as its parameter (roles["w"][i]): the kernels walk each
+    one's memory linearly, so element k of one is element k of every other (channels_last
+    works like contiguous)."""
+    for role, tensors in roles.items():
+        for w, t in zip(roles["w"], tensors):
+            if not _dense(t):
+                raise ValueError(
+                    f"triton backend: a {role} tensor of shape {tuple(t.shape)} is not dense "
+                    f"(strides {t.stride()}); make it contiguous or use backend='torch'"
+                )
+            if _layout(t) != _layout(w):
+                raise ValueError(
+                    f"triton backend: a {role} tensor has strides {t.stride()} but its "
+                    f"parameter has {w.stride()} (another memory format): give it its "
+                    "parameter's layout (torch.empty_like(p) does) or use backend='torch'"
+                )
 
 
 def _by_dtypes(roles: dict[str, list[Tensor]]) -> list[list[int]]:
@@ -187,13 +214,18 @@ class _PerturbPlan:
         self.keep = _keeps_gradients(groups)
         if self.keep:
             roles["keep"] = [t for g in groups for t in g.keep_grads]
-        _check_dense(roles["w"], "a parameter")
-        _check_dense(roles["g"], "a gradient")
+        _check_layout(roles)
         mode, eta, group_of, seg_lens = [], [], [], []
         for k, group in enumerate(groups):
             kind = group.scaling.mode
             for p in group.params:
                 m = 1 if (kind == 2 and p.dim() < 2) else kind  # 1-D: element-wise T
+                if m == 2 and p.shape[0] > 1 and p.stride(0) * p.shape[0] != p.numel():
+                    raise ValueError(
+                        f"triton backend: a parameter of shape {tuple(p.shape)} has strides "
+                        f"{p.stride()}: filter-wise ASAM needs each filter (a slice along dim "
+                        "0) contiguous in memory, dim 0 outermost"
+                    )
                 mode.append(m)
                 eta.append(group.scaling.eta)
                 group_of.append(k)
@@ -320,7 +352,7 @@ class TritonBackend(Backend):
         """One table per dtype combination of the roles (cached by addresses and shapes)."""
 
         def build() -> list[_Table]:
-            _check_dense([t for ts in roles.values() for t in ts], "a parameter or its state")
+            _check_layout(roles)
             device = roles["w"][0].device
             # "index": each table tensor's position in the caller's lists (AdamHyper.bias rows)
             return [
