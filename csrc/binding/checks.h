@@ -66,6 +66,7 @@ void check_lists(const char* op, const Lists& lists) {
       TORCH_CHECK_VALUE(t.sizes() == w[i].sizes(), msg("fastsam.", op, ": ", name, "[", i,
                         "] has shape ", t.sizes(), " but ", w_name, "[", i, "] has ",
                         w[i].sizes()));
+      if (t.numel() == 0) continue;  // no memory to walk: any strides (the kernels skip it)
       TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), msg("fastsam.", op, ": ", name, "[",
                         i, "] is not dense (strides ", t.strides(), " for shape ", t.sizes(),
                         "); make it contiguous or use backend='torch'"));

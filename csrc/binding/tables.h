@@ -46,7 +46,7 @@ PerTensor expand_groups(const char* op, at::TensorList params, at::IntArrayRef s
       // Filter-wise: filter j is the j-th block of numel/size(0) elements in memory, so dim 0
       // must be outermost (it is in contiguous and channels_last layouts).
       const at::Tensor& p = params[i];
-      TORCH_CHECK_VALUE(modes[k] != kFilter || filter_1d || p.size(0) <= 1 ||
+      TORCH_CHECK_VALUE(modes[k] != kFilter || filter_1d || p.size(0) <= 1 || p.numel() == 0 ||
                             p.stride(0) * p.size(0) == p.numel(),
                         msg("fastsam.", op, ": params[", i, "] has strides ", p.strides(),
                             " for shape ", p.sizes(), ": filter-wise ASAM needs each filter (a "

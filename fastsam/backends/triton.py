@@ -124,7 +124,10 @@ class _Table:
 
 
 def _dense(t: Tensor) -> bool:
-    """Whether ``t`` covers its memory without gaps or overlaps (any memory format)."""
+    """Whether ``t`` covers its memory without gaps or overlaps (any memory format; an empty
+    tensor has no memory to walk)."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted(
         ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: d[1]
@@ -151,7 +154,7 @@ def _check_layout(roles: dict[str, list[Tensor]]) -> None:
                     f"triton backend: a {role} tensor of shape {tuple(t.shape)} is not dense "
                     f"(strides {t.stride()}); make it contiguous or use backend='torch'"
                 )
-            if _layout(t) != _layout(w):
+            if t.numel() and _layout(t) != _layout(w):
                 raise ValueError(
                     f"triton backend: a {role} tensor has strides {t.stride()} but its "
                     f"parameter has {w.stride()} (another memory format): give it its "
@@ -220,7 +223,7 @@ class _PerturbPlan:
             kind = group.scaling.mode
             for p in group.params:
                 m = 1 if (kind == 2 and p.dim() < 2) else kind  # 1-D: element-wise T
-                if m == 2 and p.shape[0] > 1 and p.stride(0) * p.shape[0] != p.numel():
+                if m == 2 and p.numel() and p.stride(0) * p.shape[0] != p.numel():
                     raise ValueError(
                         f"triton backend: a parameter of shape {tuple(p.shape)} has strides "
                         f"{p.stride()}: filter-wise ASAM needs each filter (a slice along dim "
