@@ -7,6 +7,7 @@ See README.md for the two-step and closure usage.
 from .averaging import EMA, SWA, update_bn
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .distributed import local_pass
+from .integrations import unwrap
 from .optimizers import ASAM, GSAM, SAM, FreeSAM, LookSAM, asam_param_groups
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
@@ -25,6 +26,7 @@ __all__ = [
     "EMA",
     "update_bn",
     "local_pass",
+    "unwrap",
     "frozen_bn_stats",
     "disable_running_stats",
     "enable_running_stats",

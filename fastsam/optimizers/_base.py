@@ -7,7 +7,9 @@ call the passes of :mod:`fastsam.functional` on the selected backend.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from itertools import repeat
 from typing import Any
 
@@ -20,6 +22,29 @@ from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
 from ._plan import StepPlan
 from ._update import not_capturable
+
+TRAINER_HINT = (
+    "(Trainers: fastsam.integrations.transformers.SAMTrainer runs both passes in the Hugging "
+    "Face Trainer, fastsam.integrations.lightning.SAMMixin in Lightning; docs/training.md.)"
+)
+
+
+def _lightning_closure(closure: Callable[[], Any]) -> str | None:
+    """``"automatic"`` for the closure of Lightning's automatic optimization (its loops'
+    ``Closure``, alone or inside the precision plugin's ``functools.partial``), ``"manual"`` for
+    any other closure Lightning's precision plugin wraps (``LightningOptimizer.step()`` in
+    manual optimization), None for the rest. Told apart by the defining modules alone: fastsam
+    does not import Lightning."""
+    def lightning(obj: Any) -> bool:
+        return (type(obj).__module__ or "").split(".")[0] in ("lightning", "pytorch_lightning")
+
+    wrapped = isinstance(closure, functools.partial)
+    inner = closure.args if wrapped else ()
+    if any(lightning(c) and type(c).__name__ == "Closure" for c in (closure, *inner)):
+        return "automatic"
+    if wrapped and lightning(getattr(closure.func, "__self__", None)):
+        return "manual"
+    return None
 
 
 class SharpnessAwareOptimizer(FusedOptimizer):
@@ -54,6 +79,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._q = dual_exponent(self._p)
         self._eps = check_finite_nonnegative("eps", eps)
         self._perturbed: StepPlan | None = None
+        self._closure_drives = False  # see _closure_makes_the_passes()
         super().__init__(
             params, base_optimizer, defaults, backend=backend, base_kwargs=base_kwargs,
             average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
@@ -190,6 +216,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         Without a closure: performs the pending second step (after :meth:`first_step`); this is
         what ``GradScaler.step(optimizer)`` calls.
         """
+        if closure is not None and self._closure_finishes(closure):
+            return self._after_closure(closure)
         if closure is None:
             if self._perturbed is None and self._lr_is_zero():
                 # torch.distributed.checkpoint creates an empty optimizer's state this way: a
@@ -201,7 +229,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 raise RuntimeError(
                     "step() without a closure performs the second step, but no first_step() is "
                     "pending. Either pass a closure that recomputes the loss and calls "
-                    "backward(), or call first_step() first."
+                    "backward(), or call first_step() first. " + TRAINER_HINT
                 )
             self.second_step()
             return None
@@ -214,6 +242,49 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         with torch.enable_grad():
             loss = closure()
         self.second_step()
+        return loss
+
+    # ----------------------------------------------------------------- trainers
+    @contextmanager
+    def _closure_makes_the_passes(self) -> Iterator[None]:
+        """Inside, ``step(closure)`` follows torch.optim's convention, which trainers rely on:
+        no backward pass precedes the step, and the closure makes every pass itself. The
+        fastsam integrations hand over a closure that runs the first forward/backward, calls
+        :meth:`first_step` and runs the second pass (a LookSAM look-ahead step: the first pass
+        only); the step then finishes what the closure left pending (docs/training.md)."""
+        self._closure_drives = True
+        try:
+            yield
+        finally:
+            self._closure_drives = False
+
+    def _closure_finishes(self, closure: Callable[[], Any]) -> bool:
+        """Whether ``step(closure)`` is to call the closure first and then finish the step: a
+        fastsam integration drives it, or Lightning's manual optimization (whose
+        ``optimizer.step()`` always passes a closure) finishes a step begun with
+        :meth:`first_step`. Lightning's automatic optimization, which calls ``step(closure)``
+        with no backward pass before it, is refused rather than run as another algorithm (the
+        perturbation would follow the previous step's gradients)."""
+        if self._closure_drives:
+            return True
+        kind = _lightning_closure(closure)
+        if kind == "automatic":
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure) was called by Lightning's automatic "
+                "optimization, which calls the closure inside step() with no backward pass "
+                "before it: the perturbation would follow the previous step's gradients. Put "
+                "fastsam.integrations.lightning.SAMMixin first in your LightningModule's bases "
+                "(class Model(SAMMixin, LightningModule)) to run both passes per step, or use "
+                "manual optimization (docs/training.md)."
+            )
+        return kind == "manual"
+
+    def _after_closure(self, closure: Callable[[], Any]) -> Any:
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None and self._closure_drives and self._perturbed is None:
+            return None  # an integration's closure skipped its batch (no backward pass)
+        self.step()  # the pending second step (LookSAM: or the look-ahead step)
         return loss
 
     def _restore(self, perturbed: StepPlan) -> None:

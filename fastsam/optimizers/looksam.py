@@ -214,6 +214,8 @@ class LookSAM(SharpnessAwareOptimizer):
         (None on look-ahead steps). Without one: the pending second step after a SAM step's
         :meth:`first_step`, or, when none is pending and the next step is a look-ahead step,
         that look-ahead step (what ``scaler.step(optimizer)`` calls under GradScaler)."""
+        if closure is not None and self._closure_finishes(closure):
+            return self._after_closure(closure)
         if closure is None:
             if self._perturbed is None and not self.sam_step_next:
                 self.first_step()  # a look-ahead step: the whole update

@@ -1,0 +1,46 @@
+"""fastsam where people train: the Hugging Face Trainer (:mod:`.transformers`), Accelerate
+(:mod:`.accelerate`) and Lightning (:mod:`.lightning`). Each submodule imports its framework
+when it is imported, never before; ``import fastsam`` imports none of them.
+
+A sharpness-aware step needs two forward/backward passes at two points, while a trainer makes
+one per optimizer step and then calls ``optimizer.step()``. The integrations put the second
+pass where the framework lets them (docs/training.md, "Trainers").
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+from ..optimizers._core import FusedOptimizer
+
+
+def unwrap(optimizer: Any) -> FusedOptimizer:
+    """The fastsam optimizer inside a framework's wrapper: Accelerate's
+    ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer`` (each holds the optimizer it
+    wraps as ``.optimizer``), or the optimizer itself.
+
+    Use the unwrapped optimizer for :meth:`first_step` and :meth:`second_step` (a
+    ``LightningOptimizer`` copies the optimizer's attributes, so a step begun on it would not be
+    seen by the optimizer it wraps); keep stepping through the wrapper where the framework
+    needs it to (Accelerate's and Lightning's ``step()`` apply their GradScaler).
+
+    Raises:
+        TypeError: no fastsam optimizer is inside ``optimizer``.
+    """
+    found = optimizer
+    for _ in range(16):  # wrappers nest a few levels at most
+        inner = getattr(found, "optimizer", None)
+        if not isinstance(inner, Optimizer) or inner is found:
+            break
+        found = inner
+    if not isinstance(found, FusedOptimizer):
+        raise TypeError(
+            f"expected a fastsam optimizer (fastsam.SAM, ASAM, GSAM, LookSAM, FreeSAM) or a "
+            f"framework's wrapper around one, got {type(optimizer).__name__}"
+            + (f" around {type(found).__name__}" if found is not optimizer else "")
+        )
+    return found
+
+
+__all__ = ["unwrap"]
