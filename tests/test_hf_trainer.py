@@ -11,6 +11,8 @@ pytest.importorskip("transformers")
 from trainers import (  # noqa: E402
     MODELS,
     PassCounter,
+    SchedulerRule,
+    bn_data,
     collate,
     max_difference,
     two_pass_loop,
@@ -160,8 +162,6 @@ def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path):
     skipped step, as for torch's optimizers under the scaler."""
     make = OPTIMIZERS["sam_adamw"]
     build, _ = MODELS["bn"]
-    from trainers import bn_data
-
     data = bn_data(BATCH * STEPS, bad=BATCH + 3)
     model, reference = build(), build()
     trainer = SAMTrainer(model=model, train_dataset=data,
@@ -172,17 +172,8 @@ def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path):
     ref_opt = make(reference.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda s: max(0.0, 1 - s / STEPS))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-
-    class TrainersRule:  # no scheduler step on a step the scaler skipped
-        seen = 0
-
-        @classmethod
-        def step(cls):
-            if ref_opt.amp_skipped_steps == cls.seen:
-                scheduler.step()
-            cls.seen = ref_opt.amp_skipped_steps
-
-    two_pass_loop(reference, ref_opt, batches(data), scaler=scaler, scheduler=TrainersRule)
+    two_pass_loop(reference, ref_opt, batches(data), scaler=scaler,
+                  scheduler=SchedulerRule(ref_opt, scheduler))
     sam = fastsam.unwrap(trainer.optimizer)
     assert sam.amp_skipped_steps == ref_opt.amp_skipped_steps == 1
     assert trainer.lr_scheduler.last_epoch == scheduler.last_epoch == STEPS - 1

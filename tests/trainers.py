@@ -130,6 +130,19 @@ def two_pass_loop(model, optimizer, batches, max_grad_norm=None, autocast=None, 
     return losses
 
 
+class SchedulerRule:
+    """The lr schedule as Accelerate and the Trainer step it: not on a step the GradScaler
+    skipped (for ``two_pass_loop(scheduler=...)``)."""
+
+    def __init__(self, optimizer, scheduler) -> None:
+        self.optimizer, self.scheduler, self.seen = optimizer, scheduler, 0
+
+    def step(self) -> None:
+        if self.optimizer.amp_skipped_steps == self.seen:
+            self.scheduler.step()
+        self.seen = self.optimizer.amp_skipped_steps
+
+
 def max_difference(a: nn.Module, b: nn.Module) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 

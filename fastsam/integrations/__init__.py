@@ -43,4 +43,16 @@ def unwrap(optimizer: Any) -> FusedOptimizer:
     return found
 
 
-__all__ = ["unwrap"]
+def report_amp_skip(wrapper: Any, skipped_before: int) -> None:
+    """Tell Accelerate's ``AcceleratedOptimizer`` that its last ``step()`` was skipped by the
+    GradScaler when the fastsam optimizer inside counted a skip since ``skipped_before``.
+
+    The scaler leaves the skip to a fastsam optimizer (it restores the weights and counts it in
+    ``amp_skipped_steps``) rather than not calling ``step()``, which is how Accelerate detects
+    one; its ``step_was_skipped``, which ``AcceleratedScheduler`` and the Hugging Face Trainer
+    read before advancing the lr schedule, would otherwise say the step was taken."""
+    if hasattr(wrapper, "_is_overflow") and unwrap(wrapper).amp_skipped_steps > skipped_before:
+        wrapper._is_overflow = True
+
+
+__all__ = ["unwrap", "report_amp_skip"]

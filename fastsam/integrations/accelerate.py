@@ -29,7 +29,7 @@ import torch
 
 from ..batchnorm import frozen_bn_stats
 from ..optimizers._base import SharpnessAwareOptimizer
-from . import unwrap
+from . import report_amp_skip, unwrap
 
 
 def sam_step(
@@ -50,7 +50,8 @@ def sam_step(
     all-reduces the last one only), ``first_step()``, the same over the micro-batches again
     with BatchNorm statistics frozen, optionally ``accelerator.clip_grad_norm_`` on the second
     pass's gradients, then ``optimizer.step()`` (fastsam's second step, through the GradScaler
-    under fp16) and ``optimizer.zero_grad()``. FreeSAM and LookSAM's look-ahead steps take one
+    under fp16; a step the scaler skips is reported as skipped, so that an
+    ``AcceleratedScheduler`` keeps its lr) and ``optimizer.zero_grad()``. FreeSAM and LookSAM's look-ahead steps take one
     pass. Each micro-batch's loss counts ``1/len(batches)``, whatever the accelerator's
     ``gradient_accumulation_steps``.
 
@@ -95,7 +96,9 @@ def sam_step(
             one_pass(False)
     if max_grad_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    skipped = sam.amp_skipped_steps
     optimizer.step()
+    report_amp_skip(optimizer, skipped)  # AcceleratedScheduler then keeps the lr
     optimizer.zero_grad()
     return loss
 

@@ -29,7 +29,7 @@ from ..distributed import local_pass
 from ..optimizers import SAM
 from ..optimizers._base import SharpnessAwareOptimizer
 from ..optimizers._core import FusedOptimizer
-from . import unwrap
+from . import report_amp_skip, unwrap
 
 
 class SAMTrainer(Trainer):
@@ -124,10 +124,8 @@ class SAMTrainer(Trainer):
 
 
 class _SchedulerFollowsAmpSkips(TrainerCallback):
-    """Under the GradScaler, a step the scaler skips must not advance the lr schedule. The
-    scaler leaves the skip to a fastsam optimizer (it restores the weights and counts the skip
-    in ``amp_skipped_steps``), so Accelerate cannot see it; this tells Accelerate's optimizer
-    wrapper, whose ``step_was_skipped`` the Trainer reads before stepping the scheduler."""
+    """Under the GradScaler, a step the scaler skips must not advance the lr schedule: the
+    Trainer reads Accelerate's ``step_was_skipped``, which :func:`report_amp_skip` sets."""
 
     def __init__(self) -> None:
         self._skipped = 0
@@ -137,10 +135,8 @@ class _SchedulerFollowsAmpSkips(TrainerCallback):
             self._skipped = unwrap(optimizer).amp_skipped_steps
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is None or not hasattr(optimizer, "_is_overflow"):
-            return
-        if unwrap(optimizer).amp_skipped_steps > self._skipped:
-            optimizer._is_overflow = True
+        if optimizer is not None:
+            report_amp_skip(optimizer, self._skipped)
 
 
 __all__ = ["SAMTrainer"]
