@@ -51,9 +51,9 @@ def sam_step(
     with BatchNorm statistics frozen, optionally ``accelerator.clip_grad_norm_`` on the second
     pass's gradients, then ``optimizer.step()`` (fastsam's second step, through the GradScaler
     under fp16; a step the scaler skips is reported as skipped, so that an
-    ``AcceleratedScheduler`` keeps its lr) and ``optimizer.zero_grad()``. FreeSAM and LookSAM's look-ahead steps take one
-    pass. Each micro-batch's loss counts ``1/len(batches)``, whatever the accelerator's
-    ``gradient_accumulation_steps``.
+    ``AcceleratedScheduler`` keeps its lr) and ``optimizer.zero_grad()``. FreeSAM and LookSAM's
+    look-ahead steps take one pass. Each micro-batch's loss counts ``1/len(batches)``, whatever
+    the accelerator's ``gradient_accumulation_steps``.
 
     Args:
         accelerator: the ``accelerate.Accelerator`` that prepared ``model`` and ``optimizer``.
