@@ -266,3 +266,56 @@ def test_plain_trainer_names_the_fix(tmp_path):
     with pytest.raises(RuntimeError, match="SAMTrainer"):
         trainer.train()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["global", "per_worker"])
+def test_ddp_both_modes(tmp_path, mode):
+    """Two gloo processes: global SAM equals one process over both ranks' batches; per-worker
+    SAM perturbs each rank along its own gradient (by hand below) and all-reduces only the
+    second pass."""
+    import hf_ddp_worker as worker
+
+    world = 2
+    torch.multiprocessing.spawn(worker.run, args=(world, _free_port(), mode, str(tmp_path)),
+                                nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    model = worker.make_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=worker.HYPER["lr"], momentum=worker.HYPER["momentum"])
+    items = worker.make_data(world)
+    loss = torch.nn.functional.cross_entropy
+    for step in range(worker.STEPS):
+        # the Trainer's sharding: rank r takes the r-th batch of each global step
+        shards = [collate(items[(step * world + r) * worker.PER_RANK:
+                                (step * world + r + 1) * worker.PER_RANK]) for r in range(world)]
+        if mode == "global":
+            shards = [collate([i for s in range(world) for i in items[
+                (step * world + s) * worker.PER_RANK:(step * world + s + 1) * worker.PER_RANK]])]
+        total = [torch.zeros_like(p) for p in params]
+        for batch in shards:
+            grads = torch.autograd.grad(loss(model.body(batch["x"]), batch["labels"]), params)
+            norm = torch.sqrt(sum((g * g).sum() for g in grads))
+            with torch.no_grad():
+                eps = [worker.HYPER["rho"] * g / (norm + 1e-12) for g in grads]
+                for p, e in zip(params, eps):
+                    p.add_(e)
+            second = torch.autograd.grad(loss(model.body(batch["x"]), batch["labels"]), params)
+            with torch.no_grad():
+                for p, e, t, g in zip(params, eps, total, second):
+                    p.sub_(e)
+                    t.add_(g / len(shards))
+        for p, t in zip(params, total):
+            p.grad = t
+        base.step()
+    for result in results:  # every rank holds the reference's weights
+        for p, r in zip(result, params):
+            torch.testing.assert_close(p, r.detach(), rtol=1e-10, atol=1e-12)
