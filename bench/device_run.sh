@@ -6,7 +6,8 @@
 #   TESTS="tests/test_parity.py ..." BENCH="--sets resnet50" bash bench/device_run.sh
 #     TESTS  pytest arguments, default "tests" ("-" skips the tests); TEST_K: a -k expression
 #     BENCH  arguments of `python -m fastsam.bench`, default "--quick" ("-" skips it)
-#     E2E    optional: arguments of `python -m fastsam.bench.e2e` (set, even empty, to run it)
+#     E2E    optional: arguments of `python -m fastsam.bench.e2e` (set, even empty, to run it;
+#            E2E="--trainer hf" trains GPT-2 through SAMTrainer, needs transformers there)
 #     GDB_TEST  optional: one test run under cuda-gdb first (a native backtrace)
 #
 # Stage limits (seconds) keep the whole call inside one 10-minute command:

@@ -163,3 +163,21 @@ def test_whole_step_benchmark_runs():
                    optimizers=["sgd", "sam"])
     assert [r["optimizer"] for r in rows] == ["forward+backward", "sgd", "sam"]
     assert all(r["median_ms"] > 0 for r in rows) and rows[2]["x_ideal"] > 0.5
+
+
+def test_trainer_benchmark_runs(tmp_path):
+    """python -m fastsam.bench.e2e --trainer hf: every row trains through the Trainer and the
+    forward passes per step are counted (LookSAM's third step is a look-ahead step)."""
+    pytest.importorskip("transformers")
+    from fastsam.bench import e2e
+
+    out = tmp_path / "hf.json"
+    rows = e2e.main(["--trainer", "hf", "--preset", "small", "--reps", "1", "--hf-optimizers",
+                     "adamw", "popular-sam", "sam", "looksam", "freesam", "--json", str(out)])
+    assert [r["optimizer"] for r in rows] == ["forward+backward", "adamw", "popular-sam", "sam",
+                                              "looksam", "freesam"]
+    assert [r["passes"] for r in rows] == [1, 1, 2, 2, 1, 1]
+    assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["x_ideal"] > 0.5 and r["memory_mb"] >= 0 for r in rows[1:])
+    assert rows[3]["memory_mb"] > rows[1]["memory_mb"]  # fastsam keeps w_old beyond AdamW's
+    assert json.loads(out.read_text())["preset"] == "small"

@@ -14,8 +14,14 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
+# Guides whose examples need an optional extra (pip install -e ".[hf,lightning]").
+NEEDS = {"trainers.md": ("transformers", "accelerate", "lightning")}
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_python_blocks_run(path, capsys):
+    for module in NEEDS.get(path.name, ()):
+        pytest.importorskip(module)
     namespace: dict = {}
     for i, block in enumerate(_python_blocks(path)):
         exec(compile(block, f"{path.name} python block {i}", "exec"), namespace)

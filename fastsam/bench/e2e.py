@@ -3,6 +3,7 @@ real models with random inputs, SAM-family optimizers beside plain SGD/AdamW.
 
     python -m fastsam.bench.e2e                       # both models on the best device present
     python -m fastsam.bench.e2e --models resnet --reps 20 --json out.json
+    python -m fastsam.bench.e2e --trainer hf          # GPT-2 through the Hugging Face Trainer
 
 A SAM-family step needs two forward/backward passes, so it cannot cost less than twice one
 forward/backward (``ideal``); the table gives each step's median time, its ratio to that ideal
@@ -153,11 +154,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", help="write rows + environment here")
+    parser.add_argument("--trainer", choices=["none", "hf"], default="none",
+                        help="hf: GPT-2 trained through the Hugging Face Trainer (SAMTrainer; "
+                        "needs transformers: pip install -e '.[hf]')")
+    parser.add_argument("--hf-optimizers", dest="optimizers_hf", nargs="+",
+                        choices=["adamw", "popular-sam", "sam", "gsam", "looksam", "freesam"],
+                        help="--trainer hf rows (default: all)")
+    parser.add_argument("--preset", choices=["small", "gpt2"],
+                        help="--trainer hf model size (default: gpt2 on CUDA, small on CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reps = args.reps or (30 if device.type == "cuda" else 5)
     env = environment(device)
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    if args.trainer == "hf":
+        return _trainer_rows(args, device, env)
     rows = [r for m in args.models for r in run(m, device, reps, 2, args.optimizers)]
     print(f"{'model':<12} {'step':<17} {'median ms':>10} {'x ideal':>8} {'x sgd':>6} "
           f"{'peak MB':>8}")
@@ -172,6 +183,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, results=rows), f, indent=1)
+        print(f"# wrote {args.json}")
+    return rows
+
+
+def _trainer_rows(args: argparse.Namespace, device: torch.device, env: dict) -> list[dict]:
+    import tempfile
+
+    import transformers
+
+    from . import e2e_hf
+
+    env["transformers"] = transformers.__version__
+    preset = args.preset or ("gpt2" if device.type == "cuda" else "small")
+    reps = args.reps or (20 if device.type == "cuda" else 10)  # multiples of LookSAM's k=5
+    names = [n for n in (args.optimizers_hf or list(e2e_hf.OPTIMIZERS))]
+    with tempfile.TemporaryDirectory() as out:
+        rows = e2e_hf.run(device, preset, reps, 3 if device.type == "cuda" else 2, names, out)
+    e2e_hf.print_rows(rows, preset)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, preset=preset, results=rows), f, indent=1)
         print(f"# wrote {args.json}")
     return rows
 

@@ -4,7 +4,7 @@ when it is imported, never before; ``import fastsam`` imports none of them.
 
 A sharpness-aware step needs two forward/backward passes at two points, while a trainer makes
 one per optimizer step and then calls ``optimizer.step()``. The integrations put the second
-pass where the framework lets them (docs/training.md, "Trainers").
+pass where the framework lets them (docs/trainers.md; how: docs/design.md §11).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@
 
 With gradient accumulation both passes must run over the same micro-batches, which
 ``accelerator.accumulate()`` (one micro-batch per call) cannot arrange: :func:`sam_step` runs
-one optimizer step over a list of micro-batches (docs/training.md, "Accelerate").
+one optimizer step over a list of micro-batches (docs/trainers.md, "Accelerate").
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ perturbation, the second pass at w + e with BatchNorm statistics frozen. Lightni
 clipping and ``on_before_optimizer_step`` then see the second pass's gradients, and the update
 (fastsam's second step, through the GradScaler under ``precision="16-mixed"``) follows. A
 fastsam optimizer stepped by automatic optimization without the mixin raises at its first step
-instead of running another algorithm (docs/training.md, "Lightning").
+instead of running another algorithm (docs/trainers.md, "Lightning").
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class SAMMixin:
                 f"SAMMixin cannot run SAM with Trainer(accumulate_grad_batches={accumulate}): "
                 "Lightning steps after the last micro-batch only, too late for a second pass "
                 "over the others. Use manual optimization with accumulation inside "
-                "training_step (docs/training.md, Lightning)."
+                "training_step (docs/trainers.md, Lightning)."
             )
 
         def both_passes() -> Any:

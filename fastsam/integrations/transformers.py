@@ -7,7 +7,7 @@ passes per optimizer step.
                          sam_class=fastsam.SAM, sam_kwargs={"rho": 0.05})
     trainer.train()
 
-How a step runs (docs/training.md, "Hugging Face Trainer"): the Trainer makes the first
+How a step runs (docs/trainers.md, "Hugging Face Trainer"): the Trainer makes the first
 forward/backward of every micro-batch as usual (its loss is the one logged). After the last
 micro-batch of an optimizer step, :meth:`SAMTrainer.training_step` calls ``first_step()`` and
 runs the second forward/backward over the same micro-batches, with the same loss
@@ -94,6 +94,12 @@ class SAMTrainer(Trainer):
             self.optimizer = self.sam_class(params, base, **self.sam_kwargs)
         return self.optimizer
 
+    def _perturbing_optimizer(self) -> Any:
+        """The optimizer whose ``first_step()`` this trainer calls, or None when its steps
+        take one pass (FreeSAM)."""
+        sam = unwrap(self.optimizer)
+        return sam if isinstance(sam, SharpnessAwareOptimizer) else None
+
     def training_step(
         self,
         model: torch.nn.Module,
@@ -103,8 +109,8 @@ class SAMTrainer(Trainer):
         """The Trainer's forward/backward of one micro-batch; after the last micro-batch of an
         optimizer step, ``first_step()`` and the second pass over the step's micro-batches.
         Returns the first pass's loss (the one the Trainer logs)."""
-        sam = unwrap(self.optimizer)
-        if not isinstance(sam, SharpnessAwareOptimizer):  # FreeSAM: one pass per step
+        sam = self._perturbing_optimizer()
+        if sam is None:  # FreeSAM: one pass per step
             return super().training_step(model, inputs, num_items_in_batch)
         with local_pass(model) if self.sam_per_worker else nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)

@@ -25,7 +25,7 @@ from ._update import not_capturable
 
 TRAINER_HINT = (
     "(Trainers: fastsam.integrations.transformers.SAMTrainer runs both passes in the Hugging "
-    "Face Trainer, fastsam.integrations.lightning.SAMMixin in Lightning; docs/training.md.)"
+    "Face Trainer, fastsam.integrations.lightning.SAMMixin in Lightning; docs/trainers.md.)"
 )
 
 
@@ -251,7 +251,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         no backward pass precedes the step, and the closure makes every pass itself. The
         fastsam integrations hand over a closure that runs the first forward/backward, calls
         :meth:`first_step` and runs the second pass (a LookSAM look-ahead step: the first pass
-        only); the step then finishes what the closure left pending (docs/training.md)."""
+        only); the step then finishes what the closure left pending (docs/design.md §11)."""
         self._closure_drives = True
         try:
             yield
@@ -275,7 +275,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "before it: the perturbation would follow the previous step's gradients. Put "
                 "fastsam.integrations.lightning.SAMMixin first in your LightningModule's bases "
                 "(class Model(SAMMixin, LightningModule)) to run both passes per step, or use "
-                "manual optimization (docs/training.md)."
+                "manual optimization (docs/trainers.md)."
             )
         return kind == "manual"
 
