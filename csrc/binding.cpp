@@ -16,7 +16,10 @@
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
 //            (both: with `average`, the averaged weights follow the new w in the same pass,
-//            fastsam.functional.Average; its weight is one more hp entry; with `skip`, a
+//            fastsam.functional.Average; its weight is one more hp entry. hp is given by
+//            value (a float list, carried by the launch: nothing is uploaded); `hp_device`,
+//            when given, is the same list as a float64 tensor on the parameters' device, read
+//            there instead (values formed on the device, a tensor lr); with `skip`, a
 //            one-element float32 flag read by the kernels, a non-zero flag makes them write
 //            w ← w_old only; adam's `bias`, float64 (n, 2): per-tensor bias corrections)
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
@@ -52,11 +55,13 @@ TORCH_LIBRARY(fastsam, m) {
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
-      "Tensor hp, bool nesterov, bool maximize, bool fresh, Tensor(c!)[] first_grads, "
+      "float[] hp, Tensor? hp_device, bool nesterov, bool maximize, bool fresh, "
+      "Tensor(c!)[] first_grads, "
       "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average, Tensor? skip=None) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor hp, bool decoupled, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] hp, Tensor? hp_device, "
+      "bool decoupled, "
       "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
       "float alpha, int grad_mode, Tensor(f!)[] average, Tensor? skip=None, Tensor? bias=None) -> ()");
   m.def(

@@ -208,9 +208,10 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
   S* __restrict__ first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* __restrict__ buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
   S* __restrict__ avg = AVG ? address<S>(tab, a.average_role, seg) : nullptr;
-  const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
-  const A weight_decay = A(a.hp[3]);
-  const A avg_weight = AVG ? A(a.hp[kSgdAverageWeight]) : A(0);
+  const double* hp = scalars(a);
+  const A lr = A(hp[0]), momentum = A(hp[1]), dampening = A(hp[2]);
+  const A weight_decay = A(hp[3]);
+  const A avg_weight = AVG ? A(hp[kSgdAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? A(buf[i]) : A(0);
     const A d = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
@@ -239,10 +240,11 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
   S* __restrict__ vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
   S* __restrict__ avg = AVG ? address<S>(tab, a.average_role, seg) : nullptr;
   // Bias corrections: the launch's (hp[5], hp[6]) or this tensor's row of a.bias.
-  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : a.hp + 5;
-  const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
-                         A(bias[0]), A(bias[1]), A(a.hp[7])};
-  const A avg_weight = AVG ? A(a.hp[kAdamAverageWeight]) : A(0);
+  const double* hp = scalars(a);
+  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : hp + 5;
+  const AdamScalars<A> k{A(hp[1]), A(hp[2]), A(hp[3]), A(hp[4]),
+                         A(bias[0]), A(bias[1]), A(hp[7])};
+  const A avg_weight = AVG ? A(hp[kAdamAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
     const A gi = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),

@@ -221,9 +221,10 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   S* buf = HAS_MOMENTUM ? address<S>(tab, kSgdBuf, seg) : nullptr;
   S* avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
-  const A lr = A(a.hp[0]), momentum = A(a.hp[1]), dampening = A(a.hp[2]);
-  const A weight_decay = A(a.hp[3]);
-  const A avg_weight = avg ? A(a.hp[kSgdAverageWeight]) : A(0);
+  const double* hp = scalars(a);
+  const A lr = A(hp[0]), momentum = A(hp[1]), dampening = A(hp[2]);
+  const A weight_decay = A(hp[3]);
+  const A avg_weight = avg ? A(hp[kSgdAverageWeight]) : A(0);
   const GradientScalars<A> k = gradient_scalars<GM, A>(a.decompose, a.maximize);
   for_each(seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
@@ -259,10 +260,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
   S* avg = a.average_role >= 0 ? address<S>(tab, a.average_role, seg) : nullptr;
   // Bias corrections: the launch's (hp[5], hp[6]) or this tensor's row of a.bias.
-  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : a.hp + 5;
-  const AdamScalars<A> k{A(a.hp[1]), A(a.hp[2]), A(a.hp[3]), A(a.hp[4]),
-                         A(bias[0]), A(bias[1]), A(a.hp[7])};
-  const A avg_weight = avg ? A(a.hp[kAdamAverageWeight]) : A(0);
+  const double* hp = scalars(a);
+  const double* bias = a.bias ? a.bias + 2 * tab.group[seg.tensor] : hp + 5;
+  const AdamScalars<A> k{A(hp[1]), A(hp[2]), A(hp[3]), A(hp[4]),
+                         A(bias[0]), A(bias[1]), A(hp[7])};
+  const A avg_weight = avg ? A(hp[kAdamAverageWeight]) : A(0);
   for_each(seg.len, [&](int64_t i) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
     A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);

@@ -81,8 +81,18 @@ struct DecomposeArgs {
 // written (no state, no stored gradient, no average). Adam's `bias`, when not null, holds
 // [lr/(1-β1^t), sqrt(1-β2^t)] per tensor, at 2·Table.group[t] (the tensor's position in the
 // caller's lists), in place of hp[5] and hp[6].
+//
+// The scalars (hp) travel by value: `values` holds the host's numbers, and a CUDA launch
+// carries them as kernel arguments, so a step with new values (an lr schedule, Adam's bias
+// corrections, the SWA weight) uploads and allocates nothing. `hp`, when not null, points at
+// the same scalars in device memory instead (values formed on the device: a tensor lr).
+// Kernels read `scalars(a)`.
+constexpr int kSgdAverageWeight = 4;
+constexpr int kAdamAverageWeight = 8;
+
 struct SgdArgs {
-  const double* hp;  // [lr, momentum, dampening, weight_decay, averaging weight]
+  const double* hp;
+  double values[kSgdAverageWeight + 1];  // [lr, momentum, dampening, weight_decay, avg weight]
   bool has_momentum, fresh, nesterov, maximize;
   DecomposeArgs decompose;
   int average_role;
@@ -90,16 +100,27 @@ struct SgdArgs {
 };
 
 struct AdamArgs {
-  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd, averaging weight]
   const double* hp;
+  // [lr, β1, β2, eps, wd, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·wd, averaging weight]
+  double values[kAdamAverageWeight + 1];
   bool decoupled, amsgrad, maximize;
   DecomposeArgs decompose;
   int average_role;
   const float* skip;
   const double* bias;
 };
-constexpr int kSgdAverageWeight = 4;
-constexpr int kAdamAverageWeight = 8;
+
+#if defined(__CUDACC__)
+#define FASTSAM_HOST_DEVICE __host__ __device__
+#else
+#define FASTSAM_HOST_DEVICE
+#endif
+
+// The scalars a launch reads (above): device memory when given, else the values it carries.
+template <class Args>
+FASTSAM_HOST_DEVICE inline const double* scalars(const Args& a) {
+  return a.hp != nullptr ? a.hp : a.values;
+}
 
 namespace cpu {
 void norm_partials(const Table& t, const NormArgs& a);

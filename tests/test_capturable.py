@@ -311,9 +311,8 @@ def test_native_ops_check_the_skip_flag():
     """The native operators take a one-element float32 flag only."""
     pytest.importorskip("fastsam._C")
     p = torch.zeros(4, device=DEVICE)
-    hp = torch.tensor([0.1, 0.0, 0.0, 0.0], dtype=torch.float64, device=DEVICE)
-    args = ([p], [torch.ones(4, device=DEVICE)], [p.clone()], [], hp, False, False, False, [],
-            None, 0.0, 0, [])
+    args = ([p], [torch.ones(4, device=DEVICE)], [p.clone()], [], [0.1, 0.0, 0.0, 0.0], None,
+            False, False, False, [], None, 0.0, 0, [])
     with pytest.raises(TypeError, match="skip must be float32"):
         torch.ops.fastsam.sgd(*args, torch.zeros(1, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="skip has 0 elements"):

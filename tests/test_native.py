@@ -100,13 +100,13 @@ def test_gsam_along_is_the_formula_and_independent_of_thread_count(ops, dtype):
 # ----------------------------------------------------------------------------- checks
 def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     w = _tensors([(5,), (3, 4)])
-    hp = torch.zeros(4, dtype=torch.float64)
+    hp = [0.0] * 4
     with pytest.raises(TypeError, match=r"sgd: grads\[1\] has dtype Double but params\[1\]"):
-        ops.sgd(w, [w[0], w[1].double()], w, [], hp, False, False, False, *NO_GSAM)
+        ops.sgd(w, [w[0], w[1].double()], w, [], hp, None, False, False, False, *NO_GSAM)
     with pytest.raises(ValueError, match=r"w_old\[1\] has shape \[12\] but params\[1\] has \[3, 4"):
         ops.restore(w, [w[0], w[1].flatten()])
     with pytest.raises(ValueError, match="grads has 1 tensors but params has 2"):
-        ops.sgd(w, w[:1], w, [], hp, False, False, False, *NO_GSAM)
+        ops.sgd(w, w[:1], w, [], hp, None, False, False, False, *NO_GSAM)
     with pytest.raises(TypeError, match=r"params\[0\] has dtype Long"):
         ops.restore([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)])
     with pytest.raises(ValueError, match=r"w_old\[1\] has strides \[1, 3\] but params\[1\] has "
@@ -114,10 +114,13 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.restore(w, [w[0], torch.randn(4, 3).t()])
     with pytest.raises(ValueError, match=r"w_old\[1\] is not dense"):
         ops.restore(w, [w[0], torch.randn(3, 8)[:, ::2]])
-    with pytest.raises(ValueError, match="hp has 2 elements, needs 4"):
-        ops.sgd(w, w, w, [], hp[:2], False, False, False, *NO_GSAM)
-    with pytest.raises(TypeError, match="hp must be float64"):
-        ops.sgd(w, w, w, [], hp.float(), False, False, False, *NO_GSAM)
+    with pytest.raises(ValueError, match="hp has 2 values, needs 4"):
+        ops.sgd(w, w, w, [], hp[:2], None, False, False, False, *NO_GSAM)
+    with pytest.raises(ValueError, match="hp_device has 2 elements, needs 4"):
+        ops.sgd(w, w, w, [], hp, torch.zeros(2, dtype=torch.float64), False, False, False,
+                *NO_GSAM)
+    with pytest.raises(TypeError, match="hp_device must be float64"):
+        ops.sgd(w, w, w, [], hp, torch.zeros(4), False, False, False, *NO_GSAM)
     with pytest.raises(ValueError, match="group_sizes add up to 1 but there are 2 tensors"):
         ops.norm(w, w, [1], [0], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
     with pytest.raises(ValueError, match="group_modes"):
@@ -129,26 +132,26 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
         ops.perturb(w, w, w, [2], [0], [0.0], RHO, torch.ones(()),
                     torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
     with pytest.raises(ValueError, match="grad_mode 2 needs first_grads"):
-        ops.sgd(w, w, w, [], hp, False, False, False, [], None, 0.0, 2, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, [], None, 0.0, 2, [])
     with pytest.raises(ValueError, match="grad_mode 1 needs along"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.5, 1, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, w, None, 0.5, 1, [])
     with pytest.raises(ValueError, match="grad_mode 3 needs along"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 3, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, w, None, 0.0, 3, [])
     with pytest.raises(ValueError, match="grad_mode = 4"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 4, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, w, None, 0.0, 4, [])
     with pytest.raises(ValueError, match="first_grads given with grad_mode 0"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, None, 0.0, 0, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, w, None, 0.0, 0, [])
     with pytest.raises(ValueError, match=r"adam: first_grads\[1\] has shape \[12\]"):
-        ops.adam(w, w, w, w, w, [], torch.zeros(8, dtype=torch.float64), True, False, False,
+        ops.adam(w, w, w, w, w, [], [0.0] * 8, None, True, False, False,
                  [w[0], w[1].flatten()], torch.zeros(()), 0.5, 1, [])
     with pytest.raises(TypeError, match="along must be float32 or float64"):
-        ops.sgd(w, w, w, [], hp, False, False, False, w, torch.zeros((), dtype=torch.half), 0.5,
-                1, [])
+        ops.sgd(w, w, w, [], hp, None, False, False, False, w,
+                torch.zeros((), dtype=torch.half), 0.5, 1, [])
     with pytest.raises(ValueError, match=r"sgd: average has 1 tensors but params has 2"):
-        ops.sgd(w, w, w, [], torch.zeros(5, dtype=torch.float64), False, False, False, *NO_GSAM[:4],
+        ops.sgd(w, w, w, [], [0.0] * 5, None, False, False, False, *NO_GSAM[:4],
                 w[:1])
-    with pytest.raises(ValueError, match=r"sgd: hp has 4 elements, needs 5"):
-        ops.sgd(w, w, w, [], hp, False, False, False, *NO_GSAM[:4], w)
+    with pytest.raises(ValueError, match=r"sgd: hp has 4 values, needs 5"):
+        ops.sgd(w, w, w, [], hp, None, False, False, False, *NO_GSAM[:4], w)
     with pytest.raises(ValueError, match="gsam_along: first_grads has 1 tensors but grads has 2"):
         ops.gsam_along(w, w[:1], 1e-12, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
     with pytest.raises(ValueError, match="gsam_sums: out has 1 elements, needs 3"):
@@ -178,13 +181,13 @@ def test_operator_schemas_pass_opcheck(ops):
     bufs = [torch.zeros_like(p) for p in params]
     out, scratch = _norm(ops, params, grads)  # scratch now has its size: no resize below
     skipped = torch.zeros(())
-    sgd_hp = torch.tensor([0.1, 0.9, 0.0, 0.0], dtype=torch.float64)
-    adam_hp = torch.tensor([1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.0447, 1.0], dtype=torch.float64)
+    sgd_hp = [0.1, 0.9, 0.0, 0.0]
+    adam_hp = [1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.0447, 1.0]
     keep = [torch.empty_like(g) for g in grads]
     along = torch.tensor(0.25)
 
     def avg_hp(hp):  # the averaging weight follows the optimizer's scalars
-        return torch.cat([hp, torch.tensor([0.3], dtype=torch.float64)])
+        return hp + [0.3]
 
     calls = [
         (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
@@ -193,22 +196,25 @@ def test_operator_schemas_pass_opcheck(ops):
         (ops.perturb.default, (params, grads, old, [2], [3], [0.01], RHO, out, scratch, 2.0,
                                2.0, 1e-12, skipped, keep)),
         (ops.restore.default, (params, old)),
-        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, *NO_GSAM)),
-        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False, *NO_GSAM)),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False, keep, along,
                            0.4, 1, [])),
-        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False, keep, along,
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False, keep, along,
                            0.0, 3, [])),
-        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
+        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp, None,
                             True, False, False, *NO_GSAM)),
-        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp,
+        (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [], adam_hp, None,
                             True, False, False, keep, along, 0.4, 1, [])),
-        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, False, False, False,
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False,
                            [g.clone() for g in grads], None, 0.0, 2, [])),
-        (ops.sgd.default, (params, grads, old, bufs, avg_hp(sgd_hp), False, False, False,
+        (ops.sgd.default, (params, grads, old, bufs, avg_hp(sgd_hp), None, False, False, False,
                            *NO_GSAM[:4], [p.clone() for p in params])),
         (ops.adam.default, (params, grads, old, bufs, [b.clone() for b in bufs], [],
-                            avg_hp(adam_hp), True, False, False, *NO_GSAM[:4],
+                            avg_hp(adam_hp), None, True, False, False, *NO_GSAM[:4],
                             [p.clone() for p in params])),
+        (ops.sgd.default, (params, grads, old, bufs, sgd_hp,
+                           torch.tensor(sgd_hp, dtype=torch.float64), False, False, False,
+                           *NO_GSAM)),
         (ops.gsam_along.default, (grads, keep, 1e-12, torch.zeros(()),
                                   torch.zeros(6, dtype=torch.float64))),
         (ops.gsam_sums.default, (grads, keep, torch.zeros(3), torch.zeros(6, dtype=torch.float64))),

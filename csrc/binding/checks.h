@@ -123,9 +123,9 @@ void check_norm_out(const char* op, const char* name, const at::Tensor& t, at::T
 }
 
 void check_hp(const char* op, const at::Tensor& hp, at::TensorList w, int64_t n) {
-  check_scalar_tensor(op, "hp", hp, w, n);
+  check_scalar_tensor(op, "hp_device", hp, w, n);
   TORCH_CHECK_TYPE(hp.scalar_type() == at::kDouble,
-                   msg("fastsam.", op, ": hp must be float64, got ", hp.scalar_type()));
+                   msg("fastsam.", op, ": hp_device must be float64, got ", hp.scalar_type()));
 }
 
 c10::Device device_of(at::TensorList w, const at::Tensor& fallback) {

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -141,9 +142,26 @@ const float* skip_flag(const char* op, const std::optional<at::Tensor>& skip,
   return skip->data_ptr<float>();
 }
 
+// The scalars of an update (kernels.h SgdArgs): `hp` by value into `values`, and the device
+// array `hp_device` (the same scalars, formed on the device) when given.
+template <class D, size_t N>
+const double* update_scalars(const char* op, at::ArrayRef<double> hp,
+                             const std::optional<at::Tensor>& hp_device, at::TensorList params,
+                             int64_t n, double (&values)[N]) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(hp.size()) == n && n <= static_cast<int64_t>(N),
+                    msg("fastsam.", op, ": hp has ", hp.size(), " values, needs ", n));
+  std::fill(values, values + N, 0.0);
+  std::copy(hp.begin(), hp.end(), values);
+  if (!hp_device.has_value()) return nullptr;
+  check_hp(op, *hp_device, params, n);
+  check_device<D>(op, "hp_device", *hp_device);
+  return hp_device->data_ptr<double>();
+}
+
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-            at::TensorList momentum_buffers, const at::Tensor& hp, bool nesterov, bool maximize,
+            at::TensorList momentum_buffers, at::ArrayRef<double> hp,
+            const std::optional<at::Tensor>& hp_device, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
             double alpha, int64_t grad_mode, at::TensorList average,
             const std::optional<at::Tensor>& skip) {
@@ -154,12 +172,18 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("sgd", lists);
-  check_hp("sgd", hp, params, avg_role < 0 ? 4 : kSgdAverageWeight + 1);
-  check_device<D>("sgd", "hp", hp);
+  SgdArgs args{};
+  args.hp = update_scalars<D>("sgd", hp, hp_device, params,
+                              avg_role < 0 ? 4 : kSgdAverageWeight + 1, args.values);
+  args.has_momentum = has_momentum;
+  args.fresh = fresh;
+  args.nesterov = nesterov;
+  args.maximize = maximize;
+  args.decompose = decompose;
+  args.average_role = avg_role;
+  args.skip = skip_flag<D>("sgd", skip, params);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const SgdArgs args{hp.data_ptr<double>(), has_momentum, fresh,    nesterov,
-                     maximize,              decompose,    avg_role, skip_flag<D>("sgd", skip, params)};
   const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.sgd(t, args);
 }
@@ -167,7 +191,8 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
 template <class D>
 void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-             const at::Tensor& hp, bool decoupled, bool amsgrad, bool maximize,
+             at::ArrayRef<double> hp, const std::optional<at::Tensor>& hp_device,
+             bool decoupled, bool amsgrad, bool maximize,
              at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
              int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
              const std::optional<at::Tensor>& bias) {
@@ -181,9 +206,15 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("adam", lists);
-  check_hp("adam", hp, params, avg_role < 0 ? 8 : kAdamAverageWeight + 1);
-  check_device<D>("adam", "hp", hp);
-  const float* skip_ptr = skip_flag<D>("adam", skip, params);
+  AdamArgs args{};
+  args.hp = update_scalars<D>("adam", hp, hp_device, params,
+                              avg_role < 0 ? 8 : kAdamAverageWeight + 1, args.values);
+  args.decoupled = decoupled;
+  args.amsgrad = amsgrad;
+  args.maximize = maximize;
+  args.decompose = decompose;
+  args.average_role = avg_role;
+  args.skip = skip_flag<D>("adam", skip, params);
   // Per-tensor bias corrections: each table tensor's position in the lists rides in its
   // `group` entry (kernels.h AdamArgs.bias).
   std::optional<PerTensor> positions;
@@ -200,9 +231,8 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
     }
   }
   if (params.empty()) return;
+  args.bias = bias.has_value() ? bias->data_ptr<double>() : nullptr;
   const D dev(params[0].device());
-  const AdamArgs args{hp.data_ptr<double>(), decoupled, amsgrad, maximize, decompose, avg_role,
-                      skip_ptr, bias.has_value() ? bias->data_ptr<double>() : nullptr};
   const TablesPtr tables =
       dev.tables("adam", lists, positions ? &*positions : nullptr);  // alive for the loop
   for (const Table& t : tables->views) dev.adam(t, args);

@@ -75,7 +75,12 @@ class LRUCache(OrderedDict):
 class ConstantArrays:
     """fp64 device arrays of scalar values, one per distinct tuple of values (an
     :class:`LRUCache`: an lr schedule makes a new tuple every step, a fixed configuration
-    uploads once)."""
+    uploads once).
+
+    Tensor values (an lr given as a tensor: capturable mode) are copied on the device into the
+    array kept for the tuple's other values and those positions, at each call: no allocation,
+    no host read. Calls queued on one stream read the array in order, so one array serves
+    every call with the same numbers."""
 
     def __init__(self) -> None:
         self._arrays = LRUCache()
@@ -84,7 +89,11 @@ class ConstantArrays:
         tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
         if tensors:
             numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
-            array = self(numbers, device).clone()
+            slots = tuple(i for i, _ in tensors)
+            array = self._arrays.get_or_build(
+                (numbers, slots, device),
+                lambda: upload(torch.tensor(numbers, dtype=torch.float64), device),
+            )
             for i, v in tensors:
                 array[i].copy_(v.reshape(()), non_blocking=True)
             return array

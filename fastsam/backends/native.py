@@ -122,6 +122,15 @@ class NativeBackend(Backend):
         held_for_graphs(buf.untyped_storage())
         return buf
 
+    def _scalars(self, values: tuple, device: torch.device) -> tuple[list, Tensor | None]:
+        """An update's scalars as the operators take them: the numbers by value (carried by
+        the launch, nothing uploaded), and when a value is a tensor (an lr given as one) also
+        the device array the kernels read instead (csrc/kernels.h SgdArgs)."""
+        if not any(isinstance(v, Tensor) for v in values):
+            return list(values), None
+        numbers = [0.0 if isinstance(v, Tensor) else v for v in values]
+        return numbers, self._constants(values, device)
+
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         flat = _flatten(groups)
         params, grads, sizes, modes, etas = flat
@@ -166,10 +175,11 @@ class NativeBackend(Backend):
         if not params:
             return
         scalars, averaged = _averaging(hyper.kernel_scalars, average)
-        hp = self._constants(scalars, params[0].device)
+        hp, hp_device = self._scalars(scalars, params[0].device)
         buffers = momentum_buffers if hyper.momentum != 0 else []
         torch.ops.fastsam.sgd(
-            params, grads, w_old, buffers, hp, hyper.nesterov, hyper.maximize, fresh_buffers,
+            params, grads, w_old, buffers, hp, hp_device, hyper.nesterov, hyper.maximize,
+            fresh_buffers,
             *_source(source), averaged, hyper.skip,
         )
 
@@ -188,10 +198,10 @@ class NativeBackend(Backend):
         if not params:
             return
         scalars, averaged = _averaging(hyper.kernel_scalars, average)
-        hp = self._constants(scalars, params[0].device)
+        hp, hp_device = self._scalars(scalars, params[0].device)
         torch.ops.fastsam.adam(
             params, grads, w_old, exp_avgs, exp_avg_sqs,
-            max_exp_avg_sqs if hyper.amsgrad else [], hp,
+            max_exp_avg_sqs if hyper.amsgrad else [], hp, hp_device,
             hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source), averaged,
             hyper.skip, hyper.bias,
         )

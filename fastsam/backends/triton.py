@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Callable, Hashable
 from operator import attrgetter
 
@@ -289,6 +290,17 @@ class TritonBackend(Backend):
         self._scratch: dict[tuple, Tensor] = {}
 
     # ---------------------------------------------------------------- plumbing
+    def _hyper(self, values: tuple, device: torch.device) -> tuple[Tensor, list[int], bool]:
+        """An update's scalars as its kernel takes them (sam.py _hyper): by value, each number's
+        fp64 bit pattern as an int argument (beside a stand-in array); or, when a value is a
+        tensor (an lr given as one), the device array the kernel reads instead (beside zeros).
+        The last entry says which: True for the device array."""
+        if any(isinstance(v, Tensor) for v in values):
+            return self._constants(values, device), [0] * len(values), True
+        packed = struct.pack(f"<{len(values)}d", *values)
+        return (self._buffer("hp_stand_in", 1, device, torch.float64),
+                list(struct.unpack(f"<{len(values)}q", packed)), False)
+
     def _launch(self, kernel, n_programs: int, *args, **meta) -> None:
         if n_programs:
             self.launches += 1
@@ -394,18 +406,18 @@ class TritonBackend(Backend):
         _update_roles(roles, source, average)
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
-            hp = self._constants(constants, table.ref["w"].device)
+            hp, bits, on_device = self._hyper(constants, table.ref["w"].device)
             self._launch(
                 K.sgd_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"],
-                table.addr.get("buf", table.addr["w"]), hp,
+                table.addr.get("buf", table.addr["w"]), hp, *bits,
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
                 hp if hyper.skip is None else hyper.skip,
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
                 MAXIMIZE=hyper.maximize, GMODE=source.mode if source else 0,
-                AVG=average is not None,
-                SKIP=hyper.skip is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                AVG=average is not None, SKIP=hyper.skip is not None,
+                HP_DEVICE=on_device, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     def restore_adam(
@@ -426,19 +438,19 @@ class TritonBackend(Backend):
         _update_roles(roles, source, average)
         constants = hyper.kernel_scalars + _extra_scalars(source, average)
         for table in self._update_tables(roles):
-            hp = self._constants(constants, table.ref["w"].device)
+            hp, bits, on_device = self._hyper(constants, table.ref["w"].device)
             self._launch(
                 K.adam_kernel, table.n_segments, *table.seg,
                 table.addr["w"], table.addr["g"], table.addr["old"], table.addr["m"],
-                table.addr["v"], table.addr.get("vmax", table.addr["v"]), hp,
+                table.addr["v"], table.addr.get("vmax", table.addr["v"]), hp, *bits[1:],
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
                 hp if hyper.skip is None else hyper.skip,
                 hp if hyper.bias is None else hyper.bias, table.values["index"],
                 table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
                 GMODE=source.mode if source else 0, AVG=average is not None,
-                SKIP=hyper.skip is not None,
-                BIAS=hyper.bias is not None, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                SKIP=hyper.skip is not None, BIAS=hyper.bias is not None,
+                HP_DEVICE=on_device, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- GSAM's reduction

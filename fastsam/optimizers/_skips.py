@@ -81,6 +81,7 @@ class SkipPolicy:
         self.perturb_skipped: Tensor | None = None  # pass B's flag: the norm was not finite
         self._found: Tensor | None = None  # skip_nonfinite's flag, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
+        self._inverses: dict[tuple, Tensor] = {}  # 1/loss scale per (device, dtype): _inverse
 
     def perturb_flag(self, device: torch.device) -> Tensor:
         """The 0-d fp32 flag the perturb pass sets (1: the norm was not finite)."""
@@ -129,13 +130,28 @@ class SkipPolicy:
                     self.counters.nonfinite_skipped += 1
                     return True
             return False if flag is None else flag
-        inverse = scale.double().reciprocal()
         by_dtype: dict[tuple, list[Tensor]] = {}
         for t in grads + kept:
             by_dtype.setdefault((t.device, t.dtype), []).append(t)
         for (where, dtype), tensors in by_dtype.items():
-            torch._foreach_mul_(tensors, inverse.to(device=where, dtype=dtype))
+            torch._foreach_mul_(tensors, self._inverse(scale, where, dtype))
         return False if flag is None else flag
+
+    def _inverse(self, scale: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """1/scale (formed in fp64 on the scale's device, then rounded once) as a 0-d tensor of
+        ``dtype`` on ``device``, in buffers kept between steps: no allocation, no host read."""
+        inverses = self._inverses
+        wide = inverses.get((scale.device, torch.float64))
+        if wide is None:
+            wide = inverses[scale.device, torch.float64] = torch.empty(
+                (), dtype=torch.float64, device=scale.device)
+        torch.reciprocal(wide.copy_(scale.reshape(())), out=wide)
+        if (device, dtype) == (scale.device, torch.float64):
+            return wide
+        out = inverses.get((device, dtype))
+        if out is None:
+            out = inverses[device, dtype] = torch.empty((), dtype=dtype, device=device)
+        return out.copy_(wide, non_blocking=True)
 
     def _count_on_device(self, which: int, flag: Tensor, device: torch.device | None) -> Tensor:
         """capturable: add the device flag (0 or 1) to skip counter ``which`` on the device,

@@ -75,6 +75,7 @@ class FusedUpdate:
         # capturable, SGD with dampening: per parameter whose momentum buffer was made in a
         # step skipped or not on the device, its cohort's flag (1 once an update went ahead)
         self.cohorts: dict[Tensor, Tensor] = {}
+        self._steps: dict[int, tuple[list[Tensor], Tensor]] = {}  # see _step_lists
 
     def __call__(
         self,
@@ -220,10 +221,11 @@ class FusedUpdate:
             backend.restore_adam(params, grads, w_old, *moments, replace(hyper, bias=bias),
                                  source, average)
             return
-        torch._foreach_add_(steps, 1)
+        ones, values_out = self._step_lists(len(steps))
+        torch._foreach_add_(steps, ones)  # a tensor 1 per step: a number 1 allocates on CPU
         # Tensors that joined late have a smaller step: one call per distinct step value. The
         # steps are CPU tensors (torch.optim's layout), so reading them waits for no device.
-        values = torch.stack(steps).tolist()
+        values = torch.stack(steps, out=values_out).tolist()
         by_step: dict[float, list[int]] = {}
         for i, value in enumerate(values):
             by_step.setdefault(value, []).append(i)
@@ -237,6 +239,16 @@ class FusedUpdate:
                 source.select(idx) if source else None,
                 average.select(idx) if average else None,
             )
+
+    def _step_lists(self, n: int) -> tuple[list[Tensor], Tensor]:
+        """For ``n`` Adam step tensors on the CPU: a list of ``n`` references to one tensor 1
+        (their increment) and a buffer of ``n`` values (their read-out), kept between steps
+        so that a step allocates neither."""
+        lists = self._steps.get(n)
+        if lists is None:
+            one = torch.ones((), dtype=torch.float32)
+            lists = self._steps[n] = ([one] * n, torch.empty(n, dtype=torch.float32))
+        return lists
 
     def place_steps(self, base: Optimizer) -> None:
         """Adam's step tensors where the fused update keeps them: on the CPU (torch.optim's

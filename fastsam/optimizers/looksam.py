@@ -129,6 +129,7 @@ class LookSAM(SharpnessAwareOptimizer):
         self.k = k
         self.alpha = check_finite_nonnegative("alpha", alpha)
         self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
+        self._scale: tuple[Tensor, Tensor] | None = None  # _look_ahead_scale's buffers
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
         self._direction_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
         self._candidate: dict[Tensor, Tensor] = {}  # capturable: the new u_v, by u_v tensor
@@ -242,8 +243,14 @@ class LookSAM(SharpnessAwareOptimizer):
         grads = [g for gs in all_grads for g in gs]
         params = [p for ps in plan.params for p in ps]
         group = PerturbGroup(params, grads, params, 0.0, Scaling())
-        norm = self._backend_for(plan.device).perturbation_norm([group], 2.0)
-        return norm.total.sqrt() * self.alpha
+        total = self._backend_for(plan.device).perturbation_norm([group], 2.0).total
+        kept = self._scale
+        if kept is None or (kept[0].device, kept[0].dtype) != (total.device, total.dtype):
+            # kept between steps, alpha as a tensor too: on the CPU, multiplying a 0-d tensor
+            # by a number allocates
+            kept = self._scale = (torch.empty_like(total), torch.empty_like(total))
+        scale, alpha = kept
+        return torch.sqrt(total, out=scale).mul_(alpha.fill_(self.alpha))
 
     def _plan_directions(self, plan: StepPlan) -> list[list[Tensor]]:
         """Per group of ``plan``, each parameter's u_v; zeros (no correction) for a parameter

@@ -171,18 +171,30 @@ def gsam_along_kernel(partials, n, hp, out, SUMS: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _gradient_source(g_ptr, first_addr, along_ptr, alpha_ptr, t, G_REF,
+def _hyper(hp, i, bits, HP_DEVICE: tl.constexpr, ACC: tl.constexpr):
+    """Scalar ``i`` of an update, in ACC: by value, ``bits`` being its fp64 bit pattern (an int
+    argument: Triton rounds a float argument to fp32), so that new values (an lr schedule, Adam's
+    bias corrections, the SWA weight) upload and allocate nothing; or, HP_DEVICE (values formed
+    on the device: a tensor lr), entry ``i`` of the fp64 array ``hp``."""
+    if HP_DEVICE:
+        value = tl.load(hp + i).to(ACC)
+    else:
+        value = bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+    return value
+
+
+@triton.jit
+def _gradient_source(g_ptr, first_addr, along_ptr, alpha, t, G_REF,
                      GMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr):
     """Per program, what _update_gradient reads besides g: the second gradient's pointer
     (GSAM's g, FreeSAM's stored gradient, LookSAM's direction; g itself when unused), alpha
-    (GSAM's; 0 otherwise) and along (GSAM's, or LookSAM's coefficient; 0 otherwise)."""
+    (GSAM's, given; 0 otherwise) and along (GSAM's, or LookSAM's coefficient; 0 otherwise)."""
     first_ptr = g_ptr
-    alpha = tl.zeros([], dtype=ACC)
     along = tl.zeros([], dtype=ACC)
     if GMODE != 0:
         first_ptr = _address(first_addr, t, G_REF, ALIGNED)
-    if GMODE == 1:
-        alpha = tl.load(alpha_ptr).to(ACC)
+    if GMODE != 1:
+        alpha = tl.zeros([], dtype=ACC)
     if GMODE == 1 or GMODE == 3:
         along = tl.load(along_ptr).to(ACC)
     return first_ptr, alpha, along
@@ -305,36 +317,43 @@ def restore_kernel(
         tl.store(w_ptr + idx, tl.load(old_ptr + idx, mask=local < n), mask=local < n)
 
 
-@triton.jit
+_SGD_SCALARS = ["h0", "h1", "h2", "h3", "h4", "h5"]
+
+
+@triton.jit(do_not_specialize=_SGD_SCALARS)
 def sgd_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, buf_addr, hp, first_addr, along_ptr, avg_addr, skip_ptr,
+    w_addr, g_addr, w_old_addr, buf_addr, hp,
+    h0: tl.int64, h1: tl.int64, h2: tl.int64, h3: tl.int64, h4: tl.int64, h5: tl.int64,
+    first_addr, along_ptr, avg_addr, skip_ptr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr,
-    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    HP_DEVICE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.SGD (see functional.Backend.restore_sgd).
-    hp = [lr, momentum, dampening, weight_decay, alpha, averaging weight]; GMODE as
-    _update_gradient (first_addr: GSAM's g or FreeSAM's stored gradient; along: GSAM's 0-d
-    scalar); AVG: the new weights are averaged into avg_addr's tensors (_average); SKIP: the
-    flag at skip_ptr may skip the update (_update_goes_ahead)."""
+    The scalars [lr, momentum, dampening, weight_decay, alpha, averaging weight] are h0..h5 (by
+    value) or hp (HP_DEVICE), read by _hyper; GMODE as _update_gradient (first_addr: GSAM's g
+    or FreeSAM's stored gradient; along: GSAM's 0-d scalar); AVG: the new weights are averaged
+    into avg_addr's tensors (_average); SKIP: the flag at skip_ptr may skip the update
+    (_update_goes_ahead)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     ahead = _update_goes_ahead(skip_ptr, SKIP)
-    lr = tl.load(hp).to(ACC)
-    momentum = tl.load(hp + 1).to(ACC)
-    dampening = tl.load(hp + 2).to(ACC)
-    weight_decay = tl.load(hp + 3).to(ACC)
+    lr = _hyper(hp, 0, h0, HP_DEVICE, ACC)
+    momentum = _hyper(hp, 1, h1, HP_DEVICE, ACC)
+    dampening = _hyper(hp, 2, h2, HP_DEVICE, ACC)
+    weight_decay = _hyper(hp, 3, h3, HP_DEVICE, ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
-    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr, hp + 4, t, G_REF,
+    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr,
+                                               _hyper(hp, 4, h4, HP_DEVICE, ACC), t, G_REF,
                                                GMODE, ACC, ALIGNED)
     if HAS_MOMENTUM:
         buf_ptr = _address(buf_addr, t, BUF_REF, ALIGNED)
     if AVG:
         avg_ptr = _address(avg_addr, t, W_REF, ALIGNED)
-        avg_weight = tl.load(hp + 5).to(ACC)
+        avg_weight = _hyper(hp, 5, h5, HP_DEVICE, ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -362,36 +381,41 @@ def sgd_kernel(
             _average(avg_ptr, idx, write, new_w, avg_weight, ACC)
 
 
-@triton.jit
+_ADAM_SCALARS = ["h1", "h2", "h3", "h4", "h5", "h6", "h7", "h8", "h9"]
+
+
+@triton.jit(do_not_specialize=_ADAM_SCALARS)
 def adam_kernel(
     seg_tensor, seg_start, seg_len,
-    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp, first_addr, along_ptr, avg_addr,
-    skip_ptr, bias, index_of,
+    w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp,
+    h1: tl.int64, h2: tl.int64, h3: tl.int64, h4: tl.int64, h5: tl.int64, h6: tl.int64,
+    h7: tl.int64, h8: tl.int64, h9: tl.int64,
+    first_addr, along_ptr, avg_addr, skip_ptr, bias, index_of,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr, BIAS: tl.constexpr,
-    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    HP_DEVICE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass C fused with torch.optim.Adam/AdamW (see functional.Backend.restore_adam).
-    hp = [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay, alpha,
-    averaging weight] (lr itself is not read: only the derived values, which come from the host
-    as torch.optim forms them, in lr's dtype for a tensor lr). GMODE, AVG, SKIP as in
-    sgd_kernel. BIAS: the two bias corrections per tensor, from row index_of[t] of bias (n, 2)
-    instead of hp."""
+    The scalars [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay,
+    alpha, averaging weight] are h1..h9 by value (lr itself is not read: only the derived
+    values, which come from the host as torch.optim forms them), or hp (HP_DEVICE: in lr's
+    dtype for a tensor lr), read by _hyper. GMODE, AVG, SKIP as in sgd_kernel. BIAS: the two
+    bias corrections per tensor, from row index_of[t] of bias (n, 2) instead."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     ahead = _update_goes_ahead(skip_ptr, SKIP)
-    beta1 = tl.load(hp + 1).to(ACC)
-    beta2 = tl.load(hp + 2).to(ACC)
-    eps = tl.load(hp + 3).to(ACC)
-    weight_decay = tl.load(hp + 4).to(ACC)
+    beta1 = _hyper(hp, 1, h1, HP_DEVICE, ACC)
+    beta2 = _hyper(hp, 2, h2, HP_DEVICE, ACC)
+    eps = _hyper(hp, 3, h3, HP_DEVICE, ACC)
+    weight_decay = _hyper(hp, 4, h4, HP_DEVICE, ACC)
     if BIAS:
         row = bias + 2 * tl.load(index_of + t).to(tl.int64)
         step_size = tl.load(row).to(ACC)
         bias_correction2_sqrt = tl.load(row + 1).to(ACC)
     else:
-        step_size = tl.load(hp + 5).to(ACC)
-        bias_correction2_sqrt = tl.load(hp + 6).to(ACC)
-    decay = tl.load(hp + 7).to(ACC)
+        step_size = _hyper(hp, 5, h5, HP_DEVICE, ACC)
+        bias_correction2_sqrt = _hyper(hp, 6, h6, HP_DEVICE, ACC)
+    decay = _hyper(hp, 7, h7, HP_DEVICE, ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
@@ -399,11 +423,12 @@ def adam_kernel(
     v_ptr = _address(v_addr, t, M_REF, ALIGNED)
     if AMSGRAD:
         vmax_ptr = _address(vmax_addr, t, M_REF, ALIGNED)
-    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr, hp + 8, t, G_REF,
+    first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr,
+                                               _hyper(hp, 8, h8, HP_DEVICE, ACC), t, G_REF,
                                                GMODE, ACC, ALIGNED)
     if AVG:
         avg_ptr = _address(avg_addr, t, W_REF, ALIGNED)
-        avg_weight = tl.load(hp + 9).to(ACC)
+        avg_weight = _hyper(hp, 9, h9, HP_DEVICE, ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n

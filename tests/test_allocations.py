@@ -1,0 +1,118 @@
+"""A step after warm-up allocates nothing (docs/design.md §7): the host's scalars (an lr
+schedule, Adam's step and bias corrections, the SWA/EMA weight, GradScaler's inverse scale)
+reach the kernels by value, and what a step needs between steps is kept. Every fused backend
+(the `torch` backend's foreach arithmetic makes temporaries by nature); counted with the
+profiler's memory events on the CPU (Triton under its interpreter), with the CUDA allocator's
+statistics on a GPU. Steps: the gradients rewritten in place, both passes, the
+scheduler's step."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, FUSED
+from harness import CONFIGS
+
+import fastsam
+
+SCHEDULES = {
+    "constant": None,
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, 50),
+}
+OPTIONS = {
+    "plain": {},
+    "swa": {"average": "swa"},
+    "ema": {"average": fastsam.EMA(0.9)},
+    "skip_nonfinite": {"skip_nonfinite": True},
+    "scaler": {},  # GradScaler's protocol: grad_scale and found_inf set around the step
+}
+EXTRA = {
+    "sam_adamw": lambda ps, **kw: fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2,
+                                               weight_decay=0.1, **kw),
+    "sam_sgd_plain": lambda ps, **kw: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, **kw),
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 3)).to(DEVICE)
+
+
+def _grads(model, scale):
+    return [torch.randn_like(p) * scale for p in model.parameters()]
+
+
+def _step_fn(model, opt, schedule, scaled):
+    """One whole step over fixed gradients, written into .grad in place."""
+    first, second = _grads(model, 1.0), _grads(model, 1.1)
+    scale = torch.full((), 4.0, device=DEVICE)
+    found = torch.zeros((), device=DEVICE)
+
+    def write(grads):
+        for p, g in zip(model.parameters(), grads):
+            p.grad.copy_(g)
+
+    def protocol(on):
+        if on:
+            opt.grad_scale, opt.found_inf = scale, found
+        else:
+            for name in ("grad_scale", "found_inf"):
+                opt.__dict__.pop(name, None)
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+    def step():
+        write(first)
+        if isinstance(opt, fastsam.FreeSAM):
+            protocol(scaled)
+            opt.step()
+            protocol(False)
+        elif opt.first_step() is not False:
+            write(second)
+            protocol(scaled)
+            opt.second_step()
+            protocol(False)
+        if schedule is not None:
+            schedule.step()
+
+    return step
+
+
+def _cpu_allocations(step) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    return [e.name for e in prof.events()
+            if e.self_cpu_memory_usage > 0 and e.name != "[memory]"]
+
+
+def _cuda_allocations(step) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["allocation.all.allocated"] - before
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("config", sorted({**CONFIGS, **EXTRA}))
+def test_a_step_after_warm_up_allocates_nothing(backend, schedule, option, config):
+    make = {**CONFIGS, **EXTRA}[config]
+    model = _model()
+    opt = make(list(model.parameters()), backend=backend, **OPTIONS[option])
+    scheduler = SCHEDULES[schedule]
+    step = _step_fn(model, opt, scheduler(opt) if scheduler else None, option == "scaler")
+    is_looksam = isinstance(opt, fastsam.LookSAM)
+    for _ in range(4):  # warm-up: state, buffers, plans and tables made
+        step()
+    counted = []
+    for _ in range(4):
+        sam_step = is_looksam and opt.sam_step_next
+        found = _cpu_allocations(step) if DEVICE.type == "cpu" else _cuda_allocations(step)
+        if not sam_step:  # LookSAM's SAM steps form u_v with temporaries (docs/variants.md)
+            counted.append(found)
+    assert all(not c for c in counted), counted
