@@ -15,7 +15,7 @@ from fastsam.bench import __main__ as cli
 from fastsam.bench.official_asam import OfficialASAM
 from fastsam.bench.official_gsam import OfficialGSAM
 from fastsam.bench.popular_sam import PopularSAM
-from fastsam.bench.run import REFERENCES, build, providers
+from fastsam.bench.run import BASES, REFERENCES, Loop, build, providers, scheduled
 
 STEPS = 7
 
@@ -85,28 +85,30 @@ def test_naive_freesam_matches_fastsam():
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
-def test_every_provider_builds_and_steps():
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_every_provider_builds_and_steps(base):
+    """Every provider over both base optimizers, in the benchmark's loop: fresh gradients per
+    pass, the cosine schedule steps, the gradients end as None."""
     device = torch.device("cpu")
     for optimizer in REFERENCES:
         for provider in providers(optimizer, device):
             params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))]
-            for p in params:
-                p.grad = torch.randn_like(p)
+            grads = tuple([torch.randn_like(p) for p in params] for _ in range(2))
             before = [p.detach().clone() for p in params]
-            step, opt = build(provider, optimizer, params)
-            if provider == "sgd" or optimizer == "freesam":
-                step()
-            else:  # a second-pass gradient (the official ASAM zeroes them after its first step)
-                opt.first_step()
-                for p in params:
-                    p.grad = torch.randn_like(p)
-                opt.second_step()
+            _, holder = build(provider, optimizer, params, base)
+            assert type(scheduled(holder).param_groups[0]) is dict
+            loop = Loop(holder, params, grads)
+            lr = scheduled(holder).param_groups[0]["lr"]
+            loop.step()
+            loop.step()
             assert any(not torch.equal(p, b) for p, b in zip(params, before)), provider
+            assert scheduled(holder).param_groups[0]["lr"] < lr  # the schedule moved
+            assert all(p.grad is None for p in params)
 
 
 def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    chosen = ["sgd", "popular", "official", "naive", "torch"] + (["cpu"] if "cpu" in
+    chosen = ["plain", "popular", "official", "naive", "torch"] + (["cpu"] if "cpu" in
                                                          providers("sam", torch.device("cpu"))
                                                          else [])
     rows = cli.main([
@@ -114,8 +116,12 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
         "--providers", *chosen, "--json", str(out_json), "--csv", str(out_csv),
     ])
     printed = capsys.readouterr().out
-    assert "median ms" in printed and "x floor" in printed
-    by_key = {(r["optimizer"], r["provider"]): r for r in rows}
+    assert "median ms" in printed and "x floor" in printed and "us/tensor" in printed
+    assert {r["base"] for r in rows} == {"sgd", "adamw"}  # both base optimizers by default
+    for r in rows:  # the host's work: the same step over one-element tensors
+        assert r["host_us"] > 0 and r["host_us_per_tensor"] == pytest.approx(
+            r["host_us"] / r["tensors"])
+    by_key = {(r["optimizer"], r["provider"]): r for r in rows if r["base"] == "sgd"}
     for optimizer, refs in REFERENCES.items():
         assert by_key[(optimizer, refs[0])]["speedup"] == pytest.approx(1.0)
         for provider in chosen:

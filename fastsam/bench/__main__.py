@@ -2,16 +2,19 @@
 people use today, one table.
 
     python -m fastsam.bench --quick                 # CI-sized: ResNet-50 and many tiny tensors
+    python -m fastsam.bench --bases adamw           # one base optimizer (default: sgd adamw)
     python -m fastsam.bench                         # the default sets of the device
     python -m fastsam.bench --sets gpt2-medium --optimizers sam gsam --json out.json --plot out.png
 
-Picks the best device present (CUDA, else CPU). For each parameter set, optimizer and provider
-(fastsam.bench.run) it times ``first_step + second_step`` and prints: the median and p10-p90 of
-the step, the speed-up over the popular implementation (the official one for GSAM, the naive
-per-parameter one for FreeSAM), the
-bytes-moved floor from a same-run copy bandwidth and the ratio to it, launches per step
+Picks the best device present (CUDA, else CPU). For each parameter set, optimizer, base
+optimizer (SGD momentum, AdamW) and provider (fastsam.bench.run) it times ``first_step +
+second_step`` in the loop people write (gradients made afresh by each pass, set to None after
+the step, a cosine lr schedule) and prints: the median and p10-p90 of the step, the speed-up over
+the popular implementation (the official one for GSAM, the naive per-parameter one for FreeSAM),
+the bytes-moved floor from a same-run copy bandwidth and the ratio to it, launches per step
 (kernel launches on CUDA, operators dispatched on CPU), allocations per step, the memory the
-optimizer holds beyond plain SGD, and on CUDA the peak memory of a step.
+optimizer holds beyond the plain base optimizer, on CUDA the peak memory of a step, and the
+host's work per step (the same loop over one-element tensors) and per tensor.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch
 
 from .measure import copy_bandwidth
 from .param_sets import SETS
-from .run import OPTIMIZERS, REFERENCES, as_dicts, measure, providers
+from .run import BASES, OPTIMIZERS, REFERENCES, as_dicts, measure, providers
 
 DEFAULT_SETS = {"cuda": ["resnet50", "vit-b16", "gpt2-medium", "many-tiny"],
                 "cpu": ["resnet50", "vit-b16", "many-tiny"]}
@@ -86,6 +89,7 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 COLUMNS = [  # header, width, cell
     ("set", 11, lambda r: r["set"]),
     ("optim", 8, lambda r: r["optimizer"]),
+    ("base", 5, lambda r: r["base"]),
     ("provider", 17, lambda r: r["provider"]),
     ("median ms", 10, lambda r: _fmt(r["median_ms"], ".3f")),
     ("p10-p90 ms", 17, lambda r: f"{r['p10_ms']:.3f}-{r['p90_ms']:.3f}"),
@@ -97,14 +101,16 @@ COLUMNS = [  # header, width, cell
     ("alloc MB", 8, lambda r: _fmt(r["allocated_mb"], ".1f")),
     ("extra MB", 8, lambda r: _fmt(r["extra_mb"], ".1f")),
     ("peak MB", 8, lambda r: _fmt(r["peak_mb"], ".1f")),
+    ("host us", 8, lambda r: _fmt(r["host_us"], ".0f")),
+    ("us/tensor", 9, lambda r: _fmt(r["host_us_per_tensor"], ".2f")),
 ]
 
 
 def table(rows: list[dict]) -> str:
-    lines = [" ".join(f"{h:>{w}}" if i > 2 else f"{h:<{w}}"
+    lines = [" ".join(f"{h:>{w}}" if i > 3 else f"{h:<{w}}"
                       for i, (h, w, _) in enumerate(COLUMNS))]
     for r in rows:
-        lines.append(" ".join(f"{cell(r):>{w}}" if i > 2 else f"{cell(r):<{w}}"
+        lines.append(" ".join(f"{cell(r):>{w}}" if i > 3 else f"{cell(r):<{w}}"
                               for i, (_, w, cell) in enumerate(COLUMNS)))
     return "\n".join(lines)
 
@@ -118,16 +124,17 @@ def plot(rows: list[dict], path: str, env: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit(f"--plot needs matplotlib ({exc}); pip install matplotlib") from exc
-    panels = list(dict.fromkeys((r["set"], r["optimizer"]) for r in rows))
+    panels = list(dict.fromkeys((r["set"], r["optimizer"], r["base"]) for r in rows))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * len(rows)), squeeze=False)
-    for ax, (set_name, optimizer) in zip(axes[:, 0], panels):
-        mine = [r for r in rows if r["set"] == set_name and r["optimizer"] == optimizer]
+    for ax, (set_name, optimizer, base) in zip(axes[:, 0], panels):
+        mine = [r for r in rows if (r["set"], r["optimizer"], r["base"]) ==
+                (set_name, optimizer, base)]
         names = [r["provider"] for r in mine]
         ax.barh(names, [r["median_ms"] for r in mine],
-                color=["#999999" if n in ("sgd", *REFERENCES[optimizer]) else "#1f77b4"
+                color=["#999999" if n in ("plain", *REFERENCES[optimizer]) else "#1f77b4"
                        for n in names])
         ax.invert_yaxis()
-        ax.set_title(f"{set_name}, {optimizer} (median step, ms)", fontsize=9)
+        ax.set_title(f"{set_name}, {optimizer} over {base} (median step, ms)", fontsize=9)
         ax.tick_params(labelsize=8)
     fig.suptitle(f"fastsam.bench on {env.get('gpu', env.get('cpu'))}, torch {env['torch']}",
                  fontsize=9)
@@ -142,6 +149,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="parameter sets (default: all on CUDA; all but gpt2-medium on CPU)")
     parser.add_argument("--optimizers", "--optimizer", nargs="+", choices=OPTIMIZERS,
                         default=list(OPTIMIZERS))
+    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES),
+                        help="base optimizers (default: sgd adamw)")
     parser.add_argument("--providers", nargs="+",
                         help="only these providers (default: every one available)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when present)")
@@ -171,12 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         o: [p for p in providers(o, device) if args.providers is None or p in args.providers]
         for o in args.optimizers
     }
-    progress = Progress(len(sets) * sum(map(len, chosen.values())), not args.no_progress)
+    progress = Progress(len(sets) * len(args.bases) * sum(map(len, chosen.values())),
+                        not args.no_progress)
     rows = []
     try:
         for name in sets:
             rows += as_dicts(measure(name, args.optimizers, device, reps, warmup, bandwidth,
-                                     chosen, progress))
+                                     chosen, progress, args.bases))
     finally:
         progress.close()
     print(table(rows))
@@ -185,7 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "official (GSAM) or naive (FreeSAM); "
           "floor: bytes moved "
           "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "
-          "extra MB: memory held beyond plain SGD")
+          "extra MB: memory held beyond the plain base optimizer; host us: the same step over "
+          "one-element tensors (host work), per step and per tensor")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, results=rows), f, indent=1)

@@ -35,6 +35,35 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     return out
 
 
+def timed_step(loop, device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Seconds per step of a :class:`fastsam.bench.run.Loop`, its optimizer calls only (CUDA
+    events around each call on a GPU, perf_counter on CPU): the gradients it prepares before each
+    pass and what it does after the step are not timed."""
+    out = []
+    for rep in range(warmup + reps):
+        total, events = 0.0, []
+        for i, call in enumerate(loop.calls):
+            loop.prepare(i)
+            if device.type == "cuda":
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
+                start.record()
+                call()
+                end.record()
+                events.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                call()
+                total += time.perf_counter() - t0
+        loop.finish()
+        if events:
+            events[-1][1].synchronize()
+            total = sum(start.elapsed_time(end) for start, end in events) / 1e3
+        if rep >= warmup:
+            out.append(total)
+    return out
+
+
 def copy_bandwidth(numel: int, device: torch.device, reps: int) -> float:
     """Bytes read + written per second by a same-device copy of ``numel`` fp32 elements."""
     src = torch.randn(numel, device=device)

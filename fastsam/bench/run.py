@@ -1,11 +1,16 @@
-"""The optimizer-step benchmark: every optimizer × provider on a parameter set, one row each.
+"""The optimizer-step benchmark: every optimizer × base optimizer × provider on a parameter set,
+one row each.
 
-A step is ``first_step()`` + ``second_step()`` (FreeSAM: ``step()``) with random gradients
-already in ``.grad`` (no forward/backward: the optimizer's own work), SGD momentum 0.9 as the
-base optimizer.
+A step is ``first_step()`` + ``second_step()`` (FreeSAM: ``step()``) in the loop people write,
+without its forward/backward (the optimizer's own work is timed): before each pass the
+gradients are made afresh (``.grad`` set from one of two pre-made sets, alternating, as a
+backward pass after ``zero_grad(set_to_none=True)`` hands out new tensors), and after each step
+a cosine lr schedule steps and the gradients are set to None. Only the optimizer's calls are
+timed. Base optimizers (``BASES``): SGD with momentum 0.9, and AdamW.
 
 Providers:
-  ``sgd``       a plain ``torch.optim.SGD`` momentum step (the cost SAM wraps; floor 20 B).
+  ``plain``     the base optimizer's own step (``torch.optim.SGD`` or ``AdamW``: the cost SAM
+                wraps; floor 20 B with SGD, 28 B with AdamW).
   ``popular``   :mod:`fastsam.bench.popular_sam` (SAM, and its ``adaptive=True`` ASAM).
   ``official``  :mod:`fastsam.bench.official_asam` (ASAM) or :mod:`fastsam.bench.official_gsam`.
   ``naive``     :mod:`fastsam.bench.naive_freesam` (FreeSAM has no published code).
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -29,7 +35,7 @@ from .measure import (
     cuda_allocations,
     held_bytes,
     sync,
-    timed,
+    timed_step,
 )
 from .naive_freesam import NaiveFreeSAM
 from .official_asam import OfficialASAM
@@ -44,12 +50,18 @@ OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip")
 # adds the stored gradient, read and written (+8). SAM with an EMA of the weights reads and
 # writes the average too (+8). skip_nonfinite's check reads and rewrites g (torch's GradScaler
 # kernel, unscaling by 1: +8).
-FLOOR_BYTES = {"sgd": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48,
+FLOOR_BYTES = {"plain": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48,
                "sam-skip": 48}
+# The base optimizers and the bytes of their update per element (SGD momentum: read w, g, buf;
+# write w, buf. AdamW: read w, g, m, v; write w, m, v): the floors above are SGD's and change by
+# the difference with another base.
+BASES = {"sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9)),
+         "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01))}
+UPDATE_BYTES = {"sgd": 20, "adamw": 28}
+COSINE_STEPS = 1000  # the schedule's period: every step has a new lr
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",)}
-HYPER = dict(lr=0.01, momentum=0.9)
 EMA_DECAY = 0.999
 
 
@@ -57,10 +69,11 @@ class PopularSAMWithEMA:
     """The usual way to keep an EMA of the weights beside the popular SAM: its two steps, then
     ``torch.optim.swa_utils.AveragedModel.update_parameters`` (an EMA ``multi_avg_fn``)."""
 
-    def __init__(self, params: list) -> None:
+    def __init__(self, params: list, base: str = "sgd") -> None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        self.sam = PopularSAM(params, torch.optim.SGD, rho=0.05, **HYPER)
+        base_cls, hyper = BASES[base]
+        self.sam = PopularSAM(params, base_cls, rho=0.05, **hyper)
         self.module = torch.nn.ParameterList(params)
         self.averaged = AveragedModel(self.module,
                                       multi_avg_fn=get_ema_multi_avg_fn(EMA_DECAY))
@@ -86,7 +99,7 @@ def providers(optimizer: str, device: torch.device) -> list[str]:
     """Every provider available for ``optimizer`` on ``device``, baseline first after sgd."""
     from fastsam.backends import BACKENDS, _refusal
 
-    names = ["sgd", *REFERENCES[optimizer]]
+    names = ["plain", *REFERENCES[optimizer]]
     if optimizer in ("sam", "asam") and _pytorch_optimizer() is not None:
         names.append("pytorch-optimizer")
     return names + [b for b in BACKENDS if _refusal(b, device) is None]
@@ -101,47 +114,49 @@ class _Named(torch.nn.Module):
             self.register_parameter(f"t{i}_{'weight' if p.dim() >= 2 else 'bias'}", p)
 
 
-def build(provider: str, optimizer: str, params: list) -> tuple[Callable[[], None], object]:
-    """The step function of one provider and the object holding its state."""
-    sgd = torch.optim.SGD
-    if provider == "sgd":
-        opt = sgd(params, **HYPER)
+def build(provider: str, optimizer: str, params: list,
+          base: str = "sgd") -> tuple[Callable[[], None], object]:
+    """The step function of one provider (gradients left in ``.grad``) and the object holding
+    its state, over base optimizer ``base`` (``BASES``)."""
+    sgd, hyper = BASES[base]  # the base optimizer class, whichever it is
+    if provider == "plain":
+        opt = sgd(params, **hyper)
         return opt.step, opt
     if optimizer == "freesam":
         if provider == "naive":
-            opt = NaiveFreeSAM(params, sgd, **HYPER)
+            opt = NaiveFreeSAM(params, sgd, **hyper)
         else:
-            opt = fastsam.FreeSAM(params, sgd, backend=provider, **HYPER)
+            opt = fastsam.FreeSAM(params, sgd, backend=provider, **hyper)
         return opt.step, opt
     if optimizer == "gsam":
         if provider == "official":
-            opt = OfficialGSAM(params, sgd, rho=0.05, alpha=0.4, **HYPER)
+            opt = OfficialGSAM(params, sgd, rho=0.05, alpha=0.4, **hyper)
         else:
-            opt = fastsam.GSAM(params, sgd, rho=0.05, alpha=0.4, backend=provider, **HYPER)
+            opt = fastsam.GSAM(params, sgd, rho=0.05, alpha=0.4, backend=provider, **hyper)
     elif optimizer == "sam-ema":
-        opt = PopularSAMWithEMA(params) if provider == "popular" else fastsam.SAM(
-            params, sgd, rho=0.05, backend=provider, average=fastsam.EMA(EMA_DECAY), **HYPER
+        opt = PopularSAMWithEMA(params, base) if provider == "popular" else fastsam.SAM(
+            params, sgd, rho=0.05, backend=provider, average=fastsam.EMA(EMA_DECAY), **hyper
         )
     elif optimizer == "sam-skip" and provider != "popular":
-        opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, skip_nonfinite=True, **HYPER)
+        opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, skip_nonfinite=True, **hyper)
     elif optimizer == "asam" and provider == "official":
-        opt = OfficialASAM(sgd(params, **HYPER), _Named(params), rho=0.5, eta=0.01)
+        opt = OfficialASAM(sgd(params, **hyper), _Named(params), rho=0.5, eta=0.01)
     elif optimizer == "asam" and provider == "popular":
-        opt = PopularSAM(params, sgd, rho=0.5, adaptive=True, **HYPER)
+        opt = PopularSAM(params, sgd, rho=0.5, adaptive=True, **hyper)
     elif provider == "pytorch-optimizer":
         opt = _pytorch_optimizer().SAM(
             params, sgd, rho=0.5 if optimizer == "asam" else 0.05,
-            adaptive=optimizer == "asam", **HYPER,
+            adaptive=optimizer == "asam", **hyper,
         )
     elif optimizer == "asam":  # the official algorithm: weights scaled, eta 0.01
         weights = [p for p in params if p.dim() >= 2]
         others = [p for p in params if p.dim() < 2]
         groups = [{"params": weights}] + ([{"params": others, "adaptive": False}] if others else [])
-        opt = fastsam.ASAM(groups, sgd, rho=0.5, eta=0.01, backend=provider, **HYPER)
+        opt = fastsam.ASAM(groups, sgd, rho=0.5, eta=0.01, backend=provider, **hyper)
     elif provider == "popular":
-        opt = PopularSAM(params, sgd, rho=0.05, **HYPER)
+        opt = PopularSAM(params, sgd, rho=0.05, **hyper)
     else:
-        opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, **HYPER)
+        opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, **hyper)
 
     def step():
         opt.first_step()
@@ -150,10 +165,62 @@ def build(provider: str, optimizer: str, params: list) -> tuple[Callable[[], Non
     return step, opt
 
 
+def passes(holder: object) -> list[Callable[[], None]]:
+    """The calls of one step, one per forward/backward pass: ``[first_step, second_step]``, or
+    ``[step]`` for a plain step and FreeSAM."""
+    if hasattr(holder, "first_step") and not isinstance(holder, fastsam.FreeSAM):
+        return [holder.first_step, holder.second_step]
+    return [holder.step]
+
+
+def scheduled(holder: object) -> torch.optim.Optimizer:
+    """The optimizer whose param_groups an lr scheduler steps (the base optimizer inside the
+    references that wrap one)."""
+    if isinstance(holder, torch.optim.Optimizer):
+        return holder
+    for name in ("sam", "optimizer", "base_optimizer"):  # the EMA pair; official ASAM; naive
+        inner = getattr(holder, name, None)
+        if inner is not None:
+            return scheduled(inner)
+    raise TypeError(f"no optimizer to schedule in {type(holder).__name__}")
+
+
+class Loop:
+    """The loop a step runs in (module docstring): ``prepare(i)`` before pass ``i`` puts the
+    gradients of a fresh backward pass in ``.grad`` (untimed), ``calls`` are timed, ``finish()``
+    steps the cosine schedule and sets the gradients to None (untimed)."""
+
+    def __init__(self, holder: object, params: list, grads: tuple[list, list]) -> None:
+        self.calls = passes(holder)
+        self.params, self.grads, self.turn = params, grads, 0
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(scheduled(holder),
+                                                                   COSINE_STEPS)
+
+    def prepare(self, i: int) -> None:
+        grads = self.grads[self.turn]
+        self.turn ^= 1  # the other set: new addresses, as a new backward pass makes
+        for p, g in zip(self.params, grads):
+            p.grad = g
+
+    def finish(self) -> None:
+        self.schedule.step()
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        """One whole step, untimed parts included (for counting operators and allocations:
+        the untimed parts dispatch none)."""
+        for i, call in enumerate(self.calls):
+            self.prepare(i)
+            call()
+        self.finish()
+
+
 @dataclass
 class Row:
     set: str
     optimizer: str
+    base: str  # the base optimizer (BASES)
     provider: str
     tensors: int
     params: int
@@ -168,27 +235,52 @@ class Row:
     allocated_mb: float  # per step, after the first
     extra_mb: float  # tensors the optimizer holds beyond what plain SGD holds
     peak_mb: float | None  # CUDA: peak memory of a step above its start
+    host_us: float  # the same step over one-element tensors: host work (module docstring)
+    host_us_per_tensor: float
 
 
 def _random_params(shapes, device, seed):
+    """Parameters and two gradient sets (the same values at other addresses: the second
+    stands for the next backward pass's tensors)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
     grads = [torch.randn(s, device=device, generator=gen) for s in shapes]
-    return params, grads
+    return params, (grads, [g.clone() for g in grads])
 
 
-def _storages_of(params) -> set[int]:
-    return {t.untyped_storage().data_ptr() for p in params for t in (p, p.grad)}
+def _storages_of(params, grads) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*params, *grads[0], *grads[1]]}
 
 
-def _held_by_plain_sgd(shapes, device) -> int:
-    """Bytes a plain torch.optim.SGD momentum optimizer holds after a step (its buffers)."""
+def _held_by_plain(shapes, device, base) -> int:
+    """Bytes the plain base optimizer holds after a step (momentum buffers, Adam's moments)."""
     params, grads = _random_params(shapes, device, seed=0)
-    for p, g in zip(params, grads):
-        p.grad = g
-    step, opt = build("sgd", "sam", params)
-    step()
-    return held_bytes(opt, _storages_of(params))
+    _, opt = build("plain", "sam", params, base)
+    Loop(opt, params, grads).step()
+    return held_bytes(opt, _storages_of(params, grads))
+
+
+def host_seconds(provider: str, optimizer: str, base: str, tensors: int, device: torch.device,
+                 reps: int, warmup: int) -> float:
+    """Median seconds of the host's part of a step: the loop over ``tensors`` one-element
+    tensors (the per-tensor and fixed work, no arithmetic to speak of), timed on the host
+    without waiting for the device inside the calls (the device is waited for between steps)."""
+    params, grads = _random_params([(1,)] * tensors, device, seed=1)
+    _, holder = build(provider, optimizer, params, base)
+    loop = Loop(holder, params, grads)
+    times = []
+    for rep in range(warmup + reps):
+        total = 0.0
+        for i, call in enumerate(loop.calls):
+            loop.prepare(i)
+            start = time.perf_counter()
+            call()
+            total += time.perf_counter() - start
+        loop.finish()
+        sync(device)
+        if rep >= warmup:
+            times.append(total)
+    return statistics.median(times)
 
 
 def measure(
@@ -200,53 +292,61 @@ def measure(
     bandwidth: float,
     names: dict[str, list[str]] | None = None,
     progress: Callable[[str], None] = lambda label: None,
+    bases: list[str] = ("sgd",),
 ) -> list[Row]:
-    """Rows for every optimizer (× provider) on one parameter set."""
+    """Rows for every optimizer (× base × provider) on one parameter set."""
     shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
     rows = []
-    held_sgd = _held_by_plain_sgd(shapes, device)
-    for optimizer in optimizers:
-        timed_steps = {}
-        for provider in (names or {}).get(optimizer) or providers(optimizer, device):
-            progress(f"{set_name} {optimizer} {provider}")
-            params, grads = _random_params(shapes, device, seed=0)
-            for p, g in zip(params, grads):
-                p.grad = g  # the steps leave .grad in place: every step sees the same g
-            step, holder = build(provider, optimizer, params)
-            step()  # buffers and optimizer state are allocated by the first step
-            held = held_bytes(holder, _storages_of(params))
-            if device.type == "cuda":
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                start_mem = torch.cuda.memory_allocated(device)
-            times = timed(step, device, reps, warmup)
-            peak = None
-            if device.type == "cuda":
-                peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20
-                allocations, allocated = cuda_allocations(step, device)
-            else:
-                _, allocations, allocated = count_operators(step)
-            timed_steps[provider] = step
-            median = statistics.median(times)
-            q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-            floor = FLOOR_BYTES["sgd" if provider == "sgd" else optimizer] * numel / bandwidth
-            rows.append(Row(
-                set=set_name, optimizer=optimizer, provider=provider, tensors=len(shapes),
-                params=numel, median_ms=median * 1e3, p10_ms=q[0] * 1e3, p90_ms=q[-1] * 1e3,
-                speedup=math.nan, floor_ms=floor * 1e3, ratio_to_floor=median / floor,
-                launches=0, allocations=allocations, allocated_mb=allocated / 2**20,
-                extra_mb=(held - held_sgd) / 2**20, peak_mb=peak,
-            ))
-            del params, grads, holder
-        # Launches are counted after all timing: the profiler's hooks slow later launches.
-        mine = [r for r in rows if r.optimizer == optimizer and r.set == set_name]
-        for r in mine:
-            r.launches = count_launches(timed_steps[r.provider], device)
-        base = next((r for r in mine if r.provider == REFERENCES[optimizer][0]), None)
-        for r in mine:
-            r.speedup = base.median_ms / r.median_ms if base else math.nan
-        timed_steps.clear()
+    for base in bases:
+        held_plain = _held_by_plain(shapes, device, base)
+        for optimizer in optimizers:
+            rows += _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
+                                 bandwidth, (names or {}).get(optimizer), held_plain, progress)
+    return rows
+
+
+def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup, bandwidth,
+                 names, held_plain, progress) -> list[Row]:
+    rows, loops = [], {}
+    for provider in names or providers(optimizer, device):
+        progress(f"{set_name} {optimizer} {base} {provider}")
+        params, grads = _random_params(shapes, device, seed=0)
+        _, holder = build(provider, optimizer, params, base)
+        loop = loops[provider] = Loop(holder, params, grads)
+        loop.step()  # buffers and optimizer state are allocated by the first step
+        held = held_bytes(holder, _storages_of(params, grads))
+        if device.type == "cuda":
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start_mem = torch.cuda.memory_allocated(device)
+        times = timed_step(loop, device, reps, warmup)
+        peak = None
+        if device.type == "cuda":
+            peak = (torch.cuda.max_memory_allocated(device) - start_mem) / 2**20
+            allocations, allocated = cuda_allocations(loop.step, device)
+        else:
+            _, allocations, allocated = count_operators(loop.step)
+        host = host_seconds(provider, optimizer, base, len(shapes), device, reps, warmup)
+        median = statistics.median(times)
+        q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+        per_element = FLOOR_BYTES["plain" if provider == "plain" else optimizer]
+        floor = (per_element + UPDATE_BYTES[base] - UPDATE_BYTES["sgd"]) * numel / bandwidth
+        rows.append(Row(
+            set=set_name, optimizer=optimizer, base=base, provider=provider,
+            tensors=len(shapes), params=numel, median_ms=median * 1e3, p10_ms=q[0] * 1e3,
+            p90_ms=q[-1] * 1e3, speedup=math.nan, floor_ms=floor * 1e3,
+            ratio_to_floor=median / floor, launches=0, allocations=allocations,
+            allocated_mb=allocated / 2**20, extra_mb=(held - held_plain) / 2**20, peak_mb=peak,
+            host_us=host * 1e6, host_us_per_tensor=host * 1e6 / len(shapes),
+        ))
+        del params, grads, holder
+    # Launches are counted after all timing: the profiler's hooks slow later launches.
+    for r in rows:
+        r.launches = count_launches(loops[r.provider].step, device)
+    reference = next((r for r in rows if r.provider == REFERENCES[optimizer][0]), None)
+    for r in rows:
+        r.speedup = reference.median_ms / r.median_ms if reference else math.nan
     return rows
 
 
