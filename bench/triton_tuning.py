@@ -12,14 +12,11 @@ import statistics
 
 import torch
 
-from fastsam.bench.measure import copy_bandwidth, timed
-from fastsam.bench.param_sets import SETS
-from fastsam.bench.run import FLOOR_BYTES
-
-FLOOR_BYTES_PER_ELEMENT = FLOOR_BYTES["sam"]
-
 import fastsam  # noqa: E402
 import fastsam.backends.triton as tb  # noqa: E402
+from fastsam.bench.measure import stream_rates, timed
+from fastsam.bench.param_sets import SETS
+from fastsam.bench.run import floor_seconds
 
 VARIANTS = [  # (BLOCK, segments of CHUNK = k * BLOCK elements, num_warps)
     (1024, 8, 4), (512, 16, 4), (512, 32, 4), (512, 8, 4), (512, 16, 2), (256, 32, 2),
@@ -42,7 +39,7 @@ def main():
 def sweep(set_name, device, reps, default):
     shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
-    floor_ms = FLOOR_BYTES_PER_ELEMENT * numel / copy_bandwidth(numel, device, 20) * 1e3
+    floor_ms = floor_seconds("sam", "sgd", numel, stream_rates(numel, device, 20)) * 1e3
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen)) for s in shapes]
     for p in params:

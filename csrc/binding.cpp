@@ -25,6 +25,7 @@
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
+//   stream_read, stream_fill, stream_triad: the benchmark's streaming kernels (kernels.h)
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -70,6 +71,10 @@ TORCH_LIBRARY(fastsam, m) {
   m.def(
       "gsam_sums(Tensor[] grads, Tensor[] first_grads, Tensor(a!) out, Tensor(b!) scratch) "
       "-> ()");
+  // The benchmark's streaming kernels (fastsam/bench/measure.py, the bytes-moved floor).
+  m.def("stream_read(Tensor x, Tensor(a!) out) -> ()");
+  m.def("stream_fill(Tensor(a!) x, float value) -> ()");
+  m.def("stream_triad(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).
   m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);
@@ -84,6 +89,9 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cpu>);
   m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cpu>);
+  m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cpu>);
+  m.impl("stream_fill", &fastsam::stream_fill_op<fastsam::Cpu>);
+  m.impl("stream_triad", &fastsam::stream_triad_op<fastsam::Cpu>);
 }
 
 #ifdef FASTSAM_WITH_CUDA
@@ -95,6 +103,9 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cuda>);
   m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cuda>);
+  m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cuda>);
+  m.impl("stream_fill", &fastsam::stream_fill_op<fastsam::Cuda>);
+  m.impl("stream_triad", &fastsam::stream_triad_op<fastsam::Cuda>);
 }
 #endif
 

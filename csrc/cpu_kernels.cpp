@@ -9,9 +9,11 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>  // _mm_stream_ps, _mm_sfence: SSE, present on every x86-64 CPU
@@ -404,6 +406,64 @@ double gsam_along(const double* partials, int64_t n, double eps) {
   double sums[3];
   gsam_sums(partials, n, sums);
   return fastsam::gsam_along(sums[0], sums[1], sums[2], eps);
+}
+
+// ---------------------------------------------------------------- streaming (the floor)
+namespace {
+constexpr int64_t kStreamChunk = 1 << 16;
+
+template <typename F>
+void for_each_chunk(int64_t n, F&& f) {
+  at::parallel_for(0, (n + kStreamChunk - 1) / kStreamChunk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      f(c * kStreamChunk, std::min(kStreamChunk, n - c * kStreamChunk));
+    }
+  });
+}
+}  // namespace
+
+double stream_read(const float* x, int64_t n) {
+  const int64_t chunks = (n + kStreamChunk - 1) / kStreamChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  for_each_chunk(n, [&](int64_t start, int64_t len) {
+    const float* __restrict__ p = x + start;
+    int64_t i = 0;
+    double sum = 0.0;
+#ifdef FASTSAM_STREAMING_STORES
+    // Eight independent vector sums: bound by memory, not by the adds' latency.
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
+      __m128 acc[8];
+      for (auto& a : acc) a = _mm_setzero_ps();
+      for (; i + 32 <= len; i += 32) {
+        for (int k = 0; k < 8; ++k) acc[k] = _mm_add_ps(acc[k], _mm_load_ps(p + i + 4 * k));
+      }
+      alignas(16) float lanes[4];
+      for (auto& a : acc) {
+        _mm_store_ps(lanes, a);
+        sum += double(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
+      }
+    }
+#endif
+    partial[start / kStreamChunk] =
+        sum + lane_sum<float>(len - i, [&](int64_t j) { return p[i + j]; });
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+void stream_fill(float* x, int64_t n, float value) {
+  for_each_chunk(n, [&](int64_t start, int64_t len) {
+    write_all(x + start, len, [&](int64_t) { return value; });
+  });
+}
+
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) {
+  for_each_chunk(n, [&](int64_t start, int64_t len) {
+    const float* __restrict__ bb = b + start;
+    const float* __restrict__ cc = c + start;
+    write_all(a + start, len, [&](int64_t i) { return bb[i] + s * cc[i]; });
+  });
 }
 
 }  // namespace cpu

@@ -438,6 +438,67 @@ void gsam_sums(const double* partials, int64_t n, void* out, bool out_fp64, void
   gsam_combine<true>(partials, n, 0.0, out, out_fp64, stream);
 }
 
+// ---------------------------------------------------------------- streaming (the floor)
+namespace {
+constexpr int kStreamBlocks = 1024;
+
+__global__ void __launch_bounds__(kThreads) stream_read_kernel(const float* x, int64_t n,
+                                                               double* out) {
+  __shared__ double block_sum[kThreads];
+  double sum = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    sum += __ldcs(x + i);  // streamed: read once, not kept in L2
+  }
+  block_sum[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) block_sum[threadIdx.x] += block_sum[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicAdd(out, block_sum[0]);
+}
+
+__global__ void __launch_bounds__(kThreads) stream_fill_kernel(float* x, int64_t n, float value) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    __stcs(x + i, value);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) stream_triad_kernel(float* a, const float* b,
+                                                                const float* c, float s,
+                                                                int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    __stcs(a + i, __ldcs(b + i) + s * __ldcs(c + i));
+  }
+}
+
+int stream_blocks(int64_t n) {
+  const int64_t needed = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(needed < kStreamBlocks ? (needed > 0 ? needed : 1) : kStreamBlocks);
+}
+}  // namespace
+
+void stream_read(const float* x, int64_t n, double* out, void* stream) {
+  stream_read_kernel<<<stream_blocks(n), kThreads, 0, as_stream(stream)>>>(x, n, out);
+  check_launch("stream read");
+}
+
+void stream_fill(float* x, int64_t n, float value, void* stream) {
+  stream_fill_kernel<<<stream_blocks(n), kThreads, 0, as_stream(stream)>>>(x, n, value);
+  check_launch("stream fill");
+}
+
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, void* stream) {
+  stream_triad_kernel<<<stream_blocks(n), kThreads, 0, as_stream(stream)>>>(a, b, c, s, n);
+  check_launch("stream triad");
+}
+
 bool runnable(int device) {
   int previous = 0;
   if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {

@@ -122,7 +122,15 @@ FASTSAM_HOST_DEVICE inline const double* scalars(const Args& a) {
   return a.hp != nullptr ? a.hp : a.values;
 }
 
+// The benchmark's streaming kernels (fastsam/bench/measure.py: the bytes-moved floor), over
+// one contiguous fp32 array each: a read-only reduction (Σ x into a double), a store-only fill
+// and a triad a = b + s·c, written the way the passes write (stores that skip the cache where
+// the passes' do).
+
 namespace cpu {
+double stream_read(const float* x, int64_t n);
+void stream_fill(float* x, int64_t n, float value);
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n);
 void norm_partials(const Table& t, const NormArgs& a);
 // Σ partials[0:n] in index order.
 double sum_partials(const double* partials, int64_t n);
@@ -140,6 +148,10 @@ void gsam_sums(const double* partials, int64_t n, double* sums);
 
 namespace cuda {
 // Every function queues its kernels on `stream` (a cudaStream_t) and returns at once.
+// stream_read adds Σ x to *out (a double in device memory; zero it first).
+void stream_read(const float* x, int64_t n, double* out, void* stream);
+void stream_fill(float* x, int64_t n, float value, void* stream);
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, void* stream);
 void norm_partials(const Table& t, const NormArgs& a, void* stream);
 // out = Σ partials[0:n] in a fixed order (one block), stored as float or double.
 void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, void* stream);

@@ -4,6 +4,7 @@ algorithm, or the speed-ups it reports compare different work."""
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -188,3 +189,26 @@ def test_trainer_benchmark_runs(tmp_path):
     assert all(r["x_ideal"] > 0 and r["memory_mb"] >= 0 for r in rows[1:])
     assert rows[3]["memory_mb"] > rows[1]["memory_mb"]  # fastsam keeps w_old beyond AdamW's
     assert json.loads(out.read_text())["preset"] == "small"
+
+
+def test_the_floor_charges_each_pass_at_its_binding_rate():
+    """floor = Σ over passes of max(bytes read / read rate, bytes written / write rate, all
+    bytes / the fastest of the three rates), per element: SAM with SGD has passes of (4, 0),
+    (8, 8), (12, 8) B read and written; AdamW's update reads and writes 4 B more than SGD's."""
+    from fastsam.bench.measure import stream_rates
+    from fastsam.bench.run import FLOOR_BYTES, floor_seconds
+
+    rates = {"read": 1.0, "write": 2.0, "triad": 4.0}
+    # norm: 4/1; perturb: max(8, 4, 4) = 8; update: max(12, 4, 5) = 12
+    assert floor_seconds("sam", "sgd", 10, rates) == 10 * (4 + 8 + 12)
+    assert floor_seconds("sam", "adamw", 10, rates) == 10 * (4 + 8 + 16)
+    fast_reads = {"read": 100.0, "write": 1.0, "triad": 4.0}  # then the writes bind
+    assert floor_seconds("plain", "sgd", 1, fast_reads) == 8.0
+    even = {"read": 1.0, "write": 1.0, "triad": 1.0}  # then all the bytes at the one rate
+    assert floor_seconds("gsam", "sgd", 1, even) == 56.0 == FLOOR_BYTES["gsam"]
+    # a fast triad bounds mixed passes: max(12/2, 8/2, 20/4) = 6 for SGD's update
+    assert floor_seconds("plain", "sgd", 1, {"read": 2.0, "write": 2.0, "triad": 4.0}) == 6.0
+    measured = stream_rates(1 << 16, torch.device("cpu"), 3)
+    assert measured["read"] > 0 and measured["write"] > 0 and measured["triad"] > 0
+    assert measured["kernels"] == ("torch" if os.environ.get("FASTSAM_SKIP_BUILD") == "1"
+                                   else "fastsam._C")

@@ -289,3 +289,35 @@ def test_binding_compiles_with_cuda_enabled(tmp_path):
     cmd += [f"-I{p}" for p in includes] + [f"-idirafter{tmp_path}", str(CSRC / "binding.cpp")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ----------------------------------------------------------------------------- streaming kernels
+def test_streaming_kernels_compute_what_they_stream(ops):
+    """The benchmark's floor kernels (fastsam/bench/measure.py stream_rates) do their arithmetic:
+    a read-only sum, a fill, a triad, over odd sizes and misaligned starts."""
+    for n in (1, 31, 4097, 100_003):
+        x = torch.randn(n + 1)[1:]  # a start that is not 16-byte aligned
+        out = torch.zeros((), dtype=torch.float64)
+        ops.stream_read(x, out)
+        assert math.isclose(out.item(), x.double().sum().item(), rel_tol=1e-5, abs_tol=1e-3)
+        b, c = torch.randn(n), torch.randn(n)
+        ops.stream_triad(x, b, c, 0.5)
+        torch.testing.assert_close(x, b + 0.5 * c)
+        ops.stream_fill(x, 2.5)
+        assert torch.equal(x, torch.full((n,), 2.5))
+
+
+def test_streaming_kernels_check_their_arrays(ops):
+    x = torch.zeros(8)
+    with pytest.raises(TypeError, match="stream_fill: x must be float32"):
+        ops.stream_fill(x.double(), 1.0)
+    with pytest.raises(ValueError, match="stream_read: x must be contiguous"):
+        ops.stream_read(torch.zeros(8, 2).t(), torch.zeros((), dtype=torch.float64))
+    with pytest.raises(TypeError, match="out must be one float64 element"):
+        ops.stream_read(x, torch.zeros(()))
+    with pytest.raises(ValueError, match="stream_triad: c has 7 elements"):
+        ops.stream_triad(x, torch.zeros(8), torch.zeros(7), 1.0)
+    for op, args in ((ops.stream_read.default, (x, torch.zeros((), dtype=torch.float64))),
+                     (ops.stream_fill.default, (x, 1.0)),
+                     (ops.stream_triad.default, (x, torch.ones(8), torch.ones(8), 2.0))):
+        torch.library.opcheck(op, args)

@@ -41,6 +41,13 @@ struct Cpu {
       std::copy(sums, sums + 3, out.data_ptr<float>());
     }
   }
+  void stream_read(const float* x, int64_t n, at::Tensor& out) const {
+    out.fill_(cpu::stream_read(x, n));
+  }
+  void stream_fill(float* x, int64_t n, float value) const { cpu::stream_fill(x, n, value); }
+  void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) const {
+    cpu::stream_triad(a, b, c, s, n);
+  }
 };
 
 }  // namespace

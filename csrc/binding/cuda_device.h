@@ -151,6 +151,16 @@ struct Cuda {
   void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
     cuda::gsam_sums(partials, n, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
   }
+  void stream_read(const float* x, int64_t n, at::Tensor& out) const {
+    out.zero_();
+    cuda::stream_read(x, n, out.data_ptr<double>(), stream);
+  }
+  void stream_fill(float* x, int64_t n, float value) const {
+    cuda::stream_fill(x, n, value, stream);
+  }
+  void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) const {
+    cuda::stream_triad(a, b, c, s, n, stream);
+  }
 
   c10::Device device;
   c10::cuda::CUDAGuard guard;

@@ -158,6 +158,22 @@ const double* update_scalars(const char* op, at::ArrayRef<double> hp,
   return hp_device->data_ptr<double>();
 }
 
+// The arguments every update shares (kernels.h SgdArgs, AdamArgs): scalars, gradient source,
+// averaging, skip flag.
+template <class D, class Args>
+Args update_args(const char* op, at::ArrayRef<double> hp,
+                 const std::optional<at::Tensor>& hp_device, at::TensorList params,
+                 int64_t n_scalars, const DecomposeArgs& decompose, int avg_role, bool maximize,
+                 const std::optional<at::Tensor>& skip) {
+  Args args{};
+  args.hp = update_scalars<D>(op, hp, hp_device, params, n_scalars, args.values);
+  args.maximize = maximize;
+  args.decompose = decompose;
+  args.average_role = avg_role;
+  args.skip = skip_flag<D>(op, skip, params);
+  return args;
+}
+
 template <class D>
 void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             at::TensorList momentum_buffers, at::ArrayRef<double> hp,
@@ -172,16 +188,12 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("sgd", lists);
-  SgdArgs args{};
-  args.hp = update_scalars<D>("sgd", hp, hp_device, params,
-                              avg_role < 0 ? 4 : kSgdAverageWeight + 1, args.values);
+  SgdArgs args = update_args<D, SgdArgs>("sgd", hp, hp_device, params,
+                                         avg_role < 0 ? 4 : kSgdAverageWeight + 1, decompose,
+                                         avg_role, maximize, skip);
   args.has_momentum = has_momentum;
   args.fresh = fresh;
   args.nesterov = nesterov;
-  args.maximize = maximize;
-  args.decompose = decompose;
-  args.average_role = avg_role;
-  args.skip = skip_flag<D>("sgd", skip, params);
   if (params.empty()) return;
   const D dev(params[0].device());
   const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
@@ -206,15 +218,11 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
   const int avg_role = average_role(lists, average);
   check_lists("adam", lists);
-  AdamArgs args{};
-  args.hp = update_scalars<D>("adam", hp, hp_device, params,
-                              avg_role < 0 ? 8 : kAdamAverageWeight + 1, args.values);
+  AdamArgs args = update_args<D, AdamArgs>("adam", hp, hp_device, params,
+                                           avg_role < 0 ? 8 : kAdamAverageWeight + 1, decompose,
+                                           avg_role, maximize, skip);
   args.decoupled = decoupled;
   args.amsgrad = amsgrad;
-  args.maximize = maximize;
-  args.decompose = decompose;
-  args.average_role = avg_role;
-  args.skip = skip_flag<D>("adam", skip, params);
   // Per-tensor bias corrections: each table tensor's position in the lists rides in its
   // `group` entry (kernels.h AdamArgs.bias).
   std::optional<PerTensor> positions;
@@ -276,6 +284,47 @@ template <class D>
 void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& out,
                   at::Tensor& scratch) {
   gsam_reduce<D>("gsam_sums", grads, first_grads, 0.0, true, out, scratch);
+}
+
+// The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays of one device.
+void check_stream_array(const char* op, const char* name, const at::Tensor& t,
+                        const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat,
+                   msg("fastsam.", op, ": ", name, " must be float32, got ", t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), msg("fastsam.", op, ": ", name, " must be contiguous"));
+  TORCH_CHECK_VALUE(t.numel() == like.numel() && t.device() == like.device(),
+                    msg("fastsam.", op, ": ", name, " has ", t.numel(), " elements on ",
+                        t.device(), ", the first array ", like.numel(), " on ", like.device()));
+}
+
+template <class D>
+void stream_read_op(const at::Tensor& x, at::Tensor& out) {
+  check_stream_array("stream_read", "x", x, x);
+  check_device<D>("stream_read", "x", x);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kDouble && out.numel() == 1 &&
+                       out.device() == x.device(),
+                   msg("fastsam.stream_read: out must be one float64 element on ", x.device()));
+  const D dev(x.device());
+  dev.stream_read(x.data_ptr<float>(), x.numel(), out);
+}
+
+template <class D>
+void stream_fill_op(at::Tensor& x, double value) {
+  check_stream_array("stream_fill", "x", x, x);
+  check_device<D>("stream_fill", "x", x);
+  const D dev(x.device());
+  dev.stream_fill(x.data_ptr<float>(), x.numel(), static_cast<float>(value));
+}
+
+template <class D>
+void stream_triad_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double s) {
+  check_stream_array("stream_triad", "a", a, a);
+  check_stream_array("stream_triad", "b", b, a);
+  check_stream_array("stream_triad", "c", c, a);
+  check_device<D>("stream_triad", "a", a);
+  const D dev(a.device());
+  dev.stream_triad(a.data_ptr<float>(), b.data_ptr<float>(), c.data_ptr<float>(),
+                   static_cast<float>(s), a.numel());
 }
 
 }  // namespace

@@ -11,7 +11,8 @@ optimizer (SGD momentum, AdamW) and provider (fastsam.bench.run) it times ``firs
 second_step`` in the loop people write (gradients made afresh by each pass, set to None after
 the step, a cosine lr schedule) and prints: the median and p10-p90 of the step, the speed-up over
 the popular implementation (the official one for GSAM, the naive per-parameter one for FreeSAM),
-the bytes-moved floor from a same-run copy bandwidth and the ratio to it, launches per step
+the bytes-moved floor (bytes read at the read rate plus bytes written at the write rate of the
+project's streaming kernels, measured in the same run) and the ratio to it, launches per step
 (kernel launches on CUDA, operators dispatched on CPU), allocations per step, the memory the
 optimizer holds beyond the plain base optimizer, on CUDA the peak memory of a step, and the
 host's work per step (the same loop over one-element tensors) and per tensor.
@@ -29,7 +30,7 @@ import sys
 
 import torch
 
-from .measure import copy_bandwidth
+from .measure import stream_rates
 from .param_sets import SETS
 from .run import BASES, OPTIMIZERS, REFERENCES, as_dicts, measure, providers
 
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warmup = 1 if args.quick else 3
     env = environment(device)
     largest = max(sum(math.prod(s) for s in SETS[name]()) for name in sets)
-    bandwidth = copy_bandwidth(largest, device, reps)
-    env["copy_bandwidth_GBps"] = bandwidth / 1e9
+    rates = stream_rates(largest, device, reps)
+    env.update({f"{name}_GBps": rates[name] / 1e9 for name in ("read", "write", "triad")})
+    env["stream_kernels"] = rates["kernels"]
     print("# " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in env.items()))
     chosen = {
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     try:
         for name in sets:
-            rows += as_dicts(measure(name, args.optimizers, device, reps, warmup, bandwidth,
+            rows += as_dicts(measure(name, args.optimizers, device, reps, warmup, rates,
                                      chosen, progress, args.bases))
     finally:
         progress.close()
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("# x ref: speed-up over popular (SAM, ASAM, sam-skip; SAM + AveragedModel EMA for "
           "sam-ema), "
           "official (GSAM) or naive (FreeSAM); "
-          "floor: bytes moved "
-          "at the copy bandwidth; launches: kernels (CUDA) or operators (CPU) per step; "
+          "floor: bytes read at the read rate + bytes written at the write rate (the streaming "
+          "kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "
           "one-element tensors (host work), per step and per tensor")
     if args.json:

@@ -1,8 +1,7 @@
-"""What the benchmark measures, one function each: step times, copy bandwidth, launches and
+"""What the benchmark measures, one function each: step times, streaming rates, launches and
 allocations per step, memory an optimizer holds."""
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 
@@ -64,12 +63,30 @@ def timed_step(loop, device: torch.device, reps: int, warmup: int) -> list[float
     return out
 
 
-def copy_bandwidth(numel: int, device: torch.device, reps: int) -> float:
-    """Bytes read + written per second by a same-device copy of ``numel`` fp32 elements."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    times = timed(lambda: dst.copy_(src), device, max(reps, 3), warmup=2)
-    return 8 * numel / statistics.median(times)
+def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
+    """Bytes per second of the project's streaming kernels over ``numel`` fp32 elements
+    (``fastsam._C``: csrc/kernels.h): ``read``, a read-only reduction; ``write``, a store-only
+    fill (stores that skip the cache where the CPU has them, as the update passes write);
+    ``triad``, a = b + s·c (two reads and a write per element). Each rate is the fastest of
+    at least 10 runs: the speed the memory allows, not a typical one (a floor from medians
+    would be beaten by a pass that runs when the machine is quieter). ``kernels`` says which
+    ran: without the extension, torch's ``sum``, ``fill_`` and ``add`` stand in (and the floor
+    is then only as good as they are)."""
+    a, b, c = (torch.rand(numel, device=device) for _ in range(3))
+    out = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        import fastsam._C  # noqa: F401
+
+        ops = torch.ops.fastsam
+        read, fill = (lambda: ops.stream_read(a, out)), (lambda: ops.stream_fill(a, 1.0))
+        triad, kernels = (lambda: ops.stream_triad(a, b, c, 0.5)), "fastsam._C"
+    except (ImportError, OSError):
+        read, fill = (lambda: torch.sum(a, dtype=torch.float64, out=out)), (lambda: a.fill_(1.0))
+        triad, kernels = (lambda: torch.add(b, c, alpha=0.5, out=a)), "torch"
+    seconds = {name: min(timed(fn, device, max(reps, 10), warmup=2))
+               for name, fn in (("read", read), ("write", fill), ("triad", triad))}
+    return {"read": 4 * numel / seconds["read"], "write": 4 * numel / seconds["write"],
+            "triad": 12 * numel / seconds["triad"], "kernels": kernels}
 
 
 def count_launches(fn: Callable[[], object], device: torch.device) -> int:

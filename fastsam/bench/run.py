@@ -44,21 +44,48 @@ from .param_sets import SETS
 from .popular_sam import PopularSAM
 
 OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip")
-# Bytes per fp32 element of one step (docs/design.md §2): SAM 40 = norm 4 + perturb 16 + restore and
-# SGD 20; ASAM's norm also reads w (+4); GSAM keeps g (+4), reduces over g and g_adv (+8) and
-# reads g again in the update (+4). The plain SGD step reads w, g, buf and writes w, buf; FreeSAM
-# adds the stored gradient, read and written (+8). SAM with an EMA of the weights reads and
-# writes the average too (+8). skip_nonfinite's check reads and rewrites g (torch's GradScaler
-# kernel, unscaling by 1: +8).
-FLOOR_BYTES = {"plain": 20, "sam": 40, "asam": 44, "gsam": 56, "freesam": 28, "sam-ema": 48,
-               "sam-skip": 48}
-# The base optimizers and the bytes of their update per element (SGD momentum: read w, g, buf;
-# write w, buf. AdamW: read w, g, m, v; write w, m, v): the floors above are SGD's and change by
-# the difference with another base.
+# Bytes per fp32 element of each pass of one step (docs/design.md §2), as (read, written), the
+# update pass last. SAM: norm reads g (4, 0); perturb reads w, g and writes w, w_old (8, 8);
+# restore and SGD read w_old, g, buf and write w, buf (12, 8): 40 B. ASAM's norm also reads w.
+# GSAM's perturb also keeps g (+4 written), a reduction reads g and g_adv (8, 0), the update
+# reads g again (+4 read): 56 B. The plain SGD step is the update alone; FreeSAM's reads and
+# writes the stored gradient too (+4, +4). SAM with an EMA of the weights: the update reads and
+# writes the average (+4, +4). skip_nonfinite's check reads and rewrites g (torch's GradScaler
+# kernel, unscaling by 1: a pass of (4, 4)).
+PASS_BYTES = {
+    "plain": [(12, 8)],
+    "sam": [(4, 0), (8, 8), (12, 8)],
+    "asam": [(8, 0), (8, 8), (12, 8)],
+    "gsam": [(4, 0), (8, 12), (8, 0), (16, 8)],
+    "freesam": [(16, 12)],
+    "sam-ema": [(4, 0), (8, 8), (16, 12)],
+    "sam-skip": [(4, 0), (8, 8), (4, 4), (12, 8)],
+}
+FLOOR_BYTES = {name: sum(r + w for r, w in passes) for name, passes in PASS_BYTES.items()}
+# The base optimizers and the bytes of their update per element, read and written (SGD
+# momentum: reads w, g, buf, writes w, buf; AdamW: reads w, g, m, v, writes w, m, v): the update
+# passes above are SGD's and change by the difference with another base.
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.01, momentum=0.9)),
          "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01))}
-UPDATE_BYTES = {"sgd": 20, "adamw": 28}
+UPDATE_BYTES = {"sgd": (12, 8), "adamw": (16, 12)}
 COSINE_STEPS = 1000  # the schedule's period: every step has a new lr
+
+
+def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
+    """The bytes-moved floor of one step: over its passes, each at the largest of its bytes read
+    at the read rate, its bytes written at the write rate and all its bytes at the fastest rate
+    of the three streaming kernels (``rates``: bytes/s, measure.stream_rates). A pass cannot
+    read faster than the read-only kernel, write faster than the store-only one, nor move bytes
+    faster than the memory moved them in any of the three."""
+    passes = list(PASS_BYTES[optimizer])
+    read, written = passes[-1]
+    passes[-1] = (read + UPDATE_BYTES[base][0] - UPDATE_BYTES["sgd"][0],
+                  written + UPDATE_BYTES[base][1] - UPDATE_BYTES["sgd"][1])
+    fastest = max(rates["read"], rates["write"], rates["triad"])
+    return numel * sum(max(r / rates["read"], w / rates["write"], (r + w) / fastest)
+                       for r, w in passes)
+
+
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",)}
@@ -289,7 +316,7 @@ def measure(
     device: torch.device,
     reps: int,
     warmup: int,
-    bandwidth: float,
+    rates: dict,
     names: dict[str, list[str]] | None = None,
     progress: Callable[[str], None] = lambda label: None,
     bases: list[str] = ("sgd",),
@@ -302,11 +329,11 @@ def measure(
         held_plain = _held_by_plain(shapes, device, base)
         for optimizer in optimizers:
             rows += _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
-                                 bandwidth, (names or {}).get(optimizer), held_plain, progress)
+                                 rates, (names or {}).get(optimizer), held_plain, progress)
     return rows
 
 
-def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup, bandwidth,
+def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup, rates,
                  names, held_plain, progress) -> list[Row]:
     rows, loops = [], {}
     for provider in names or providers(optimizer, device):
@@ -330,8 +357,7 @@ def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
         host = host_seconds(provider, optimizer, base, len(shapes), device, reps, warmup)
         median = statistics.median(times)
         q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-        per_element = FLOOR_BYTES["plain" if provider == "plain" else optimizer]
-        floor = (per_element + UPDATE_BYTES[base] - UPDATE_BYTES["sgd"]) * numel / bandwidth
+        floor = floor_seconds("plain" if provider == "plain" else optimizer, base, numel, rates)
         rows.append(Row(
             set=set_name, optimizer=optimizer, base=base, provider=provider,
             tensors=len(shapes), params=numel, median_ms=median * 1e3, p10_ms=q[0] * 1e3,
