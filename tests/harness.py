@@ -132,6 +132,9 @@ CONFIGS = {
         ps, torch.optim.AdamW, rho=rho, alpha=0.3, lr=1e-2, weight_decay=0.1, **kw),
     "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(
         ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
+    # interval SAM: SAM steps at 0, 2, 4, 6, AdamW's plain steps between
+    "sam_interval_adamw": lambda ps, rho=0.1, **kw: fastsam.SAM(
+        ps, torch.optim.AdamW, rho=rho, lr=1e-2, weight_decay=0.05, interval=2, **kw),
     # SAM steps at 0, 2, 4, 6, look-ahead steps between
     "looksam_adam": lambda ps, rho=0.1, **kw: fastsam.LookSAM(
         ps, torch.optim.Adam, rho=rho, k=2, alpha=0.5, lr=1e-2, **kw),

@@ -46,6 +46,8 @@ OPTIMIZERS = {
     "gsam_adam": lambda ps: fastsam.GSAM(ps, torch.optim.Adam, rho=0.05, alpha=0.3, lr=1e-3),
     "looksam_sgd": lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+    "sam_interval": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3,
+                                           interval=3),
 }
 
 
@@ -85,15 +87,17 @@ def test_trainer_equals_the_two_pass_loop(tmp_path, model_name, kind):
 
 def test_each_step_takes_the_passes_of_its_algorithm(tmp_path):
     counts = {}
-    for kind in ("sam_adamw", "looksam_sgd", "freesam_sgd"):
+    for kind in ("sam_adamw", "looksam_sgd", "freesam_sgd", "sam_interval"):
         build, data_of = MODELS["bn"]
         model = build()
         counter = PassCounter(model)
         SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=data_of(BATCH * STEPS),
                    optimizers=(OPTIMIZERS[kind](model.parameters()), None)).train()
         counts[kind] = counter.count
-    # SAM: two passes a step; LookSAM with k=2: two, one, two, one; FreeSAM: one
-    assert counts == {"sam_adamw": 2 * STEPS, "looksam_sgd": 6, "freesam_sgd": STEPS}
+    # SAM: two passes a step; LookSAM with k=2: two, one, two, one; FreeSAM: one; interval
+    # SAM with interval=3: two, one, one, two
+    assert counts == {"sam_adamw": 2 * STEPS, "looksam_sgd": 6, "freesam_sgd": STEPS,
+                      "sam_interval": 6}
 
 
 @pytest.mark.parametrize("model_name", ["gpt2", "mlp"])

@@ -70,7 +70,15 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        interval: int = 1,
     ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(
+                f"interval must be an int >= 1 (a SAM step every interval steps), got "
+                f"{interval!r}"
+            )
+        self.interval = interval
+        self._begun = 0  # steps begun: step t is a SAM step when t % interval == 0
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"p must be a number (2, float('inf') or any p > 1), got {p!r}")
         if not p > 1.0:
@@ -108,10 +116,19 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         when it is set)."""
         return None
 
+    @property
+    def sam_step_next(self) -> bool:
+        """Whether the next :meth:`first_step` is a SAM step (two passes): always, unless
+        ``interval`` > 1 (then every ``interval``-th step, from the first)."""
+        return self._begun % self.interval == 0
+
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient to ``w + e`` (the adversarial point).
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """Move every parameter with a gradient to ``w + e`` (the adversarial point) and return
+        True. With ``interval`` > 1, on the steps between SAM steps: apply the base optimizer's
+        plain update with the current gradients instead, and return False (no second pass, no
+        :meth:`second_step`).
 
         Args:
             zero_grad: clear the gradients afterwards (default False), ready for the second
@@ -123,6 +140,17 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "are already perturbed. Call second_step() (or step()) to restore and update."
             )
         self._refuse_when_swapped("first_step()")
+        if self.interval != 1:
+            sam_step = self.sam_step_next
+            self._begun += 1
+            if not sam_step:
+                self._unperturbed_step(zero_grad)
+                return False
+        self._perturb(zero_grad)
+        return True
+
+    def _perturb(self, zero_grad: bool) -> None:
+        """Passes A and B of a SAM step (docs/design.md §2): the norm, then ``w + e``."""
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         if plan.device is not None:
@@ -137,6 +165,31 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             norm = backend.perturbation_norm(groups, self._q)
             backend.perturb(norm, self._p, self._eps, self._skips.perturb_flag(plan.device))
         self._perturbed = plan
+        if zero_grad:
+            self.zero_grad()
+
+    def _unperturbed_step(
+        self, zero_grad: bool,
+        correction: Callable[[StepPlan, list[list[Tensor]]], list | None] | None = None,
+    ) -> None:
+        """A step with no perturbation (interval SAM's plain steps, LookSAM's look-ahead
+        steps; the step counter already advanced): the update with the current gradients, or
+        with the per-group gradient sources ``correction(plan, grads)`` returns. Under
+        GradScaler (``scaler.step(optimizer)``) the gradients are unscaled first, and a step
+        whose gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
+        plan, flat_grads = self._step_plan()
+        self._check_capturable(plan)
+        all_grads = plan.grads(flat_grads)
+        skip = self._skip_update(plan, all_grads, None, False)
+        if skip is True:  # inf/NaN gradients: no update
+            self._mark_stepped()
+            if zero_grad:
+                self.zero_grad()
+            return
+        sources = (correction(plan, all_grads)
+                   if correction is not None and plan.device is not None else None)
+        flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
+        self._update_in_place(plan, all_grads, sources, flag)
         if zero_grad:
             self.zero_grad()
 
@@ -211,10 +264,12 @@ class SharpnessAwareOptimizer(FusedOptimizer):
 
         With a closure (the popular API): the caller has already run the first forward and
         backward; this perturbs, calls ``closure()`` (forward + backward at the perturbed point,
-        gradients zeroed before it), then restores and updates. Returns the closure's loss.
+        gradients zeroed before it), then restores and updates. Returns the closure's loss
+        (None on interval SAM's plain steps, which do not call it).
 
-        Without a closure: performs the pending second step (after :meth:`first_step`); this is
-        what ``GradScaler.step(optimizer)`` calls.
+        Without a closure: performs the pending second step (after :meth:`first_step`), or,
+        when none is pending and the next step is one of interval SAM's plain steps, that
+        step; this is what ``GradScaler.step(optimizer)`` calls.
         """
         if closure is not None and self._closure_finishes(closure):
             return self._after_closure(closure)
@@ -224,6 +279,9 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 # step with zero gradients and every lr set to 0, which moves no weight.
                 self.base_optimizer.step()
                 self._fused.place_steps(self.base_optimizer)
+                return None
+            if self._perturbed is None and not self.sam_step_next:
+                self.first_step()  # a step between SAM steps: the whole update
                 return None
             if self._perturbed is None:
                 raise RuntimeError(
@@ -238,7 +296,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "step(closure) was called while a first_step() is pending; call step() without "
                 "a closure, or second_step(), to finish that step first"
             )
-        self.first_step(zero_grad=True)
+        if self.first_step(zero_grad=True) is False:
+            return None  # a step between SAM steps: no second pass
         with torch.enable_grad():
             loss = closure()
         self.second_step()
@@ -286,6 +345,16 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             return None  # an integration's closure skipped its batch (no backward pass)
         self.step()  # the pending second step (LookSAM: or the look-ahead step)
         return loss
+
+    def _counters(self) -> dict[str, int]:
+        """With ``interval`` > 1, the counts include the steps begun (a loaded optimizer goes
+        on with the same kind of step; a state dict without them: a SAM step)."""
+        counts = super()._counters()
+        return counts if self.interval == 1 else {**counts, "interval_steps": self._begun}
+
+    def _load_counters(self, counters: dict[str, Any]) -> None:
+        super()._load_counters(counters)
+        self._begun = int(counters.get("interval_steps", 0))
 
     def _restore(self, perturbed: StepPlan) -> None:
         """Every perturbed parameter back to its saved weights, exactly."""

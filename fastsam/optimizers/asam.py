@@ -45,6 +45,7 @@ class ASAM(SharpnessAwareOptimizer):
             torch.optim does. Costs one fused check of the gradients and one host read per step
             (none with ``capturable``).
         capturable (bool, default False): as in :class:`fastsam.SAM`.
+        interval (int, default 1): interval SAM, as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -73,6 +74,7 @@ class ASAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -86,6 +88,7 @@ class ASAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            interval=interval,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:

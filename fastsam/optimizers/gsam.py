@@ -84,6 +84,7 @@ class GSAM(SharpnessAwareOptimizer):
             torch.optim does. Costs one fused check of the gradients and one host read per step
             (none with ``capturable``).
         capturable (bool, default False): as in :class:`fastsam.SAM`.
+        interval (int, default 1): interval SAM, as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -115,6 +116,7 @@ class GSAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
         if model is not None and not isinstance(model, torch.nn.Module):
@@ -146,6 +148,7 @@ class GSAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            interval=interval,
         )
         self.rho_t = rho
         if rho_scheduler is not None:
@@ -243,7 +246,8 @@ class GSAM(SharpnessAwareOptimizer):
         first step pending, one whole GSAM step returning ``(outputs, loss)``."""
         if closure is None and self._perturbed is None and self._forward_backward is not None:
             outputs, loss = self._forward_backward()
-            self.first_step()
+            if not self.first_step():  # interval GSAM's plain step: one pass
+                return outputs, loss
             with frozen_bn_stats(self.model):
                 self._forward_backward()
             self.second_step()

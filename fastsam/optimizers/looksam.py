@@ -178,35 +178,23 @@ class LookSAM(SharpnessAwareOptimizer):
         return False
 
     def _look_ahead(self, zero_grad: bool) -> None:
-        """The look-ahead update (the step counter already advanced). Under GradScaler
-        (``scaler.step(optimizer)``) the gradients are unscaled first, and a step whose
-        gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
-        plan, flat_grads = self._step_plan()
-        self._check_capturable(plan)
-        all_grads = plan.grads(flat_grads)
-        skip = self._skip_update(plan, all_grads, None, False)
-        if skip is True:  # inf/NaN gradients: no update
-            self._mark_stepped()
-            if zero_grad:
-                self.zero_grad()
-            return
-        sources = None
-        if plan.device is not None:
-            scale = self._look_ahead_scale(plan, all_grads)
-            directions = self._plan_directions(plan)
-            if self._fused_update_kind(plan) is not None:  # g + scale·u_v formed in the update
-                sources = [Correction(ds, scale) for ds in directions]
-            else:  # written into .grad for the base optimizer's own step()
-                local = self._backend_for(plan.device).local
-                for grads, ds in zip(all_grads, directions):
-                    if grads:
-                        ds = local(ds)
-                        torch._foreach_addcmul_(local(grads), ds,
-                                                [scale.to(d.dtype).expand_as(d) for d in ds])
-        flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
-        self._update_in_place(plan, all_grads, sources, flag)
-        if zero_grad:
-            self.zero_grad()
+        """The look-ahead update (the step counter already advanced)."""
+        self._unperturbed_step(zero_grad, self._correction)
+
+    def _correction(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> list | None:
+        """The look-ahead step's gradient g + α·‖g‖·u_v: per group, the source the fused update
+        forms it from, or (another base optimizer) written into ``.grad`` (None returned)."""
+        scale = self._look_ahead_scale(plan, all_grads)
+        directions = self._plan_directions(plan)
+        if self._fused_update_kind(plan) is not None:  # g + scale·u_v formed in the update
+            return [Correction(ds, scale) for ds in directions]
+        local = self._backend_for(plan.device).local  # for the base optimizer's own step()
+        for grads, ds in zip(all_grads, directions):
+            if grads:
+                ds = local(ds)
+                torch._foreach_addcmul_(local(grads), ds,
+                                        [scale.to(d.dtype).expand_as(d) for d in ds])
+        return None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

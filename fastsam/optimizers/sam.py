@@ -51,6 +51,12 @@ class SAM(SharpnessAwareOptimizer):
             layout), the skip counters are device tensors and so are ``average``'s schedule
             counts. ``lr`` and ``rho`` may be device tensors, written in place by a schedule.
             Needs a fused base update (torch.optim SGD, Adam, AdamW).
+        interval (int, default 1): interval SAM (as MosaicML Composer's): a SAM step every
+            ``interval`` steps, from the first, and the base optimizer's plain update with the
+            first pass's gradient on the others, where :meth:`first_step` applies it and returns
+            False (no second pass: check :attr:`sam_step_next`, or use ``step(closure)``, which
+            calls the closure on SAM steps only; under GradScaler ``scaler.step(optimizer)``
+            takes the plain steps). The steps begun are saved in the state dict.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:
@@ -77,6 +83,7 @@ class SAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -90,6 +97,7 @@ class SAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            interval=interval,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
