@@ -212,3 +212,19 @@ def test_the_floor_charges_each_pass_at_its_binding_rate():
     assert measured["read"] > 0 and measured["write"] > 0 and measured["triad"] > 0
     assert measured["kernels"] == ("torch" if os.environ.get("FASTSAM_SKIP_BUILD") == "1"
                                    else "fastsam._C")
+
+
+def test_the_figure_is_drawn_from_saved_rows(tmp_path, capsys):
+    """--from-json prints a saved run's table and --plot draws its grid (sets down, optimizers
+    across, a bar per provider and base, the floor per base)."""
+    pytest.importorskip("matplotlib")
+    saved = tmp_path / "r.json"
+    rows = cli.main(["--device", "cpu", "--sets", "many-tiny", "--reps", "1", "--no-progress",
+                     "--optimizers", "sam", "freesam", "--providers", "plain", "popular",
+                     "naive", "torch", "--json", str(saved)])
+    capsys.readouterr()
+    figure = tmp_path / "grid.png"
+    again = cli.main(["--from-json", str(saved), "--plot", str(figure)])
+    assert again == json.loads(saved.read_text())["results"] and len(again) == len(rows)
+    assert "median ms" in capsys.readouterr().out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000

@@ -117,7 +117,10 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str, env: dict) -> None:
-    """One horizontal bar chart of median step time per (set, optimizer), providers as bars."""
+    """One figure: a grid of panels, parameter sets down and optimizers across. In each panel
+    a bar per provider and base optimizer (median step, ms; the references grey), and the
+    step's floor per base as a dashed line: how far each provider is from the others and
+    from what the memory allows, at a glance."""
     try:
         import matplotlib
 
@@ -125,21 +128,43 @@ def plot(rows: list[dict], path: str, env: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit(f"--plot needs matplotlib ({exc}); pip install matplotlib") from exc
-    panels = list(dict.fromkeys((r["set"], r["optimizer"], r["base"]) for r in rows))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 1.2 + 0.45 * len(rows)), squeeze=False)
-    for ax, (set_name, optimizer, base) in zip(axes[:, 0], panels):
-        mine = [r for r in rows if (r["set"], r["optimizer"], r["base"]) ==
-                (set_name, optimizer, base)]
-        names = [r["provider"] for r in mine]
-        ax.barh(names, [r["median_ms"] for r in mine],
-                color=["#999999" if n in ("plain", *REFERENCES[optimizer]) else "#1f77b4"
-                       for n in names])
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    optimizers = list(dict.fromkeys(r["optimizer"] for r in rows))
+    bases = list(dict.fromkeys(r["base"] for r in rows))
+    colours = dict(zip(bases, ("#1f77b4", "#ff7f0e", "#2ca02c")))
+    widest = max(len({r["provider"] for r in rows if r["optimizer"] == o}) for o in optimizers)
+    fig, axes = plt.subplots(len(sets), len(optimizers), squeeze=False,
+                             figsize=(3.0 * len(optimizers),
+                                      0.6 + 0.2 * widest * len(bases) * len(sets)))
+    for (i, set_name), (j, optimizer) in ((a, b) for a in enumerate(sets)
+                                          for b in enumerate(optimizers)):
+        ax = axes[i][j]
+        mine = [r for r in rows if (r["set"], r["optimizer"]) == (set_name, optimizer)]
+        providers = list(dict.fromkeys(r["provider"] for r in mine))
+        step = len(bases) + 0.6
+        for r in mine:
+            k, b = providers.index(r["provider"]), bases.index(r["base"])
+            reference = r["provider"] in ("plain", *REFERENCES[optimizer])
+            ax.barh(k * step + b, r["median_ms"], height=0.9, color=colours[r["base"]],
+                    alpha=0.45 if reference else 1.0)
+        for base in bases:
+            floors = [r["floor_ms"] for r in mine if r["base"] == base and r["provider"] != "plain"]
+            if floors:
+                ax.axvline(floors[0], color=colours[base], linestyle="--", linewidth=1)
+        ax.set_yticks([k * step + (len(bases) - 1) / 2 for k in range(len(providers))])
+        ax.set_yticklabels(providers, fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"{set_name}, {optimizer} over {base} (median step, ms)", fontsize=9)
-        ax.tick_params(labelsize=8)
-    fig.suptitle(f"fastsam.bench on {env.get('gpu', env.get('cpu'))}, torch {env['torch']}",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{set_name} · {optimizer}", fontsize=8)
+        if i == len(sets) - 1:
+            ax.set_xlabel("median step, ms", fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[b]) for b in bases]
+    handles.append(plt.Line2D([0], [0], color="black", linestyle="--", linewidth=1))
+    fig.legend(handles, [f"over {b}" for b in bases] + ["floor (per base)"], loc="lower center",
+               ncol=len(bases) + 1, fontsize=7, frameon=False)
+    fig.suptitle(f"fastsam.bench on {env.get('gpu', env.get('cpu'))}, torch {env['torch']}; "
+                 "references pale", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     fig.savefig(path, dpi=120)
 
 
@@ -161,12 +186,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", "--out", dest="json", help="write rows + environment here")
     parser.add_argument("--csv", help="write the rows as CSV here")
     parser.add_argument("--plot", help="write a PNG chart here (needs matplotlib)")
+    parser.add_argument("--from-json", dest="from_json",
+                        help="measure nothing: print (and --plot) the rows of a saved --json")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(table(saved["results"]))
+        if args.plot:
+            plot(saved["results"], args.plot, saved["environment"])
+            print(f"# wrote {args.plot}")
+        return saved["results"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sets = args.sets or (QUICK_SETS if args.quick else DEFAULT_SETS[device.type])
     reps = args.reps or (5 if args.quick else 50 if device.type == "cuda" else 10)
