@@ -7,6 +7,7 @@ See README.md for the two-step and closure usage.
 from .averaging import EMA, SWA, update_bn
 from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .distributed import local_pass
+from .grouping import sam_on_groups
 from .integrations import unwrap
 from .optimizers import ASAM, GSAM, SAM, FreeSAM, LookSAM, asam_param_groups
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
@@ -22,6 +23,7 @@ __all__ = [
     "LinearScheduler",
     "CosineScheduler",
     "asam_param_groups",
+    "sam_on_groups",
     "SWA",
     "EMA",
     "update_bn",

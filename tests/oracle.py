@@ -46,6 +46,8 @@ class OracleSAM:
         """The list of (param, e) for every param with a gradient."""
         items = []
         for g in self.groups:
+            if not g.get("perturb", True):  # SAM-ON: a group out of the norm and of e
+                continue
             kind, eta = g["T"]
             for w in g["params"]:
                 if w.grad is not None:

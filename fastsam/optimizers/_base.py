@@ -96,6 +96,15 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     # ----------------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:
         check_rho(group["rho"])
+        perturb = group.get("perturb", True)
+        if not isinstance(perturb, bool):
+            raise TypeError(f"perturb must be True or False, got {perturb!r}")
+        if not perturb and self._keeps_first_grads:
+            raise ValueError(
+                f"perturb=False (SAM-ON: a group left out of the perturbation) is supported by "
+                f"SAM and ASAM; {type(self).__name__} combines every parameter's first-pass "
+                "gradient with its second"
+            )
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
@@ -160,10 +169,15 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 for group, ps, grads, olds, keep in zip(
                     self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old, kept
                 )
+                if group.get("perturb", True)  # SAM-ON: groups out of the norm and of e
             ]
-            backend = self._backend_for(plan.device)
-            norm = backend.perturbation_norm(groups, self._q)
-            backend.perturb(norm, self._p, self._eps, self._skips.perturb_flag(plan.device))
+            flag = self._skips.perturb_flag(plan.device)
+            if groups:
+                backend = self._backend_for(plan.device)
+                norm = backend.perturbation_norm(groups, self._q)
+                backend.perturb(norm, self._p, self._eps, flag)
+            else:
+                flag.zero_()  # nothing perturbed: nothing to skip
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
@@ -243,7 +257,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 # w_old: the fused kernels read w_old and write w element by element.
                 w_old = [saved.get(p, p) for p in params]
             if restore_only:
-                self._backend_for(restore_only[0].device).restore(restore_only, restore_from)
+                self._restore_from(restore_only, restore_from)
             if fused is None or not params:
                 continue
             self._fused(
@@ -359,8 +373,15 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     def _restore(self, perturbed: StepPlan) -> None:
         """Every perturbed parameter back to its saved weights, exactly."""
         for params, w_old in zip(perturbed.params, perturbed.w_old):
-            if params:
-                self._backend_for(params[0].device).restore(params, w_old)
+            self._restore_from(params, w_old)
+
+    def _restore_from(self, params: list[Tensor], w_old: list[Tensor]) -> None:
+        """``params`` back to ``w_old``, leaving out the parameters that are their own w_old (a
+        group out of the perturbation: never moved)."""
+        pairs = [(p, o) for p, o in zip(params, w_old) if o is not p]
+        if pairs:
+            moved, saved = map(list, zip(*pairs))
+            self._backend_for(moved[0].device).restore(moved, saved)
 
     def _lr_is_zero(self) -> bool:
         lrs = [group.get("lr") for group in self.param_groups]

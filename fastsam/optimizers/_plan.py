@@ -91,6 +91,7 @@ class StepPlanner:
             self._version,
             tuple(map(is_not, flat_grads, repeat(None))),
             tuple(map(Tensor.data_ptr, flat)),
+            tuple(group.get("perturb", True) for group in param_groups),
         )
         if self.current is not None and self.current.key == key:
             return self.current, flat_grads
@@ -99,6 +100,8 @@ class StepPlanner:
         offset = 0
         for group in param_groups:
             n = len(group["params"])
+            # A group left out of the perturbation (SAM-ON's perturb=False) is its own w_old.
+            keeps = self.keeps_w_old and group.get("perturb", True)
             positions.append([offset + i for i in range(n) if flat_grads[offset + i] is not None])
             params.append([flat[i] for i in positions[-1]])
             offset += n
@@ -119,7 +122,7 @@ class StepPlanner:
                         "parameters then (to_empty replaces meta parameters with new ones)"
                     )
                 has_complex |= p.is_complex()
-                w_old[-1].append(persistent_buffer(self.w_old, p) if self.keeps_w_old else p)
+                w_old[-1].append(persistent_buffer(self.w_old, p) if keeps else p)
         self.current = StepPlan(key, params, w_old, positions, device, has_complex, idle)
         return self.current, flat_grads
 
