@@ -135,6 +135,9 @@ CONFIGS = {
     # interval SAM: SAM steps at 0, 2, 4, 6, AdamW's plain steps between
     "sam_interval_adamw": lambda ps, rho=0.1, **kw: fastsam.SAM(
         ps, torch.optim.AdamW, rho=rho, lr=1e-2, weight_decay=0.05, interval=2, **kw),
+    # WSAM's weighted gradient (the decoupled form takes neither averaging nor capturable)
+    "wsam_sgd": lambda ps, rho=0.1, **kw: fastsam.WSAM(
+        ps, torch.optim.SGD, rho=rho, gamma=0.8, decouple=False, lr=0.05, momentum=0.9, **kw),
     # SAM steps at 0, 2, 4, 6, look-ahead steps between
     "looksam_adam": lambda ps, rho=0.1, **kw: fastsam.LookSAM(
         ps, torch.optim.Adam, rho=rho, k=2, alpha=0.5, lr=1e-2, **kw),

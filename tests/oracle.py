@@ -144,6 +144,41 @@ class OracleGSAM(OracleSAM):
         super().second_step(zero_grad)
 
 
+class OracleWSAM(OracleSAM):
+    """WSAM (Yue et al., KDD 2023) per parameter: SAM's first step, keeping g; alpha =
+    gamma / (1 - gamma). Not decoupled: the base step with g + alpha (g_adv - g). Decoupled: the
+    base step with g, then w <- w - lr alpha (g_adv - g), each group's lr."""
+
+    def __init__(self, groups, base_cls, gamma, decouple, eps=1e-12, **base_kwargs):
+        super().__init__(groups, base_cls, p=2.0, eps=eps, **base_kwargs)
+        self.alpha, self.decouple = gamma / (1 - gamma), decouple
+        self.first = {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        self.first = {w: w.grad.clone() for g in self.groups for w in g["params"]
+                      if w.grad is not None}
+        super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad=False):
+        for w, old in self.w_old.items():
+            w.copy_(old)
+        self.w_old = {}
+        adv = {}
+        for w, g0 in self.first.items():
+            adv[w] = w.grad.clone()
+            w.grad = g0.clone() if self.decouple else g0 + self.alpha * (adv[w] - g0)
+        self.base.step()
+        if self.decouple:
+            for group, base_group in zip(self.groups, self.base.param_groups):
+                for w in group["params"]:
+                    if w in adv:
+                        w.sub_(base_group["lr"] * self.alpha * (adv[w] - self.first[w]))
+        if zero_grad:
+            self.zero_grad()
+
+
 class OracleFreeSAM:
     """FreeSAM (seed report "SAM for free"), per parameter: the base optimizer steps with the
     previous step's gradient, and the current one is kept for the next step; a parameter's

@@ -4,5 +4,6 @@ from .freesam import FreeSAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .sam import SAM
+from .wsam import WSAM
 
-__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "asam_param_groups"]
+__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "asam_param_groups"]

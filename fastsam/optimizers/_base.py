@@ -267,10 +267,16 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             )
         if fused is None:
             self.base_optimizer.step()
+        self._after_update(perturbed, now, all_grads, fused is not None)
         self._averager.average_rest(now, averages, fused is None)
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
+
+    def _after_update(
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> None:
+        """Called after the update of a second step that went ahead (WSAM's decoupled term)."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -1,0 +1,155 @@
+"""WSAM (Yue et al., KDD 2023, "Sharpness-Aware Minimization Revisited: Weighted Sharpness as
+a Regularization Term")."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..functional import Decomposition, Scaling
+from ._base import SharpnessAwareOptimizer
+from ._checks import as_lr
+from ._plan import StepPlan
+
+
+class WSAM(SharpnessAwareOptimizer):
+    r"""Weighted SAM: the sharpness L(w + e) − L(w) as a regulariser of weight
+    :math:`\alpha = \gamma / (1 - \gamma)`. The first step is SAM's (``e = ρ·g/(‖g‖ + eps)``,
+    or ASAM's with ``adaptive=True``) and keeps g; with g_adv the gradient at w + e:
+
+    - ``decouple=False``: the base optimizer's update uses ``g + α·(g_adv − g)``;
+    - ``decouple=True`` (default): the base update uses g, then
+      ``w ← w − lr·α·(g_adv − g)`` (the sharpness term outside the base optimizer, as the
+      paper's Algorithm 1 and pytorch-optimizer do).
+
+    ``gamma = 0.5`` (α = 1) without decoupling is SAM. With SGD, Adam and AdamW the gradient is
+    formed inside the fused update (GSAM's gradient mode with coefficients (α, 1 − α), or
+    (0, 1) for the decoupled base update); the decoupled term is one more foreach pass over w
+    and the kept g. Argument names follow pytorch-optimizer's ``WSAM`` (which also takes the
+    model as its second argument; here BatchNorm is the caller's, as for every fastsam
+    optimizer: :func:`fastsam.frozen_bn_stats`).
+
+    Args:
+        params, base_optimizer, rho, adaptive, eps, backend, skip_nonfinite, interval: as in
+            :class:`fastsam.SAM`.
+        gamma (float, default 0.9): the sharpness weight, in [0, 1).
+        decouple (bool, default True): the sharpness term outside the base update.
+        average, capturable: as in :class:`fastsam.SAM`, with ``decouple=False`` only (the
+            decoupled term follows the fused update, which averages and skips on the device).
+        **base_kwargs: passed to ``base_optimizer`` when it is a class.
+    """
+
+    _keeps_first_grads = True  # the perturb pass keeps g
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        backend: str | None = None,
+        *,
+        average: Any = None,
+        skip_nonfinite: bool = False,
+        capturable: bool = False,
+        interval: int = 1,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (
+            0.0 <= gamma < 1.0
+        ):
+            raise ValueError(f"gamma must be a number in [0, 1), got {gamma!r}")
+        if not isinstance(decouple, bool):
+            raise TypeError(f"decouple must be True or False, got {decouple!r}")
+        if decouple and (average is not None or capturable):
+            raise ValueError(
+                "WSAM(decouple=True) takes neither average nor capturable: its sharpness term "
+                "follows the fused update, which averages and skips on the device; use "
+                "decouple=False"
+            )
+        self.gamma, self.decouple = float(gamma), decouple
+        self.alpha = self.gamma / (1.0 - self.gamma)
+        self._one: Tensor | None = None
+        super().__init__(
+            params, base_optimizer, dict(rho=rho, adaptive=adaptive), p=2, eps=eps,
+            backend=backend, base_kwargs=base_kwargs, average=average,
+            skip_nonfinite=skip_nonfinite, capturable=capturable, interval=interval,
+        )
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
+        if self.decouple and isinstance(group.get("lr"), Tensor):
+            raise ValueError("WSAM(decouple=True) needs a float lr (its term is lr·α·(g_adv − g))")
+
+    def _scaling(self, group: dict[str, Any]) -> Scaling:
+        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
+
+    def _along(self, device: torch.device) -> Tensor:
+        """The constant 1 the decomposition mode reads as its ``along`` (kept)."""
+        if self._one is None or self._one.device != device:
+            self._one = torch.ones((), dtype=torch.float64, device=device)
+        return self._one
+
+    def _before_update(
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
+        skip: Tensor | None = None,
+    ) -> list[Decomposition | None] | None:
+        """The update's gradient from g_adv (this pass) and g (kept): fused, the mode-1 source
+        ``(1 + c·1)·g_adv − c·g`` with c = α − 1 (``g + α·(g_adv − g)``) or c = −1 (g, for the
+        decoupled update); otherwise written into ``.grad``."""
+        if now.device is None:
+            return None
+        if now is not perturbed:
+            self._restore(perturbed)
+            raise RuntimeError(
+                "WSAM needs the same parameters to have gradients in both passes (a parameter "
+                "gained or lost its gradient between first_step() and second_step()); the "
+                "weights are restored"
+            )
+        firsts = self._first_buffers(perturbed)
+        coefficient = -1.0 if self.decouple else self.alpha - 1.0
+        if fused:
+            along = self._along(now.device)
+            return [Decomposition(f, coefficient, along) if f and coefficient != 0.0 else None
+                    for f in firsts]
+        local = self._backend_for(now.device).local
+        for adv, first in zip(grads, firsts):
+            if not adv:
+                continue
+            adv, first = local(adv), local(first)
+            if self.decouple:  # kept ← g − g_adv (for _after_update), .grad ← g
+                torch._foreach_sub_(first, adv)
+                torch._foreach_add_(adv, first)
+            else:  # .grad ← α·g_adv + (1 − α)·g
+                torch._foreach_mul_(adv, self.alpha)
+                torch._foreach_add_(adv, first, alpha=1.0 - self.alpha)
+        return None
+
+    def _after_update(
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> None:
+        """Decoupled: ``w ← w + lr·α·(g − g_adv)`` (per group's lr)."""
+        if not self.decouple or now.device is None:
+            return
+        local = self._backend_for(now.device).local
+        for group, params, adv, first in zip(self.param_groups, now.params, grads,
+                                              self._first_buffers(perturbed)):
+            if not params:
+                continue
+            first = local(first)
+            if fused:  # the kept g becomes g − g_adv (the non-fused path did it before)
+                torch._foreach_sub_(first, local(adv))
+            lr = as_lr(group["lr"])
+            step = float(lr) * self.alpha if not isinstance(lr, Tensor) else None
+            if step is None or not math.isfinite(step):
+                raise RuntimeError("WSAM(decouple=True) needs a finite float lr")
+            torch._foreach_add_(local(params), first, alpha=step)
