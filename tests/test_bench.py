@@ -70,6 +70,25 @@ def test_official_gsam_matches_the_oracle():
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("decouple", [True, False])
+def test_reference_wsam_matches_fastsam(decouple):
+    """The benchmark's per-parameter WSAM (the paper's Algorithm 1) and fastsam.WSAM take the
+    same steps."""
+    from fastsam.bench.reference_wsam import ReferenceWSAM
+
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    fast = fastsam.WSAM(params, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=decouple,
+                        lr=0.05, momentum=0.9)
+    paper = ReferenceWSAM(ref, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=decouple,
+                          lr=0.05, momentum=0.9)
+    land = Landscape(SHAPES)
+    drive(fast, params, land, 5)
+    drive(paper, ref, land, 5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
 def test_naive_freesam_matches_fastsam():
     from fastsam.bench.naive_freesam import NaiveFreeSAM
 
@@ -109,7 +128,7 @@ def test_every_provider_builds_and_steps(base):
 
 def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    chosen = ["plain", "popular", "official", "naive", "torch"] + (["cpu"] if "cpu" in
+    chosen = ["plain", "popular", "official", "naive", "paper", "torch"] + (["cpu"] if "cpu" in
                                                          providers("sam", torch.device("cpu"))
                                                          else [])
     rows = cli.main([
@@ -126,7 +145,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     for optimizer, refs in REFERENCES.items():
         assert by_key[(optimizer, refs[0])]["speedup"] == pytest.approx(1.0)
         for provider in chosen:
-            if provider in ("popular", "official", "naive") and provider not in refs:
+            if provider in ("popular", "official", "naive", "paper") and provider not in refs:
                 continue
             row = by_key[(optimizer, provider)]
             assert row["median_ms"] > 0 and row["floor_ms"] > 0 and row["launches"] > 0
@@ -135,7 +154,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
     numel = rows[0]["params"]
     for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1),
-                               ("sam-ema", 2)):
+                               ("sam-ema", 2), ("wsam", 2)):
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
         assert extra >= buffers * 4 * numel
     saved = json.loads(out_json.read_text())

@@ -14,6 +14,7 @@ Providers:
   ``popular``   :mod:`fastsam.bench.popular_sam` (SAM, and its ``adaptive=True`` ASAM).
   ``official``  :mod:`fastsam.bench.official_asam` (ASAM) or :mod:`fastsam.bench.official_gsam`.
   ``naive``     :mod:`fastsam.bench.naive_freesam` (FreeSAM has no published code).
+  ``paper``     :mod:`fastsam.bench.reference_wsam` (WSAM per the paper's Algorithm 1).
   ``pytorch-optimizer``  kozistr's package's SAM (and its adaptive ASAM) when it is installed.
   every fastsam backend usable on the device (``torch``, ``triton``, ``cpu``, ``cuda``).
 """
@@ -42,8 +43,9 @@ from .official_asam import OfficialASAM
 from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
+from .reference_wsam import ReferenceWSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "wsam")
 # Bytes per fp32 element of each pass of one step (docs/design.md §2), as (read, written), the
 # update pass last. SAM: norm reads g (4, 0); perturb reads w, g and writes w, w_old (8, 8);
 # restore and SGD read w_old, g, buf and write w, buf (12, 8): 40 B. ASAM's norm also reads w.
@@ -60,6 +62,9 @@ PASS_BYTES = {
     "freesam": [(16, 12)],
     "sam-ema": [(4, 0), (8, 8), (16, 12)],
     "sam-skip": [(4, 0), (8, 8), (4, 4), (12, 8)],
+    # WSAM, decoupled: GSAM's perturb (keeps g); the update reads g too; then g - g_adv into
+    # the kept g and w += lr·α·(g - g_adv): two passes of (8, 4)
+    "wsam": [(4, 0), (8, 12), (16, 8), (8, 4), (8, 4)],
 }
 FLOOR_BYTES = {name: sum(r + w for r, w in passes) for name, passes in PASS_BYTES.items()}
 # The base optimizers and the bytes of their update per element, read and written (SGD
@@ -88,7 +93,8 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
 
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
-              "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",)}
+              "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",),
+              "wsam": ("paper",)}
 EMA_DECAY = 0.999
 
 
@@ -155,7 +161,12 @@ def build(provider: str, optimizer: str, params: list,
         else:
             opt = fastsam.FreeSAM(params, sgd, backend=provider, **hyper)
         return opt.step, opt
-    if optimizer == "gsam":
+    if optimizer == "wsam":
+        if provider == "paper":
+            opt = ReferenceWSAM(params, sgd, rho=0.05, gamma=0.9, **hyper)
+        else:
+            opt = fastsam.WSAM(params, sgd, rho=0.05, gamma=0.9, backend=provider, **hyper)
+    elif optimizer == "gsam":
         if provider == "official":
             opt = OfficialGSAM(params, sgd, rho=0.05, alpha=0.4, **hyper)
         else:
