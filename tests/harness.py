@@ -77,6 +77,19 @@ def drive(opt, params, landscape, steps, skip=(), first=0):
     return passes
 
 
+def assert_follows_oracle(opt, params, oracle, ref, base, steps=7):
+    """``steps`` steps of ``opt`` and of ``oracle`` on one landscape: the same backward passes,
+    weights and base-optimizer state (``base``: the oracle's torch.optim optimizer) at fp64
+    tolerance. Returns the backward passes."""
+    land = Landscape([tuple(p.shape) for p in params])
+    passes = drive(opt, params, land, steps)
+    assert drive(oracle, ref, land, steps) == passes
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    assert_state_close(opt, params, base, ref, rtol=1e-10, atol=1e-12)
+    return passes
+
+
 def split_groups(params, specs):
     """Two groups: the first three params and the rest, with per-group options from ``specs``."""
     return [{"params": params[:3], **specs[0]}, {"params": params[3:], **specs[1]}]

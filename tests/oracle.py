@@ -95,7 +95,17 @@ class OracleSAM:
                 w.grad = None
 
 
-class OracleGSAM(OracleSAM):
+class OracleKeepingG(OracleSAM):
+    """SAM's first step, keeping each parameter's first-pass gradient g in ``self.first``."""
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        self.first = {w: w.grad.clone() for g in self.groups for w in g["params"]
+                      if w.grad is not None}
+        super().first_step(zero_grad)
+
+
+class OracleGSAM(OracleKeepingG):
     """GSAM (Zhuang et al., 2022): SAM's first step, keeping the first gradient g; before the
     base update, the adversarial gradient g_adv loses alpha times the part of g orthogonal to it,
     with the official code's eps placement::
@@ -125,12 +135,6 @@ class OracleGSAM(OracleSAM):
         return [(w, rho * (w.abs() + self.gamma) * w.grad / (norm + self.eps)) for w, rho in items]
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        self.first = {w: w.grad.clone() for g in self.groups for w in g["params"]
-                      if w.grad is not None}
-        super().first_step(zero_grad)
-
-    @torch.no_grad()
     def second_step(self, zero_grad=False):
         pairs = [(w, self.first[w], alpha) for g, alpha in zip(self.groups, self.alphas)
                  for w in g["params"] if w.grad is not None and w in self.first]
@@ -144,7 +148,7 @@ class OracleGSAM(OracleSAM):
         super().second_step(zero_grad)
 
 
-class OracleWSAM(OracleSAM):
+class OracleWSAM(OracleKeepingG):
     """WSAM (Yue et al., KDD 2023) per parameter: SAM's first step, keeping g; alpha =
     gamma / (1 - gamma). Not decoupled: the base step with g + alpha (g_adv - g). Decoupled: the
     base step with g, then w <- w - lr alpha (g_adv - g), each group's lr."""
@@ -153,12 +157,6 @@ class OracleWSAM(OracleSAM):
         super().__init__(groups, base_cls, p=2.0, eps=eps, **base_kwargs)
         self.alpha, self.decouple = gamma / (1 - gamma), decouple
         self.first = {}
-
-    @torch.no_grad()
-    def first_step(self, zero_grad=False):
-        self.first = {w: w.grad.clone() for g in self.groups for w in g["params"]
-                      if w.grad is not None}
-        super().first_step(zero_grad)
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE
-from harness import SHAPES, Landscape, assert_state_close, clone_params, drive, make_params
+from harness import SHAPES, Landscape, assert_follows_oracle, clone_params, drive, make_params
 from oracle import OracleSAM
 
 import fastsam
@@ -34,12 +34,7 @@ def _pair(case, backend, specs=SPECS):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sam_on_matches_the_oracle(backend, case):
     params, ref, opt, oracle = _pair(case, backend)
-    land = Landscape(SHAPES)
-    drive(opt, params, land, 7)
-    drive(oracle, ref, land, 7)
-    for p, r in zip(params, ref):
-        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
-    assert_state_close(opt, params, oracle.base, ref, rtol=1e-10, atol=1e-12)
+    assert_follows_oracle(opt, params, oracle, ref, oracle.base)
 
 
 def test_the_group_left_out_stays_at_w_in_the_second_pass(backend):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICE
-from harness import SHAPES, Landscape, assert_state_close, clone_params, drive, make_params
+from harness import SHAPES, Landscape, assert_follows_oracle, clone_params, drive, make_params
 from oracle import OracleWSAM
 
 import fastsam
@@ -41,12 +41,7 @@ def _pair(case, backend):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_wsam_matches_the_oracle(backend, case):
     params, ref, opt, oracle = _pair(case, backend)
-    land = Landscape(SHAPES)
-    drive(opt, params, land, 7)
-    drive(oracle, ref, land, 7)
-    for p, r in zip(params, ref):
-        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
-    assert_state_close(opt, params, oracle.base, ref, rtol=1e-10, atol=1e-12)
+    assert_follows_oracle(opt, params, oracle, ref, oracle.base)
 
 
 def test_gamma_one_half_without_decoupling_is_sam(backend):
