@@ -67,3 +67,26 @@ def test_wsam_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="needs a float lr"):
         fastsam.WSAM(w, torch.optim.SGD, lr=torch.tensor(0.1))
     fastsam.WSAM(w, torch.optim.SGD, lr=0.1, decouple=False, average="ema", capturable=True)
+
+
+@pytest.mark.parametrize("decouple", [True, False])
+def test_wsam_matches_pytorch_optimizer(decouple):
+    """pytorch-optimizer's WSAM (4.1) forms the same update, both forms: its mix is
+    ``g_adv.lerp_(g, 1 - alpha)`` and its decoupled term ``p.add_(g_adv - g, alpha=-lr·alpha)``.
+    Where it differs: its norm, ``get_global_gradient_norm(self.param_groups,
+    weight_adaptive=True)`` in ``WSAM.first_step`` (pytorch_optimizer/optimizer/sam.py, line 526
+    of 4.1.0), returns the squared norm as a float32 tensor even for fp64 parameters (fastsam
+    accumulates fp64 ones in fp64): its perturbation is off by about 1e-8 relative, 3.6e-11 in
+    the weights after one step here, 1.4e-10 after 7; and its restore is ``p.sub_(e_w)`` (w up
+    to the rounding of w + e) where fastsam copies w back. The tolerance allows those."""
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    hyper = dict(rho=0.05, gamma=0.8, decouple=decouple, lr=0.05, momentum=0.9)
+    ours = fastsam.WSAM(params, torch.optim.SGD, **hyper)
+    theirs = pytorch_optimizer.WSAM(torch.nn.Module(), ref, torch.optim.SGD, **hyper)
+    land = Landscape(SHAPES)
+    drive(ours, params, land, 7)
+    drive(theirs, ref, land, 7)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-8, atol=1e-10)
