@@ -149,14 +149,18 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "are already perturbed. Call second_step() (or step()) to restore and update."
             )
         self._refuse_when_swapped("first_step()")
-        if self.interval != 1:
-            sam_step = self.sam_step_next
-            self._begun += 1
-            if not sam_step:
-                self._unperturbed_step(zero_grad)
-                return False
+        sam_step = self.sam_step_next
+        self._begun += 1
+        if not sam_step:
+            self._between_sam_steps(zero_grad)
+            return False
         self._perturb(zero_grad)
         return True
+
+    def _between_sam_steps(self, zero_grad: bool) -> None:
+        """A step between SAM steps (the step counter already advanced): interval SAM's plain
+        update; LookSAM's look-ahead step overrides it."""
+        self._unperturbed_step(zero_grad)
 
     def _perturb(self, zero_grad: bool) -> None:
         """Passes A and B of a SAM step (docs/design.md §2): the norm, then ``w + e``."""
@@ -303,6 +307,12 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             if self._perturbed is None and not self.sam_step_next:
                 self.first_step()  # a step between SAM steps: the whole update
                 return None
+            if self._perturbed is None and getattr(self, "grad_scale", None) is not None:
+                raise RuntimeError(
+                    "scaler.step(optimizer) on a SAM step needs first_step() and the second "
+                    "backward pass first: check optimizer.sam_step_next before the step (the "
+                    "steps between SAM steps are scaler.step(optimizer) alone)"
+                )
             if self._perturbed is None:
                 raise RuntimeError(
                     "step() without a closure performs the second step, but no first_step() is "
@@ -366,15 +376,20 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self.step()  # the pending second step (LookSAM: or the look-ahead step)
         return loss
 
+    # The counter of the steps begun in state dicts, and whether it is saved with interval 1.
+    _steps_counter, _saves_steps_always = "interval_steps", False
+
     def _counters(self) -> dict[str, int]:
         """With ``interval`` > 1, the counts include the steps begun (a loaded optimizer goes
         on with the same kind of step; a state dict without them: a SAM step)."""
         counts = super()._counters()
-        return counts if self.interval == 1 else {**counts, "interval_steps": self._begun}
+        if self.interval == 1 and not self._saves_steps_always:
+            return counts
+        return {**counts, self._steps_counter: self._begun}
 
     def _load_counters(self, counters: dict[str, Any]) -> None:
         super()._load_counters(counters)
-        self._begun = int(counters.get("interval_steps", 0))
+        self._begun = int(counters.get(self._steps_counter, 0))
 
     def _restore(self, perturbed: StepPlan) -> None:
         """Every perturbed parameter back to its saved weights, exactly."""

@@ -4,7 +4,7 @@ the SAM gradient is computed every k steps only; in between, the part of it that
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -126,9 +126,7 @@ class LookSAM(SharpnessAwareOptimizer):
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1 (a SAM step every k steps), got {k!r}")
-        self.k = k
         self.alpha = check_finite_nonnegative("alpha", alpha)
-        self._steps = 0  # steps begun; step t is a SAM step when t % k == 0
         self._scale: tuple[Tensor, Tensor] | None = None  # _look_ahead_scale's buffers
         self._direction: dict[Tensor, Tensor] = {}  # u_v per parameter
         self._direction_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
@@ -144,6 +142,7 @@ class LookSAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            interval=k,  # the SAM steps; the look-ahead steps are those between
         )
 
     _keeps_first_grads = True  # the SAM steps' perturb pass keeps g for u_v
@@ -152,33 +151,13 @@ class LookSAM(SharpnessAwareOptimizer):
         return Scaling()
 
     @property
-    def sam_step_next(self) -> bool:
-        """Whether the next :meth:`first_step` is a SAM step (two passes)."""
-        return self._steps % self.k == 0
+    def k(self) -> int:
+        """A SAM step every k steps (the base's ``interval``)."""
+        return self.interval
 
-    # ----------------------------------------------------------------- the step
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
-        """A SAM step: perturb, and return True (run the second forward/backward pass, then
-        :meth:`second_step`). A look-ahead step: update with the corrected gradient at once and
-        return False (no second pass, no second_step()).
-
-        Args:
-            zero_grad: clear the gradients afterwards (default False).
-        """
-        if self._perturbed is not None:
-            super().first_step()  # raises: first_step() twice
-        self._refuse_when_swapped("first_step()")
-        sam_step = self.sam_step_next
-        self._steps += 1
-        if sam_step:
-            super().first_step(zero_grad)
-            return True
-        self._look_ahead(zero_grad)
-        return False
-
-    def _look_ahead(self, zero_grad: bool) -> None:
-        """The look-ahead update (the step counter already advanced)."""
+    def _between_sam_steps(self, zero_grad: bool) -> None:
+        """The look-ahead step: the update with the corrected gradient (first_step() returns
+        False: no second pass)."""
         self._unperturbed_step(zero_grad, self._correction)
 
     def _correction(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> list | None:
@@ -195,35 +174,6 @@ class LookSAM(SharpnessAwareOptimizer):
                 torch._foreach_addcmul_(local(grads), ds,
                                         [scale.to(d.dtype).expand_as(d) for d in ds])
         return None
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """With a closure (called after the caller's first forward/backward): a whole step,
-        calling ``closure()`` (forward + backward at w + e) on SAM steps only; returns its loss
-        (None on look-ahead steps). Without one: the pending second step after a SAM step's
-        :meth:`first_step`, or, when none is pending and the next step is a look-ahead step,
-        that look-ahead step (what ``scaler.step(optimizer)`` calls under GradScaler)."""
-        if closure is not None and self._closure_finishes(closure):
-            return self._after_closure(closure)
-        if closure is None:
-            if self._perturbed is None and not self.sam_step_next:
-                self.first_step()  # a look-ahead step: the whole update
-                return None
-            if self._perturbed is None and getattr(self, "grad_scale", None) is not None:
-                raise RuntimeError(
-                    "scaler.step(optimizer) on a LookSAM SAM step needs first_step() and the "
-                    "second backward pass first: check optimizer.sam_step_next before the "
-                    "step (see the LookSAM docstring)"
-                )
-            return super().step()
-        if self._perturbed is not None:
-            return super().step(closure)  # raises: a first_step() is pending
-        if not self.first_step(zero_grad=True):
-            return None
-        with torch.enable_grad():
-            loss = closure()
-        self.second_step()
-        return loss
 
     def _look_ahead_scale(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor:
         """α·‖g‖ over every parameter with a gradient, as a 0-d device tensor (one fused
@@ -324,11 +274,6 @@ class LookSAM(SharpnessAwareOptimizer):
             return torch.zeros_like(p, memory_format=torch.preserve_format)
         return super()._stand_in(key, p)
 
-    def _counters(self) -> dict[str, int]:
-        """The counts, with the steps begun (a loaded optimizer goes on with the same kind of
-        step; a state dict of the plain base optimizer: a SAM step)."""
-        return {**super()._counters(), "looksam_steps": self._steps}
-
-    def _load_counters(self, counters: dict[str, Any]) -> None:
-        super()._load_counters(counters)
-        self._steps = int(counters.get("looksam_steps", 0))
+    # the steps begun, always in the state dict under LookSAM's own name (a loaded optimizer
+    # goes on with the same kind of step; a state dict of the plain base optimizer: a SAM step)
+    _steps_counter, _saves_steps_always = "looksam_steps", True
