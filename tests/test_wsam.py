@@ -90,3 +90,15 @@ def test_wsam_matches_pytorch_optimizer(decouple):
     drive(theirs, ref, land, 7)
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=1e-8, atol=1e-10)
+
+
+def test_an_lr_made_a_tensor_later_is_refused_before_any_update():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = fastsam.WSAM([w], torch.optim.SGD, lr=0.1)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    w.grad = torch.ones(3)
+    opt.first_step()
+    w.grad = torch.full((3,), 2.0)
+    with pytest.raises(RuntimeError, match="needs a float lr with decouple=True"):
+        opt.second_step()
+    assert torch.equal(w.detach(), torch.ones(3))  # restored, not updated

@@ -2,7 +2,6 @@
 a Regularization Term")."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,7 +11,6 @@ from torch.optim import Optimizer
 
 from ..functional import Decomposition, Scaling
 from ._base import SharpnessAwareOptimizer
-from ._checks import as_lr
 from ._plan import StepPlan
 
 
@@ -108,13 +106,15 @@ class WSAM(SharpnessAwareOptimizer):
         decoupled update); otherwise written into ``.grad``."""
         if now.device is None:
             return None
-        if now is not perturbed:
+        why = ("the same parameters to have gradients in both passes (a parameter gained or "
+               "lost its gradient between first_step() and second_step())"
+               if now is not perturbed else
+               "a float lr with decouple=True (its term is lr·α·(g_adv − g))"
+               if self.decouple and any(isinstance(g["lr"], Tensor) for g in self.param_groups)
+               else None)
+        if why is not None:  # refused before anything is updated
             self._restore(perturbed)
-            raise RuntimeError(
-                "WSAM needs the same parameters to have gradients in both passes (a parameter "
-                "gained or lost its gradient between first_step() and second_step()); the "
-                "weights are restored"
-            )
+            raise RuntimeError(f"WSAM needs {why}; the weights are restored")
         firsts = self._first_buffers(perturbed)
         coefficient = -1.0 if self.decouple else self.alpha - 1.0
         if fused:
@@ -148,8 +148,4 @@ class WSAM(SharpnessAwareOptimizer):
             first = local(first)
             if fused:  # the kept g becomes g − g_adv (the non-fused path did it before)
                 torch._foreach_sub_(first, local(adv))
-            lr = as_lr(group["lr"])
-            step = float(lr) * self.alpha if not isinstance(lr, Tensor) else None
-            if step is None or not math.isfinite(step):
-                raise RuntimeError("WSAM(decouple=True) needs a finite float lr")
-            torch._foreach_add_(local(params), first, alpha=step)
+            torch._foreach_add_(local(params), first, alpha=float(group["lr"]) * self.alpha)
