@@ -12,6 +12,9 @@
 //   perturb  w_old ← w; w ← w + e (rho per group, from `group_rhos`: float64, on the
 //            parameters' device); skipped ← 1 if S is not finite; keep ← g when `keep` is
 //            given (GSAM)
+//            (norm and perturb: with `momentum`, FriendlySAM's m, both follow d = g − sigma·m
+//            and perturb writes momentum_next ← lmbda·m + gain·g; `group_momentum`: float64
+//            [sigma, lmbda, gain] per group, on the parameters' device)
 //   restore  w ← w_old
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
@@ -47,12 +50,14 @@
 TORCH_LIBRARY(fastsam, m) {
   m.def(
       "norm(Tensor[] params, Tensor[] grads, int[] group_sizes, int[] group_modes, "
-      "float[] group_etas, float q, Tensor(a!) out, Tensor(b!) scratch) -> ()");
+      "float[] group_etas, float q, Tensor(a!) out, Tensor(b!) scratch, "
+      "Tensor[] momentum, Tensor? group_momentum=None) -> ()");
   m.def(
       "perturb(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] w_old, int[] group_sizes, "
       "int[] group_modes, float[] group_etas, Tensor group_rhos, Tensor norm_sum, "
       "Tensor scratch, float q, float p, float eps, Tensor(c!) skipped, "
-      "Tensor(d!)[] keep) -> ()");
+      "Tensor(d!)[] keep, Tensor[] momentum, Tensor(e!)[] momentum_next, "
+      "Tensor? group_momentum=None) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "

@@ -102,18 +102,21 @@ __device__ __forceinline__ void for_each(int64_t n, F&& body) {
   }
 }
 
-template <typename S, int QM>
+template <typename S, int QM, bool MOM>
 __global__ void __launch_bounds__(kThreads) norm_kernel(Table tab, NormArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
   const S* g = address<const S>(tab, kNormG, seg);
   const S* w = address<const S>(tab, kNormW, seg);
+  const S* m = MOM ? address<const S>(tab, a.momentum_role, seg) : nullptr;
+  const A sigma = MOM ? A(a.momentum[3 * tab.group[seg.tensor]]) : A(0);
   const int mode = static_cast<int>(tab.mode[seg.tensor]);
   const A eta = A(tab.eta[seg.tensor]);
   const A q = A(a.q);
   A acc_u = 0, acc_w = 0;
   for_each(seg.len, [&](int64_t i) {
-    const A gi = Storage<S>::load(g[i]);
+    A gi = Storage<S>::load(g[i]);
+    if (MOM) gi = friendly_direction(gi, Storage<S>::load(m[i]), sigma);  // FriendlySAM's d
     if (mode == kPlain || mode == kOuter) {  // kOuter: T applies after the normalisation
       acc_u += pow_q<QM>(fs_abs(gi), q);
     } else {
@@ -141,9 +144,10 @@ __global__ void __launch_bounds__(kThreads) sum_kernel(const double* partials, i
   if (threadIdx.x == 0) *out = A(total);
 }
 
-template <typename S, int QM, bool KEEP>
+template <typename S, int QM, int EXTRA>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArgs a) {
   using A = typename Storage<S>::A;
+  constexpr bool KEEP = EXTRA == kExtraKeep, MOM = EXTRA == kExtraMomentum;
   const Segment seg = segment(tab);
   const A norm_sum = a.norm_fp64 ? A(*static_cast<const double*>(a.norm_sum))
                                  : A(*static_cast<const float*>(a.norm_sum));
@@ -159,16 +163,28 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
   const S* g = address<const S>(tab, kPertG, seg);
   S* old = address<S>(tab, kPertOld, seg);
   S* keep = KEEP ? address<S>(tab, kPertKeep, seg) : nullptr;
+  const S* m = MOM ? address<const S>(tab, a.momentum_role, seg) : nullptr;
+  S* m_next = MOM ? address<S>(tab, a.momentum_role + 1, seg) : nullptr;
+  const double* mom = MOM ? a.momentum + 3 * tab.group[seg.tensor] : nullptr;
+  const A sigma = MOM ? A(mom[0]) : A(0), lmbda = MOM ? A(mom[1]) : A(0);
+  const A gain = MOM ? A(mom[2]) : A(0);
   for_each(seg.len, [&](int64_t i) {
     const S w_raw = w[i];
     const S g_raw = g[i];
     old[i] = w_raw;  // exact copy: the restore is bit-exact
     if (KEEP) keep[i] = g_raw;
+    A d = Storage<S>::load(g_raw);
+    if (MOM) {  // FriendlySAM: e follows g − sigma·m; m_next = m for a non-finite norm
+      const S m_raw = m[i];
+      const A mi = Storage<S>::load(m_raw);
+      m_next[i] = ok ? Storage<S>::store(friendly_momentum(mi, d, lmbda, gain)) : m_raw;
+      d = friendly_direction(d, mi, sigma);
+    }
     if (ok) {
       const A wi = Storage<S>::load(w_raw);
       const A T = mode == kElement ? fs_abs(wi) + eta : mode == kFilter ? row_T : A(1);
       const A outer = mode == kOuter ? fs_abs(wi) + eta : A(1);
-      w[i] = Storage<S>::store(wi + scale * outer * direction<QM>(T, Storage<S>::load(g_raw), q));
+      w[i] = Storage<S>::store(wi + scale * outer * direction<QM>(T, d, q));
     }
   });
   if (blockIdx.x == 0 && threadIdx.x == 0) *a.skipped = ok ? 0.0f : 1.0f;
@@ -336,7 +352,10 @@ void norm_partials(const Table& t, const NormArgs& a, void* stream) {
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     with_qmode(a.qmode, [&](auto qm) {
-      norm_kernel<S, decltype(qm)::value><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+      with_bool(a.momentum != nullptr, [&](auto mom) {
+        norm_kernel<S, decltype(qm)::value, decltype(mom)::value>
+            <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+      });
     });
   });
   check_launch("norm");
@@ -356,8 +375,8 @@ void perturb(const Table& t, const PerturbArgs& a, void* stream) {
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
     with_qmode(a.qmode, [&](auto qm) {
-      with_bool(a.keep, [&](auto keep) {
-        perturb_kernel<S, decltype(qm)::value, decltype(keep)::value>
+      with_extra(a, [&](auto extra) {
+        perturb_kernel<S, decltype(qm)::value, decltype(extra)::value>
             <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
       });
     });

@@ -49,6 +49,14 @@ void with_sgd_flags(bool has_momentum, bool fresh, bool nesterov, F&& f) {
   });
 }
 
+// f(integral_constant<int, PerturbExtra>) for what a perturb pass writes besides w_old and w.
+template <typename F>
+void with_extra(const PerturbArgs& a, F&& f) {
+  if (a.momentum != nullptr) return f(std::integral_constant<int, kExtraMomentum>{});
+  if (a.keep) return f(std::integral_constant<int, kExtraKeep>{});
+  return f(std::integral_constant<int, kExtraNone>{});
+}
+
 template <typename F>
 void with_qmode(int qmode, F&& f) {
   switch (qmode) {

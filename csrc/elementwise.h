@@ -47,6 +47,17 @@ FASTSAM_HD A direction(A T, A g, A q) {
   return T * sign * fs_exp2((q - A(1)) * fs_log2(fs_abs(u)));
 }
 
+// FriendlySAM (kernels.h NormArgs.momentum): the direction the perturbation follows,
+// d = g − sigma·m, and the next momentum lmbda·m + gain·g.
+template <typename A>
+FASTSAM_HD A friendly_direction(A g, A m, A sigma) {
+  return g - sigma * m;
+}
+template <typename A>
+FASTSAM_HD A friendly_momentum(A m, A g, A lmbda, A gain) {
+  return lmbda * m + gain * g;
+}
+
 // S is finite (neither inf nor NaN).
 template <typename A>
 FASTSAM_HD bool finite(A s) {

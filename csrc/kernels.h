@@ -32,11 +32,17 @@ enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
 enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
 enum GsamRole : int { kGsamAdv = 0, kGsamFirst = 1 };
 
+// FriendlySAM (fastsam.functional.Momentum): with `momentum` (3 per group: sigma, lmbda, gain),
+// the norm and the perturbation follow d = g − sigma·m, m at role `momentum_role`, and the
+// perturb pass writes m_next = lmbda·m + gain·g at role `momentum_role + 1` (m_next = m when the
+// norm is not finite). momentum == nullptr: no momentum.
 struct NormArgs {
   int qmode;
   double q;
   double* partials;  // one per segment, in table order (written)
   double* row_T;     // one per segment: the filter norm + eta of filter segments (written)
+  const double* momentum;
+  int momentum_role;
 };
 
 struct PerturbArgs {
@@ -48,7 +54,13 @@ struct PerturbArgs {
   bool norm_fp64;
   float* skipped;         // 0-d: 1 when norm_sum is not finite (w untouched), else 0
   bool keep;              // also keep ← g (role kPertKeep): GSAM's first gradient
+  const double* momentum; // FriendlySAM's, as in NormArgs (not with keep)
+  int momentum_role;
 };
+
+// What the perturb pass writes beside w_old and w (a template argument of its loops): nothing,
+// the copy of g (PerturbArgs.keep) or the next momentum (PerturbArgs.momentum).
+enum PerturbExtra : int { kExtraNone = 0, kExtraKeep = 1, kExtraMomentum = 2 };
 
 // The gradient an update uses (fastsam.functional.GradientSource), `mode`:
 //   kGradPlain      g

@@ -9,7 +9,16 @@ from .batchnorm import disable_running_stats, enable_running_stats, frozen_bn_st
 from .distributed import local_pass
 from .grouping import sam_on_groups
 from .integrations import unwrap
-from .optimizers import ASAM, GSAM, SAM, WSAM, FreeSAM, LookSAM, asam_param_groups
+from .optimizers import (
+    ASAM,
+    GSAM,
+    SAM,
+    WSAM,
+    FreeSAM,
+    FriendlySAM,
+    LookSAM,
+    asam_param_groups,
+)
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
 __version__ = "0.1.0"
@@ -20,6 +29,7 @@ __all__ = [
     "FreeSAM",
     "LookSAM",
     "WSAM",
+    "FriendlySAM",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",

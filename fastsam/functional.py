@@ -8,6 +8,8 @@ A SAM-family step is three passes over memory (docs/design.md §2):
 
 GSAM adds one reduction between the second backward pass and C (:meth:`Backend.gsam_along`),
 keeps g through B (``PerturbGroup.keep_grads``) and hands C a :class:`Decomposition`.
+FriendlySAM perturbs along ``d = g - sigma·m`` instead of g in A and B, and B also writes the
+next momentum of first-pass gradients (``PerturbGroup.momentum``, :class:`Momentum`).
 
 ``T`` is the ASAM operator (1 for plain SAM; see :class:`Scaling`), ``q`` the dual exponent of
 ``p`` (1/p + 1/q = 1). For p = 2 this is ``e = ρ·T²·g / (‖T·g‖₂ + eps)``; for p = ∞ it is
@@ -30,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "Scaling",
     "PerturbGroup",
+    "Momentum",
     "PerturbationNorm",
     "SGDHyper",
     "AdamHyper",
@@ -91,6 +94,40 @@ class PerturbGroup:
     rho: float | Tensor  # a number, or a 0-d tensor the kernels read on the device
     scaling: Scaling
     keep_grads: list[Tensor] | None = None
+    momentum: Momentum | None = None  # FriendlySAM: passes A and B follow g - sigma·m
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """FriendlySAM's momentum of first-pass gradients, folded into passes A and B of one group.
+    With it, both passes use the direction
+
+        d = g - sigma·m            (u = T·d in A; e from d in B)
+
+    in place of g, and pass B also writes
+
+        m_next = lmbda·m + gain·g
+
+    reading ``current[i]`` (m, never written) and writing ``next[i]`` (both shaped like
+    ``grads[i]``). When the norm is not finite, B writes ``m_next = m`` instead. The optimizer
+    commits m_next once the step's update went ahead (so a skipped step leaves m as it was), and
+    chooses the host numbers: (sigma·s, lmbda, (1 - lmbda)/s) for a loss scale s, and on a
+    parameter's first step (0, 0, 1/s) with m zeros, which gives d = g and m_next = g/s."""
+
+    current: list[Tensor]
+    next: list[Tensor]
+    sigma: float
+    lmbda: float
+    gain: float
+
+    @property
+    def kernel_scalars(self) -> tuple[float, float, float]:
+        """The numbers the kernels read, in their order: [sigma, lmbda, gain]."""
+        return (float(self.sigma), float(self.lmbda), float(self.gain))
+
+    def with_tensors(self, current: list[Tensor], next: list[Tensor]) -> Momentum:
+        """The same coefficients over other tensors (local shards)."""
+        return replace(self, current=current, next=next)
 
 
 @dataclass(frozen=True)
@@ -387,14 +424,17 @@ class Backend:
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         """Pass A. ``S = Σ |T·g|^q`` over every tensor of every group, as the ``total`` (a 0-d
-        tensor on the parameters' device, fp32 accumulation) of a :class:`PerturbationNorm`."""
+        tensor on the parameters' device, fp32 accumulation) of a :class:`PerturbationNorm`.
+        A group with a :class:`Momentum` contributes ``Σ |T·d|^q``, d = g - sigma·m."""
         raise NotImplementedError
 
     def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
         """Pass B over the groups of ``norm`` (what :meth:`perturbation_norm` returned, its
         total possibly made global in place): ``w_old ← w`` and ``w ← w + e`` for every tensor
         (formula in the module docstring, ``rho`` per group). If the total is not finite the
-        perturbation is zero and ``skipped`` (0-d fp32) is set to 1, else to 0."""
+        perturbation is zero and ``skipped`` (0-d fp32) is set to 1, else to 0. A group with a
+        :class:`Momentum` perturbs along d and writes its ``next`` momentum (``m`` itself when
+        the total is not finite)."""
         raise NotImplementedError
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

@@ -177,6 +177,35 @@ class OracleWSAM(OracleKeepingG):
             self.zero_grad()
 
 
+class OracleFriendlySAM(OracleSAM):
+    """FriendlySAM (Li et al., CVPR 2024) per parameter, as the paper's code: on a parameter's
+    first step m = g and the perturbation follows g; afterwards it follows d = g - sigma m, and
+    then m <- lmbda m + (1 - lmbda) g. The perturbation is SAM's (or the popular ASAM's) with d
+    in place of g. ``sigma``, ``lmbda`` per group."""
+
+    def __init__(self, groups, base_cls, eps=1e-12, **base_kwargs):
+        super().__init__(
+            [{k: v for k, v in g.items() if k not in ("sigma", "lmbda")} for g in groups],
+            base_cls, p=2.0, eps=eps, **base_kwargs,
+        )
+        self.coefficients = [(g["sigma"], g["lmbda"]) for g in groups]
+        self.m = {}
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        for group, (sigma, lmbda) in zip(self.groups, self.coefficients):
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad.clone()
+                if w not in self.m:
+                    self.m[w] = g
+                else:
+                    w.grad = g - sigma * self.m[w]
+                    self.m[w] = lmbda * self.m[w] + (1 - lmbda) * g
+        super().first_step(zero_grad)
+
+
 class OracleFreeSAM:
     """FreeSAM (seed report "SAM for free"), per parameter: the base optimizer steps with the
     previous step's gradient, and the current one is kept for the next step; a parameter's

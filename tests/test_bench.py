@@ -89,6 +89,24 @@ def test_reference_wsam_matches_fastsam(decouple):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_reference_friendlysam_matches_fastsam(adaptive):
+    """The benchmark's per-parameter FriendlySAM (as its published code) and
+    fastsam.FriendlySAM take the same steps."""
+    from fastsam.bench.reference_friendlysam import ReferenceFriendlySAM
+
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    kw = dict(rho=0.05, sigma=0.7, lmbda=0.8, adaptive=adaptive, lr=0.05, momentum=0.9)
+    fast = fastsam.FriendlySAM(params, torch.optim.SGD, **kw)
+    published = ReferenceFriendlySAM(ref, torch.optim.SGD, **kw)
+    land = Landscape(SHAPES)
+    drive(fast, params, land, 5)
+    drive(published, ref, land, 5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
 def test_naive_freesam_matches_fastsam():
     from fastsam.bench.naive_freesam import NaiveFreeSAM
 
@@ -154,7 +172,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
     numel = rows[0]["params"]
     for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1),
-                               ("sam-ema", 2), ("wsam", 2)):
+                               ("sam-ema", 2), ("wsam", 2), ("friendlysam", 3)):
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
         assert extra >= buffers * 4 * numel
     saved = json.loads(out_json.read_text())

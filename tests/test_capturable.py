@@ -332,11 +332,11 @@ def test_native_perturb_takes_rho_as_a_device_array():
     norm, scratch = torch.zeros((), device=DEVICE), torch.zeros(0, dtype=torch.float64,
                                                                   device=DEVICE)
     skipped, w_old = torch.zeros((), device=DEVICE), torch.empty(4, device=DEVICE)
-    torch.ops.fastsam.norm([w], [g], [1], [0], [0.0], 2.0, norm, scratch)
+    torch.ops.fastsam.norm([w], [g], [1], [0], [0.0], 2.0, norm, scratch, [])
 
     def perturb(rhos):
         torch.ops.fastsam.perturb([w], [g], [w_old], [1], [0], [0.0], rhos, norm, scratch,
-                                  2.0, 2.0, 0.0, skipped, [])
+                                  2.0, 2.0, 0.0, skipped, [], [], [])
 
     with pytest.raises(TypeError, match="group_rhos must be float64"):
         perturb(torch.tensor([0.5], device=DEVICE))

@@ -39,13 +39,15 @@ SHAPES = [(4097,), (7,), (33, 65), (1,), (0,), (6, 3, 3, 3), (100_003,)]
 # The sgd/adam operators' trailing gradient-source and averaging arguments, unused.
 NO_GSAM = ([], None, 0.0, 0, [])
 RHO = torch.tensor([0.05], dtype=torch.float64)  # perturb's rho per group (float64, on device)
+# FriendlySAM's [sigma, lmbda, gain] per group (float64, on device)
+MOMENTUM = torch.tensor([0.5, 0.9, 0.1], dtype=torch.float64)
 
 
 def _norm(ops, params, grads, mode=0, q=2.0, eta=0.0):
     fp64 = params[0].dtype == torch.float64
     out = torch.zeros((), dtype=torch.float64 if fp64 else torch.float32)
     scratch = torch.zeros(0, dtype=torch.float64)
-    ops.norm(params, grads, [len(params)], [mode], [eta], q, out, scratch)
+    ops.norm(params, grads, [len(params)], [mode], [eta], q, out, scratch, [])
     return out, scratch
 
 
@@ -122,15 +124,32 @@ def test_operators_reject_mismatched_inputs_with_clear_messages(ops):
     with pytest.raises(TypeError, match="hp_device must be float64"):
         ops.sgd(w, w, w, [], hp, torch.zeros(4), False, False, False, *NO_GSAM)
     with pytest.raises(ValueError, match="group_sizes add up to 1 but there are 2 tensors"):
-        ops.norm(w, w, [1], [0], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
+        ops.norm(w, w, [1], [0], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64),
+                 [])
     with pytest.raises(ValueError, match="group_modes"):
-        ops.norm(w, w, [2], [7], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64))
+        ops.norm(w, w, [2], [7], [0.0], 2.0, torch.zeros(()), torch.zeros(0, dtype=torch.float64),
+                 [])
     with pytest.raises(ValueError, match="call norm over the same tensors first"):
         ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], RHO, torch.ones(()),
-                    torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), [])
+                    torch.zeros(0, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), [], [],
+                    [])
     with pytest.raises(ValueError, match=r"perturb: keep has 1 tensors but params has 2"):
         ops.perturb(w, w, w, [2], [0], [0.0], RHO, torch.ones(()),
-                    torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1])
+                    torch.zeros(4, dtype=torch.float64), 2.0, 2.0, 1e-12, torch.zeros(()), w[:1],
+                    [], [])
+    scratch4 = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="momentum lists given without group_momentum"):
+        ops.norm(w, w, [2], [0], [0.0], 2.0, torch.zeros(()), scratch4, w)
+    with pytest.raises(ValueError, match="group_momentum has 2 elements, needs 3"):
+        ops.norm(w, w, [2], [0], [0.0], 2.0, torch.zeros(()), scratch4, w, MOMENTUM[:2])
+    with pytest.raises(TypeError, match="group_momentum must be float64"):
+        ops.norm(w, w, [2], [0], [0.0], 2.0, torch.zeros(()), scratch4, w, MOMENTUM.float())
+    with pytest.raises(ValueError, match="perturb: momentum_next has 1 tensors but params has 2"):
+        ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], RHO, torch.ones(()), scratch4,
+                    2.0, 2.0, 1e-12, torch.zeros(()), [], w, w[:1], MOMENTUM)
+    with pytest.raises(ValueError, match="keep and momentum together"):
+        ops.perturb(w, w, [t.clone() for t in w], [2], [0], [0.0], RHO, torch.ones(()), scratch4,
+                    2.0, 2.0, 1e-12, torch.zeros(()), w, w, w, MOMENTUM)
     with pytest.raises(ValueError, match="grad_mode 2 needs first_grads"):
         ops.sgd(w, w, w, [], hp, None, False, False, False, [], None, 0.0, 2, [])
     with pytest.raises(ValueError, match="grad_mode 1 needs along"):
@@ -164,7 +183,8 @@ def test_scratch_grows_onto_new_storage(ops):
     backend holds it), where a resize would free it."""
     small, large = _tensors([(5,)], seed=3), _tensors([(5,), (100_003,)], seed=4)
     _, scratch = _norm(ops, small, small)
-    for call in (lambda: ops.norm(large, large, [2], [0], [0.0], 2.0, torch.zeros(()), scratch),
+    for call in (lambda: ops.norm(large, large, [2], [0], [0.0], 2.0, torch.zeros(()), scratch,
+                                  []),
                  lambda: ops.gsam_sums(large, large, torch.zeros(3), scratch)):
         before = scratch.untyped_storage()
         size, address = before.nbytes(), before.data_ptr()
@@ -190,11 +210,14 @@ def test_operator_schemas_pass_opcheck(ops):
         return hp + [0.3]
 
     calls = [
-        (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch)),
+        (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch, [])),
+        (ops.norm.default, (params, grads, [2], [0], [0.0], 2.0, out, scratch, bufs, MOMENTUM)),
         (ops.perturb.default, (params, grads, old, [2], [0], [0.0], RHO, out, scratch, 2.0,
-                               2.0, 1e-12, skipped, [])),
+                               2.0, 1e-12, skipped, [], [], [])),
         (ops.perturb.default, (params, grads, old, [2], [3], [0.01], RHO, out, scratch, 2.0,
-                               2.0, 1e-12, skipped, keep)),
+                               2.0, 1e-12, skipped, keep, [], [])),
+        (ops.perturb.default, (params, grads, old, [2], [1], [0.0], RHO, out, scratch, 2.0,
+                               2.0, 1e-12, skipped, [], bufs, keep, MOMENTUM)),
         (ops.restore.default, (params, old)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False, *NO_GSAM)),
         (ops.sgd.default, (params, grads, old, bufs, sgd_hp, None, False, False, False, keep, along,

@@ -33,14 +33,21 @@ def main():
         scalar = "*fp64" if acc == tl.float64 else "*fp32"
         common = dict(ACC=acc, ALIGNED=True, BLOCK=512)
         for qmode in (0, 1, 2):
+            # FriendlySAM's momentum (MOM) with p = 2; GSAM's kept gradient with p = 2 too
+            mom = qmode in (0, 2)
             compile_variant(K.norm_partials_kernel, dict(
                 w_addr="*i64", g_addr="*i64", mode_of="*i32", eta_of="*fp64", partials=scalar,
-                filter_T=scalar, hp="*fp64", W_REF=ref, G_REF=ref), dict(QMODE=qmode, **common))
-            compile_variant(K.perturb_kernel, dict(
-                w_addr="*i64", g_addr="*i64", w_old_addr="*i64", mode_of="*i32", eta_of="*fp64",
-                group_of="*i32", rho_of_group="*fp64", filter_T=scalar, norm_sum=scalar,
-                skipped="*fp32", hp="*fp64", keep_addr="*i64", W_REF=ref, G_REF=ref),
-                dict(QMODE=qmode, KEEP=qmode == 0, **common))
+                filter_T=scalar, hp="*fp64", m_addr="*i64", group_of="*i32",
+                momentum_of_group="*fp64", W_REF=ref, G_REF=ref),
+                dict(QMODE=qmode, MOM=mom, **common))
+            for keep in (False, True):
+                compile_variant(K.perturb_kernel, dict(
+                    w_addr="*i64", g_addr="*i64", w_old_addr="*i64", mode_of="*i32",
+                    eta_of="*fp64", group_of="*i32", rho_of_group="*fp64", filter_T=scalar,
+                    norm_sum=scalar, skipped="*fp32", hp="*fp64", keep_addr="*i64",
+                    m_addr="*i64", m_next_addr="*i64", momentum_of_group="*fp64", W_REF=ref,
+                    G_REF=ref),
+                    dict(QMODE=qmode, KEEP=keep and qmode == 0, MOM=mom and not keep, **common))
         compile_variant(K.sum_kernel, dict(x=scalar, n="i32", out=scalar),
                         dict(ACC=acc, BLOCK=1024), segments=False)
         compile_variant(K.restore_kernel, dict(w_addr="*i64", w_old_addr="*i64", W_REF=ref),

@@ -15,11 +15,37 @@
 namespace fastsam {
 namespace {  // this header is included by csrc/binding.cpp only
 
+// FriendlySAM's momentum of a norm or perturb call (kernels.h NormArgs.momentum): the lists
+// join the call's lists (m, then m_next for perturb) and group_momentum, 3 float64 per group,
+// must be on the parameters' device. Returns the per-group array, null without a momentum.
+template <class D>
+const double* momentum_args(const char* op, Lists& lists, at::TensorList momentum,
+                            at::TensorList momentum_next, bool writes,
+                            const std::optional<at::Tensor>& group_momentum, size_t n_groups) {
+  if (momentum.empty() && momentum_next.empty() && !group_momentum.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(group_momentum.has_value(), msg("fastsam.", op,
+                    ": momentum lists given without group_momentum"));
+  TORCH_CHECK_VALUE(writes || momentum_next.empty(), msg("fastsam.", op,
+                    ": takes no momentum_next"));
+  lists.emplace_back("momentum", momentum);
+  if (writes) lists.emplace_back("momentum_next", momentum_next);
+  const at::Tensor& coefficients = *group_momentum;
+  check_scalar_tensor(op, "group_momentum", coefficients, lists.front().second, 3 * n_groups);
+  TORCH_CHECK_TYPE(coefficients.scalar_type() == at::kDouble, msg("fastsam.", op,
+                   ": group_momentum must be float64, got ", coefficients.scalar_type()));
+  check_device<D>(op, "group_momentum", coefficients);
+  return coefficients.data_ptr<double>();
+}
+
 template <class D>
 void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
              at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
-             at::Tensor& out, at::Tensor& scratch) {
-  const Lists lists{{"params", params}, {"grads", grads}};
+             at::Tensor& out, at::Tensor& scratch, at::TensorList momentum,
+             const std::optional<at::Tensor>& group_momentum) {
+  Lists lists{{"params", params}, {"grads", grads}};
+  const int momentum_role = static_cast<int>(lists.size());
+  const double* coefficients = momentum_args<D>("norm", lists, momentum, {}, false,
+                                                group_momentum, group_sizes.size());
   check_lists("norm", lists);
   check_exponents("norm", q);
   check_norm_out("norm", "out", out, params);
@@ -32,7 +58,8 @@ void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_
   double* partials = scratch.data_ptr<double>();
   int64_t offset = 0;
   for (const Table& t : tables->views) {
-    dev.norm_partials(t, {qmode_of(q), q, partials + offset, partials + n + offset});
+    dev.norm_partials(t, {qmode_of(q), q, partials + offset, partials + n + offset,
+                          coefficients, momentum_role});
     offset += t.n_segments;
   }
   dev.norm_sum(partials, n, out);
@@ -43,9 +70,15 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                 at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
                 at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
                 const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
-                double eps, at::Tensor& skipped, at::TensorList keep) {
+                double eps, at::Tensor& skipped, at::TensorList keep, at::TensorList momentum,
+                at::TensorList momentum_next, const std::optional<at::Tensor>& group_momentum) {
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (!keep.empty()) lists.emplace_back("keep", keep);
+  const int momentum_role = static_cast<int>(lists.size());
+  const double* coefficients = momentum_args<D>("perturb", lists, momentum, momentum_next, true,
+                                                group_momentum, group_sizes.size());
+  TORCH_CHECK_VALUE(keep.empty() || coefficients == nullptr, msg("fastsam.perturb: keep and ",
+                    "momentum together are not supported"));
   check_lists("perturb", lists);
   check_exponents("perturb", q);
   check_norm_out("perturb", "norm_sum", norm_sum, params);
@@ -77,7 +110,9 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                    norm_sum.data_ptr(),
                    norm_sum.scalar_type() == at::kDouble,
                    skipped.data_ptr<float>(),
-                   !keep.empty()};
+                   !keep.empty(),
+                   coefficients,
+                   momentum_role};
   for (const Table& t : tables->views) {
     dev.perturb(t, args);
     args.row_T += t.n_segments;

@@ -89,6 +89,25 @@ def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
     return [t for g in groups for t in g.keep_grads]
 
 
+def _momentum(groups: list[PerturbGroup], device: torch.device, constants: ConstantArrays,
+              writes: bool) -> tuple:
+    """The trailing momentum arguments of the norm operator (``writes``: of perturb): the
+    lists of every group's :class:`~fastsam.functional.Momentum` and the per-group array of
+    its scalars; empty when no group has one."""
+    given = [g.momentum is not None for g in groups if g.params]
+    if not any(given):
+        return ([], [], None) if writes else ([], None)
+    if not all(given):
+        raise ValueError("momentum must be given for every group or for none")
+    current = [t for g in groups for t in g.momentum.current]
+    scalars = tuple(x for g in groups
+                    for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0)))
+    array = constants(scalars, device)
+    if not writes:
+        return current, array
+    return current, [t for g in groups for t in g.momentum.next], array
+
+
 def _source(source: GradientSource | None) -> tuple:
     """The trailing (first_grads, along, alpha, grad_mode) arguments of the sgd and adam
     operators: the source's own kernel encoding (grad_mode 0: the plain gradient)."""
@@ -138,7 +157,8 @@ class NativeBackend(Backend):
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
         out = self._buffer("norm", device, accumulation_dtype(params))
         scratch = self._buffer("scratch", device, torch.float64)
-        torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch)
+        torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch,
+                               *_momentum(groups, device, self._constants, False))
         # prepared: the flattened lists; the filter norms stay in ``scratch`` for perturb
         return PerturbationNorm(out, groups, flat)
 
@@ -154,7 +174,7 @@ class NativeBackend(Backend):
         q = dual_exponent(p)
         torch.ops.fastsam.perturb(
             params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped,
-            keep,
+            keep, *_momentum(groups, params[0].device, self._constants, True),
         )
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

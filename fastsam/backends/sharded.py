@@ -124,9 +124,11 @@ class ShardedBackend(Backend):
                     f"parameters are sharded along dims {sorted(self.dims)}"
                 )
             keep = None if g.keep_grads is None else local_tensors(g.keep_grads)
+            momentum = None if g.momentum is None else g.momentum.with_tensors(
+                local_tensors(g.momentum.current), local_tensors(g.momentum.next))
             out.append(PerturbGroup(
                 local_tensors(g.params), _local_grads(g.grads, g.params),
-                local_tensors(g.w_old), g.rho, g.scaling, keep,
+                local_tensors(g.w_old), g.rho, g.scaling, keep, momentum,
             ))
         return out
 

@@ -22,6 +22,7 @@ from ..functional import (
     Backend,
     Correction,
     GradientSource,
+    Momentum,
     PerturbationNorm,
     PerturbGroup,
     Scaling,
@@ -63,10 +64,26 @@ def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | Non
     """u = T·g (at least fp32) and T (None for T = 1, and for "outer" scaling, whose T
     multiplies e after the normalisation of the plain g)."""
     g = _widen(group.grads)
+    if group.momentum is not None:  # FriendlySAM: d = g - sigma·m
+        sigma_m = torch._foreach_mul(_widen(group.momentum.current), group.momentum.sigma)
+        g = torch._foreach_sub(g, sigma_m)
     if group.scaling.kind == "outer":
         return g, None
     t = _operator_T(group.params, group.scaling)
     return (g if t is None else torch._foreach_mul(g, t)), t
+
+
+def _next_momentum(
+    grads: list[Tensor], momentum: Momentum, finite: Tensor, on_cpu: bool
+) -> None:
+    """FriendlySAM's m_next = lmbda·m + gain·g, or m itself when the norm is not finite."""
+    m = _widen(momentum.current)
+    new = torch._foreach_mul(m, momentum.lmbda)
+    torch._foreach_add_(new, torch._foreach_mul(_widen(grads), momentum.gain))
+    if on_cpu:
+        torch._foreach_copy_(momentum.next, new if bool(finite) else momentum.current)
+    else:
+        torch._foreach_copy_(momentum.next, [torch.where(finite, x, y) for x, y in zip(new, m)])
 
 
 def _update_grads(grads: list[Tensor], source: GradientSource | None) -> list[Tensor]:
@@ -160,6 +177,8 @@ class TorchBackend(Backend):
             u, t = _scaled_grads(group)
             if group.keep_grads is not None:
                 torch._foreach_copy_(group.keep_grads, group.grads)
+            if group.momentum is not None:
+                _next_momentum(group.grads, group.momentum, finite, on_cpu)
             outer = group.scaling.kind == "outer"
             if on_cpu and not bool(finite):  # a non-finite norm: w stays exactly as it is
                 torch._foreach_copy_(group.w_old, group.params)

@@ -195,15 +195,25 @@ def _keeps_gradients(groups: list[PerturbGroup]) -> bool:
     return keep == {True}
 
 
+def _has_momentum(groups: list[PerturbGroup]) -> bool:
+    """Whether passes A and B follow FriendlySAM's momentum (every group has one, or none)."""
+    given = {g.momentum is not None for g in groups if g.params}
+    if len(given) > 1:
+        raise ValueError("momentum must be given for every group or for none")
+    return given == {True}
+
+
+def _group_roles(g: PerturbGroup) -> dict[str, list[Tensor]]:
+    roles = {"w": g.params, "g": g.grads, "old": g.w_old}
+    if g.keep_grads is not None:
+        roles["keep"] = g.keep_grads
+    if g.momentum is not None:
+        roles["m"], roles["m_next"] = g.momentum.current, g.momentum.next
+    return roles
+
+
 def _roles_key(groups: list[PerturbGroup]) -> tuple:
-    return tuple(
-        _layout_key(
-            {"w": g.params, "g": g.grads, "old": g.w_old}
-            | ({"keep": g.keep_grads} if g.keep_grads is not None else {})
-        )
-        + (g.scaling,)
-        for g in groups
-    )
+    return tuple(_layout_key(_group_roles(g)) + (g.scaling,) for g in groups)
 
 
 class _PerturbPlan:
@@ -218,6 +228,10 @@ class _PerturbPlan:
         self.keep = _keeps_gradients(groups)
         if self.keep:
             roles["keep"] = [t for g in groups for t in g.keep_grads]
+        self.momentum = _has_momentum(groups)
+        if self.momentum:
+            roles["m"] = [t for g in groups for t in g.momentum.current]
+            roles["m_next"] = [t for g in groups for t in g.momentum.next]
         _check_layout(roles)
         mode, eta, group_of, seg_lens = [], [], [], []
         for k, group in enumerate(groups):
@@ -326,20 +340,34 @@ class TritonBackend(Backend):
         filter_T = self._buffer("filter_T", plan.n_segments, plan.device, plan.acc)
         norm_sum = self._buffer("norm_sum", 1, plan.device, plan.acc)[0]
         hp = self._constants((q,), plan.device)
+        momentum = self._momentum(groups, plan)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         for table, start in plan.launches:
             self._launch(
                 K.norm_partials_kernel, table.n_segments,
                 *table.seg, table.addr["w"], table.addr["g"],
                 table.values["mode"], table.values["eta"],
-                partials[start:], filter_T[start:], hp, table.ref["w"], table.ref["g"],
-                QMODE=qmode, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                partials[start:], filter_T[start:], hp, table.addr.get("m", table.addr["g"]),
+                table.values["group"], momentum, table.ref["w"], table.ref["g"],
+                QMODE=qmode, MOM=plan.momentum, ACC=table.acc, ALIGNED=table.aligned,
+                BLOCK=BLOCK,
             )
         self._launch(
             K.sum_kernel, 1, partials, plan.n_segments, norm_sum,
             ACC=_ACC[plan.acc], BLOCK=SUM_BLOCK,
         )
         return PerturbationNorm(norm_sum, groups, (plan, filter_T))
+
+    def _momentum(self, groups: list[PerturbGroup], plan: _PerturbPlan) -> Tensor:
+        """FriendlySAM's [sigma, lmbda, gain] per group as a device array (an unread stand-in
+        without a momentum)."""
+        if not plan.momentum:
+            return self._constants((0.0,), plan.device)
+        return self._constants(
+            tuple(x for g in groups
+                  for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0))),
+            plan.device,
+        )
 
     # ---------------------------------------------------------------- pass B
     def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
@@ -350,6 +378,7 @@ class TritonBackend(Backend):
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)
         rho = self._constants(tuple(g.rho for g in groups), plan.device)
+        momentum = self._momentum(groups, plan)
         if not plan.launches:
             skipped.zero_()
         for table, start in plan.launches:
@@ -358,8 +387,11 @@ class TritonBackend(Backend):
                 *table.seg, table.addr["w"], table.addr["g"], table.addr["old"],
                 table.values["mode"], table.values["eta"], table.values["group"], rho,
                 filter_T[start:], norm_sum, skipped, hp,
-                table.addr.get("keep", table.addr["g"]), table.ref["w"], table.ref["g"],
-                QMODE=qmode, KEEP=plan.keep, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
+                table.addr.get("keep", table.addr["g"]), table.addr.get("m", table.addr["g"]),
+                table.addr.get("m_next", table.addr["g"]), momentum,
+                table.ref["w"], table.ref["g"],
+                QMODE=qmode, KEEP=plan.keep, MOM=plan.momentum, ACC=table.acc,
+                ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- pass C

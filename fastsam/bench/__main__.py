@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table(rows))
     print("# x ref: speed-up over popular (SAM, ASAM, sam-skip; SAM + AveragedModel EMA for "
           "sam-ema), "
-          "official (GSAM), naive (FreeSAM) or paper (WSAM); "
+          "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM); "
           "floor: bytes read at the read rate + bytes written at the write rate (the streaming "
           "kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "

@@ -14,7 +14,8 @@ Providers:
   ``popular``   :mod:`fastsam.bench.popular_sam` (SAM, and its ``adaptive=True`` ASAM).
   ``official``  :mod:`fastsam.bench.official_asam` (ASAM) or :mod:`fastsam.bench.official_gsam`.
   ``naive``     :mod:`fastsam.bench.naive_freesam` (FreeSAM has no published code).
-  ``paper``     :mod:`fastsam.bench.reference_wsam` (WSAM per the paper's Algorithm 1).
+  ``paper``     :mod:`fastsam.bench.reference_wsam` (WSAM per the paper's Algorithm 1),
+                :mod:`fastsam.bench.reference_friendlysam` (FriendlySAM as its published code).
   ``pytorch-optimizer``  kozistr's package's SAM (and its adaptive ASAM) when it is installed.
   every fastsam backend usable on the device (``torch``, ``triton``, ``cpu``, ``cuda``).
 """
@@ -43,9 +44,10 @@ from .official_asam import OfficialASAM
 from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
+from .reference_friendlysam import ReferenceFriendlySAM
 from .reference_wsam import ReferenceWSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "wsam")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "wsam", "friendlysam")
 # Bytes per fp32 element of each pass of one step (docs/design.md §2), as (read, written), the
 # update pass last. SAM: norm reads g (4, 0); perturb reads w, g and writes w, w_old (8, 8);
 # restore and SGD read w_old, g, buf and write w, buf (12, 8): 40 B. ASAM's norm also reads w.
@@ -65,6 +67,8 @@ PASS_BYTES = {
     # WSAM, decoupled: GSAM's perturb (keeps g); the update reads g too; then g - g_adv into
     # the kept g and w += lr·α·(g - g_adv): two passes of (8, 4)
     "wsam": [(4, 0), (8, 12), (16, 8), (8, 4), (8, 4)],
+    # FriendlySAM: the norm reads g and m; perturb reads w, g, m and writes w, w_old, m_next
+    "friendlysam": [(8, 0), (12, 12), (12, 8)],
 }
 FLOOR_BYTES = {name: sum(r + w for r, w in passes) for name, passes in PASS_BYTES.items()}
 # The base optimizers and the bytes of their update per element, read and written (SGD
@@ -94,7 +98,7 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",),
-              "wsam": ("paper",)}
+              "wsam": ("paper",), "friendlysam": ("paper",)}
 EMA_DECAY = 0.999
 
 
@@ -161,7 +165,12 @@ def build(provider: str, optimizer: str, params: list,
         else:
             opt = fastsam.FreeSAM(params, sgd, backend=provider, **hyper)
         return opt.step, opt
-    if optimizer == "wsam":
+    if optimizer == "friendlysam":
+        if provider == "paper":
+            opt = ReferenceFriendlySAM(params, sgd, rho=0.05, **hyper)
+        else:
+            opt = fastsam.FriendlySAM(params, sgd, rho=0.05, backend=provider, **hyper)
+    elif optimizer == "wsam":
         if provider == "paper":
             opt = ReferenceWSAM(params, sgd, rho=0.05, gamma=0.9, **hyper)
         else:

@@ -45,6 +45,9 @@ OPTIMIZERS = {
                                               momentum=0.9, weight_decay=5e-4),
     "wsam": lambda ps, lr: fastsam.WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.9, lr=lr,
                                         momentum=0.9, weight_decay=5e-4),
+    "friendlysam": lambda ps, lr: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.1, sigma=1.0,
+                                                      lmbda=0.9, lr=lr, momentum=0.9,
+                                                      weight_decay=5e-4),
     "sam-interval": lambda ps, lr: fastsam.SAM(ps, torch.optim.SGD, rho=0.1, interval=2, lr=lr,
                                                momentum=0.9, weight_decay=5e-4),
 }

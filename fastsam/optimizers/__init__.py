@@ -1,9 +1,10 @@
 """The public optimizers, one file each."""
 from .asam import ASAM, asam_param_groups
 from .freesam import FreeSAM
+from .friendlysam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .sam import SAM
 from .wsam import WSAM
 
-__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "asam_param_groups"]
+__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "FriendlySAM", "asam_param_groups"]

@@ -167,14 +167,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         if plan.device is not None:
-            kept = self._first_buffers(plan) or repeat(None)
-            groups = [
-                PerturbGroup(ps, grads, olds, as_rho(group["rho"]), self._scaling(group), keep)
-                for group, ps, grads, olds, keep in zip(
-                    self.param_groups, plan.params, plan.grads(flat_grads), plan.w_old, kept
-                )
-                if group.get("perturb", True)  # SAM-ON: groups out of the norm and of e
-            ]
+            groups = self._perturb_groups(plan, plan.grads(flat_grads))
             flag = self._skips.perturb_flag(plan.device)
             if groups:
                 backend = self._backend_for(plan.device)
@@ -185,6 +178,21 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._perturbed = plan
         if zero_grad:
             self.zero_grad()
+
+    def _perturb_groups(
+        self, plan: StepPlan, grads: list[list[Tensor]]
+    ) -> list[PerturbGroup]:
+        """The groups of passes A and B: every param group of ``plan`` but those left out of
+        the perturbation (SAM-ON), with the kept-gradient buffers of the optimizers that keep
+        g (FriendlySAM adds its momentum)."""
+        kept = self._first_buffers(plan) or repeat(None)
+        return [
+            PerturbGroup(ps, gs, olds, as_rho(group["rho"]), self._scaling(group), keep)
+            for group, ps, gs, olds, keep in zip(
+                self.param_groups, plan.params, grads, plan.w_old, kept
+            )
+            if group.get("perturb", True)  # SAM-ON: groups out of the norm and of e
+        ]
 
     def _unperturbed_step(
         self, zero_grad: bool,

@@ -75,19 +75,24 @@ def _address(table, t, REF, ALIGNED: tl.constexpr):
 def norm_partials_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, mode_of, eta_of,
-    partials, filter_T, hp,
+    partials, filter_T, hp, m_addr, group_of, momentum_of_group,
     W_REF, G_REF,
-    QMODE: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, MOM: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Pass A, stage 1: partials[s] = Σ_{i in segment s} |T·g|^q (no atomics: stage 2 sums
     the partials in a fixed order). Filter segments also write their T to filter_T[s].
-    hp = [q]."""
+    hp = [q]. MOM (FriendlySAM): g is d = g − sigma·m, m at m_addr, sigma the first of the
+    three values of its group in momentum_of_group."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     mode = tl.load(mode_of + t)
     eta = tl.load(eta_of + t).to(ACC)
     w_ptr = _address(w_addr, t, W_REF, ALIGNED)
     g_ptr = _address(g_addr, t, G_REF, ALIGNED)
+    if MOM:
+        m_ptr = _address(m_addr, t, G_REF, ALIGNED)
+        sigma = tl.load(momentum_of_group + 3 * tl.load(group_of + t)).to(ACC)
     n_w = tl.where((mode == 1) | (mode == 2), n, 0)  # w is read only where the norm needs it
     acc_u = tl.zeros([BLOCK], dtype=ACC)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
@@ -96,6 +101,8 @@ def norm_partials_kernel(
         inside = local < n
         idx = start + local
         g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(ACC)
+        if MOM:
+            g = g - sigma * tl.load(m_ptr + idx, mask=inside, other=0.0).to(ACC)
         w = tl.load(w_ptr + idx, mask=local < n_w, other=0.0).to(ACC)
         T = tl.where(mode == 1, tl.abs(w) + eta, 1.0)  # filter T is constant: applied below
         acc_u += _pow_q(tl.abs(T * g), q, QMODE)
@@ -245,15 +252,17 @@ def _average(avg_ptr, idx, inside, new_w, weight, ACC: tl.constexpr):
 def perturb_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
-    filter_T, norm_sum, skipped, hp, keep_addr,
+    filter_T, norm_sum, skipped, hp, keep_addr, m_addr, m_next_addr, momentum_of_group,
     W_REF, G_REF,
-    QMODE: tl.constexpr, KEEP: tl.constexpr, ACC: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, KEEP: tl.constexpr, MOM: tl.constexpr, ACC: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass B: w_old ← w (bit copy); w ← w + ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps), u = T·g
     (mode 3: u = g and the whole term times |w| + eta). A non-finite S leaves w untouched and
     sets skipped = 1 (else 0). hp = [q, 1/p, eps]; ρ is per group (rho_of_group[group_of[t]]),
-    so a ρ schedule changes no table. KEEP: also keep[t] ← g (GSAM's first gradient)."""
+    so a ρ schedule changes no table. KEEP: also keep[t] ← g (GSAM's first gradient). MOM
+    (FriendlySAM): g is d = g − sigma·m, and m_next ← lmbda·m + gain·g (m itself for a
+    non-finite S), [sigma, lmbda, gain] per group in momentum_of_group."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     inv_p = tl.load(hp + 1).to(ACC)
@@ -276,6 +285,13 @@ def perturb_kernel(
     old_ptr = _address(w_old_addr, t, W_REF, ALIGNED)
     if KEEP:
         keep_ptr = _address(keep_addr, t, G_REF, ALIGNED)
+    if MOM:
+        m_ptr = _address(m_addr, t, G_REF, ALIGNED)
+        m_next_ptr = _address(m_next_addr, t, G_REF, ALIGNED)
+        momentum = momentum_of_group + 3 * tl.load(group_of + t)
+        sigma = tl.load(momentum).to(ACC)
+        lmbda = tl.load(momentum + 1).to(ACC)
+        gain = tl.load(momentum + 2).to(ACC)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -286,6 +302,12 @@ def perturb_kernel(
         if KEEP:
             tl.store(keep_ptr + idx, g_raw, mask=inside)
         g = g_raw.to(ACC)
+        if MOM:
+            m_raw = tl.load(m_ptr + idx, mask=inside, other=0.0)
+            m = m_raw.to(ACC)
+            m_next = _to_storage(lmbda * m + gain * g, G_REF.dtype.element_ty)
+            tl.store(m_next_ptr + idx, tl.where(ok, m_next, m_raw), mask=inside)
+            g = g - sigma * m
         T = tl.where(mode == 1, tl.abs(w) + eta, tl.where(mode == 2, row_T, 1.0))
         u = T * g
         if QMODE == 0:
