@@ -26,6 +26,8 @@ OPTIMIZERS = {
     "gsam_adamw": lambda ps: fastsam.GSAM(ps, torch.optim.AdamW, rho=0.05, alpha=0.3, lr=1e-3),
     "looksam_sgd": lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+    "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
+                                                      lr=0.1, momentum=0.9),
 }
 
 
@@ -117,22 +119,24 @@ def test_sam_step_clips_the_second_pass(fresh_state):
     assert max_difference(model, unclipped) > 1e-5
 
 
-def test_sam_step_under_the_grad_scaler(fresh_state):
+@pytest.mark.parametrize("kind", ["sam_sgd", "friendlysam_sgd"])
+def test_sam_step_under_the_grad_scaler(fresh_state, kind):
     """Accelerate's fp16 path (a GradScaler in the prepared optimizer's step) rehearsed on CPU:
     a batch holding an inf is skipped with the weights restored, the scaler backs off, and an
-    AcceleratedScheduler keeps its lr on the skipped step."""
+    AcceleratedScheduler keeps its lr on the skipped step. FriendlySAM is told the loss scale
+    (its momentum is unscaled)."""
     accelerator = accelerate.Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     items = bn_data(BATCH * STEPS, bad=BATCH + 3)
     model = MODELS["bn"][0]()
-    optimizer = OPTIMIZERS["sam_sgd"](model.parameters())
+    optimizer = OPTIMIZERS[kind](model.parameters())
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
     for batch in step_batches(items):
         sam_step(accelerator, model, optimizer, [batch], model_loss)
         schedule.step()
     expected = MODELS["bn"][0]()
-    ref_opt = OPTIMIZERS["sam_sgd"](expected.parameters())
+    ref_opt = OPTIMIZERS[kind](expected.parameters())
     rule = SchedulerRule(ref_opt, torch.optim.lr_scheduler.LambdaLR(ref_opt,
                                                                      lambda s: 1.0 / (1 + s)))
     two_pass_loop(expected, ref_opt, step_batches(items), scheduler=rule,

@@ -46,6 +46,8 @@ OPTIMIZERS = {
     "gsam_adam": lambda ps: fastsam.GSAM(ps, torch.optim.Adam, rho=0.05, alpha=0.3, lr=1e-3),
     "looksam_sgd": lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+    "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
+                                                      lr=0.1, momentum=0.9),
     "sam_interval": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3,
                                            interval=3),
 }
@@ -159,12 +161,13 @@ def test_builds_sam_over_the_trainers_own_optimizer(tmp_path):
     assert max_difference(model, reference) < 1e-6
 
 
-def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path):
+@pytest.mark.parametrize("kind", ["sam_adamw", "friendlysam_sgd"])
+def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path, kind):
     """The GradScaler path of Accelerate (fp16 on a GPU) rehearsed on CPU: a scaler set on the
     Trainer's accelerator. The second step's batch holds an inf: fastsam skips that step with
     the weights restored, the scaler backs off, and the lr schedule does not advance on the
-    skipped step, as for torch's optimizers under the scaler."""
-    make = OPTIMIZERS["sam_adamw"]
+    skipped step, as for torch's optimizers under the scaler (FriendlySAM told the scale)."""
+    make = OPTIMIZERS[kind]
     build, _ = MODELS["bn"]
     data = bn_data(BATCH * STEPS, bad=BATCH + 3)
     model, reference = build(), build()

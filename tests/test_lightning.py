@@ -20,6 +20,8 @@ OPTIMIZERS = {
     "gsam_adam": lambda ps: fastsam.GSAM(ps, torch.optim.Adam, rho=0.05, alpha=0.3, lr=1e-3),
     "looksam_sgd": lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
+    "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
+                                                      lr=0.1, momentum=0.9),
 }
 
 
@@ -153,14 +155,16 @@ def test_manual_optimization(kind):
     assert max_difference(module.model, model) < 1e-6
 
 
-def test_mixed_precision_with_a_grad_scaler():
+@pytest.mark.parametrize("kind", ["sam_sgd", "friendlysam_sgd"])
+def test_mixed_precision_with_a_grad_scaler(kind):
     """precision="16-mixed"'s path (the scaler steps the optimizer after Lightning's closure)
-    rehearsed on CPU with a CPU GradScaler: the same steps as the loop under the scaler."""
+    rehearsed on CPU with a CPU GradScaler: the same steps as the loop under the scaler
+    (FriendlySAM told the loss scale by the mixin)."""
     from lightning.pytorch.plugins import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    module = WithSAM(OPTIMIZERS["sam_sgd"])
+    module = WithSAM(OPTIMIZERS[kind])
     fit(module, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    model, _ = reference("sam_sgd", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16),
+    model, _ = reference(kind, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**16),
                          autocast=lambda: torch.autocast("cpu", dtype=torch.float16))
     assert max_difference(module.model, model) < 1e-6

@@ -123,7 +123,10 @@ def two_pass_loop(model, optimizer, batches, max_grad_norm=None, autocast=None, 
                                                                  True):
             update()  # FreeSAM's step, or LookSAM's look-ahead step
             continue
-        optimizer.first_step(zero_grad=True)
+        if scaler and isinstance(optimizer, fastsam.FriendlySAM):  # m is kept unscaled
+            optimizer.first_step(zero_grad=True, grad_scale=scaler.get_scale())
+        else:
+            optimizer.first_step(zero_grad=True)
         with fastsam.frozen_bn_stats(model):
             backward(batch)
         update()

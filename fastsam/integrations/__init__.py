@@ -13,6 +13,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from ..optimizers._core import FusedOptimizer
+from ..optimizers.friendlysam import FriendlySAM
 
 
 def unwrap(optimizer: Any) -> FusedOptimizer:
@@ -36,7 +37,7 @@ def unwrap(optimizer: Any) -> FusedOptimizer:
         found = inner
     if not isinstance(found, FusedOptimizer):
         raise TypeError(
-            f"expected a fastsam optimizer (fastsam.SAM, ASAM, GSAM, LookSAM, FreeSAM) or a "
+            f"expected a fastsam optimizer (fastsam.SAM, ASAM, GSAM, LookSAM, FreeSAM, ...) or a "
             f"framework's wrapper around one, got {type(optimizer).__name__}"
             + (f" around {type(found).__name__}" if found is not optimizer else "")
         )
@@ -55,4 +56,14 @@ def report_amp_skip(wrapper: Any, skipped_before: int) -> None:
         wrapper._is_overflow = True
 
 
-__all__ = ["unwrap", "report_amp_skip"]
+def begin_sam_step(sam: FusedOptimizer, scaler: Any) -> None:
+    """``sam.first_step(zero_grad=True)`` in a framework's loop, given the framework's GradScaler
+    (None without one): FriendlySAM keeps a momentum of unscaled gradients, so it is told the
+    loss scale the first pass's gradients carry."""
+    if isinstance(sam, FriendlySAM) and scaler is not None and scaler.is_enabled():
+        sam.first_step(zero_grad=True, grad_scale=scaler.get_scale())
+    else:
+        sam.first_step(zero_grad=True)
+
+
+__all__ = ["unwrap", "report_amp_skip", "begin_sam_step"]

@@ -29,7 +29,7 @@ import torch
 
 from ..batchnorm import frozen_bn_stats
 from ..optimizers._base import SharpnessAwareOptimizer
-from . import report_amp_skip, unwrap
+from . import begin_sam_step, report_amp_skip, unwrap
 
 
 def sam_step(
@@ -91,7 +91,7 @@ def sam_step(
 
     loss = one_pass(per_worker)
     if isinstance(sam, SharpnessAwareOptimizer) and getattr(sam, "sam_step_next", True):
-        sam.first_step(zero_grad=True)
+        begin_sam_step(sam, accelerator.scaler)
         with frozen_bn_stats(model):
             one_pass(False)
     if max_grad_norm is not None:

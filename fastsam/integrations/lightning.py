@@ -23,7 +23,7 @@ from typing import Any
 
 from ..batchnorm import frozen_bn_stats
 from ..optimizers._base import SharpnessAwareOptimizer
-from . import unwrap
+from . import begin_sam_step, unwrap
 
 
 class SAMMixin:
@@ -65,7 +65,7 @@ class SAMMixin:
             if loss is None or not getattr(sam, "sam_step_next", True):
                 return loss  # a skipped batch, or LookSAM's look-ahead step: one pass
             first = getattr(optimizer_closure, "_result", None)
-            sam.first_step(zero_grad=True)
+            begin_sam_step(sam, getattr(self.trainer.precision_plugin, "scaler", None))
             self._fastsam_second_pass = True
             try:
                 with frozen_bn_stats(self):

@@ -29,7 +29,7 @@ from ..distributed import local_pass
 from ..optimizers import SAM
 from ..optimizers._base import SharpnessAwareOptimizer
 from ..optimizers._core import FusedOptimizer
-from . import report_amp_skip, unwrap
+from . import begin_sam_step, report_amp_skip, unwrap
 
 
 class SAMTrainer(Trainer):
@@ -120,7 +120,7 @@ class SAMTrainer(Trainer):
         window, self._sam_window = self._sam_window, []
         if not getattr(sam, "sam_step_next", True):
             return loss  # LookSAM's look-ahead step: optimizer.step() takes it whole
-        sam.first_step(zero_grad=True)
+        begin_sam_step(sam, self.accelerator.scaler)
         with frozen_bn_stats(model):
             for i, (micro_batch, items) in enumerate(window):
                 last = i == len(window) - 1
