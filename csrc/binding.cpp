@@ -33,7 +33,8 @@
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
 // 2 first_grads, FreeSAM's stored gradients, used by the update and then replaced by g;
-// 3 first_grads with along, LookSAM's g + along·u_v.
+// 3 first_grads with along, LookSAM's g + along·u_v. `clip` (0-d, max_grad_norm's coefficient)
+// multiplies g before any of these (FreeSAM stores the product).
 //
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
@@ -63,13 +64,15 @@ TORCH_LIBRARY(fastsam, m) {
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "float[] hp, Tensor? hp_device, bool nesterov, bool maximize, bool fresh, "
       "Tensor(c!)[] first_grads, "
-      "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average, Tensor? skip=None) -> ()");
+      "Tensor? along, float alpha, int grad_mode, Tensor(d!)[] average, Tensor? skip=None, "
+      "Tensor? clip=None) -> ()");
   m.def(
       "adam(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, float[] hp, Tensor? hp_device, "
       "bool decoupled, "
       "bool amsgrad, bool maximize, Tensor(e!)[] first_grads, Tensor? along, "
-      "float alpha, int grad_mode, Tensor(f!)[] average, Tensor? skip=None, Tensor? bias=None) -> ()");
+      "float alpha, int grad_mode, Tensor(f!)[] average, Tensor? skip=None, Tensor? bias=None, "
+      "Tensor? clip=None) -> ()");
   m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");

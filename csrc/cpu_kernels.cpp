@@ -203,17 +203,20 @@ void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv
 // alpha, and the sign.
 template <typename A>
 struct GradientScalars {
-  A coefficient, alpha, sign;
+  A coefficient, alpha, sign, gain;  // gain: max_grad_norm's clip coefficient (1 without)
 };
 
 template <typename A>
 GradientScalars<A> gradient_scalars(const DecomposeArgs& d, bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (d.mode != kGradDecompose && d.mode != kGradCorrect) return {A(1), A(0), sign};
+  const A gain = d.gain == nullptr ? A(1)
+                 : d.gain_fp64    ? A(*static_cast<const double*>(d.gain))
+                                  : A(*static_cast<const float*>(d.gain));
+  if (d.mode != kGradDecompose && d.mode != kGradCorrect) return {A(1), A(0), sign, gain};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
-  if (d.mode == kGradCorrect) return {along, A(0), sign};
-  return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
+  if (d.mode == kGradCorrect) return {along, A(0), sign, gain};
+  return {A(1) + A(d.alpha) * along, A(d.alpha), sign, gain};
 }
 
 // AVG (the averaged weights follow w, SgdArgs.average_role) is a template argument: a run-time
@@ -236,9 +239,10 @@ void sgd_segment(const Table& tab, const SgdArgs& a, const GradientScalars<Acc<S
   const A avg_weight = AVG ? A(hp[kSgdAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? A(buf[i]) : A(0);
-    const A d = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
+    const A g_in = A(g[i]) * k.gain;  // clipped (max_grad_norm); FreeSAM stores the product
+    const A d = update_gradient<GM>(g_in, GM != kGradPlain ? A(first[i]) : A(0),
                                     k.coefficient, k.alpha, k.sign);
-    if (GM == kGradSwap) first[i] = g[i];
+    if (GM == kGradSwap) first[i] = S(g_in);
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(A(old[i]), d, b, lr, momentum,
                                                                   dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = S(b);
@@ -269,9 +273,10 @@ void adam_segment(const Table& tab, const AdamArgs& a, const GradientScalars<Acc
   const A avg_weight = AVG ? A(hp[kAdamAverageWeight]) : A(0);
   write_all(w, seg.len, [&](int64_t i) {
     A mi = A(m[i]), vi = A(v[i]), vmaxi = AMSGRAD ? A(vmax[i]) : A(0);
-    const A gi = update_gradient<GM>(A(g[i]), GM != kGradPlain ? A(first[i]) : A(0),
+    const A g_in = A(g[i]) * gk.gain;  // clipped (max_grad_norm); FreeSAM stores the product
+    const A gi = update_gradient<GM>(g_in, GM != kGradPlain ? A(first[i]) : A(0),
                                      gk.coefficient, gk.alpha, gk.sign);
-    if (GM == kGradSwap) first[i] = g[i];
+    if (GM == kGradSwap) first[i] = S(g_in);
     const A updated = fastsam::adam<DECOUPLED, AMSGRAD>(A(old[i]), gi, mi, vi, vmaxi, k);
     m[i] = S(mi);
     v[i] = S(vi);

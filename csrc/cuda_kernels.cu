@@ -202,18 +202,21 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(Table tab) {
 // itself for LookSAM's correction), alpha, and the sign.
 template <typename A>
 struct GradientScalars {
-  A coefficient, alpha, sign;
+  A coefficient, alpha, sign, gain;  // gain: max_grad_norm's clip coefficient (1 without)
 };
 
 template <int GM, typename A>
 __device__ __forceinline__ GradientScalars<A> gradient_scalars(const DecomposeArgs& d,
                                                                bool maximize) {
   const A sign = maximize ? A(-1) : A(1);
-  if (GM != kGradDecompose && GM != kGradCorrect) return {A(1), A(0), sign};
+  const A gain = d.gain == nullptr ? A(1)
+                 : d.gain_fp64    ? A(*static_cast<const double*>(d.gain))
+                                  : A(*static_cast<const float*>(d.gain));
+  if (GM != kGradDecompose && GM != kGradCorrect) return {A(1), A(0), sign, gain};
   const A along = d.along_fp64 ? A(*static_cast<const double*>(d.along))
                                : A(*static_cast<const float*>(d.along));
-  if (GM == kGradCorrect) return {along, A(0), sign};
-  return {A(1) + A(d.alpha) * along, A(d.alpha), sign};
+  if (GM == kGradCorrect) return {along, A(0), sign, gain};
+  return {A(1) + A(d.alpha) * along, A(d.alpha), sign, gain};
 }
 
 // A skipped update (kernels.h SgdArgs.skip, a flag in device memory, the same for every
@@ -242,13 +245,15 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdArgs a) {
   const A weight_decay = A(hp[3]);
   const A avg_weight = avg ? A(hp[kSgdAverageWeight]) : A(0);
   const GradientScalars<A> k = gradient_scalars<GM, A>(a.decompose, a.maximize);
+  const bool unclipped = k.gain == A(1);  // FreeSAM stores g itself, bit for bit
   for_each(seg.len, [&](int64_t i) {
     A b = (HAS_MOMENTUM && !FRESH) ? Storage<S>::load(buf[i]) : A(0);
     const S g_raw = g[i];
-    const A d = update_gradient<GM>(Storage<S>::load(g_raw),
+    const A g_in = Storage<S>::load(g_raw) * k.gain;  // clipped (max_grad_norm)
+    const A d = update_gradient<GM>(g_in,
                                     GM != kGradPlain ? Storage<S>::load(first[i]) : A(0),
                                     k.coefficient, k.alpha, k.sign);
-    if (GM == kGradSwap) first[i] = g_raw;
+    if (GM == kGradSwap) first[i] = unclipped ? g_raw : Storage<S>::store(g_in);
     const A updated = fastsam::sgd<HAS_MOMENTUM, FRESH, NESTEROV>(
         Storage<S>::load(old[i]), d, b, lr, momentum, dampening, weight_decay);
     if (HAS_MOMENTUM) buf[i] = Storage<S>::store(b);
@@ -271,6 +276,7 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
   const S* g = address<const S>(tab, kAdamG, seg);
   S* first = GM != kGradPlain ? address<S>(tab, a.decompose.first_role, seg) : nullptr;
   const GradientScalars<A> gk = gradient_scalars<GM, A>(a.decompose, a.maximize);
+  const bool unclipped = gk.gain == A(1);  // FreeSAM stores g itself, bit for bit
   S* m = address<S>(tab, kAdamM, seg);
   S* v = address<S>(tab, kAdamV, seg);
   S* vmax = AMSGRAD ? address<S>(tab, kAdamVmax, seg) : nullptr;
@@ -285,10 +291,11 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamArgs a) {
     A mi = Storage<S>::load(m[i]), vi = Storage<S>::load(v[i]);
     A vmaxi = AMSGRAD ? Storage<S>::load(vmax[i]) : A(0);
     const S g_raw = g[i];
-    const A gi = update_gradient<GM>(Storage<S>::load(g_raw),
+    const A g_in = Storage<S>::load(g_raw) * gk.gain;  // clipped (max_grad_norm)
+    const A gi = update_gradient<GM>(g_in,
                                      GM != kGradPlain ? Storage<S>::load(first[i]) : A(0),
                                      gk.coefficient, gk.alpha, gk.sign);
-    if (GM == kGradSwap) first[i] = g_raw;
+    if (GM == kGradSwap) first[i] = unclipped ? g_raw : Storage<S>::store(g_in);
     const A updated =
         fastsam::adam<DECOUPLED, AMSGRAD>(Storage<S>::load(old[i]), gi, mi, vi, vmaxi, k);
     m[i] = Storage<S>::store(mi);

@@ -83,6 +83,10 @@ struct DecomposeArgs {
   // kGradDecompose, kGradCorrect: 0-d, float or double (along_fp64); device memory for CUDA
   const void* along;
   bool along_fp64;
+  // max_grad_norm's clip coefficient, multiplying g before any formula above (FreeSAM stores
+  // the product): 0-d, float or double (gain_fp64), device memory for CUDA; null: 1.
+  const void* gain;
+  bool gain_fp64;
 };
 
 // Weight averaging after an update (fastsam.functional.Average): the averaged weights are at

@@ -158,6 +158,7 @@ class SGDHyper:
     nesterov: bool
     maximize: bool
     skip: Tensor | None = None
+    clip: Tensor | None = None  # see AdamHyper
 
     @property
     def kernel_scalars(self) -> tuple:
@@ -176,7 +177,11 @@ class AdamHyper:
     non-zero the update writes ``w ← w_old`` and nothing else (no state, no stored gradient,
     no average); and ``bias`` (``step`` None), an (n, 2) fp64 tensor of each tensor's bias
     corrections ``[lr/(1-β1^t), sqrt(1-β2^t)]`` in the order of the update's lists, from
-    :func:`adam_bias_corrections` (the tensors of one update may be at different steps)."""
+    :func:`adam_bias_corrections` (the tensors of one update may be at different steps).
+
+    ``clip`` (here and in :class:`SGDHyper`): the optimizers' ``max_grad_norm``, a 0-d device
+    tensor (fp32, or fp64) that multiplies the gradient before anything else reads it, the
+    gradient source's formula included (FreeSAM's :class:`Swap` stores the product); None: 1."""
 
     lr: float | Tensor
     beta1: float
@@ -189,6 +194,7 @@ class AdamHyper:
     step: float | None
     skip: Tensor | None = None
     bias: Tensor | None = None
+    clip: Tensor | None = None
 
     @property
     def step_size(self) -> float | Tensor:

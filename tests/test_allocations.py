@@ -1,7 +1,8 @@
 """A step after warm-up allocates nothing (docs/design.md §7): the host's scalars (an lr
 schedule, Adam's step and bias corrections, the SWA/EMA weight, GradScaler's inverse scale)
 reach the kernels by value, and what a step needs between steps is kept. Every fused backend
-(the `torch` backend's foreach arithmetic makes temporaries by nature); counted with the
+(the `torch` backend's foreach arithmetic makes temporaries by nature), FriendlySAM's
+momentum and max_grad_norm's clip coefficient included; counted with the
 profiler's memory events on the CPU (Triton under its interpreter), with the CUDA allocator's
 statistics on a GPU. Steps: the gradients rewritten in place, both passes, the
 scheduler's step."""
@@ -24,11 +25,14 @@ OPTIONS = {
     "ema": {"average": fastsam.EMA(0.9)},
     "skip_nonfinite": {"skip_nonfinite": True},
     "scaler": {},  # GradScaler's protocol: grad_scale and found_inf set around the step
+    "max_grad_norm": {"max_grad_norm": 0.1},
 }
 EXTRA = {
     "sam_adamw": lambda ps, **kw: fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2,
                                                weight_decay=0.1, **kw),
     "sam_sgd_plain": lambda ps, **kw: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, **kw),
+    "friendlysam_adamw": lambda ps, **kw: fastsam.FriendlySAM(ps, torch.optim.AdamW, lr=1e-2,
+                                                               **kw),
 }
 
 
@@ -67,6 +71,12 @@ def _step_fn(model, opt, schedule, scaled):
         if isinstance(opt, fastsam.FreeSAM):
             protocol(scaled)
             opt.step()
+            protocol(False)
+        elif isinstance(opt, fastsam.FriendlySAM):  # told the loss scale under the scaler
+            opt.first_step(grad_scale=4.0 if scaled else None)
+            write(second)
+            protocol(scaled)
+            opt.second_step()
             protocol(False)
         elif opt.first_step() is not False:
             write(second)

@@ -65,7 +65,7 @@ def main():
                 w_addr="*i64", g_addr="*i64", w_old_addr="*i64", buf_addr="*i64", hp="*fp64",
                 **{k: by_value[k] for k in K._SGD_SCALARS},
                 first_addr="*i64", along_ptr=scalar, avg_addr="*i64", skip_ptr="*fp32",
-                W_REF=ref, G_REF=ref, BUF_REF=ref),
+                clip_ptr=scalar, W_REF=ref, G_REF=ref, BUF_REF=ref),
                 dict(HAS_MOMENTUM=gmode != 1, FRESH=False, NESTEROV=gmode == 2, MAXIMIZE=gmode == 1,
                      GMODE=gmode, AVG=gmode in (0, 2), SKIP=gmode in (2, 3),
                      HP_DEVICE=gmode == 3, **common))
@@ -73,8 +73,8 @@ def main():
                 w_addr="*i64", g_addr="*i64", w_old_addr="*i64", m_addr="*i64", v_addr="*i64",
                 vmax_addr="*i64", hp="*fp64", **{k: by_value[k] for k in K._ADAM_SCALARS},
                 first_addr="*i64", along_ptr=scalar,
-                avg_addr="*i64", skip_ptr="*fp32", bias="*fp64", index_of="*i64", W_REF=ref,
-                G_REF=ref, M_REF=ref),
+                avg_addr="*i64", skip_ptr="*fp32", bias="*fp64", index_of="*i64",
+                clip_ptr="*fp64", W_REF=ref, G_REF=ref, M_REF=ref),
                 dict(DECOUPLED=gmode != 0, AMSGRAD=gmode == 1, MAXIMIZE=gmode == 2, GMODE=gmode,
                      AVG=gmode in (1, 3), SKIP=gmode in (0, 2), BIAS=gmode in (0, 1),
                      HP_DEVICE=gmode in (0, 2), **common))

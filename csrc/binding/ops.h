@@ -144,18 +144,30 @@ DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first
   if (mode == kGradPlain) {
     TORCH_CHECK_VALUE(first_grads.empty(),
                       msg("fastsam.", op, ": first_grads given with grad_mode 0 (plain)"));
-    return {kGradPlain, 0, 0.0, nullptr, false};
+    return {kGradPlain, 0, 0.0, nullptr, false, nullptr, false};
   }
   TORCH_CHECK_VALUE(!first_grads.empty(), msg("fastsam.", op, ": grad_mode ", grad_mode,
                                               " needs first_grads (the second gradient)"));
   lists.emplace_back("first_grads", first_grads);
   const int role = static_cast<int>(lists.size() - 1);
-  if (mode == kGradSwap) return {kGradSwap, role, 0.0, nullptr, false};
+  if (mode == kGradSwap) return {kGradSwap, role, 0.0, nullptr, false, nullptr, false};
   TORCH_CHECK_VALUE(along.has_value(), msg("fastsam.", op, ": grad_mode ", grad_mode,
                                            " needs along (the coefficient, a 0-d tensor)"));
   check_norm_out(op, "along", *along, lists.front().second);
   check_device<D>(op, "along", *along);
-  return {mode, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble};
+  return {mode, role, alpha, along->data_ptr(), along->scalar_type() == at::kDouble, nullptr,
+          false};
+}
+
+// max_grad_norm's clip coefficient (kernels.h DecomposeArgs.gain) into `decompose` when given.
+template <class D>
+void clip_gain(const char* op, DecomposeArgs& decompose, const std::optional<at::Tensor>& clip,
+               at::TensorList params) {
+  if (!clip.has_value()) return;
+  check_norm_out(op, "clip", *clip, params);
+  check_device<D>(op, "clip", *clip);
+  decompose.gain = clip->data_ptr();
+  decompose.gain_fp64 = clip->scalar_type() == at::kDouble;
 }
 
 // The role of the averaged weights (kernels.h SgdArgs), appended to the lists when given.
@@ -215,12 +227,13 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
             const std::optional<at::Tensor>& hp_device, bool nesterov, bool maximize,
             bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
             double alpha, int64_t grad_mode, at::TensorList average,
-            const std::optional<at::Tensor>& skip) {
+            const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& clip) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
-  const DecomposeArgs decompose =
+  DecomposeArgs decompose =
       gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
+  clip_gain<D>("sgd", decompose, clip, params);
   const int avg_role = average_role(lists, average);
   check_lists("sgd", lists);
   SgdArgs args = update_args<D, SgdArgs>("sgd", hp, hp_device, params,
@@ -242,15 +255,16 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
              bool decoupled, bool amsgrad, bool maximize,
              at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
              int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
-             const std::optional<at::Tensor>& bias) {
+             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& clip) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
               {"exp_avgs", exp_avgs},
               {"exp_avg_sqs", exp_avg_sqs}};
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
-  const DecomposeArgs decompose =
+  DecomposeArgs decompose =
       gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
+  clip_gain<D>("adam", decompose, clip, params);
   const int avg_role = average_role(lists, average);
   check_lists("adam", lists);
   AdamArgs args = update_args<D, AdamArgs>("adam", hp, hp_device, params,

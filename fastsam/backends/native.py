@@ -200,7 +200,7 @@ class NativeBackend(Backend):
         torch.ops.fastsam.sgd(
             params, grads, w_old, buffers, hp, hp_device, hyper.nesterov, hyper.maximize,
             fresh_buffers,
-            *_source(source), averaged, hyper.skip,
+            *_source(source), averaged, hyper.skip, hyper.clip,
         )
 
     def restore_adam(
@@ -223,7 +223,7 @@ class NativeBackend(Backend):
             params, grads, w_old, exp_avgs, exp_avg_sqs,
             max_exp_avg_sqs if hyper.amsgrad else [], hp, hp_device,
             hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source), averaged,
-            hyper.skip, hyper.bias,
+            hyper.skip, hyper.bias, hyper.clip,
         )
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

@@ -60,13 +60,22 @@ def _operator_T(params: list[Tensor], scaling: Scaling) -> list[Tensor] | None:
     return out
 
 
-def _scaled_grads(group: PerturbGroup) -> tuple[list[Tensor], list[Tensor] | None]:
-    """u = T·g (at least fp32) and T (None for T = 1, and for "outer" scaling, whose T
-    multiplies e after the normalisation of the plain g)."""
+def _direction(group: PerturbGroup) -> list[Tensor]:
+    """What the perturbation follows, at least fp32: g, or FriendlySAM's d = g - sigma·m
+    (formed as (-sigma·m) + g: the same rounding, one temporary)."""
     g = _widen(group.grads)
-    if group.momentum is not None:  # FriendlySAM: d = g - sigma·m
-        sigma_m = torch._foreach_mul(_widen(group.momentum.current), group.momentum.sigma)
-        g = torch._foreach_sub(g, sigma_m)
+    if group.momentum is None:
+        return g
+    d = torch._foreach_mul(_widen(group.momentum.current), -group.momentum.sigma)
+    torch._foreach_add_(d, g)
+    return d
+
+
+def _scaled_grads(
+    group: PerturbGroup, g: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """u = T·g (``g``: the group's :func:`_direction`) and T (None for T = 1, and for "outer"
+    scaling, whose T multiplies e after the normalisation of the plain g)."""
     if group.scaling.kind == "outer":
         return g, None
     t = _operator_T(group.params, group.scaling)
@@ -77,19 +86,29 @@ def _next_momentum(
     grads: list[Tensor], momentum: Momentum, finite: Tensor, on_cpu: bool
 ) -> None:
     """FriendlySAM's m_next = lmbda·m + gain·g, or m itself when the norm is not finite."""
+    if on_cpu and not bool(finite):
+        torch._foreach_copy_(momentum.next, momentum.current)
+        return
     m = _widen(momentum.current)
     new = torch._foreach_mul(m, momentum.lmbda)
     torch._foreach_add_(new, torch._foreach_mul(_widen(grads), momentum.gain))
     if on_cpu:
-        torch._foreach_copy_(momentum.next, new if bool(finite) else momentum.current)
+        torch._foreach_copy_(momentum.next, new)
     else:
         torch._foreach_copy_(momentum.next, [torch.where(finite, x, y) for x, y in zip(new, m)])
 
 
+def _clipped(grads: list[Tensor], clip: Tensor | None) -> list[Tensor]:
+    """``grads`` times max_grad_norm's coefficient (new tensors; ``grads`` without one)."""
+    if clip is None:
+        return grads
+    return torch._foreach_mul(grads, clip.to(grads[0].device))  # in the gradients' dtypes
+
+
 def _update_grads(grads: list[Tensor], source: GradientSource | None) -> list[Tensor]:
-    """The gradients an update uses: ``grads``, GSAM's (1 + alpha·along)·g_adv - alpha·g or
-    LookSAM's g + scale·u_v as new tensors, or FreeSAM's stored gradients (see
-    _finish_swap)."""
+    """The gradients an update uses: ``grads`` (already clipped: :func:`_clipped`), GSAM's
+    (1 + alpha·along)·g_adv - alpha·g or LookSAM's g + scale·u_v as new tensors, or FreeSAM's
+    stored gradients (see _finish_swap)."""
     if source is None:
         return grads
     if isinstance(source, Swap):
@@ -141,15 +160,18 @@ class TorchBackend(Backend):
     name = "torch"
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
-        return PerturbationNorm(self._norm_sum(groups, q), groups)
+        # prepared: FriendlySAM's directions d, formed once for both passes (the others'
+        # widened gradients are formed again in pass B rather than held between the passes)
+        kept = [_direction(g) if g.params and g.momentum is not None else None for g in groups]
+        return PerturbationNorm(self._norm_sum(groups, kept, q), groups, kept)
 
     @staticmethod
-    def _norm_sum(groups: list[PerturbGroup], q: float) -> Tensor:
+    def _norm_sum(groups: list[PerturbGroup], kept: list, q: float) -> Tensor:
         total = None
-        for group in groups:
+        for group, direction in zip(groups, kept):
             if not group.params:  # an empty group (or none of its params has a gradient)
                 continue
-            u, _ = _scaled_grads(group)
+            u, _ = _scaled_grads(group, direction or _direction(group))
             part = torch.stack(torch._foreach_norm(u, q)).pow(q).sum()
             total = part if total is None else total + part  # promotes fp32 + fp64
         if total is None:
@@ -170,11 +192,11 @@ class TorchBackend(Backend):
         # scale lets plain SAM update w in place without an e temporary, which on CPU costs
         # more in first-touch page faults of a fresh 4-bytes-per-parameter buffer than in bytes.
         on_cpu = norm_sum.device.type == "cpu"
-        for group in groups:
+        for group, direction in zip(groups, norm.prepared):
             if not group.params:
                 continue
             scale = inv_denom * group.rho
-            u, t = _scaled_grads(group)
+            u, t = _scaled_grads(group, direction or _direction(group))
             if group.keep_grads is not None:
                 torch._foreach_copy_(group.keep_grads, group.grads)
             if group.momentum is not None:
@@ -229,6 +251,7 @@ class TorchBackend(Backend):
         if hyper.skip is not None:
             written = _written(params, momentum_buffers, source, average)
             saved = _snapshot(written)
+        grads = _clipped(grads, hyper.clip)
         self._sgd(params, _update_grads(grads, source), momentum_buffers, hyper, fresh_buffers)
         _finish_swap(grads, source)
         if average is not None:
@@ -278,6 +301,7 @@ class TorchBackend(Backend):
             states = exp_avgs + exp_avg_sqs + (max_exp_avg_sqs if hyper.amsgrad else [])
             written = _written(params, states, source, average)
             saved = _snapshot(written)
+        grads = _clipped(grads, hyper.clip)
         self._adam(params, _update_grads(grads, source), exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                    hyper)
         _finish_swap(grads, source)

@@ -444,7 +444,7 @@ class TritonBackend(Backend):
                 table.addr["w"], table.addr["g"], table.addr["old"],
                 table.addr.get("buf", table.addr["w"]), hp, *bits,
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
-                hp if hyper.skip is None else hyper.skip,
+                hp if hyper.skip is None else hyper.skip, self._clip(hyper.clip, table),
                 table.ref["w"], table.ref["g"], table.ref.get("buf", table.ref["w"]),
                 HAS_MOMENTUM=has_momentum, FRESH=fresh_buffers, NESTEROV=hyper.nesterov,
                 MAXIMIZE=hyper.maximize, GMODE=source.mode if source else 0,
@@ -478,12 +478,16 @@ class TritonBackend(Backend):
                 *_source_args(table, source), table.addr.get("avg", table.addr["w"]),
                 hp if hyper.skip is None else hyper.skip,
                 hp if hyper.bias is None else hyper.bias, table.values["index"],
-                table.ref["w"], table.ref["g"], table.ref["m"],
+                self._clip(hyper.clip, table), table.ref["w"], table.ref["g"], table.ref["m"],
                 DECOUPLED=hyper.decoupled, AMSGRAD=hyper.amsgrad, MAXIMIZE=hyper.maximize,
                 GMODE=source.mode if source else 0, AVG=average is not None,
                 SKIP=hyper.skip is not None, BIAS=hyper.bias is not None,
                 HP_DEVICE=on_device, ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
+
+    def _clip(self, clip: Tensor | None, table: _Table) -> Tensor:
+        """max_grad_norm's coefficient, or a kept 1 where there is none."""
+        return clip if clip is not None else self._constants((1.0,), table.ref["w"].device)
 
     # ---------------------------------------------------------------- GSAM's reduction
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:

@@ -70,6 +70,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         interval: int = 1,
     ) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
@@ -91,6 +92,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         super().__init__(
             params, base_optimizer, defaults, backend=backend, base_kwargs=base_kwargs,
             average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            max_grad_norm=max_grad_norm,
         )
 
     # ----------------------------------------------------------------- subclass hooks
@@ -116,13 +118,14 @@ class SharpnessAwareOptimizer(FusedOptimizer):
 
     def _before_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None,
+        skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
         """Called at the start of the second step, before restore and update, with this step's
         gradients per group of ``now``. GSAM returns, per group, the decomposition the fused
         update applies (``fused``: the update is fused), or rewrites the gradients in place.
         ``skip``: capturable's device flag of the update (what the hook keeps must not change
-        when it is set)."""
+        when it is set). ``clip``: max_grad_norm's coefficient the fused update multiplies
+        ``grads`` by (unfused, ``grads`` are already clipped and ``clip`` is None)."""
         return None
 
     @property
@@ -212,10 +215,11 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             if zero_grad:
                 self.zero_grad()
             return
+        clip = self._clip_coefficient(plan, all_grads)  # of g, before a correction is added
         sources = (correction(plan, all_grads)
                    if correction is not None and plan.device is not None else None)
         flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
-        self._update_in_place(plan, all_grads, sources, flag)
+        self._update_in_place(plan, all_grads, sources, flag, clip)
         if zero_grad:
             self.zero_grad()
 
@@ -250,7 +254,11 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         if flag is not None and fused is None:  # a parameter was added since first_step()
             self._restore(perturbed)
             raise RuntimeError(not_capturable(now))
-        sources = self._before_update(perturbed, now, all_grads, fused is not None, flag)
+        clip = self._clip_coefficient(now, all_grads)
+        if fused is None:  # the base optimizer's own step: .grad clipped as clip_grad_norm_ does
+            self._clip_in_place(now, all_grads, clip)
+            clip = None
+        sources = self._before_update(perturbed, now, all_grads, fused is not None, flag, clip)
         averages = self._averager.count_update(now, flag)
         states = self._planner.states(now, self.state) if fused else None
         for i, group in enumerate(self.param_groups):
@@ -275,20 +283,22 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             self._fused(
                 fused, self.base_optimizer, self._backend_for(params[0].device), group, params,
                 all_grads[i], w_old, states[i], sources[i] if sources else None,
-                averages[i] if averages else None, flag,
+                averages[i] if averages else None, flag, clip,
             )
         if fused is None:
             self.base_optimizer.step()
-        self._after_update(perturbed, now, all_grads, fused is not None)
+        self._after_update(perturbed, now, all_grads, fused is not None, clip)
         self._averager.average_rest(now, averages, fused is None)
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
 
     def _after_update(
-        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
+        clip: Tensor | None = None,
     ) -> None:
-        """Called after the update of a second step that went ahead (WSAM's decoupled term)."""
+        """Called after the update of a second step that went ahead (WSAM's decoupled term,
+        FriendlySAM's commit); ``clip`` as in :meth:`_before_update`."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -47,3 +47,18 @@ def as_rho(rho: float | Tensor) -> float | Tensor:
     the device (a device tensor rho changed in place between steps is never read by the
     host)."""
     return rho.detach().reshape(()) if isinstance(rho, Tensor) else float(rho)
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """Validate ``max_grad_norm``: None (no clipping) or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"max_grad_norm must be a number or None, got {type(value).__name__}"
+        )
+    if not (0.0 < value < math.inf):
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0 (None: no clipping), got {value}"
+        )
+    return float(value)

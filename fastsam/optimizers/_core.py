@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,10 +20,11 @@ from torch.optim import Optimizer
 
 from ..backends import select_backend
 from ..backends.sharded import ShardedBackend, shard_groups
-from ..functional import Backend, GradientSource
+from ..functional import Backend, Correction, GradientSource, PerturbGroup, Scaling
 from . import _checkpoint
 from ._averager import WeightAverager
 from ._checkpoint import AVERAGE_KEY
+from ._checks import check_max_grad_norm
 from ._plan import StepPlan, StepPlanner
 from ._skips import Counters, SkipPolicy
 from ._update import FUSED_KINDS, FusedUpdate, fused_kind, not_capturable
@@ -56,11 +58,14 @@ class FusedOptimizer(Optimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(skip_nonfinite, bool):
             raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
         if not isinstance(capturable, bool):
             raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        self._clip_buffers: dict[tuple, Tensor] = {}  # max_grad_norm's coefficient, kept
         self._capturable = capturable
         self._sam_defaults = dict(defaults)
         self._planner = StepPlanner(self._keeps_w_old)
@@ -201,23 +206,73 @@ class FusedOptimizer(Optimizer):
             after_perturb, backend, plan.device, on_host,
         )
 
+    def _clip_coefficient(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor | None:
+        """``max_grad_norm``'s coefficient for an update with these gradients, as
+        ``torch.nn.utils.clip_grad_norm_`` forms it: ``min(1, max_grad_norm/(‖g‖₂ + 1e-6))``,
+        ‖g‖ over every gradient of the update (one fused reduction, all-reduced when sharded),
+        as a 0-d device tensor kept between steps (never read by the host). None without
+        ``max_grad_norm``."""
+        if self.max_grad_norm is None or plan.device is None:
+            return None
+        groups = [PerturbGroup(ps, gs, ps, 0.0, Scaling()) for ps, gs in zip(plan.params, all_grads)
+                  if ps]
+        total = self._backend_for(plan.device).perturbation_norm(groups, 2.0).total
+        coefficient, eps, max_norm, one = self._clip_kept(total, "coefficient", "eps",
+                                                          "max_norm", "one")
+        torch.sqrt(total, out=coefficient).add_(eps.fill_(1e-6))
+        torch.div(max_norm.fill_(self.max_grad_norm), coefficient, out=coefficient)
+        return torch.minimum(coefficient, one.fill_(1.0), out=coefficient)
+
+    def _clip_kept(self, like: Tensor, *names: str) -> list[Tensor]:
+        """0-d tensors like ``like``, kept between steps by name (operands a step would
+        otherwise allocate: on the CPU a Python number in a tensor op is one)."""
+        out = []
+        for name in names:
+            key = (name, like.device, like.dtype)
+            kept = self._clip_buffers.get(key)
+            if kept is None:
+                kept = self._clip_buffers[key] = torch.empty_like(like)
+            out.append(kept)
+        return out
+
+    def _clip_in_place(self, plan: StepPlan, all_grads: list[list[Tensor]],
+                       clip: Tensor | None) -> None:
+        """``.grad`` times the clip coefficient, in place (for a base optimizer's own
+        ``step()``, as ``clip_grad_norm_`` leaves them)."""
+        if clip is None:
+            return
+        local = self._backend_for(plan.device).local
+        for grads in all_grads:
+            if grads:
+                torch._foreach_mul_(local(grads), clip)
+
+    def _clipped_correction(self, source: Correction, clip: Tensor) -> Correction:
+        """LookSAM's correction of a clipped gradient: its scale α‖g‖ times ``clip``."""
+        (scale,) = self._clip_kept(source.scale, "correction")
+        return replace(source, scale=torch.mul(source.scale, clip, out=scale))
+
     def _update_in_place(
         self,
         plan: StepPlan,
         all_grads: list[list[Tensor]],
         sources: list[GradientSource | None] | None = None,
         skip: Tensor | None = None,
+        clip: Tensor | None = None,
     ) -> None:
         """One update of the plan's parameters from their current weights, with nothing to
         restore (FreeSAM, LookSAM's look-ahead steps): fused with SGD/Adam/AdamW (each
         parameter is its own w_old; ``sources`` per group; ``skip``: capturable's device
-        flag), else the base optimizer's own ``step()``. Counts the update and averages the
-        weights as scheduled."""
+        flag), else the base optimizer's own ``step()``. ``clip``: max_grad_norm's coefficient
+        of the gradients (:meth:`_clip_coefficient`, taken before a source's gradient was
+        written into ``.grad``). Counts the update and averages the weights as scheduled."""
         averages = self._averager.count_update(plan, skip)
         kind = self._fused_update_kind(plan)
         if plan.device is not None and kind is not None:
             backend = self._backend_for(plan.device)
             states = self._planner.states(plan, self.state)
+            if clip is not None and sources:  # LookSAM's α‖g‖ is of the clipped g
+                sources = [self._clipped_correction(s, clip) if isinstance(s, Correction) else s
+                           for s in sources]
             for i, (group, params, grads) in enumerate(
                 zip(self.param_groups, plan.params, all_grads)
             ):
@@ -225,9 +280,10 @@ class FusedOptimizer(Optimizer):
                     self._fused(
                         kind, self.base_optimizer, backend, group, params, grads, params,
                         states[i], sources[i] if sources else None,
-                        averages[i] if averages else None, skip,
+                        averages[i] if averages else None, skip, clip,
                     )
         elif plan.device is not None:
+            self._clip_in_place(plan, all_grads, clip)
             self.base_optimizer.step()
         self._averager.average_rest(plan, averages, kind is None)
         self._mark_stepped()

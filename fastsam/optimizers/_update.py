@@ -90,14 +90,16 @@ class FusedUpdate:
         source: GradientSource | None,
         average: Average | None = None,
         skip: Tensor | None = None,
+        clip: Tensor | None = None,
     ) -> None:
-        """The update of ``params`` (one group), from ``w_old`` (a parameter may be its own)."""
+        """The update of ``params`` (one group), from ``w_old`` (a parameter may be its own);
+        ``clip``: max_grad_norm's coefficient of the gradients (``SGDHyper.clip``)."""
         if kind == "sgd":
-            self.sgd(backend, group, params, grads, w_old, states, source, average, skip)
+            self.sgd(backend, group, params, grads, w_old, states, source, average, skip, clip)
         else:
             decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
             self.adam(backend, group, bool(decoupled), params, grads, w_old, states, source,
-                      average, skip)
+                      average, skip, clip)
 
     def sgd(
         self,
@@ -110,6 +112,7 @@ class FusedUpdate:
         source: GradientSource | None,
         average: Average | None = None,
         skip: Tensor | None = None,
+        clip: Tensor | None = None,
     ) -> None:
         hyper = SGDHyper(
             lr=as_lr(group["lr"]),
@@ -119,6 +122,7 @@ class FusedUpdate:
             nesterov=group["nesterov"],
             maximize=group.get("maximize", False),
             skip=skip,
+            clip=clip,
         )
         if hyper.momentum == 0:
             backend.restore_sgd(params, grads, w_old, [], hyper, False, source, average)
@@ -178,6 +182,7 @@ class FusedUpdate:
         source: GradientSource | None,
         average: Average | None = None,
         skip: Tensor | None = None,
+        clip: Tensor | None = None,
     ) -> None:
         amsgrad = group["amsgrad"]
         capturable = self.capturable
@@ -207,6 +212,7 @@ class FusedUpdate:
             maximize=group.get("maximize", False),
             step=None,
             skip=skip,
+            clip=clip,
         )
         moments = (
             [st["exp_avg"] for st in states],

@@ -46,6 +46,7 @@ class ASAM(SharpnessAwareOptimizer):
             (none with ``capturable``).
         capturable (bool, default False): as in :class:`fastsam.SAM`.
         interval (int, default 1): interval SAM, as in :class:`fastsam.SAM`.
+        max_grad_norm (float, optional): as in :class:`fastsam.SAM`.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -74,6 +75,7 @@ class ASAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
@@ -88,6 +90,7 @@ class ASAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            max_grad_norm=max_grad_norm,
             interval=interval,
         )
 

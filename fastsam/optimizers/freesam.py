@@ -55,6 +55,8 @@ class FreeSAM(FusedOptimizer):
             are kept, not replaced, when the update is skipped on the device). A parameter's
             first step, which stores its first gradient, still reads the skip flag on the
             host: take it before capturing a graph.
+        max_grad_norm (float, optional): as in :class:`fastsam.SAM`, before :meth:`step`:
+            this step's gradient is clipped, and stored so for the next update.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -76,6 +78,7 @@ class FreeSAM(FusedOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         self._stored: dict[Tensor, Tensor] = {}
@@ -84,7 +87,8 @@ class FreeSAM(FusedOptimizer):
         self._stored_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
         super().__init__(params, base_optimizer, {}, backend=backend,
                          base_kwargs=base_kwargs, average=average,
-                         skip_nonfinite=skip_nonfinite, capturable=capturable)
+                         skip_nonfinite=skip_nonfinite, capturable=capturable,
+                         max_grad_norm=max_grad_norm)
 
     def first_step(self, zero_grad: bool = False) -> None:
         """Not a step of FreeSAM's (a migration aid): it has no perturbation to make."""
@@ -92,14 +96,18 @@ class FreeSAM(FusedOptimizer):
 
     second_step = first_step
 
-    def _previous(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def _previous(self, params: list[Tensor], grads: list[Tensor],
+                  clip: Tensor | None) -> list[Tensor]:
         """The stored gradients of ``params``; a parameter seen for the first time gets a copy
-        of its current gradient (its first step uses the current gradient)."""
+        of its current gradient (its first step uses the current gradient; times ``clip``,
+        max_grad_norm's coefficient, when given)."""
         out = []
         for p, g in zip(params, grads):
             prev = self._stored.get(p)
             if _stale(prev, g):
                 prev = self._stored[p] = g.detach().clone(memory_format=torch.preserve_format)
+                if clip is not None:
+                    prev.mul_(clip)
             out.append(prev)
         return out
 
@@ -131,20 +139,25 @@ class FreeSAM(FusedOptimizer):
         if skip is True:  # inf/NaN gradients: no update, no swap
             self._mark_stepped()
             return loss
+        # max_grad_norm clips this step's gradient, the one stored for the next update (as
+        # clip_grad_norm_ before step() would)
+        clip = self._clip_coefficient(plan, all_grads)
         if new_plan:
-            stored = [self._previous(ps, gs) for ps, gs in zip(plan.params, all_grads)]
+            stored = [self._previous(ps, gs, clip) for ps, gs in zip(plan.params, all_grads)]
             self._stored_plan = (plan, stored)
         stored = self._stored_plan[1]
         if self._fused_update_kind(plan) is not None:
             flag = skip if isinstance(skip, Tensor) else None
             self._update_in_place(plan, all_grads, [Swap(previous) for previous in stored],
-                                  flag)
+                                  flag, clip)
             return loss
         # The base optimizer steps with the stored gradients in .grad, then .grad gets this
         # step's gradient back (kept in the stored buffer meanwhile).
         for grads, previous in zip(all_grads, stored):
             if grads:
                 current = [g.clone() for g in grads]
+                if clip is not None:
+                    torch._foreach_mul_(current, clip)
                 torch._foreach_copy_(grads, previous)
                 torch._foreach_copy_(previous, current)
         self._update_in_place(plan, all_grads)

@@ -77,8 +77,8 @@ class FriendlySAM(SharpnessAwareOptimizer):
     refused (weights restored, m untouched).
 
     Args:
-        params, base_optimizer, rho, adaptive, eps, backend, average, skip_nonfinite: as in
-            :class:`fastsam.SAM` (p = 2). ``capturable=True`` is refused.
+        params, base_optimizer, rho, adaptive, eps, backend, average, skip_nonfinite,
+            max_grad_norm: as in :class:`fastsam.SAM` (p = 2). ``capturable=True`` is refused.
         sigma (float, default 1.0): how much of m the perturbation direction leaves out.
         lmbda (float, default 0.9): decay of m, in [0, 1].
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
@@ -111,6 +111,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if capturable is not False:
@@ -125,7 +126,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         super().__init__(
             params, base_optimizer, dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive),
             p=2, eps=eps, backend=backend, base_kwargs=base_kwargs, average=average,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, max_grad_norm=max_grad_norm,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -224,7 +225,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
 
     def _before_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None,
+        skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> None:
         if self._step_scale is None and getattr(self, "grad_scale", None) is not None:
             self._restore(perturbed)
@@ -236,7 +237,8 @@ class FriendlySAM(SharpnessAwareOptimizer):
         return None
 
     def _after_update(
-        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
+        clip: Tensor | None = None,
     ) -> None:
         """The step's update went ahead: m_next becomes m."""
         lists = self._lists

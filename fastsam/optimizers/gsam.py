@@ -85,6 +85,8 @@ class GSAM(SharpnessAwareOptimizer):
             (none with ``capturable``).
         capturable (bool, default False): as in :class:`fastsam.SAM`.
         interval (int, default 1): interval SAM, as in :class:`fastsam.SAM`.
+        max_grad_norm (float, optional): as in :class:`fastsam.SAM`: g_adv is clipped before
+            the decomposition (its along then is that of the clipped g_adv).
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -116,6 +118,7 @@ class GSAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
@@ -148,6 +151,7 @@ class GSAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            max_grad_norm=max_grad_norm,
             interval=interval,
         )
         self.rho_t = rho
@@ -190,7 +194,7 @@ class GSAM(SharpnessAwareOptimizer):
     # ----------------------------------------------------------------- the two hooks
     def _before_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None,
+        skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
         # (keeps nothing itself: a skipped update ignores the decomposition it gets)
         if now.device is None:
@@ -199,9 +203,11 @@ class GSAM(SharpnessAwareOptimizer):
         backend = self._backend_for(now.device)
         alphas = [float(group["gsam_alpha"]) for group in self.param_groups]
         if fused and now is perturbed:  # the usual case: decomposition fused into the update
-            along = backend.gsam_along(
-                [DecomposeGroup(g, f, a) for g, f, a in zip(grads, firsts, alphas)], self._eps
-            )
+            groups = [DecomposeGroup(g, f, a) for g, f, a in zip(grads, firsts, alphas)]
+            if clip is None:
+                along = backend.gsam_along(groups, self._eps)
+            else:  # the update clips g_adv by c
+                along = self._clipped_along(backend.gsam_sums(groups), clip)
             return [
                 Decomposition(f, a, along) if a != 0.0 and f else None
                 for f, a in zip(firsts, alphas)
@@ -217,6 +223,21 @@ class GSAM(SharpnessAwareOptimizer):
             groups.append(DecomposeGroup(adv, first, alphas[i]))
         backend.gsam_decompose(groups, self._eps)
         return None
+
+    def _clipped_along(self, sums: Tensor, clip: Tensor) -> Tensor:
+        """``along`` (:func:`fastsam.functional.gsam_along_from_sums`) of the clipped c·g_adv
+        from the sums of the unclipped one, ``[⟨g, g_adv⟩, ‖g_adv‖², ‖g‖²]``: ⟨g, c·g_adv⟩ =
+        c·⟨g, g_adv⟩ and ‖c·g_adv‖ = c·‖g_adv‖. In kept 0-d tensors (no allocation)."""
+        c, adv, first, den, along, eps = self._clip_kept(
+            sums[0], "gsam_c", "gsam_adv", "gsam_first", "gsam_den", "gsam_along", "gsam_eps")
+        c.copy_(clip)
+        eps.fill_(self._eps)
+        torch.sqrt(sums[1], out=adv).mul_(c)
+        torch.sqrt(sums[2], out=first)
+        torch.mul(adv, first, out=den).add_(eps)
+        torch.mul(sums[0], c, out=along).div_(den)  # cos
+        along.mul_(first).div_(torch.add(adv, eps, out=den))
+        return along
 
     # ----------------------------------------------------------------- official usage
     def set_closure(self, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any,

@@ -106,6 +106,8 @@ class LookSAM(SharpnessAwareOptimizer):
             and the SAM steps' skips are decided on the device, a skipped SAM step leaves u_v
             as it was (its new value is formed in one more parameter-sized buffer, then
             selected on the device). Which steps are SAM steps is a host count of the steps.
+        max_grad_norm (float, optional): as in :class:`fastsam.SAM`; on a look-ahead step g
+            is clipped before the correction (whose ``α·‖g‖`` is then that of the clipped g).
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
     """
 
@@ -122,6 +124,7 @@ class LookSAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -142,6 +145,7 @@ class LookSAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            max_grad_norm=max_grad_norm,
             interval=k,  # the SAM steps; the look-ahead steps are those between
         )
 
@@ -210,7 +214,7 @@ class LookSAM(SharpnessAwareOptimizer):
     # ----------------------------------------------------------------- SAM-step hook
     def _before_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None,
+        skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> None:
         """Keep u_v from g (the first pass, kept) and g_s (this pass), over the parameters with
         a gradient in both passes; with a device ``skip`` flag, formed aside and kept only when

@@ -57,6 +57,14 @@ class SAM(SharpnessAwareOptimizer):
             False (no second pass: check :attr:`sam_step_next`, or use ``step(closure)``, which
             calls the closure on SAM steps only; under GradScaler ``scaler.step(optimizer)``
             takes the plain steps). The steps begun are saved in the state dict.
+        max_grad_norm (float, optional): clip the gradient each update uses by its global L2
+            norm over every parameter with a gradient, ``g·min(1, max_grad_norm/(‖g‖₂ +
+            1e-6))``: what ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` on
+            ``.grad`` before :meth:`second_step` (or before an update made by
+            :meth:`first_step`) does, fused: one more reduction, and the update reads the
+            coefficient on the device. ``.grad`` itself is left unclipped when the update is
+            fused (clipped in place, as clip_grad_norm_ leaves it, for another base
+            optimizer). Under GradScaler the unscaled gradients are clipped.
         **base_kwargs: passed to ``base_optimizer`` when it is a class (lr, momentum, ...).
 
     Example:
@@ -83,6 +91,7 @@ class SAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
@@ -97,6 +106,7 @@ class SAM(SharpnessAwareOptimizer):
             average=average,
             skip_nonfinite=skip_nonfinite,
             capturable=capturable,
+            max_grad_norm=max_grad_norm,
             interval=interval,
         )
 

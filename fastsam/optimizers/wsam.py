@@ -32,8 +32,8 @@ class WSAM(SharpnessAwareOptimizer):
     optimizer: :func:`fastsam.frozen_bn_stats`).
 
     Args:
-        params, base_optimizer, rho, adaptive, eps, backend, skip_nonfinite, interval: as in
-            :class:`fastsam.SAM`.
+        params, base_optimizer, rho, adaptive, eps, backend, skip_nonfinite, interval,
+            max_grad_norm: as in :class:`fastsam.SAM` (g_adv is clipped).
         gamma (float, default 0.9): the sharpness weight, in [0, 1).
         decouple (bool, default True): the sharpness term outside the base update.
         average, capturable: as in :class:`fastsam.SAM`, with ``decouple=False`` only (the
@@ -57,6 +57,7 @@ class WSAM(SharpnessAwareOptimizer):
         average: Any = None,
         skip_nonfinite: bool = False,
         capturable: bool = False,
+        max_grad_norm: float | None = None,
         interval: int = 1,
         **base_kwargs: Any,
     ) -> None:
@@ -79,6 +80,7 @@ class WSAM(SharpnessAwareOptimizer):
             params, base_optimizer, dict(rho=rho, adaptive=adaptive), p=2, eps=eps,
             backend=backend, base_kwargs=base_kwargs, average=average,
             skip_nonfinite=skip_nonfinite, capturable=capturable, interval=interval,
+            max_grad_norm=max_grad_norm,
         )
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -99,7 +101,7 @@ class WSAM(SharpnessAwareOptimizer):
 
     def _before_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None,
+        skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> list[Decomposition | None] | None:
         """The update's gradient from g_adv (this pass) and g (kept): fused, the mode-1 source
         ``(1 + c·1)·g_adv − c·g`` with c = α − 1 (``g + α·(g_adv − g)``) or c = −1 (g, for the
@@ -135,9 +137,11 @@ class WSAM(SharpnessAwareOptimizer):
         return None
 
     def _after_update(
-        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
+        clip: Tensor | None = None,
     ) -> None:
-        """Decoupled: ``w ← w + lr·α·(g − g_adv)`` (per group's lr)."""
+        """Decoupled: ``w ← w + lr·α·(g − g_adv)`` (per group's lr; g_adv clipped by
+        ``clip``)."""
         if not self.decouple or now.device is None:
             return
         local = self._backend_for(now.device).local
@@ -147,5 +151,6 @@ class WSAM(SharpnessAwareOptimizer):
                 continue
             first = local(first)
             if fused:  # the kept g becomes g − g_adv (the non-fused path did it before)
-                torch._foreach_sub_(first, local(adv))
+                adv = local(adv)
+                torch._foreach_sub_(first, adv if clip is None else torch._foreach_mul(adv, clip))
             torch._foreach_add_(local(params), first, alpha=float(group["lr"]) * self.alpha)

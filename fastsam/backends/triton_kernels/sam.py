@@ -208,16 +208,19 @@ def _gradient_source(g_ptr, first_addr, along_ptr, alpha, t, G_REF,
 
 
 @triton.jit
-def _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along,
+def _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, gain, G_REF,
                      MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, ACC: tl.constexpr):
-    """The gradient an update uses (GMODE): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first;
-    2 FreeSAM's stored gradient at first_ptr, which then receives g (where ``write``); 3
-    LookSAM's g + along·u_v. Negated when maximizing."""
+    """The gradient an update uses (GMODE), g being gain·g (max_grad_norm's clip coefficient,
+    1 without): 0 g; 1 GSAM's (1 + alpha·along)·g - alpha·g_first; 2 FreeSAM's stored gradient
+    at first_ptr, which then receives g (where ``write``); 3 LookSAM's g + along·u_v. Negated
+    when maximizing."""
     if GMODE == 2:
+        current = _to_storage(tl.load(g_ptr + idx, mask=inside).to(ACC) * gain,
+                              G_REF.dtype.element_ty)  # g itself, bit for bit, when gain is 1
         g = tl.load(first_ptr + idx, mask=inside).to(ACC)
-        tl.store(first_ptr + idx, tl.load(g_ptr + idx, mask=inside), mask=write)
+        tl.store(first_ptr + idx, current, mask=write)
     else:
-        g = tl.load(g_ptr + idx, mask=inside).to(ACC)
+        g = tl.load(g_ptr + idx, mask=inside).to(ACC) * gain
     if GMODE == 1:
         g = (1.0 + alpha * along) * g - alpha * tl.load(first_ptr + idx, mask=inside).to(ACC)
     if GMODE == 3:
@@ -347,7 +350,7 @@ def sgd_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, buf_addr, hp,
     h0: tl.int64, h1: tl.int64, h2: tl.int64, h3: tl.int64, h4: tl.int64, h5: tl.int64,
-    first_addr, along_ptr, avg_addr, skip_ptr,
+    first_addr, along_ptr, avg_addr, skip_ptr, clip_ptr,
     W_REF, G_REF, BUF_REF,
     HAS_MOMENTUM: tl.constexpr, FRESH: tl.constexpr, NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr, GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr,
@@ -358,7 +361,7 @@ def sgd_kernel(
     value) or hp (HP_DEVICE), read by _hyper; GMODE as _update_gradient (first_addr: GSAM's g
     or FreeSAM's stored gradient; along: GSAM's 0-d scalar); AVG: the new weights are averaged
     into avg_addr's tensors (_average); SKIP: the flag at skip_ptr may skip the update
-    (_update_goes_ahead)."""
+    (_update_goes_ahead); clip_ptr: max_grad_norm's coefficient (a 1 without)."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     ahead = _update_goes_ahead(skip_ptr, SKIP)
     lr = _hyper(hp, 0, h0, HP_DEVICE, ACC)
@@ -371,6 +374,7 @@ def sgd_kernel(
     first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr,
                                                _hyper(hp, 4, h4, HP_DEVICE, ACC), t, G_REF,
                                                GMODE, ACC, ALIGNED)
+    gain = tl.load(clip_ptr).to(ACC)
     if HAS_MOMENTUM:
         buf_ptr = _address(buf_addr, t, BUF_REF, ALIGNED)
     if AVG:
@@ -383,7 +387,8 @@ def sgd_kernel(
         write = tl.where(ahead, inside, False)  # (inside & ahead fails in the interpreter)
         w_raw = tl.load(old_ptr + idx, mask=inside)
         w = w_raw.to(ACC)
-        d = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, MAXIMIZE,
+        d = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, gain, G_REF,
+                             MAXIMIZE,
                              GMODE, ACC)
         d = d + weight_decay * w
         if HAS_MOMENTUM:
@@ -412,7 +417,7 @@ def adam_kernel(
     w_addr, g_addr, w_old_addr, m_addr, v_addr, vmax_addr, hp,
     h1: tl.int64, h2: tl.int64, h3: tl.int64, h4: tl.int64, h5: tl.int64, h6: tl.int64,
     h7: tl.int64, h8: tl.int64, h9: tl.int64,
-    first_addr, along_ptr, avg_addr, skip_ptr, bias, index_of,
+    first_addr, along_ptr, avg_addr, skip_ptr, bias, index_of, clip_ptr,
     W_REF, G_REF, M_REF,
     DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     GMODE: tl.constexpr, AVG: tl.constexpr, SKIP: tl.constexpr, BIAS: tl.constexpr,
@@ -422,8 +427,8 @@ def adam_kernel(
     The scalars [lr, β1, β2, eps, weight_decay, lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay,
     alpha, averaging weight] are h1..h9 by value (lr itself is not read: only the derived
     values, which come from the host as torch.optim forms them), or hp (HP_DEVICE: in lr's
-    dtype for a tensor lr), read by _hyper. GMODE, AVG, SKIP as in sgd_kernel. BIAS: the two
-    bias corrections per tensor, from row index_of[t] of bias (n, 2) instead."""
+    dtype for a tensor lr), read by _hyper. GMODE, AVG, SKIP, clip_ptr as in sgd_kernel.
+    BIAS: the two bias corrections per tensor, from row index_of[t] of bias (n, 2) instead."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     ahead = _update_goes_ahead(skip_ptr, SKIP)
     beta1 = _hyper(hp, 1, h1, HP_DEVICE, ACC)
@@ -448,6 +453,7 @@ def adam_kernel(
     first_ptr, alpha, along = _gradient_source(g_ptr, first_addr, along_ptr,
                                                _hyper(hp, 8, h8, HP_DEVICE, ACC), t, G_REF,
                                                GMODE, ACC, ALIGNED)
+    gain = tl.load(clip_ptr).to(ACC)
     if AVG:
         avg_ptr = _address(avg_addr, t, W_REF, ALIGNED)
         avg_weight = _hyper(hp, 9, h9, HP_DEVICE, ACC)
@@ -458,7 +464,8 @@ def adam_kernel(
         write = tl.where(ahead, inside, False)  # (inside & ahead fails in the interpreter)
         w_raw = tl.load(old_ptr + idx, mask=inside)
         w = w_raw.to(ACC)
-        g = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, MAXIMIZE,
+        g = _update_gradient(g_ptr, first_ptr, idx, inside, write, alpha, along, gain, G_REF,
+                             MAXIMIZE,
                              GMODE, ACC)
         if DECOUPLED:
             w = w * decay
