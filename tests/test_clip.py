@@ -2,7 +2,7 @@
 inside the fused passes equals ``torch.nn.utils.clip_grad_norm_`` called on ``.grad`` before
 the update (before ``second_step()``; before FreeSAM's ``step()``; before the ``first_step()``
 of LookSAM's look-ahead steps and interval SAM's plain steps, which update). Fused bases and
-bases the update is not fused with, 6 fp64 steps, every backend; the clip is active in every
+bases the update is not fused with, 5 fp64 steps, every backend; the clip is active in every
 case (the run differs from the unclipped one), and a bound no gradient reaches changes nothing
 bit for bit."""
 from __future__ import annotations
@@ -41,9 +41,9 @@ CASES = {
                                                              lmbda=0.7, **SGD, **kw),
 }
 MAX_NORM = 2.0
-STEPS = 6
-# harness.SHAPES without its 65537-element tensor (the Triton interpreter's time)
-CLIP_SHAPES = [s for s in SHAPES if math.prod(s) < 65537]
+STEPS = 5
+# harness.SHAPES without its two largest tensors (the Triton interpreter's time)
+CLIP_SHAPES = [s for s in SHAPES if math.prod(s) < 4097]
 
 
 def _run(make, backend, clip_inside, max_norm=MAX_NORM, clip_outside=None):

@@ -251,8 +251,9 @@ def test_tensor_over_2_pow_31_elements(fused):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_compile_for_a_gpu():
     """Every Triton kernel, in the variants the backend launches (storage dtypes, q modes,
-    GSAM/FreeSAM/LookSAM gradient sources, kept gradients, averaging, GSAM's sums), compiles to
-    a cubin for sm_90 here: the compiled path is checked even where only the interpreter can run."""
+    GSAM/FreeSAM/LookSAM gradient sources, kept gradients, FriendlySAM's momentum, the clip
+    coefficient, averaging, GSAM's sums), compiles to a cubin for sm_90 here: the compiled path
+    is checked even where only the interpreter can run."""
     import subprocess
     import sys
     from pathlib import Path
@@ -263,4 +264,4 @@ def test_triton_kernels_compile_for_a_gpu():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("ok ") == 57
+    assert done.stdout.count("ok ") == 66
