@@ -12,6 +12,7 @@ from .integrations import unwrap
 from .optimizers import (
     ASAM,
     GSAM,
+    MSAM,
     SAM,
     WSAM,
     FreeSAM,
@@ -30,6 +31,7 @@ __all__ = [
     "LookSAM",
     "WSAM",
     "FriendlySAM",
+    "MSAM",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",

@@ -68,7 +68,7 @@ def drive(opt, params, landscape, steps, skip=(), first=0):
     for t in range(first, first + steps):
         landscape.set_grads(params, without(t))
         passes += 1
-        if not hasattr(opt, "second_step") or isinstance(opt, fastsam.FreeSAM):
+        if not hasattr(opt, "second_step") or isinstance(opt, (fastsam.FreeSAM, fastsam.MSAM)):
             opt.step()
         elif opt.first_step(zero_grad=True) is not False:
             landscape.set_grads(params, without(t))
@@ -211,7 +211,7 @@ def step(model, opt, x, y, scaler=None, poison=None, guard=(False, False),
         if pass_ == where:
             next(model.parameters()).grad.view(-1)[0] = value
 
-    if getattr(opt, "sam_step_next", not isinstance(opt, fastsam.FreeSAM)):
+    if getattr(opt, "sam_step_next", not isinstance(opt, (fastsam.FreeSAM, fastsam.MSAM))):
         backward("first")
         with refuse(guard[0]):
             opt.first_step()

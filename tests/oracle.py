@@ -309,3 +309,37 @@ class OracleLookSAM:
         for g in self.groups:
             for w in g["params"]:
                 w.grad = None
+
+
+class OracleMSAM:
+    """MSAM (Becker et al., 2024) per parameter, as the paper's algorithm: the parameters hold
+    w~ = w - rho v / (|v| + eps) between steps (v: SGD's momentum buffer or Adam's first
+    moment, one global norm in fp64 over the parameters with a gradient); a step restores w,
+    applies the base optimizer's step with the gradient taken at w~, and perturbs again along
+    the new v. A parameter's first step starts from its weights as they are. ``groups``: dicts
+    with ``params``, ``rho`` and base-optimizer keys."""
+
+    def __init__(self, groups, base_cls, eps=1e-12, **base_kwargs):
+        self.groups, self.eps = groups, eps
+        self.base = base_cls([{k: v for k, v in g.items() if k != "rho"} for g in groups],
+                             **base_kwargs)
+        self.w = {}
+
+    @torch.no_grad()
+    def step(self):
+        stepped = [(p, g["rho"]) for g in self.groups for p in g["params"] if p.grad is not None]
+        for p, _ in stepped:
+            if p in self.w:
+                p.copy_(self.w[p])
+        self.base.step()
+        key = "momentum_buffer" if isinstance(self.base, torch.optim.SGD) else "exp_avg"
+        moms = [self.base.state[p][key] for p, _ in stepped]
+        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in moms))
+        for (p, rho), v in zip(stepped, moms):
+            self.w[p] = p.clone()
+            p.sub_(rho * v / (norm + self.eps))
+
+    def zero_grad(self):
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None

@@ -28,6 +28,7 @@ OPTIMIZERS = {
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
     "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
                                                       lr=0.1, momentum=0.9),
+    "msam_sgd": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
 }
 
 

@@ -2,7 +2,7 @@
 schedule, Adam's step and bias corrections, the SWA/EMA weight, GradScaler's inverse scale)
 reach the kernels by value, and what a step needs between steps is kept. Every fused backend
 (the `torch` backend's foreach arithmetic makes temporaries by nature), FriendlySAM's
-momentum and max_grad_norm's clip coefficient included; counted with the
+momentum, MSAM's perturbation and max_grad_norm's coefficient included; counted with the
 profiler's memory events on the CPU (Triton under its interpreter), with the CUDA allocator's
 statistics on a GPU. Steps: the gradients rewritten in place, both passes, the
 scheduler's step."""
@@ -25,7 +25,6 @@ OPTIONS = {
     "ema": {"average": fastsam.EMA(0.9)},
     "skip_nonfinite": {"skip_nonfinite": True},
     "scaler": {},  # GradScaler's protocol: grad_scale and found_inf set around the step
-    "max_grad_norm": {"max_grad_norm": 0.1},
 }
 EXTRA = {
     "sam_adamw": lambda ps, **kw: fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2,
@@ -33,6 +32,7 @@ EXTRA = {
     "sam_sgd_plain": lambda ps, **kw: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, **kw),
     "friendlysam_adamw": lambda ps, **kw: fastsam.FriendlySAM(ps, torch.optim.AdamW, lr=1e-2,
                                                                **kw),
+    "msam_sgd": lambda ps, **kw: fastsam.MSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
 }
 
 
@@ -68,7 +68,7 @@ def _step_fn(model, opt, schedule, scaled):
 
     def step():
         write(first)
-        if isinstance(opt, fastsam.FreeSAM):
+        if isinstance(opt, (fastsam.FreeSAM, fastsam.MSAM)):  # one pass
             protocol(scaled)
             opt.step()
             protocol(False)
@@ -111,11 +111,22 @@ def _cuda_allocations(step) -> int:
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("config", sorted({**CONFIGS, **EXTRA}))
 def test_a_step_after_warm_up_allocates_nothing(backend, schedule, option, config):
+    _assert_allocates_nothing(backend, schedule, OPTIONS[option], option == "scaler", config)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("config", sorted({**CONFIGS, **EXTRA}))
+def test_clipping_allocates_nothing(backend, config):
+    """max_grad_norm's coefficient and its operands are kept between steps."""
+    _assert_allocates_nothing(backend, "cosine", {"max_grad_norm": 0.1}, False, config)
+
+
+def _assert_allocates_nothing(backend, schedule, options, scaled, config):
     make = {**CONFIGS, **EXTRA}[config]
     model = _model()
-    opt = make(list(model.parameters()), backend=backend, **OPTIONS[option])
+    opt = make(list(model.parameters()), backend=backend, **options)
     scheduler = SCHEDULES[schedule]
-    step = _step_fn(model, opt, scheduler(opt) if scheduler else None, option == "scaler")
+    step = _step_fn(model, opt, scheduler(opt) if scheduler else None, scaled)
     is_looksam = isinstance(opt, fastsam.LookSAM)
     for _ in range(4):  # warm-up: state, buffers, plans and tables made
         step()

@@ -107,6 +107,24 @@ def test_reference_friendlysam_matches_fastsam(adaptive):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_reference_msam_matches_fastsam(base):
+    """The benchmark's per-parameter MSAM (the paper's Algorithm 1, the perturbation removed by
+    adding it back) and fastsam.MSAM take the same steps."""
+    from fastsam.bench.reference_msam import ReferenceMSAM
+
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    kw = dict(lr=0.05, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-2)
+    fast = fastsam.MSAM(params, base, rho=0.1, **kw)
+    paper = ReferenceMSAM(ref, base, rho=0.1, **kw)
+    land = Landscape(SHAPES)
+    drive(fast, params, land, 5)
+    drive(paper, ref, land, 5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
 def test_naive_freesam_matches_fastsam():
     from fastsam.bench.naive_freesam import NaiveFreeSAM
 
@@ -149,9 +167,14 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     chosen = ["plain", "popular", "official", "naive", "paper", "torch"] + (["cpu"] if "cpu" in
                                                          providers("sam", torch.device("cpu"))
                                                          else [])
+    # one optimizer of each kind of step (two passes, a kept gradient, one pass, a momentum
+    # of its own, the perturbation along the base's momentum; each row's construction is
+    # test_every_provider_builds_and_steps's) keeps this under a minute
+    shown = {"sam": 1, "asam": 1, "gsam": 2, "freesam": 1, "friendlysam": 3, "msam": 1}
     rows = cli.main([
         "--device", "cpu", "--sets", "many-tiny", "--reps", "2", "--no-progress",
-        "--providers", *chosen, "--json", str(out_json), "--csv", str(out_csv),
+        "--optimizers", *shown, "--providers", *chosen, "--json", str(out_json),
+        "--csv", str(out_csv),
     ])
     printed = capsys.readouterr().out
     assert "median ms" in printed and "x floor" in printed and "us/tensor" in printed
@@ -160,7 +183,9 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
         assert r["host_us"] > 0 and r["host_us_per_tensor"] == pytest.approx(
             r["host_us"] / r["tensors"])
     by_key = {(r["optimizer"], r["provider"]): r for r in rows if r["base"] == "sgd"}
-    for optimizer, refs in REFERENCES.items():
+    assert {r["optimizer"] for r in rows} == set(shown)
+    for optimizer in shown:
+        refs = REFERENCES[optimizer]
         assert by_key[(optimizer, refs[0])]["speedup"] == pytest.approx(1.0)
         for provider in chosen:
             if provider in ("popular", "official", "naive", "paper") and provider not in refs:
@@ -169,10 +194,10 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
             assert row["median_ms"] > 0 and row["floor_ms"] > 0 and row["launches"] > 0
             assert math.isfinite(row["speedup"]) and row["speedup"] > 0
             assert f"{row['median_ms']:.3f}" in printed
-    # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM (fp32, 64,968 params)
+    # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM, three for
+    # FriendlySAM (fp32, 64,968 params)
     numel = rows[0]["params"]
-    for optimizer, buffers in (("sam", 1), ("asam", 1), ("gsam", 2), ("freesam", 1),
-                               ("sam-ema", 2), ("wsam", 2), ("friendlysam", 3)):
+    for optimizer, buffers in shown.items():
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
         assert extra >= buffers * 4 * numel
     saved = json.loads(out_json.read_text())

@@ -119,9 +119,9 @@ def two_pass_loop(model, optimizer, batches, max_grad_norm=None, autocast=None, 
     for batch in batches:
         model.train()
         losses.append(backward(batch))
-        if isinstance(optimizer, fastsam.FreeSAM) or not getattr(optimizer, "sam_step_next",
-                                                                 True):
-            update()  # FreeSAM's step, or LookSAM's look-ahead step
+        if isinstance(optimizer, (fastsam.FreeSAM, fastsam.MSAM)) or not getattr(
+                optimizer, "sam_step_next", True):
+            update()  # FreeSAM's or MSAM's step, or LookSAM's look-ahead step
             continue
         if scaler and isinstance(optimizer, fastsam.FriendlySAM):  # m is kept unscaled
             optimizer.first_step(zero_grad=True, grad_scale=scaler.get_scale())

@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         progress.close()
     print(table(rows))
     print("# x ref: speed-up over popular (SAM, ASAM, sam-skip; SAM + AveragedModel EMA for "
-          "sam-ema), "
-          "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM); "
+          "sam-ema; SAM + clip_grad_norm_ for sam-clip), "
+          "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM, MSAM); "
           "floor: bytes read at the read rate + bytes written at the write rate (the streaming "
           "kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "

@@ -15,7 +15,8 @@ Providers:
   ``official``  :mod:`fastsam.bench.official_asam` (ASAM) or :mod:`fastsam.bench.official_gsam`.
   ``naive``     :mod:`fastsam.bench.naive_freesam` (FreeSAM has no published code).
   ``paper``     :mod:`fastsam.bench.reference_wsam` (WSAM per the paper's Algorithm 1),
-                :mod:`fastsam.bench.reference_friendlysam` (FriendlySAM as its published code).
+                :mod:`fastsam.bench.reference_friendlysam` (FriendlySAM as its published code),
+                :mod:`fastsam.bench.reference_msam` (MSAM per the paper's Algorithm 1).
   ``pytorch-optimizer``  kozistr's package's SAM (and its adaptive ASAM) when it is installed.
   every fastsam backend usable on the device (``torch``, ``triton``, ``cpu``, ``cuda``).
 """
@@ -45,9 +46,11 @@ from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
 from .reference_friendlysam import ReferenceFriendlySAM
+from .reference_msam import ReferenceMSAM
 from .reference_wsam import ReferenceWSAM
 
-OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "wsam", "friendlysam")
+OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "sam-clip", "wsam",
+              "friendlysam", "msam")
 # Bytes per fp32 element of each pass of one step (docs/design.md §2), as (read, written), the
 # update pass last. SAM: norm reads g (4, 0); perturb reads w, g and writes w, w_old (8, 8);
 # restore and SGD read w_old, g, buf and write w, buf (12, 8): 40 B. ASAM's norm also reads w.
@@ -64,11 +67,17 @@ PASS_BYTES = {
     "freesam": [(16, 12)],
     "sam-ema": [(4, 0), (8, 8), (16, 12)],
     "sam-skip": [(4, 0), (8, 8), (4, 4), (12, 8)],
+    # SAM with max_grad_norm: one more reduction over g_adv (the update reads the coefficient)
+    "sam-clip": [(4, 0), (8, 8), (4, 0), (12, 8)],
     # WSAM, decoupled: GSAM's perturb (keeps g); the update reads g too; then g - g_adv into
     # the kept g and w += lr·α·(g - g_adv): two passes of (8, 4)
     "wsam": [(4, 0), (8, 12), (16, 8), (8, 4), (8, 4)],
     # FriendlySAM: the norm reads g and m; perturb reads w, g, m and writes w, w_old, m_next
     "friendlysam": [(8, 0), (12, 12), (12, 8)],
+    # MSAM, one pass: the norm reads the momentum; perturb reads w and the momentum and writes
+    # w (kept) and w̃; the update (last, as in every entry) reads w (kept), g, buf and writes
+    # the parameter and buf
+    "msam": [(4, 0), (8, 8), (12, 8)],
 }
 FLOOR_BYTES = {name: sum(r + w for r, w in passes) for name, passes in PASS_BYTES.items()}
 # The base optimizers and the bytes of their update per element, read and written (SGD
@@ -98,8 +107,27 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",),
-              "wsam": ("paper",), "friendlysam": ("paper",)}
+              "sam-clip": ("popular",),
+              "wsam": ("paper",), "friendlysam": ("paper",), "msam": ("paper",)}
 EMA_DECAY = 0.999
+CLIP_NORM = 1.0
+
+
+class PopularSAMWithClipping:
+    """The usual way to clip with the popular SAM: ``torch.nn.utils.clip_grad_norm_`` (its
+    foreach path) on the second pass's gradients, then the second step."""
+
+    def __init__(self, params: list, base: str = "sgd") -> None:
+        base_cls, hyper = BASES[base]
+        self.params = params
+        self.sam = PopularSAM(params, base_cls, rho=0.05, **hyper)
+
+    def first_step(self) -> None:
+        self.sam.first_step()
+
+    def second_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+        self.sam.second_step()
 
 
 class PopularSAMWithEMA:
@@ -165,6 +193,12 @@ def build(provider: str, optimizer: str, params: list,
         else:
             opt = fastsam.FreeSAM(params, sgd, backend=provider, **hyper)
         return opt.step, opt
+    if optimizer == "msam":
+        if provider == "paper":
+            opt = ReferenceMSAM(params, sgd, rho=0.05, **hyper)
+        else:
+            opt = fastsam.MSAM(params, sgd, rho=0.05, backend=provider, **hyper)
+        return opt.step, opt
     if optimizer == "friendlysam":
         if provider == "paper":
             opt = ReferenceFriendlySAM(params, sgd, rho=0.05, **hyper)
@@ -184,6 +218,9 @@ def build(provider: str, optimizer: str, params: list,
         opt = PopularSAMWithEMA(params, base) if provider == "popular" else fastsam.SAM(
             params, sgd, rho=0.05, backend=provider, average=fastsam.EMA(EMA_DECAY), **hyper
         )
+    elif optimizer == "sam-clip":
+        opt = PopularSAMWithClipping(params, base) if provider == "popular" else fastsam.SAM(
+            params, sgd, rho=0.05, backend=provider, max_grad_norm=CLIP_NORM, **hyper)
     elif optimizer == "sam-skip" and provider != "popular":
         opt = fastsam.SAM(params, sgd, rho=0.05, backend=provider, skip_nonfinite=True, **hyper)
     elif optimizer == "asam" and provider == "official":
@@ -215,7 +252,7 @@ def build(provider: str, optimizer: str, params: list,
 def passes(holder: object) -> list[Callable[[], None]]:
     """The calls of one step, one per forward/backward pass: ``[first_step, second_step]``, or
     ``[step]`` for a plain step and FreeSAM."""
-    if hasattr(holder, "first_step") and not isinstance(holder, fastsam.FreeSAM):
+    if hasattr(holder, "first_step") and not isinstance(holder, (fastsam.FreeSAM, fastsam.MSAM)):
         return [holder.first_step, holder.second_step]
     return [holder.step]
 

@@ -17,6 +17,7 @@ layer to perturb.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -48,10 +49,12 @@ OPTIMIZERS = {
     "friendlysam": lambda ps, lr: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.1, sigma=1.0,
                                                       lmbda=0.9, lr=lr, momentum=0.9,
                                                       weight_decay=5e-4),
+    "msam": lambda ps, lr: fastsam.MSAM(ps, torch.optim.SGD, rho=0.1, lr=lr, momentum=0.9,
+                                        weight_decay=5e-4),
     "sam-interval": lambda ps, lr: fastsam.SAM(ps, torch.optim.SGD, rho=0.1, interval=2, lr=lr,
                                                momentum=0.9, weight_decay=5e-4),
 }
-ONE_PASS = ("sgd", "freesam")
+ONE_PASS = ("sgd", "freesam", "msam")
 
 
 def load_digits(noise: float, seed: int):
@@ -105,7 +108,9 @@ def train_one(name: str, seed: int, data, epochs: int, batch: int, lr: float) ->
                 opt.step()
                 opt.zero_grad()
             sched.step()
-    with torch.no_grad():
+    # MSAM's parameters hold the perturbed weights between steps: evaluate at w
+    at_w = opt.unperturbed_weights() if isinstance(opt, fastsam.MSAM) else contextlib.nullcontext()
+    with torch.no_grad(), at_w:
         return float((model(x_test).argmax(1) == y_test).float().mean())
 
 

@@ -4,7 +4,9 @@ from .freesam import FreeSAM
 from .friendlysam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .msam import MSAM
 from .sam import SAM
 from .wsam import WSAM
 
-__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "FriendlySAM", "asam_param_groups"]
+__all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "FriendlySAM", "MSAM",
+           "asam_param_groups"]
