@@ -111,6 +111,15 @@ REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("of
               "wsam": ("paper",), "friendlysam": ("paper",), "msam": ("paper",)}
 EMA_DECAY = 0.999
 CLIP_NORM = 1.0
+# The optimizers built the same way by their reference and by fastsam: (reference class,
+# fastsam class, arguments); ONE_PASS: those whose step is step() alone.
+PAIRED = {
+    "freesam": (NaiveFreeSAM, fastsam.FreeSAM, {}),
+    "msam": (ReferenceMSAM, fastsam.MSAM, dict(rho=0.05)),
+    "friendlysam": (ReferenceFriendlySAM, fastsam.FriendlySAM, dict(rho=0.05)),
+    "wsam": (ReferenceWSAM, fastsam.WSAM, dict(rho=0.05, gamma=0.9)),
+}
+ONE_PASS = ("freesam", "msam")
 
 
 class PopularSAMWithClipping:
@@ -187,28 +196,12 @@ def build(provider: str, optimizer: str, params: list,
     if provider == "plain":
         opt = sgd(params, **hyper)
         return opt.step, opt
-    if optimizer == "freesam":
-        if provider == "naive":
-            opt = NaiveFreeSAM(params, sgd, **hyper)
-        else:
-            opt = fastsam.FreeSAM(params, sgd, backend=provider, **hyper)
-        return opt.step, opt
-    if optimizer == "msam":
-        if provider == "paper":
-            opt = ReferenceMSAM(params, sgd, rho=0.05, **hyper)
-        else:
-            opt = fastsam.MSAM(params, sgd, rho=0.05, backend=provider, **hyper)
-        return opt.step, opt
-    if optimizer == "friendlysam":
-        if provider == "paper":
-            opt = ReferenceFriendlySAM(params, sgd, rho=0.05, **hyper)
-        else:
-            opt = fastsam.FriendlySAM(params, sgd, rho=0.05, backend=provider, **hyper)
-    elif optimizer == "wsam":
-        if provider == "paper":
-            opt = ReferenceWSAM(params, sgd, rho=0.05, gamma=0.9, **hyper)
-        else:
-            opt = fastsam.WSAM(params, sgd, rho=0.05, gamma=0.9, backend=provider, **hyper)
+    if optimizer in PAIRED:  # one reference, one fastsam class, the same arguments
+        reference, ours, options = PAIRED[optimizer]
+        opt = (reference(params, sgd, **options, **hyper) if provider in REFERENCES[optimizer]
+               else ours(params, sgd, **options, backend=provider, **hyper))
+        if optimizer in ONE_PASS:
+            return opt.step, opt
     elif optimizer == "gsam":
         if provider == "official":
             opt = OfficialGSAM(params, sgd, rho=0.05, alpha=0.4, **hyper)
@@ -251,7 +244,7 @@ def build(provider: str, optimizer: str, params: list,
 
 def passes(holder: object) -> list[Callable[[], None]]:
     """The calls of one step, one per forward/backward pass: ``[first_step, second_step]``, or
-    ``[step]`` for a plain step and FreeSAM."""
+    ``[step]`` for a plain step, FreeSAM and MSAM."""
     if hasattr(holder, "first_step") and not isinstance(holder, (fastsam.FreeSAM, fastsam.MSAM)):
         return [holder.first_step, holder.second_step]
     return [holder.step]

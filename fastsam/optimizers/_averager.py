@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..averaging import Schedule, averaging_schedule
 from ..functional import Average, foreach_average
-from ._plan import StepPlan, persistent_buffer
+from ._plan import StepPlan, persistent_buffer, swap_contents
 from ._skips import AVERAGED, UPDATES, Counters
 
 
@@ -90,11 +90,7 @@ class WeightAverager:
                 f"no weights have been averaged yet: {counts['updates']} updates made, and "
                 f"{schedule} averages after update {schedule.start + schedule.every} first"
             )
-        with torch.no_grad():
-            for p, average in self.averaged.items():
-                current = p.detach().clone()
-                p.detach().copy_(average)
-                average.copy_(current)
+        swap_contents(self.averaged.items())
         self.swapped = not self.swapped
 
     def refuse_when_swapped(self, what: str) -> None:

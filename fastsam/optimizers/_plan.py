@@ -2,6 +2,7 @@
 for as long as nothing it depends on changes (docs/design.md §5, §7)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, is_not
@@ -24,6 +25,16 @@ def persistent_buffer(store: dict[Tensor, Tensor], p: Tensor, copy: bool = False
             buf.copy_(p.detach())
         store[p] = buf
     return buf
+
+
+def swap_contents(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
+    """Exchange the values of each pair of same-shaped tensors in place (one tensor's copy at a
+    time): parameters keep their storage and identity."""
+    with torch.no_grad():
+        for a, b in pairs:
+            held = a.detach().clone()
+            a.detach().copy_(b)
+            b.copy_(held)
 
 
 @dataclass

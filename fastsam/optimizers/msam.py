@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..functional import PerturbGroup, Scaling
 from ._checks import check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
-from ._plan import StepPlan
+from ._plan import StepPlan, swap_contents
 from ._update import FUSED_KINDS
 
 STATE_KEY = "msam_weights"  # per-parameter state: the unperturbed weights w
@@ -221,11 +221,7 @@ class MSAM(FusedOptimizer):
             self._swap()
 
     def _swap(self) -> None:
-        with torch.no_grad():
-            for p, w in self._weights.items():
-                held = p.detach().clone()
-                p.detach().copy_(w)
-                w.copy_(held)
+        swap_contents(self._weights.items())
         self._swapped = not self._swapped
 
     def _refuse_unperturbed(self, what: str) -> None:
