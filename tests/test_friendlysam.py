@@ -103,6 +103,30 @@ def test_low_precision_follows_the_oracle_in_fp64(backend, dtype):
         torch.testing.assert_close(p.double(), r, **tol)
 
 
+def test_a_group_of_mixed_dtypes(backend):
+    """fp32 and bf16 parameters in one group (one launch per dtype): each m is the formula's,
+    m = lmbda·g1 + (1 − lmbda)·g2 after two steps (m = g1 after the first)."""
+    ps = [torch.nn.Parameter(torch.randn(37, device=DEVICE)),
+          torch.nn.Parameter(torch.randn(21, device=DEVICE).bfloat16())]
+    opt = fastsam.FriendlySAM(ps, torch.optim.SGD, lr=0.1, lmbda=0.25, backend=backend)
+    gen = torch.Generator().manual_seed(3)
+    steps = [[torch.randn(p.shape, generator=gen).to(DEVICE, p.dtype) for p in ps]
+             for _ in range(2)]
+    def set_grads(grads):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+
+    for grads in steps:  # both passes see the same gradients
+        set_grads(grads)
+        opt.first_step(zero_grad=True)
+        set_grads(grads)
+        opt.second_step(zero_grad=True)
+    for i, m in _momenta(opt, ps).items():
+        g1, g2 = steps[0][i].float(), steps[1][i].float()
+        tol = dict(rtol=1e-6, atol=1e-6) if i == 0 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(m.float(), 0.25 * g1 + 0.75 * g2, **tol)
+
+
 def test_sigma_zero_is_sam(backend):
     """sigma = 0: d = g exactly, so the weights are SAM's bit for bit (m is kept all the same)."""
     params = make_params(SMALL, torch.float32, DEVICE)

@@ -85,17 +85,24 @@ def _scaled_grads(
 def _next_momentum(
     grads: list[Tensor], momentum: Momentum, finite: Tensor, on_cpu: bool
 ) -> None:
-    """FriendlySAM's m_next = lmbda·m + gain·g, or m itself when the norm is not finite."""
+    """FriendlySAM's m_next = lmbda·m + gain·g, or m itself when the norm is not finite.
+    Formed in place in m_next where it is fp32/fp64 (temporaries for narrower dtypes only)."""
+    nxt = momentum.next
     if on_cpu and not bool(finite):
-        torch._foreach_copy_(momentum.next, momentum.current)
+        torch._foreach_copy_(nxt, momentum.current)
         return
-    m = _widen(momentum.current)
-    new = torch._foreach_mul(m, momentum.lmbda)
-    torch._foreach_add_(new, torch._foreach_mul(_widen(grads), momentum.gain))
-    if on_cpu:
-        torch._foreach_copy_(momentum.next, new)
-    else:
-        torch._foreach_copy_(momentum.next, [torch.where(finite, x, y) for x, y in zip(new, m)])
+    wide = all(t.dtype not in _NARROW for t in nxt)
+    out = nxt if wide else [t.float() if t.dtype in _NARROW else t.clone()
+                            for t in momentum.current]  # copies: m itself is never written
+    if wide:
+        torch._foreach_copy_(out, momentum.current)
+    torch._foreach_mul_(out, momentum.lmbda)
+    torch._foreach_add_(out, _widen(grads), alpha=momentum.gain)
+    if not on_cpu:  # a non-finite norm keeps m: selected on the device
+        for n, m in zip(out, momentum.current):
+            torch.where(finite, n, m.to(n.dtype), out=n)
+    if not wide:
+        torch._foreach_copy_(nxt, out)
 
 
 def _clipped(grads: list[Tensor], clip: Tensor | None) -> list[Tensor]:
