@@ -10,7 +10,16 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
-from harness import SHAPES, Landscape, clone_params, drive, make_params
+from harness import (
+    SHAPES,
+    Landscape,
+    clone_params,
+    drive,
+    make_params,
+    small_data,
+    small_model,
+    step,
+)
 from oracle import OracleMSAM
 
 import fastsam
@@ -191,10 +200,37 @@ def test_msam_refuses_what_it_cannot_follow():
         fastsam.MSAM(w, torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="takes torch.optim.SGD"):
         fastsam.MSAM(w, torch.optim.RMSprop, lr=0.1, momentum=0.9)
-    with pytest.raises(ValueError, match="capturable"):
-        fastsam.MSAM(w, torch.optim.Adam, lr=0.1, capturable=True)
     with pytest.raises(ValueError, match="rho"):
         fastsam.MSAM(w, torch.optim.Adam, rho=-1.0, lr=0.1)
     opt = fastsam.MSAM(w, torch.optim.Adam, lr=0.1)
     with pytest.raises(RuntimeError, match="one forward/backward pass per step"):
         opt.first_step()
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_capturable_steps_equal_host_decided_steps(backend, base):
+    """capturable=True: no host read after warm-up; an inf step skipped on the device writes w
+    back and forms the same w̃ again, so every step is the host-decided run's."""
+    x, y = small_data()
+
+    def run(capturable):
+        model = small_model()
+        make = ((lambda ps: fastsam.MSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw))
+                if base == "sgd" else (lambda ps: fastsam.MSAM(ps, torch.optim.Adam, lr=1e-2,
+                                                                **kw)))
+        kw = dict(rho=0.1, backend=backend, capturable=capturable, skip_nonfinite=True,
+                  average="ema")
+        opt = make(model.parameters())
+        weights = []
+        for t in range(6):
+            guarded = capturable and t >= 2 and (backend != "torch" or DEVICE.type != "cpu")
+            step(model, opt, x, y, None, t in (0, 3), (guarded, guarded))
+            weights.append([p.detach().clone() for p in model.parameters()])
+        return weights, opt
+
+    (host, host_opt), (device, device_opt) = run(False), run(True)
+    for a, b in zip(host, device):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(p, q) for p, q in zip(device[2], device[3]))  # step 3: skipped
+    assert host_opt.nonfinite_skipped_steps == device_opt.nonfinite_skipped_steps == 2

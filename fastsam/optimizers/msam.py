@@ -51,9 +51,10 @@ class MSAM(FusedOptimizer):
             built with ``base_kwargs``, or instance): MSAM follows their momentum.
         rho (float, default 0.05): the perturbation's radius.
         eps (float, default 1e-12): added to ``‖v‖`` in the denominator.
-        backend, average, skip_nonfinite, max_grad_norm: as in :class:`fastsam.SAM` (the
-            averages are of the unperturbed weights; a skipped update leaves ``w``, ``v`` and
-            ``w̃`` as they were). ``capturable=True`` is refused.
+        backend, average, skip_nonfinite, capturable, max_grad_norm: as in
+            :class:`fastsam.SAM` (the averages are of the unperturbed weights; a skipped update
+            leaves ``w``, ``v`` and ``w̃`` as they were: on the device, with ``capturable``,
+            the update writes ``w`` back and the perturbation forms the same ``w̃`` again).
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -83,11 +84,6 @@ class MSAM(FusedOptimizer):
         max_grad_norm: float | None = None,
         **base_kwargs: Any,
     ) -> None:
-        if capturable is not False:
-            raise ValueError(
-                "MSAM does not take capturable=True: a parameter's first step copies its "
-                "weights on the host's decision"
-            )
         self._eps = check_finite_nonnegative("eps", eps)
         self._weights: dict[Tensor, Tensor] = {}  # w per parameter (the unperturbed weights)
         self._weights_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
@@ -95,7 +91,8 @@ class MSAM(FusedOptimizer):
         self._flag: Tensor | None = None
         super().__init__(
             params, base_optimizer, dict(rho=rho), backend=backend, base_kwargs=base_kwargs,
-            average=average, skip_nonfinite=skip_nonfinite, max_grad_norm=max_grad_norm,
+            average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
+            max_grad_norm=max_grad_norm,
         )
         kind = FUSED_KINDS.get(type(self.base_optimizer))
         if kind is None or self._fused_update_kind() is None:
@@ -144,17 +141,19 @@ class MSAM(FusedOptimizer):
         if skip is True:  # inf/NaN gradients: w, v and w̃ stay as they are
             self._mark_stepped()
             return loss
+        flag = skip if isinstance(skip, Tensor) else None  # capturable: skipped on the device
         weights = self._plan_weights(plan)
         clip = self._clip_coefficient(plan, all_grads)
-        averages = self._averager.count_update(plan)
+        averages = self._averager.count_update(plan, flag)
         backend = self._backend_for(plan.device)
         states = self._planner.states(plan, self.state)
         for i, (group, params, grads) in enumerate(zip(self.param_groups, plan.params,
                                                        all_grads)):
-            if params:  # the parameters get update(w, g): the unperturbed new weights
+            if params:  # the parameters get update(w, g): the unperturbed new weights (w
+                # itself when skipped on the device; the perturbation below is then w̃ again)
                 self._fused(self._kind, self.base_optimizer, backend, group, params, grads,
                             weights[i], states[i], None, averages[i] if averages else None,
-                            None, clip)
+                            flag, clip)
         self._average_idle(plan, averages)
         self._perturb(plan, weights, states)
         self._mark_stepped()
