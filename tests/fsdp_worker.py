@@ -55,6 +55,20 @@ def _looksam_unfused(params, backend):
                            backend=backend)
 
 
+def _friendlysam(params, backend):
+    return fastsam.FriendlySAM(params, torch.optim.SGD, rho=0.05, lmbda=0.5, lr=0.1,
+                               momentum=0.9, backend=backend)
+
+
+def _msam(params, backend):
+    return fastsam.MSAM(params, torch.optim.Adam, rho=0.05, lr=0.01, backend=backend)
+
+
+def _gsam_clipped(params, backend):
+    return fastsam.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.3, lr=0.1, momentum=0.9,
+                        max_grad_norm=0.05, backend=backend)
+
+
 def _sam_skip(params, backend):
     return fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
                        skip_nonfinite=True, backend=backend)
@@ -79,6 +93,12 @@ CONFIGS = {
     # scaler's found-inf check on DTensor gradients agrees across ranks by itself (DTensor's
     # collective, not counted here), fastsam adds only its norm's all-reduce
     "sam-gradscaler": (_sam, STEPS),
+    # FriendlySAM: its momentum in the shards, the norm of d all-reduced once per step
+    "friendlysam-sgd": (_friendlysam, STEPS),
+    # MSAM: one pass; the norm of the momentum all-reduced once per step
+    "msam-adam": (_msam, STEPS),
+    # max_grad_norm: the clip's norm of g_adv all-reduced too (GSAM's sums: one more)
+    "gsam-clipped": (_gsam_clipped, 3 * STEPS),
 }
 BAD_STEP = 1
 
@@ -110,7 +130,7 @@ def train(model, optimizer, x, y, between=nullcontext, bad_step=None, scaler=Non
         if bad_step == "omit" and step == BAD_STEP:
             continue
         scale(loss_fn(model(x), y)).backward()
-        if isinstance(optimizer, fastsam.FreeSAM):  # one pass per step
+        if isinstance(optimizer, (fastsam.FreeSAM, fastsam.MSAM)):  # one pass per step
             with between():
                 optimizer.step()
             optimizer.zero_grad()
