@@ -15,6 +15,7 @@ from trainers import (  # noqa: E402
     bn_data,
     collate,
     max_difference,
+    model_loss,
     two_pass_loop,
 )
 from transformers import TrainerCallback, TrainingArguments  # noqa: E402
@@ -50,6 +51,7 @@ OPTIMIZERS = {
                                                       lr=0.1, momentum=0.9),
     "sam_interval": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3,
                                            interval=3),
+    "msam_sgd": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
 }
 
 
@@ -186,6 +188,27 @@ def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path, kind):
     assert trainer.lr_scheduler.last_epoch == scheduler.last_epoch == STEPS - 1
     assert trainer.accelerator.scaler.get_scale() == scaler.get_scale() == 2.0**15
     assert max_difference(model, reference) < 1e-6
+
+
+def test_msam_evaluates_at_the_unperturbed_weights(tmp_path):
+    """trainer.evaluate() with MSAM: the loss at w (the parameters hold w̃ between steps), and
+    the parameters hold w̃ again afterwards."""
+    build, data_of = MODELS["bn"]
+    data = data_of(BATCH * STEPS)
+    model = build()
+    opt = OPTIMIZERS["msam_sgd"](model.parameters())
+    trainer = SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=data,
+                         eval_dataset=data[:BATCH], optimizers=(opt, None))
+    trainer.train()
+    perturbed = [p.detach().clone() for p in model.parameters()]
+    loss = trainer.evaluate()["eval_loss"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), perturbed))
+    model.eval()
+    with torch.no_grad():
+        at_w_tilde = float(model_loss(model, collate(data[:BATCH])))
+        with opt.unperturbed_weights():
+            at_w = float(model_loss(model, collate(data[:BATCH])))
+    assert loss == pytest.approx(at_w, rel=1e-5) and abs(at_w - at_w_tilde) > 1e-4
 
 
 def test_bf16_autocast(tmp_path):

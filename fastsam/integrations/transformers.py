@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..batchnorm import frozen_bn_stats
 from ..distributed import local_pass
-from ..optimizers import SAM
+from ..optimizers import MSAM, SAM
 from ..optimizers._base import SharpnessAwareOptimizer
 from ..optimizers._core import FusedOptimizer
 from . import begin_sam_step, report_amp_skip, unwrap
@@ -127,6 +127,14 @@ class SAMTrainer(Trainer):
                 with nullcontext() if last else self.accelerator.no_sync(model):
                     super().training_step(model, micro_batch, items)
         return loss
+
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation; with MSAM, whose parameters hold the perturbed weights
+        between steps, at the unperturbed weights (swapped in for the evaluation only)."""
+        sam = unwrap(self.optimizer) if self.optimizer is not None else None
+        with sam.unperturbed_weights() if isinstance(sam, MSAM) else nullcontext():
+            return super().evaluate(*args, **kwargs)
 
 
 class _SchedulerFollowsAmpSkips(TrainerCallback):
