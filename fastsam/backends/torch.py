@@ -198,7 +198,8 @@ class TorchBackend(Backend):
         # On CPU a tensor's value is a plain memory read (no device to wait for): reading the
         # scale lets plain SAM update w in place without an e temporary, which on CPU costs
         # more in first-touch page faults of a fresh 4-bytes-per-parameter buffer than in bytes.
-        on_cpu = norm_sum.device.type == "cpu"
+        # (not under torch.compile, which traces no read of a tensor's value)
+        on_cpu = norm_sum.device.type == "cpu" and not torch.compiler.is_compiling()
         for group, direction in zip(groups, norm.prepared):
             if not group.params:
                 continue

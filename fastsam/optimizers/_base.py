@@ -47,6 +47,19 @@ def _lightning_closure(closure: Callable[[], Any]) -> str | None:
     return None
 
 
+class _Progress:
+    """Where the optimizer is between steps: the plan of a pending perturbation (None: none)
+    and the number of steps begun. Kept in an object of its own rather than as attributes of
+    the optimizer: torch.compile treats an Optimizer's own attributes as fixed while it traces
+    a step, and would not carry these changes out of a compiled ``first_step``."""
+
+    __slots__ = ("perturbed", "begun")
+
+    def __init__(self) -> None:
+        self.perturbed: StepPlan | None = None
+        self.begun = 0
+
+
 class SharpnessAwareOptimizer(FusedOptimizer):
     """Base class: first step (perturb), second step (restore + base update), closure step.
 
@@ -79,7 +92,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 f"{interval!r}"
             )
         self.interval = interval
-        self._begun = 0  # steps begun: step t is a SAM step when t % interval == 0
+        self._progress = _Progress()  # step t is a SAM step when t % interval == 0
         if isinstance(p, bool) or not isinstance(p, (int, float)):
             raise TypeError(f"p must be a number (2, float('inf') or any p > 1), got {p!r}")
         if not p > 1.0:
@@ -87,13 +100,30 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._p = float(p)
         self._q = dual_exponent(self._p)
         self._eps = check_finite_nonnegative("eps", eps)
-        self._perturbed: StepPlan | None = None
         self._closure_drives = False  # see _closure_makes_the_passes()
         super().__init__(
             params, base_optimizer, defaults, backend=backend, base_kwargs=base_kwargs,
             average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
             max_grad_norm=max_grad_norm,
         )
+
+    @property
+    def _perturbed(self) -> StepPlan | None:
+        """The plan of the pending perturbation (between first and second step), or None."""
+        return self._progress.perturbed
+
+    @_perturbed.setter
+    def _perturbed(self, plan: StepPlan | None) -> None:
+        self._progress.perturbed = plan
+
+    @property
+    def _begun(self) -> int:
+        """Steps begun (interval SAM's and LookSAM's count)."""
+        return self._progress.begun
+
+    @_begun.setter
+    def _begun(self, count: int) -> None:
+        self._progress.begun = count
 
     # ----------------------------------------------------------------- subclass hooks
     def _check_group(self, group: dict[str, Any]) -> None:

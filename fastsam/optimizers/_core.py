@@ -182,7 +182,16 @@ class FusedOptimizer(Optimizer):
         return self._planner.plan(self.param_groups)
 
     def _fused_update_kind(self, plan: StepPlan | None = None) -> str | None:
-        return fused_kind(self.base_optimizer, plan)
+        """'sgd', 'adam' or None (:func:`~._update.fused_kind`), as decided by the last eager
+        step over ``plan`` when torch.compile traces a step: while it traces an optimizer,
+        torch.compile shows every param group with ``capturable=True``."""
+        if plan is None:
+            return fused_kind(self.base_optimizer, plan)
+        if torch.compiler.is_compiling() and plan.fused is not None:
+            return plan.fused[0]
+        kind = fused_kind(self.base_optimizer, plan)
+        plan.fused = (kind,)
+        return kind
 
     def _check_capturable(self, plan: StepPlan) -> None:
         """With ``capturable``, before a step changes anything: refuse what the update kernels

@@ -58,9 +58,15 @@ class StepPlan:
     averaged: list[list[Tensor]] | None = None  # per group, the averaged copies (once)
     first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
     idle_averaged: list[Tensor] | None = None
+    fused: tuple[str | None] | None = None  # the update kind an eager step decided (1-tuple)
 
     def grads(self, flat_grads: list) -> list[list[Tensor]]:
         """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
+        if torch.compiler.is_compiling():  # the same, in the constructs torch.compile traces
+            out = [[flat_grads[i] for i in positions] for positions in self.positions]
+            if any(g.is_sparse for grads in out for g in grads):
+                raise RuntimeError("fastsam does not support sparse gradients")
+            return out
         out = []
         for positions, params in zip(self.positions, self.params):
             grads = list(map(flat_grads.__getitem__, positions))
@@ -96,6 +102,8 @@ class StepPlanner:
 
     def plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
         """This step's plan, and the flat list of every parameter's gradient (or None)."""
+        if torch.compiler.is_compiling():
+            return self._traced_plan(param_groups)
         flat = [p for group in param_groups for p in group["params"]]
         flat_grads = list(map(_grad, flat))
         key = (
@@ -136,6 +144,22 @@ class StepPlanner:
                 w_old[-1].append(persistent_buffer(self.w_old, p) if keeps else p)
         self.current = StepPlan(key, params, w_old, positions, device, has_complex, idle)
         return self.current, flat_grads
+
+    def _traced_plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
+        """Under torch.compile: the plan of the eager steps before, whose key is checked but
+        for the addresses (torch.compile guards on the tensors themselves); none that fits is
+        refused, as making one needs the addresses."""
+        flat_grads = [p.grad for group in param_groups for p in group["params"]]
+        key = (self._version, tuple(g is not None for g in flat_grads),
+               tuple(group.get("perturb", True) for group in param_groups))
+        current = self.current
+        if current is None or (current.key[0], current.key[1], current.key[3]) != key:
+            raise RuntimeError(
+                "fastsam under torch.compile steps with the plan an eager step made: take one "
+                "step without torch.compile first (the warm-up torch.compile wants anyway), "
+                "and again when parameters gain or lose their gradients or the groups change"
+            )
+        return current, flat_grads
 
     def first_buffers(self, plan: StepPlan) -> list[list[Tensor]]:
         """Per group of ``plan``, the persistent buffers the perturb pass fills with a copy of

@@ -1,0 +1,84 @@
+"""torch.compile of the optimizer's steps themselves, ``fullgraph=True`` (no graph break
+anywhere in ``first_step`` or ``second_step``): with ``capturable=True`` and a tensor lr under a
+cosine schedule, 20 steps equal the eager ones, and after the warm-up nothing is compiled again
+(``torch.compiler.set_stance("fail_on_recompile")``). The ``cpu`` backend's native operators
+and the ``torch`` backend's foreach arithmetic are traced (docs/training.md)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, NATIVE
+
+import fastsam
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU backends are compiled on a GPU"),
+]
+STEPS, WARM_UP, COMPILED_AT = 20, 1, 4  # eager step(s), then compiled; no recompile from 4
+CONFIGS = {
+    "sam_sgd": lambda ps, **kw: fastsam.SAM(ps, torch.optim.SGD, rho=0.05,
+                                            lr=torch.tensor(0.1), momentum=0.9, **kw),
+    "gsam_adamw": lambda ps, **kw: fastsam.GSAM(ps, torch.optim.AdamW, rho=0.05, alpha=0.3,
+                                                lr=torch.tensor(1e-2), weight_decay=0.1, **kw),
+    "wsam_clip_ema": lambda ps, **kw: fastsam.WSAM(
+        ps, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=False, lr=torch.tensor(0.1),
+        momentum=0.9, max_grad_norm=0.1, average="ema", **kw),
+}
+BACKENDS = ["torch"] + [b for b in NATIVE if b == "cpu"]
+
+
+def _run(name, backend, compiled):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = CONFIGS[name](model.parameters(), backend=backend, capturable=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    first, second = opt.first_step, opt.second_step
+    if compiled:
+        first = torch.compile(opt.first_step, fullgraph=True)
+        second = torch.compile(opt.second_step, fullgraph=True)
+    try:
+        for t in range(STEPS):
+            if compiled and t == COMPILED_AT:
+                torch.compiler.set_stance("fail_on_recompile")
+            eager = t < WARM_UP  # the plan, state and buffers are made by an eager step
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            (opt.first_step if eager else first)()
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            (opt.second_step if eager else second)()
+            opt.zero_grad(set_to_none=False)
+            schedule.step()
+    finally:
+        torch.compiler.set_stance("default")
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_compiled_steps_equal_eager_without_recompiling(name, backend):
+    torch._dynamo.reset()
+    (eager, eager_opt), (compiled, compiled_opt) = (_run(name, backend, False),
+                                                    _run(name, backend, True))
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert compiled_opt.state_dict()["param_groups"][0]["fastsam_counters"] == (
+        eager_opt.state_dict()["param_groups"][0]["fastsam_counters"])
+    if "ema" in name:
+        with eager_opt.averaged_weights(), compiled_opt.averaged_weights():
+            for a, b in zip(eager.parameters(), compiled.parameters()):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_compiled_step_needs_an_eager_one_first():
+    """The plan (which parameters step, their buffers, launch tables) is made from addresses,
+    which a traced step cannot read: a compiled first step without an eager one before it is
+    refused with what to do."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(3, 2)
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    model(torch.randn(4, 3)).square().mean().backward()
+    with pytest.raises(Exception, match="take one step without torch.compile first"):
+        torch.compile(opt.first_step, fullgraph=True)()
