@@ -15,12 +15,21 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(DEVICE.type != "cpu", reason="the GPU backends are compiled on a GPU"),
 ]
-STEPS, WARM_UP, COMPILED_AT = 20, 1, 4  # eager step(s), then compiled; no recompile from 4
+# Two eager steps (a SAM step and, for interval SAM and LookSAM, a step between), then compiled
+# ones; from step 6 on nothing compiles again (interval SAM's and LookSAM's step count is
+# specialised by the first compiled steps, then made symbolic by torch.compile's automatic
+# dynamic: one graph per kind of step).
+STEPS, WARM_UP, COMPILED_AT = 20, 2, 6
 CONFIGS = {
     "sam_sgd": lambda ps, **kw: fastsam.SAM(ps, torch.optim.SGD, rho=0.05,
                                             lr=torch.tensor(0.1), momentum=0.9, **kw),
     "gsam_adamw": lambda ps, **kw: fastsam.GSAM(ps, torch.optim.AdamW, rho=0.05, alpha=0.3,
                                                 lr=torch.tensor(1e-2), weight_decay=0.1, **kw),
+    "sam_interval_adam": lambda ps, **kw: fastsam.SAM(ps, torch.optim.Adam, rho=0.05, interval=2,
+                                                      lr=torch.tensor(1e-2), **kw),
+    "looksam_sgd": lambda ps, **kw: fastsam.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2,
+                                                    alpha=0.5, lr=torch.tensor(0.1),
+                                                    momentum=0.9, **kw),
     "wsam_clip_ema": lambda ps, **kw: fastsam.WSAM(
         ps, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=False, lr=torch.tensor(0.1),
         momentum=0.9, max_grad_norm=0.1, average="ema", **kw),
@@ -45,11 +54,12 @@ def _run(name, backend, compiled):
                 torch.compiler.set_stance("fail_on_recompile")
             eager = t < WARM_UP  # the plan, state and buffers are made by an eager step
             torch.nn.functional.cross_entropy(model(x), y).backward()
-            (opt.first_step if eager else first)()
+            sam_step = (opt.first_step if eager else first)()
             opt.zero_grad(set_to_none=False)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            (opt.second_step if eager else second)()
-            opt.zero_grad(set_to_none=False)
+            if sam_step is not False:  # (a step between SAM steps is whole after first_step)
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                (opt.second_step if eager else second)()
+                opt.zero_grad(set_to_none=False)
             schedule.step()
     finally:
         torch.compiler.set_stance("default")
