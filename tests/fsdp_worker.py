@@ -97,8 +97,8 @@ CONFIGS = {
     "friendlysam-sgd": (_friendlysam, STEPS),
     # MSAM: one pass; the norm of the momentum all-reduced once per step
     "msam-adam": (_msam, STEPS),
-    # max_grad_norm: the clip's norm of g_adv all-reduced too (GSAM's sums: one more)
-    "gsam-clipped": (_gsam_clipped, 3 * STEPS),
+    # max_grad_norm: GSAM takes the clip's ‖g_adv‖² from its own sums: no more all-reduces
+    "gsam-clipped": (_gsam_clipped, 2 * STEPS),
 }
 BAD_STEP = 1
 

@@ -284,7 +284,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         if flag is not None and fused is None:  # a parameter was added since first_step()
             self._restore(perturbed)
             raise RuntimeError(not_capturable(now))
-        clip = self._clip_coefficient(now, all_grads)
+        clip = self._update_clip(perturbed, now, all_grads, fused is not None)
         if fused is None:  # the base optimizer's own step: .grad clipped as clip_grad_norm_ does
             self._clip_in_place(now, all_grads, clip)
             clip = None
@@ -322,6 +322,13 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._mark_stepped()
         if zero_grad:
             self.zero_grad()
+
+    def _update_clip(
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> Tensor | None:
+        """max_grad_norm's coefficient for the second step's update (None without it): one
+        reduction over ``grads``; GSAM takes it from the sums its decomposition reduces."""
+        return self._clip_coefficient(now, grads)
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,

@@ -155,6 +155,7 @@ class GSAM(SharpnessAwareOptimizer):
             interval=interval,
         )
         self.rho_t = rho
+        self._clip_sums: Tensor | None = None  # see _update_clip
         if rho_scheduler is not None:
             current = getattr(rho_scheduler, "value", None)
             self._set_rho(float(current) if current is not None else rho_scheduler.step())
@@ -203,11 +204,10 @@ class GSAM(SharpnessAwareOptimizer):
         backend = self._backend_for(now.device)
         alphas = [float(group["gsam_alpha"]) for group in self.param_groups]
         if fused and now is perturbed:  # the usual case: decomposition fused into the update
-            groups = [DecomposeGroup(g, f, a) for g, f, a in zip(grads, firsts, alphas)]
             if clip is None:
-                along = backend.gsam_along(groups, self._eps)
-            else:  # the update clips g_adv by c
-                along = self._clipped_along(backend.gsam_sums(groups), clip)
+                along = backend.gsam_along(self._decompose_groups(perturbed, grads), self._eps)
+            else:  # the update clips g_adv by c: the sums _update_clip reduced
+                along = self._clipped_along(self._clip_sums, clip)
             return [
                 Decomposition(f, a, along) if a != 0.0 and f else None
                 for f, a in zip(firsts, alphas)
@@ -223,6 +223,23 @@ class GSAM(SharpnessAwareOptimizer):
             groups.append(DecomposeGroup(adv, first, alphas[i]))
         backend.gsam_decompose(groups, self._eps)
         return None
+
+    def _decompose_groups(self, perturbed: StepPlan,
+                          grads: list[list[Tensor]]) -> list[DecomposeGroup]:
+        """Per group, g_adv (``grads``), the kept g and alpha, for the fused decomposition."""
+        return [DecomposeGroup(g, f, float(group["gsam_alpha"])) for g, f, group in
+                zip(grads, self._first_buffers(perturbed), self.param_groups)]
+
+    def _update_clip(
+        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool
+    ) -> Tensor | None:
+        """Fused: the sums the decomposition needs, ``[⟨g, g_adv⟩, ‖g_adv‖², ‖g‖²]``, reduced
+        here once (kept for :meth:`_before_update`); the clip coefficient from ‖g_adv‖²."""
+        if self.max_grad_norm is None or not fused or now is not perturbed or now.device is None:
+            return super()._update_clip(perturbed, now, grads, fused)
+        backend = self._backend_for(now.device)
+        self._clip_sums = backend.gsam_sums(self._decompose_groups(perturbed, grads))
+        return self._clip_from(self._clip_sums[1])
 
     def _clipped_along(self, sums: Tensor, clip: Tensor) -> Tensor:
         """``along`` (:func:`fastsam.functional.gsam_along_from_sums`) of the clipped c·g_adv
