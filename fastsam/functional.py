@@ -33,6 +33,7 @@ __all__ = [
     "Scaling",
     "PerturbGroup",
     "Momentum",
+    "momentum_scalars",
     "PerturbationNorm",
     "SGDHyper",
     "AdamHyper",
@@ -128,6 +129,19 @@ class Momentum:
     def with_tensors(self, current: list[Tensor], next: list[Tensor]) -> Momentum:
         """The same coefficients over other tensors (local shards)."""
         return replace(self, current=current, next=next)
+
+
+def momentum_scalars(groups: list[PerturbGroup]) -> tuple[float, ...] | None:
+    """The kernels' per-group array of :class:`Momentum` scalars, ``[sigma, lmbda, gain]`` of
+    each group in order, or None when no group has a momentum. Every group with parameters has
+    one, or none does."""
+    given = {g.momentum is not None for g in groups if g.params}
+    if len(given) > 1:
+        raise ValueError("momentum must be given for every group or for none")
+    if given != {True}:
+        return None
+    return tuple(x for g in groups
+                 for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0)))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ..functional import (
     SGDHyper,
     accumulation_dtype,
     dual_exponent,
+    momentum_scalars,
 )
 from ._constants import ConstantArrays, held_for_graphs
 
@@ -89,23 +90,16 @@ def _kept(groups: list[PerturbGroup]) -> list[Tensor]:
     return [t for g in groups for t in g.keep_grads]
 
 
-def _momentum(groups: list[PerturbGroup], device: torch.device, constants: ConstantArrays,
-              writes: bool) -> tuple:
-    """The trailing momentum arguments of the norm operator (``writes``: of perturb): the
-    lists of every group's :class:`~fastsam.functional.Momentum` and the per-group array of
-    its scalars; empty when no group has one."""
-    given = [g.momentum is not None for g in groups if g.params]
-    if not any(given):
-        return ([], [], None) if writes else ([], None)
-    if not all(given):
-        raise ValueError("momentum must be given for every group or for none")
-    current = [t for g in groups for t in g.momentum.current]
-    scalars = tuple(x for g in groups
-                    for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0)))
-    array = constants(scalars, device)
-    if not writes:
-        return current, array
-    return current, [t for g in groups for t in g.momentum.next], array
+def _momentum(groups: list[PerturbGroup], device: torch.device,
+              constants: ConstantArrays) -> tuple:
+    """The momentum arguments of the perturb operator (m, m_next, the per-group array of
+    :func:`~fastsam.functional.momentum_scalars`; the norm operator takes the first and last):
+    empty lists and None when no group has a momentum."""
+    scalars = momentum_scalars(groups)
+    if scalars is None:
+        return [], [], None
+    return ([t for g in groups for t in g.momentum.current],
+            [t for g in groups for t in g.momentum.next], constants(scalars, device))
 
 
 def _source(source: GradientSource | None) -> tuple:
@@ -157,16 +151,18 @@ class NativeBackend(Backend):
         # fp64 parameters get an fp64 norm; everything else accumulates in fp32.
         out = self._buffer("norm", device, accumulation_dtype(params))
         scratch = self._buffer("scratch", device, torch.float64)
-        torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch,
-                               *_momentum(groups, device, self._constants, False))
-        # prepared: the flattened lists; the filter norms stay in ``scratch`` for perturb
-        return PerturbationNorm(out, groups, flat)
+        momentum, _, scalars = mom = _momentum(groups, device, self._constants)
+        torch.ops.fastsam.norm(params, grads, sizes, modes, etas, q, out, scratch, momentum,
+                               scalars)
+        # prepared: the flattened lists and momentum arguments; the filter norms stay in
+        # ``scratch`` for perturb
+        return PerturbationNorm(out, groups, (flat, mom))
 
     def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
         # Reads the filter norms that perturbation_norm left in ``scratch`` for these groups
         # (the engine calls the two in a row), with the lists it flattened.
         groups, norm_sum = norm.groups, norm.total
-        params, grads, sizes, modes, etas = norm.prepared
+        (params, grads, sizes, modes, etas), momentum = norm.prepared
         w_old = [t for g in groups for t in g.w_old]
         rhos = self._constants(tuple(g.rho for g in groups), params[0].device)
         keep = _kept(groups)
@@ -174,7 +170,7 @@ class NativeBackend(Backend):
         q = dual_exponent(p)
         torch.ops.fastsam.perturb(
             params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped,
-            keep, *_momentum(groups, params[0].device, self._constants, True),
+            keep, *momentum,
         )
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

@@ -39,6 +39,7 @@ from ..functional import (
     SGDHyper,
     accumulation_dtype,
     dual_exponent,
+    momentum_scalars,
 )
 from ._constants import ConstantArrays, LRUCache, held_for_graphs, upload
 
@@ -195,14 +196,6 @@ def _keeps_gradients(groups: list[PerturbGroup]) -> bool:
     return keep == {True}
 
 
-def _has_momentum(groups: list[PerturbGroup]) -> bool:
-    """Whether passes A and B follow FriendlySAM's momentum (every group has one, or none)."""
-    given = {g.momentum is not None for g in groups if g.params}
-    if len(given) > 1:
-        raise ValueError("momentum must be given for every group or for none")
-    return given == {True}
-
-
 def _group_roles(g: PerturbGroup) -> dict[str, list[Tensor]]:
     roles = {"w": g.params, "g": g.grads, "old": g.w_old}
     if g.keep_grads is not None:
@@ -228,7 +221,7 @@ class _PerturbPlan:
         self.keep = _keeps_gradients(groups)
         if self.keep:
             roles["keep"] = [t for g in groups for t in g.keep_grads]
-        self.momentum = _has_momentum(groups)
+        self.momentum = momentum_scalars(groups) is not None
         if self.momentum:
             roles["m"] = [t for g in groups for t in g.momentum.current]
             roles["m_next"] = [t for g in groups for t in g.momentum.next]
@@ -356,29 +349,23 @@ class TritonBackend(Backend):
             K.sum_kernel, 1, partials, plan.n_segments, norm_sum,
             ACC=_ACC[plan.acc], BLOCK=SUM_BLOCK,
         )
-        return PerturbationNorm(norm_sum, groups, (plan, filter_T))
+        return PerturbationNorm(norm_sum, groups, (plan, filter_T, momentum))
 
     def _momentum(self, groups: list[PerturbGroup], plan: _PerturbPlan) -> Tensor:
         """FriendlySAM's [sigma, lmbda, gain] per group as a device array (an unread stand-in
         without a momentum)."""
-        if not plan.momentum:
-            return self._constants((0.0,), plan.device)
-        return self._constants(
-            tuple(x for g in groups
-                  for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0))),
-            plan.device,
-        )
+        scalars = momentum_scalars(groups) if plan.momentum else None
+        return self._constants(scalars or (0.0,), plan.device)
 
     # ---------------------------------------------------------------- pass B
     def perturb(self, norm: PerturbationNorm, p: float, eps: float, skipped: Tensor) -> None:
         # The plan and the filter norms of the perturbation_norm call just made over the same
         # groups (the engine calls the two in a row: the filter norms are in scratch).
-        (plan, filter_T), groups, norm_sum = norm.prepared, norm.groups, norm.total
+        (plan, filter_T, momentum), groups, norm_sum = norm.prepared, norm.groups, norm.total
         q = dual_exponent(p)
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)
         rho = self._constants(tuple(g.rho for g in groups), plan.device)
-        momentum = self._momentum(groups, plan)
         if not plan.launches:
             skipped.zero_()
         for table, start in plan.launches:
