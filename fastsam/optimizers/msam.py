@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..functional import PerturbGroup, Scaling
 from ._checks import check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
-from ._plan import StepPlan, swap_contents
+from ._plan import StepPlan, persistent_buffer, swap_contents
 from ._update import FUSED_KINDS
 
 STATE_KEY = "msam_weights"  # per-parameter state: the unperturbed weights w
@@ -87,6 +87,8 @@ class MSAM(FusedOptimizer):
         self._eps = check_finite_nonnegative("eps", eps)
         self._weights: dict[Tensor, Tensor] = {}  # w per parameter (the unperturbed weights)
         self._weights_plan: tuple[StepPlan, list[list[Tensor]]] | None = None
+        # per group of that plan, the base optimizer's momentum buffers (v), once they exist
+        self._momentum_plan: list[list[Tensor]] | None = None
         self._swapped = False
         self._flag: Tensor | None = None
         super().__init__(
@@ -164,27 +166,23 @@ class MSAM(FusedOptimizer):
         its weights as they are (a copy). Looked up once per plan."""
         if self._weights_plan is not None and self._weights_plan[0] is plan:
             return self._weights_plan[1]
-        out = []
-        for params in plan.params:
-            out.append([])
-            for p in params:
-                w = self._weights.get(p)
-                if w is None or w.shape != p.shape or w.dtype != p.dtype or w.device != p.device:
-                    w = self._weights[p] = p.detach().clone(memory_format=torch.preserve_format)
-                out[-1].append(w)
+        out = [[persistent_buffer(self._weights, p, copy=True) for p in params]
+               for params in plan.params]
         self._weights_plan = (plan, out)
+        self._momentum_plan = None
         return out
 
     def _perturb(self, plan: StepPlan, weights: list[list[Tensor]],
                  states: list[list[dict]]) -> None:
         """SAM's passes A and B with the momentum in place of g and −rho: ``w`` (the updated
         parameters) stored back, ``w̃ = w − rho·v/(‖v‖ + eps)`` written."""
-        key = _MOMENTUM[self._kind]
+        if self._momentum_plan is None:  # once per plan: the update made the buffers
+            key = _MOMENTUM[self._kind]
+            self._momentum_plan = [[s[key] for s in group_states] for group_states in states]
         groups = [
-            PerturbGroup(params, [s[key] for s in group_states], w, -float(group["rho"]),
-                         Scaling())
-            for group, params, w, group_states in zip(self.param_groups, plan.params, weights,
-                                                      states)
+            PerturbGroup(params, v, w, -float(group["rho"]), Scaling())
+            for group, params, w, v in zip(self.param_groups, plan.params, weights,
+                                           self._momentum_plan)
             if params
         ]
         if not groups:
