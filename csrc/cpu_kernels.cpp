@@ -78,10 +78,21 @@ S* address(const Table& tab, int role, const Segment& seg) {
   return reinterpret_cast<S*>(tab.addr[role * tab.n_tensors + seg.tensor]) + seg.start;
 }
 
-// f(segment index) for every segment; segments are split evenly across the threads.
+// Below this many elements a sweep runs on the calling thread: starting and joining the
+// other threads would cost more than the sweep (a table of many tiny tensors).
+constexpr int64_t kParallelElements = 1 << 15;
+
+// f(segment index) for every segment; segments are split evenly across the threads, unless
+// the table holds fewer than kParallelElements elements (the order of the norm's partial sums
+// is per segment either way: the same bits).
 template <typename F>
 void for_each_segment(const Table& tab, F&& f) {
-  at::parallel_for(0, tab.n_segments, 1, [&](int64_t begin, int64_t end) {
+  int64_t elements = 0;
+  for (int64_t s = 0; s < tab.n_segments && elements < kParallelElements; ++s) {
+    elements += tab.seg[3 * s + 2];
+  }
+  const int64_t grain = elements < kParallelElements ? tab.n_segments + 1 : 1;  // inline
+  at::parallel_for(0, tab.n_segments, grain, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) f(s);
   });
 }
