@@ -15,6 +15,22 @@
 namespace fastsam {
 namespace {  // this header is included by csrc/binding.cpp only
 
+// How a pass gets its segment tables: `check` before anything else, `tables` once the scalar
+// arguments are checked, with `options()` giving the per-tensor options (an optional
+// PerTensor; called only when tables are built). The list operators check every list and
+// build the tables at each call (Fresh); the held operators reuse the tables of an earlier
+// call over the same lists (binding/held.h HeldTables).
+struct Fresh {
+  void check(const char* op, const Lists& lists) const { check_lists(op, lists); }
+  template <class D, class Options>
+  TablesPtr tables(const char* op, const D& dev, const Lists& lists, Options&& options) const {
+    const std::optional<PerTensor> per = options();
+    return dev.tables(op, lists, per ? &*per : nullptr);
+  }
+};
+
+std::optional<PerTensor> no_options() { return std::nullopt; }
+
 // FriendlySAM's momentum of a norm or perturb call (kernels.h NormArgs.momentum): the lists
 // join the call's lists (m, then m_next for perturb) and group_momentum, 3 float64 per group,
 // must be on the parameters' device. Returns the per-group array, null without a momentum.
@@ -37,22 +53,24 @@ const double* momentum_args(const char* op, Lists& lists, at::TensorList momentu
   return coefficients.data_ptr<double>();
 }
 
-template <class D>
-void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
-             at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
-             at::Tensor& out, at::Tensor& scratch, at::TensorList momentum,
-             const std::optional<at::Tensor>& group_momentum) {
+template <class D, class Src>
+void norm_pass(const Src& src, at::TensorList params, at::TensorList grads,
+               at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
+               at::ArrayRef<double> group_etas, double q, at::Tensor& out, at::Tensor& scratch,
+               at::TensorList momentum, const std::optional<at::Tensor>& group_momentum) {
   Lists lists{{"params", params}, {"grads", grads}};
   const int momentum_role = static_cast<int>(lists.size());
   const double* coefficients = momentum_args<D>("norm", lists, momentum, {}, false,
                                                 group_momentum, group_sizes.size());
-  check_lists("norm", lists);
+  src.check("norm", lists);
   check_exponents("norm", q);
   check_norm_out("norm", "out", out, params);
   check_device<D>("norm", "out", out);
-  const PerTensor options = expand_groups("norm", params, group_sizes, group_modes, group_etas);
   const D dev(device_of(params, out));
-  const TablesPtr tables = dev.tables("norm", lists, &options);
+  const TablesPtr tables = src.template tables<D>("norm", dev, lists, [&] {
+    return std::optional<PerTensor>(
+        expand_groups("norm", params, group_sizes, group_modes, group_etas));
+  });
   const int64_t n = tables->n_segments;
   check_scratch("norm", scratch, params, n, /*grow=*/true);
   double* partials = scratch.data_ptr<double>();
@@ -66,12 +84,22 @@ void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_
 }
 
 template <class D>
-void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-                at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
-                at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
-                const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
-                double eps, at::Tensor& skipped, at::TensorList keep, at::TensorList momentum,
-                at::TensorList momentum_next, const std::optional<at::Tensor>& group_momentum) {
+void norm_op(at::TensorList params, at::TensorList grads, at::IntArrayRef group_sizes,
+             at::IntArrayRef group_modes, at::ArrayRef<double> group_etas, double q,
+             at::Tensor& out, at::Tensor& scratch, at::TensorList momentum,
+             const std::optional<at::Tensor>& group_momentum) {
+  norm_pass<D>(Fresh{}, params, grads, group_sizes, group_modes, group_etas, q, out, scratch,
+               momentum, group_momentum);
+}
+
+template <class D, class Src>
+void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
+                  at::TensorList w_old, at::IntArrayRef group_sizes,
+                  at::IntArrayRef group_modes, at::ArrayRef<double> group_etas,
+                  const at::Tensor& group_rhos, const at::Tensor& norm_sum,
+                  const at::Tensor& scratch, double q, double p, double eps, at::Tensor& skipped,
+                  at::TensorList keep, at::TensorList momentum, at::TensorList momentum_next,
+                  const std::optional<at::Tensor>& group_momentum) {
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (!keep.empty()) lists.emplace_back("keep", keep);
   const int momentum_role = static_cast<int>(lists.size());
@@ -79,7 +107,7 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                                                 group_momentum, group_sizes.size());
   TORCH_CHECK_VALUE(keep.empty() || coefficients == nullptr, msg("fastsam.perturb: keep and ",
                     "momentum together are not supported"));
-  check_lists("perturb", lists);
+  src.check("perturb", lists);
   check_exponents("perturb", q);
   check_norm_out("perturb", "norm_sum", norm_sum, params);
   check_device<D>("perturb", "norm_sum", norm_sum);
@@ -90,10 +118,11 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
   TORCH_CHECK_TYPE(group_rhos.scalar_type() == at::kDouble, msg("fastsam.perturb: group_rhos ",
                    "must be float64, got ", group_rhos.scalar_type()));
   check_device<D>("perturb", "group_rhos", group_rhos);
-  const PerTensor options =
-      expand_groups("perturb", params, group_sizes, group_modes, group_etas);
   const D dev(device_of(params, norm_sum));
-  const TablesPtr tables = dev.tables("perturb", lists, &options);
+  const TablesPtr tables = src.template tables<D>("perturb", dev, lists, [&] {
+    return std::optional<PerTensor>(
+        expand_groups("perturb", params, group_sizes, group_modes, group_etas));
+  });
   const int64_t n = tables->n_segments;
   at::Tensor scratch_ = scratch;
   check_scratch("perturb", scratch_, params, n, /*grow=*/false);
@@ -120,13 +149,31 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
 }
 
 template <class D>
-void restore_op(at::TensorList params, at::TensorList w_old) {
+void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+                at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
+                at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
+                const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
+                double eps, at::Tensor& skipped, at::TensorList keep, at::TensorList momentum,
+                at::TensorList momentum_next, const std::optional<at::Tensor>& group_momentum) {
+  perturb_pass<D>(Fresh{}, params, grads, w_old, group_sizes, group_modes, group_etas,
+                  group_rhos, norm_sum, scratch, q, p, eps, skipped, keep, momentum,
+                  momentum_next, group_momentum);
+}
+
+template <class D, class Src>
+void restore_pass(const Src& src, at::TensorList params, at::TensorList w_old) {
   const Lists lists{{"params", params}, {"w_old", w_old}};
-  check_lists("restore", lists);
+  src.check("restore", lists);
   if (params.empty()) return;
   const D dev(params[0].device());
-  const TablesPtr tables = dev.tables("restore", lists, nullptr);  // alive for the loop
+  const TablesPtr tables =
+      src.template tables<D>("restore", dev, lists, no_options);  // alive for the loop
   for (const Table& t : tables->views) dev.restore(t);
+}
+
+template <class D>
+void restore_op(at::TensorList params, at::TensorList w_old) {
+  restore_pass<D>(Fresh{}, params, w_old);
 }
 
 // The gradient source of an update (kernels.h GradMode `grad_mode`): appends first_grads to
@@ -221,13 +268,13 @@ Args update_args(const char* op, at::ArrayRef<double> hp,
   return args;
 }
 
-template <class D>
-void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-            at::TensorList momentum_buffers, at::ArrayRef<double> hp,
-            const std::optional<at::Tensor>& hp_device, bool nesterov, bool maximize,
-            bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
-            double alpha, int64_t grad_mode, at::TensorList average,
-            const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& clip) {
+template <class D, class Src>
+void sgd_pass(const Src& src, at::TensorList params, at::TensorList grads, at::TensorList w_old,
+              at::TensorList momentum_buffers, at::ArrayRef<double> hp,
+              const std::optional<at::Tensor>& hp_device, bool nesterov, bool maximize,
+              bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
+              double alpha, int64_t grad_mode, at::TensorList average,
+              const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& clip) {
   const bool has_momentum = !momentum_buffers.empty();
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
@@ -235,7 +282,7 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
   clip_gain<D>("sgd", decompose, clip, params);
   const int avg_role = average_role(lists, average);
-  check_lists("sgd", lists);
+  src.check("sgd", lists);
   SgdArgs args = update_args<D, SgdArgs>("sgd", hp, hp_device, params,
                                          avg_role < 0 ? 4 : kSgdAverageWeight + 1, decompose,
                                          avg_role, maximize, skip);
@@ -244,18 +291,31 @@ void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   args.nesterov = nesterov;
   if (params.empty()) return;
   const D dev(params[0].device());
-  const TablesPtr tables = dev.tables("sgd", lists, nullptr);  // alive for the loop
+  const TablesPtr tables =
+      src.template tables<D>("sgd", dev, lists, no_options);  // alive for the loop
   for (const Table& t : tables->views) dev.sgd(t, args);
 }
 
 template <class D>
-void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
-             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-             at::ArrayRef<double> hp, const std::optional<at::Tensor>& hp_device,
-             bool decoupled, bool amsgrad, bool maximize,
-             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
-             int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
-             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& clip) {
+void sgd_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+            at::TensorList momentum_buffers, at::ArrayRef<double> hp,
+            const std::optional<at::Tensor>& hp_device, bool nesterov, bool maximize,
+            bool fresh, at::TensorList first_grads, const std::optional<at::Tensor>& along,
+            double alpha, int64_t grad_mode, at::TensorList average,
+            const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& clip) {
+  sgd_pass<D>(Fresh{}, params, grads, w_old, momentum_buffers, hp, hp_device, nesterov, maximize,
+              fresh, first_grads, along, alpha, grad_mode, average, skip, clip);
+}
+
+template <class D, class Src>
+void adam_pass(const Src& src, at::TensorList params, at::TensorList grads, at::TensorList w_old,
+               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList max_exp_avg_sqs, at::ArrayRef<double> hp,
+               const std::optional<at::Tensor>& hp_device, bool decoupled, bool amsgrad,
+               bool maximize, at::TensorList first_grads, const std::optional<at::Tensor>& along,
+               double alpha, int64_t grad_mode, at::TensorList average,
+               const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& bias,
+               const std::optional<at::Tensor>& clip) {
   Lists lists{{"params", params},
               {"grads", grads},
               {"w_old", w_old},
@@ -266,7 +326,7 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
       gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
   clip_gain<D>("adam", decompose, clip, params);
   const int avg_role = average_role(lists, average);
-  check_lists("adam", lists);
+  src.check("adam", lists);
   AdamArgs args = update_args<D, AdamArgs>("adam", hp, hp_device, params,
                                            avg_role < 0 ? 8 : kAdamAverageWeight + 1, decompose,
                                            avg_role, maximize, skip);
@@ -290,9 +350,23 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   if (params.empty()) return;
   args.bias = bias.has_value() ? bias->data_ptr<double>() : nullptr;
   const D dev(params[0].device());
-  const TablesPtr tables =
-      dev.tables("adam", lists, positions ? &*positions : nullptr);  // alive for the loop
+  const TablesPtr tables = src.template tables<D>("adam", dev, lists, [&] {
+    return positions;
+  });  // alive for the loop
   for (const Table& t : tables->views) dev.adam(t, args);
+}
+
+template <class D>
+void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
+             at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+             at::ArrayRef<double> hp, const std::optional<at::Tensor>& hp_device,
+             bool decoupled, bool amsgrad, bool maximize,
+             at::TensorList first_grads, const std::optional<at::Tensor>& along, double alpha,
+             int64_t grad_mode, at::TensorList average, const std::optional<at::Tensor>& skip,
+             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& clip) {
+  adam_pass<D>(Fresh{}, params, grads, w_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp,
+               hp_device, decoupled, amsgrad, maximize, first_grads, along, alpha, grad_mode,
+               average, skip, bias, clip);
 }
 
 // GSAM's reduction: along (sums = false: out is one element) or the three sums (out has 3).

@@ -11,6 +11,10 @@ formulas of csrc/elementwise.h; docs/design.md §3).
 - ``cuda``: one launch per pass and storage dtype (plus one to sum the norm's partials), with
   the segment tables cached on the device and rebuilt only when an address or shape changes.
 
+A step's steady state runs from the plan's tensors held in C++ (:class:`HeldLists`, the
+methods of its ``HeldPlan``; fastsam/optimizers/_held.py): the same kernels, called with group
+numbers and list names instead of Python lists.
+
 The extension is optional (``FASTSAM_SKIP_BUILD=1``, or no compiler): its import error is kept
 and shown when one of these backends is asked for.
 """
@@ -69,6 +73,20 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return None
 
 
+# The list names of the held passes (csrc/binding/held.h), in each operator's list order.
+_HELD_NORM = ["params", "grad", ""]
+_HELD_PERTURB = ["params", "grad", "w_old", "", "", ""]
+_HELD_SGD = {  # by (momentum, averaging)
+    (m, a): ["params", "grad", "w_old", "momentum_buffer" if m else "", "", "average" if a else ""]
+    for m in (False, True) for a in (False, True)
+}
+_HELD_ADAM = {  # by (amsgrad, averaging)
+    (ams, a): ["params", "grad", "w_old", "exp_avg", "exp_avg_sq",
+               "max_exp_avg_sq" if ams else "", "", "average" if a else ""]
+    for ams in (False, True) for a in (False, True)
+}
+
+
 def _flatten(groups: list[PerturbGroup]):
     """The per-group lists the perturbation operators take."""
     return (
@@ -116,6 +134,41 @@ def _averaging(hyper_scalars: tuple, average: Average | None) -> tuple[tuple, li
     if average is None:
         return hyper_scalars, []
     return hyper_scalars + (average.weight,), average.buffers
+
+
+class HeldLists:
+    """A step plan's tensors held in C++ (``torch.classes.fastsam.HeldPlan``, csrc/binding/
+    held.h): the plan's parameters (their gradients are read there, at each call) and the lists
+    bound to it by name, per group. Made once per plan; a list is bound once (the plan's w_old
+    buffers, momentum buffers, Adam's moments and steps, averaged weights)."""
+
+    def __init__(self, params: list[list[Tensor]], idle: list[Tensor]) -> None:
+        self.plan = torch.classes.fastsam.HeldPlan(
+            [p for ps in params for p in ps], [len(ps) for ps in params], idle)
+        self.bound: set[tuple[str, int]] = set()
+        self.device = next(p for ps in params for p in ps).device
+        # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
+        self.accumulation = accumulation_dtype([p for ps in params for p in ps])
+
+    def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
+        """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
+        self.plan.bind(name, group, tensors)
+        self.bound.add((name, group))
+
+    def holds(self) -> bool:
+        """Whether the plan still holds (csrc/binding/held.h HeldPlan::refresh); when it does,
+        the gradients are read for this step call, until :meth:`release`."""
+        return self.plan.refresh()
+
+    def release(self) -> None:
+        """Drop the gradients :meth:`holds` read (at the end of each step call)."""
+        self.plan.release()
+
+    def increment_steps(self, group: int) -> float | None:
+        """Adam's steps of ``group`` (bound as "step") + 1, and their new value, when they all
+        hold one value; else None, with nothing changed."""
+        value = self.plan.increment_steps("step", [group])
+        return None if value < 0 else value
 
 
 class NativeBackend(Backend):
@@ -221,6 +274,45 @@ class NativeBackend(Backend):
             hyper.decoupled, hyper.amsgrad, hyper.maximize, *_source(source), averaged,
             hyper.skip, hyper.bias, hyper.clip,
         )
+
+    # ------------------------------------------------- the steady state over a held plan
+    def hold(self, params: list[list[Tensor]], idle: list[Tensor]) -> HeldLists:
+        """The plan of ``params`` (per group) held in C++; ``idle``: the other parameters."""
+        return HeldLists(params, idle)
+
+    def held_perturb(self, held: HeldLists, groups: list[int], scalings: list,
+                     rhos: tuple, q: float, p: float, eps: float, skipped: Tensor) -> None:
+        """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
+        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings`` and ``rhos`` per group."""
+        device = held.device
+        out = self._buffer("norm", device, held.accumulation)
+        scratch = self._buffer("scratch", device, torch.float64)
+        modes = [s.mode for s in scalings]
+        etas = [float(s.eta) for s in scalings]
+        held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
+        held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, device), out,
+                          scratch, dual_exponent(p), p, eps, skipped, None)
+
+    def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
+                 average: Average | None) -> None:
+        """Pass C with SGD over group ``group`` of ``held`` (w_old, "momentum_buffer" and
+        "average" bound as the update needs them), as :meth:`restore_sgd`."""
+        scalars, _ = _averaging(hyper.kernel_scalars, average)
+        hp, hp_device = self._scalars(scalars, held.device)
+        lists = _HELD_SGD[hyper.momentum != 0, average is not None]
+        held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False, None,
+                      0.0, 0, None, None)
+
+    def held_adam(self, held: HeldLists, group: int, hyper: AdamHyper,
+                  average: Average | None) -> None:
+        """Pass C with Adam/AdamW over group ``group`` of ``held`` (w_old, "exp_avg",
+        "exp_avg_sq", "max_exp_avg_sq" with amsgrad and "average" bound), as
+        :meth:`restore_adam`."""
+        scalars, _ = _averaging(hyper.kernel_scalars, average)
+        hp, hp_device = self._scalars(scalars, held.device)
+        lists = _HELD_ADAM[hyper.amsgrad, average is not None]
+        held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
+                       hyper.maximize, None, 0.0, 0, None, None)
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
         adv, first, out, scratch = self._gsam_args(groups, "along")

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Decomposition, PerturbGroup, Scaling, dual_exponent
+from . import _held
 from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
 from ._plan import StepPlan
@@ -106,6 +107,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
             max_grad_norm=max_grad_norm,
         )
+        # the steady state over plans held in C++, for the configurations it takes
+        self._held = _held.HeldSteps(self) if _held.applies(self) else None
 
     @property
     def _perturbed(self) -> StepPlan | None:
@@ -197,6 +200,12 @@ class SharpnessAwareOptimizer(FusedOptimizer):
 
     def _perturb(self, zero_grad: bool) -> None:
         """Passes A and B of a SAM step (docs/design.md §2): the norm, then ``w + e``."""
+        held = self._held.perturb() if self._held is not None else None
+        if held is not None:  # the steady state: the plan held in C++ (_held.py)
+            self._perturbed = held
+            if zero_grad:
+                self.zero_grad()
+            return
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         if plan.device is not None:
@@ -209,6 +218,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             else:
                 flag.zero_()  # nothing perturbed: nothing to skip
         self._perturbed = plan
+        if self._held is not None:
+            self._held.adopt(plan)  # the next steps over this plan: held in C++
         if zero_grad:
             self.zero_grad()
 
@@ -269,7 +280,14 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "second_step() was called without a pending first_step(): there is no "
                 "perturbation to undo. Call first_step() after the first backward pass."
             )
-        perturbed, self._perturbed = self._perturbed, None
+        perturbed = self._perturbed
+        if self._held is not None and self._held.update(perturbed):  # the steady state
+            self._perturbed = None
+            self._mark_stepped()
+            if zero_grad:
+                self.zero_grad()
+            return
+        self._perturbed = None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
         skip = self._skip_update(now, all_grads, self._first_buffers(perturbed), True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_, is_not
 
 import torch
 from torch import Tensor
@@ -59,6 +59,10 @@ class StepPlan:
     first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
     idle_averaged: list[Tensor] | None = None
     fused: tuple[str | None] | None = None  # the update kind an eager step decided (1-tuple)
+    # the plan's tensors held in C++ (fastsam/optimizers/_held.py), with every group's
+    # parameters when it was made (the held path's check of the groups)
+    held: object | None = None
+    members: list[list[Tensor]] | None = None
 
     def grads(self, flat_grads: list) -> list[list[Tensor]]:
         """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
@@ -144,6 +148,23 @@ class StepPlanner:
                 w_old[-1].append(persistent_buffer(self.w_old, p) if keeps else p)
         self.current = StepPlan(key, params, w_old, positions, device, has_complex, idle)
         return self.current, flat_grads
+
+    def held(self, param_groups: list[dict]) -> StepPlan | None:
+        """The current plan when it is held in C++ (:attr:`StepPlan.held`) and still holds:
+        nothing expired it, the groups have the same parameters (identity, a C-level loop) and
+        perturb flags, and in C++ every parameter of the plan has a gradient at its address and
+        no other has gained one. None: make the plan with :meth:`plan`."""
+        plan = self.current
+        if plan is None or plan.held is None or plan.key[0] != self._version:
+            return None
+        if len(param_groups) != len(plan.members):
+            return None
+        for group, members, perturb in zip(param_groups, plan.members, plan.key[3]):
+            params = group["params"]
+            if (len(params) != len(members) or group.get("perturb", True) != perturb
+                    or not all(map(is_, params, members))):
+                return None
+        return plan if plan.held.holds() else None
 
     def _traced_plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
         """Under torch.compile: the plan of the eager steps before, whose key is checked but

@@ -61,6 +61,45 @@ def not_capturable(plan: StepPlan) -> str:
     )
 
 
+def sgd_hyper(group: dict, skip: Tensor | None = None, clip: Tensor | None = None) -> SGDHyper:
+    """torch.optim.SGD's hyper-parameters of ``group`` (``skip``, ``clip``: SGDHyper's)."""
+    return SGDHyper(
+        lr=as_lr(group["lr"]),
+        momentum=group["momentum"],
+        dampening=group["dampening"],
+        weight_decay=group["weight_decay"],
+        nesterov=group["nesterov"],
+        maximize=group.get("maximize", False),
+        skip=skip,
+        clip=clip,
+    )
+
+
+def adam_hyper(group: dict, decoupled: bool, step: float | None, skip: Tensor | None = None,
+               clip: Tensor | None = None) -> AdamHyper:
+    """torch.optim.Adam/AdamW's hyper-parameters of ``group`` at ``step`` (after the
+    increment; None: set per call)."""
+    beta1, beta2 = group["betas"]
+    return AdamHyper(
+        lr=as_lr(group["lr"]),
+        beta1=beta1,
+        beta2=beta2,
+        eps=group["eps"],
+        weight_decay=group["weight_decay"],
+        decoupled=decoupled,
+        amsgrad=group["amsgrad"],
+        maximize=group.get("maximize", False),
+        step=step,
+        skip=skip,
+        clip=clip,
+    )
+
+
+def decoupled_weight_decay(base: Optimizer, group: dict) -> bool:
+    """Whether ``group`` of Adam/AdamW ``base`` decouples its weight decay (AdamW's)."""
+    return bool(group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW)))
+
+
 class FusedUpdate:
     """Runs the fused SGD or Adam/AdamW update of one group on a backend, making torch.optim's
     state where the base optimizer would (momentum buffers, Adam's moments and step).
@@ -97,9 +136,8 @@ class FusedUpdate:
         if kind == "sgd":
             self.sgd(backend, group, params, grads, w_old, states, source, average, skip, clip)
         else:
-            decoupled = group.get("decoupled_weight_decay", isinstance(base, torch.optim.AdamW))
-            self.adam(backend, group, bool(decoupled), params, grads, w_old, states, source,
-                      average, skip, clip)
+            self.adam(backend, group, decoupled_weight_decay(base, group), params, grads, w_old,
+                      states, source, average, skip, clip)
 
     def sgd(
         self,
@@ -114,16 +152,7 @@ class FusedUpdate:
         skip: Tensor | None = None,
         clip: Tensor | None = None,
     ) -> None:
-        hyper = SGDHyper(
-            lr=as_lr(group["lr"]),
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            maximize=group.get("maximize", False),
-            skip=skip,
-            clip=clip,
-        )
+        hyper = sgd_hyper(group, skip, clip)
         if hyper.momentum == 0:
             backend.restore_sgd(params, grads, w_old, [], hyper, False, source, average)
             return
@@ -201,19 +230,7 @@ class FusedUpdate:
                     )
         steps = [state["step"] for state in states]
         beta1, beta2 = group["betas"]
-        hyper = AdamHyper(
-            lr=as_lr(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled=decoupled,
-            amsgrad=amsgrad,
-            maximize=group.get("maximize", False),
-            step=None,
-            skip=skip,
-            clip=clip,
-        )
+        hyper = adam_hyper(group, decoupled, None, skip, clip)
         moments = (
             [st["exp_avg"] for st in states],
             [st["exp_avg_sq"] for st in states],

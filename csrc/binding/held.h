@@ -1,0 +1,520 @@
+// A step plan's tensors held in C++ (fastsam._C binding; docs/design.md §5): the parameters of
+// a plan (their gradients are read here, at each call), and the lists bound to the plan once (w_old,
+// momentum buffers, Adam's moments, ...), so that a steady-state step hands the operators
+// group numbers and list names instead of Python lists of tensors. Converting a Python list
+// costs ~0.2 us per tensor at every call; reading a gradient here costs a few ns.
+//
+// `HeldPlan` is a torch custom class (torch.classes.fastsam.HeldPlan); its pass methods
+// (norm, perturb, restore, sgd, adam: held_* below) take the groups of the call and, per list
+// argument of the operator they stand for,
+// the name of a bound list ("" for an empty list; "params"; "grad": the parameters' gradients
+// now) and
+// run that operator (binding/ops.h) on the lists it resolves.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
+#include <torch/custom_class.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "cpu_device.h"
+#include "cuda_device.h"
+#include "ops.h"
+#include "text.h"
+
+namespace fastsam {
+namespace {  // this header is included by csrc/binding.cpp only
+
+// The tensors of one list argument of a held call: a view of the plan's own storage, or
+// (the gradients, groups that are not consecutive) a vector of this call's.
+struct Resolved {
+  std::vector<at::Tensor> owned;
+  at::TensorList view;
+};
+
+class HeldPlan : public torch::CustomClassHolder {
+ public:
+  // params: the plan's parameters, group after group (group g has group_sizes[g]); idle: the
+  // other parameters of the optimizer (no gradient when the plan was made).
+  HeldPlan(std::vector<at::Tensor> params, std::vector<int64_t> group_sizes,
+           std::vector<at::Tensor> idle)
+      : params_(std::move(params)), idle_(std::move(idle)) {
+    starts_.push_back(0);
+    for (int64_t n : group_sizes) {
+      TORCH_CHECK_VALUE(n >= 0, "fastsam.HeldPlan: a negative group size");
+      starts_.push_back(starts_.back() + n);
+    }
+    TORCH_CHECK_VALUE(starts_.back() == static_cast<int64_t>(params_.size()),
+                      msg("fastsam.HeldPlan: group sizes add up to ", starts_.back(), ", there are ",
+                          params_.size(), " parameters"));
+    for (const at::Tensor& p : params_) addresses_.push_back(p.data_ptr());
+  }
+
+  // Whether the plan still holds: each of its parameters has a dense gradient and the address
+  // it had when the plan was made, and no idle parameter has gained a gradient (false: the
+  // caller makes a new plan). When it holds and every gradient is laid out as its parameter
+  // (dtype, device, shape, strides: the passes' check, made here once per step call), their
+  // addresses are kept for the passes of this step call, until release(): the passes then
+  // rewrite their tables' gradient rows from them, without reading a gradient again. No
+  // gradient is referenced here between steps.
+  bool refresh() {
+    release();
+    for (const at::Tensor& p : idle_) {
+      if (p.grad().defined()) return false;
+    }
+    grad_addresses_.resize(params_.size());
+    bool laid_out = true;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      if (!g.defined() || g.layout() != at::kStrided || params_[i].data_ptr() != addresses_[i]) {
+        return false;
+      }
+      const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      const c10::TensorImpl* q = g.unsafeGetTensorImpl();
+      laid_out = laid_out && q->dtype() == p->dtype() && q->device() == p->device() &&
+                 q->sizes() == p->sizes() && q->strides() == p->strides();
+      grad_addresses_[i] = laid_out ? reinterpret_cast<int64_t>(g.data_ptr()) : 0;
+    }
+    grads_read_ = laid_out;
+    return true;
+  }
+
+  // Forgets the gradient addresses refresh() kept (the caller's step call is over).
+  void release() { grads_read_ = false; }
+
+  // The gradient addresses refresh() kept for this step call (null: none; the passes read
+  // and check the gradients themselves).
+  const int64_t* grad_addresses() const { return grads_read_ ? grad_addresses_.data() : nullptr; }
+
+  // Plan positions of the tensors of a call over `groups`, in the call's list order.
+  std::vector<int64_t> positions(at::IntArrayRef groups) const {
+    std::vector<int64_t> out;
+    for (int64_t g : groups) {
+      check_group(g);
+      for (int64_t i = starts_[g]; i < starts_[g + 1]; ++i) out.push_back(i);
+    }
+    return out;
+  }
+
+  // List `name` of group `group`: one tensor per parameter of the group, in its order. Calls
+  // made before over the list rebuild their tables at their next use (the addresses changed).
+  void bind(const std::string& name, int64_t group, std::vector<at::Tensor> tensors) {
+    TORCH_CHECK_VALUE(name != "params" && name != "grad" && !name.empty(),
+                      msg("fastsam.HeldPlan.bind: '", name, "' is not a name to bind"));
+    check_group(group);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(tensors.size()) == size(group),
+                      msg("fastsam.HeldPlan.bind: ", tensors.size(), " tensors for group ", group,
+                          " of ", size(group), " parameters"));
+    auto& list = lists_[name];
+    if (list.tensors.empty()) {
+      list.tensors.resize(params_.size());
+      list.bound.assign(starts_.size() - 1, false);
+    }
+    std::move(tensors.begin(), tensors.end(), list.tensors.begin() + starts_[group]);
+    list.bound[group] = true;
+  }
+
+  bool has(const std::string& name, int64_t group) const {
+    check_group(group);
+    auto it = lists_.find(name);
+    return it != lists_.end() && it->second.bound[group];
+  }
+
+  // The tensors of list `name` over `groups`, concatenated ("" gives an empty list).
+  Resolved resolve(const std::string& name, at::IntArrayRef groups) const {
+    Resolved out;
+    if (name.empty()) return out;
+    for (int64_t g : groups) check_group(g);
+    if (name == "grad") {
+      for (int64_t g : groups) {
+        for (int64_t i = starts_[g]; i < starts_[g + 1]; ++i) {
+          const at::Tensor& grad = params_[i].grad();
+          TORCH_CHECK_VALUE(grad.defined(), msg("fastsam.HeldPlan: parameter ", i, " of the plan "
+                            "has no gradient (refresh() first)"));
+          out.owned.push_back(grad);
+        }
+      }
+      out.view = out.owned;
+      return out;
+    }
+    const std::vector<at::Tensor>* all = &params_;
+    if (name != "params") {
+      auto it = lists_.find(name);
+      TORCH_CHECK_VALUE(it != lists_.end(), msg("fastsam.HeldPlan: no list '", name, "'"));
+      for (int64_t g : groups) {
+        TORCH_CHECK_VALUE(it->second.bound[g],
+                          msg("fastsam.HeldPlan: list '", name, "' is not bound for group ", g));
+      }
+      all = &it->second.tensors;
+    }
+    bool consecutive = true;
+    for (size_t k = 1; k < groups.size(); ++k) consecutive &= groups[k] == groups[k - 1] + 1;
+    if (consecutive && !groups.empty()) {
+      const int64_t begin = starts_[groups.front()], end = starts_[groups.back() + 1];
+      out.view = at::TensorList(all->data() + begin, end - begin);
+      return out;
+    }
+    for (int64_t g : groups) {
+      out.owned.insert(out.owned.end(), all->begin() + starts_[g], all->begin() + starts_[g + 1]);
+    }
+    out.view = out.owned;
+    return out;
+  }
+
+  // Per group of `groups`, its number of parameters (the group_sizes of an operator).
+  std::vector<int64_t> sizes(at::IntArrayRef groups) const {
+    std::vector<int64_t> out;
+    for (int64_t g : groups) {
+      check_group(g);
+      out.push_back(size(g));
+    }
+    return out;
+  }
+
+  // Adam's CPU step tensors of list `name` over `groups` (float32, 0-d): when they all hold
+  // one value, add 1 to each and return the new value; else change nothing and return -1
+  // (the caller takes the per-value path).
+  double increment_steps(const std::string& name, at::IntArrayRef groups) const {
+    const Resolved steps = resolve(name, groups);
+    if (steps.view.empty()) return -1.0;
+    for (const at::Tensor& s : steps.view) {
+      TORCH_CHECK_VALUE(s.is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+                        "fastsam.HeldPlan: a step tensor is not one float32 value on the CPU");
+    }
+    const float value = *steps.view.front().data_ptr<float>();
+    for (const at::Tensor& s : steps.view) {
+      if (*s.data_ptr<float>() != value) return -1.0;
+    }
+    for (const at::Tensor& s : steps.view) *s.data_ptr<float>() = value + 1.0f;
+    return static_cast<double>(value + 1.0f);
+  }
+
+  const at::Tensor& first_param() const {
+    TORCH_CHECK_VALUE(!params_.empty(), "fastsam.HeldPlan: the plan has no parameters");
+    return params_.front();
+  }
+
+  // What an earlier call over the same lists made (HeldTables): the tables (their gradient
+  // rows rewritten at each call), the per-tensor options, and the address of every tensor of
+  // the other lists, which must not have moved.
+  struct Call {
+    TablesPtr tables;
+    std::optional<PerTensor> options;
+    std::vector<const void*> fixed;
+  };
+  std::unordered_map<std::string, Call>& calls() { return calls_; }
+
+ private:
+  struct List {
+    std::vector<at::Tensor> tensors;
+    std::vector<bool> bound;  // per group
+  };
+
+  int64_t size(int64_t group) const { return starts_[group + 1] - starts_[group]; }
+  void check_group(int64_t group) const {
+    TORCH_CHECK_VALUE(group >= 0 && group + 1 < static_cast<int64_t>(starts_.size()),
+                      msg("fastsam.HeldPlan: group ", group, " of ", starts_.size() - 1));
+  }
+
+  std::vector<at::Tensor> params_;
+  std::vector<at::Tensor> idle_;
+  std::vector<int64_t> starts_;
+  std::vector<const void*> addresses_;
+  std::vector<int64_t> grad_addresses_;  // kept by refresh(), until release()
+  bool grads_read_ = false;
+  std::unordered_map<std::string, List> lists_;
+  std::unordered_map<std::string, Call> calls_;
+};
+
+using Held = c10::intrusive_ptr<HeldPlan>;
+
+// The table source of a held call (ops.h Fresh): the first call with a key checks every list
+// and builds the tables; later ones check that no tensor but the gradients moved and, on the
+// CPU, rewrite the gradient rows of the kept tables. The gradients: when refresh() kept their
+// addresses for this step call (laid out as their parameters), the call's gradient list stays
+// empty ("lazy") and the rows are rewritten from those addresses, no gradient read again; else
+// they are read and checked here. A moved tensor makes the call build afresh. On CUDA the
+// device adapter's own cache serves the tables (it uploads when an address changed).
+class HeldTables {
+ public:
+  HeldTables(HeldPlan& plan, std::string key, std::vector<bool> is_grad,
+             std::vector<bool> is_params, std::vector<int64_t> groups, bool lazy)
+      : plan_(plan), key_(std::move(key)), is_grad_(std::move(is_grad)),
+        is_params_(std::move(is_params)), groups_(std::move(groups)), lazy_(lazy) {}
+
+  void check(const char*, const Lists&) const {}
+
+  template <class D, class Options>
+  TablesPtr tables(const char* op, const D& dev, const Lists& lists, Options&& options) const {
+    TORCH_INTERNAL_ASSERT(lists.size() == is_grad_.size(), "fastsam: held lists out of step");
+    auto& calls = plan_.calls();
+    auto it = calls.find(key_);
+    if (it != calls.end() && fixed_unmoved(lists, it->second.fixed)) {
+      HeldPlan::Call& call = it->second;
+      if constexpr (std::is_same_v<D, Cpu>) {
+        if (lazy_) {
+          const std::vector<int64_t> positions = plan_.positions(groups_);
+          for (HostTable& tab : call.tables->host) rewrite_grads(tab, positions);
+          return call.tables;
+        }
+        for (size_t r = 0; r < lists.size(); ++r) {
+          if (is_grad_[r] && !laid_out_as(lists.front().second, lists[r].second)) {
+            check_lists(op, {lists.front(), lists[r]});  // the exact check (and its message)
+          }
+        }
+        for (HostTable& tab : call.tables->host) rewrite_grads(tab, lists);
+        return call.tables;
+      } else {
+        Resolved grads;
+        const Lists full = with_grads(lists, grads);
+        for (size_t r = 0; r < full.size(); ++r) {
+          if (is_grad_[r] && !laid_out_as(full.front().second, full[r].second)) {
+            check_lists(op, {full.front(), full[r]});
+          }
+        }
+        return dev.tables(op, full, call.options ? &*call.options : nullptr);
+      }
+    }
+    Resolved grads;
+    const Lists full = with_grads(lists, grads);
+    check_lists(op, full);
+    HeldPlan::Call call{nullptr, options(), {}};
+    for (size_t r = 0; r < full.size(); ++r) {
+      if (is_grad_[r]) continue;
+      for (const at::Tensor& t : full[r].second) call.fixed.push_back(address_of(t));
+    }
+    call.tables = dev.tables(op, full, call.options ? &*call.options : nullptr);
+    TablesPtr out = call.tables;
+    calls[key_] = std::move(call);
+    return out;
+  }
+
+ private:
+  // `lists` with the gradients read into `grads` when the call left them lazy.
+  Lists with_grads(const Lists& lists, Resolved& grads) const {
+    Lists full = lists;
+    if (!lazy_) return full;
+    grads = plan_.resolve("grad", groups_);
+    for (size_t r = 0; r < full.size(); ++r) {
+      if (is_grad_[r]) full[r].second = grads.view;
+    }
+    return full;
+  }
+
+  // A tensor's address without data_ptr()'s checks (the tensor was checked when the call's
+  // tables were built; a moved one fails the comparison).
+  static const void* address_of(const at::Tensor& t) {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    return static_cast<const char*>(impl->storage().data()) +
+           impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
+  }
+
+  // Whether the tensors of the lists but the gradients are where they were when the tables
+  // were built. The parameters' addresses need no second look when refresh() checked them in
+  // this step call (lazy).
+  bool fixed_unmoved(const Lists& lists, const std::vector<const void*>& fixed) const {
+    size_t k = 0;
+    for (size_t r = 0; r < lists.size(); ++r) {
+      if (is_grad_[r]) continue;
+      if (lazy_ && is_params_[r]) {
+        k += lists[r].second.size();
+        if (k > fixed.size()) return false;
+        continue;
+      }
+      for (const at::Tensor& t : lists[r].second) {
+        if (k == fixed.size() || fixed[k++] != address_of(t)) return false;
+      }
+    }
+    return k == fixed.size();
+  }
+
+  // Whether every tensor of `b` has the dtype, device, shape and strides of its tensor of `a`
+  // (those of `a` checked dense before): check_lists's fast case, without its messages.
+  static bool laid_out_as(at::TensorList a, at::TensorList b) {
+    if (a.size() != b.size()) return false;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const c10::TensorImpl* x = a[i].unsafeGetTensorImpl();
+      const c10::TensorImpl* y = b[i].unsafeGetTensorImpl();
+      if (y->dtype() != x->dtype() || y->device() != x->device() || y->sizes() != x->sizes() ||
+          y->strides() != x->strides() || y->layout() != at::kStrided) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  void rewrite_grads(HostTable& tab, const Lists& lists) const {
+    const size_t n = tab.index.size();
+    for (size_t r = 0; r < lists.size(); ++r) {
+      if (!is_grad_[r]) continue;
+      for (size_t k = 0; k < n; ++k) {
+        tab.addr[r * n + k] = reinterpret_cast<int64_t>(lists[r].second[tab.index[k]].data_ptr());
+      }
+    }
+  }
+
+  // From the addresses refresh() kept: `positions[i]`, the plan position of the call's tensor i.
+  void rewrite_grads(HostTable& tab, const std::vector<int64_t>& positions) const {
+    const int64_t* addresses = plan_.grad_addresses();
+    const size_t n = tab.index.size();
+    for (size_t r = 0; r < is_grad_.size(); ++r) {
+      if (!is_grad_[r]) continue;
+      for (size_t k = 0; k < n; ++k) tab.addr[r * n + k] = addresses[positions[tab.index[k]]];
+    }
+  }
+
+  HeldPlan& plan_;
+  std::string key_;
+  std::vector<bool> is_grad_;
+  std::vector<bool> is_params_;
+  std::vector<int64_t> groups_;
+  bool lazy_;
+};
+
+// Runs `f(D*)` with the device adapter type of the plan's parameters.
+template <class F>
+void on_plan_device(const Held& plan, F&& f) {
+  const at::Tensor& p = plan->first_param();
+#ifdef FASTSAM_WITH_CUDA
+  if (p.is_cuda()) return f(static_cast<Cuda*>(nullptr));
+#endif
+  TORCH_CHECK_VALUE(p.is_cpu(), msg("fastsam: a held plan's parameters are on ", p.device(),
+                                    "; this build runs held plans on the CPU and CUDA only"));
+  f(static_cast<Cpu*>(nullptr));
+}
+
+// The lists of one held call, resolved in the order of `names`, and its table source: keyed
+// by the operator, the names, the groups and `extra` (what else its tables depend on).
+struct HeldCall {
+  std::vector<Resolved> lists;
+  HeldTables tables;
+
+  HeldCall(const Held& plan, const char* op, at::IntArrayRef groups,
+           const std::vector<std::string>& names, size_t count, const std::string& extra = {})
+      : tables(*plan, key_of(op, groups, names, extra), rows_named(names, "grad"),
+               rows_named(names, "params"), groups.vec(), plan->grad_addresses() != nullptr) {
+    TORCH_CHECK_VALUE(names.size() == count, msg("fastsam.", op, ": ", names.size(),
+                                                 " list names, needs ", count));
+    const bool lazy = plan->grad_addresses() != nullptr;
+    for (const std::string& name : names) {
+      // lazy: the gradients stay unread (HeldTables reads them only to build tables)
+      lists.push_back(lazy && name == "grad" ? Resolved{} : plan->resolve(name, groups));
+    }
+  }
+  at::TensorList operator[](size_t i) const { return lists[i].view; }
+
+  static std::string key_of(const char* op, at::IntArrayRef groups,
+                            const std::vector<std::string>& names, const std::string& extra) {
+    std::string key(op);
+    for (const std::string& name : names) key += "|" + name;
+    key += "|";
+    for (int64_t g : groups) key += std::to_string(g) + ",";
+    return key + "|" + extra;
+  }
+  // Per list the operator builds (the non-empty names, in order): whether it is list `name`.
+  static std::vector<bool> rows_named(const std::vector<std::string>& names, const char* name) {
+    std::vector<bool> out;
+    for (const std::string& n : names) {
+      if (!n.empty()) out.push_back(n == name);
+    }
+    return out;
+  }
+};
+
+// The per-group scaling options, as part of a call's key (the tables' per-tensor options).
+std::string options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
+  std::string key;
+  for (int64_t m : modes) key += std::to_string(m) + ",";
+  for (double e : etas) {
+    char bits[sizeof(double)];
+    std::memcpy(bits, &e, sizeof(double));
+    key.append(bits, sizeof(double));
+  }
+  return key;
+}
+
+// The passes over a held plan, methods of HeldPlan (a method call costs a third of an
+// operator call taking a custom class): each as the operator of binding/ops.h it stands for,
+// the list arguments given by name. Not dispatched operators, so each records a profiler
+// event of its own.
+
+// lists: params, grads, momentum
+void held_norm(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+               std::vector<int64_t> group_modes, std::vector<double> group_etas, double q,
+               at::Tensor out, at::Tensor scratch, std::optional<at::Tensor> group_momentum) {
+  RECORD_FUNCTION("fastsam::held_norm", std::vector<c10::IValue>());
+  const HeldCall l(plan, "norm", groups, lists, 3, options_key(group_modes, group_etas));
+  const std::vector<int64_t> sizes = plan->sizes(groups);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    norm_pass<D>(l.tables, l[0], l[1], sizes, group_modes, group_etas, q, out, scratch, l[2],
+                 group_momentum);
+  });
+}
+
+// lists: params, grads, w_old, keep, momentum, momentum_next
+void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+                  std::vector<int64_t> group_modes, std::vector<double> group_etas,
+                  at::Tensor group_rhos, at::Tensor norm_sum, at::Tensor scratch, double q,
+                  double p, double eps, at::Tensor skipped,
+                  std::optional<at::Tensor> group_momentum) {
+  RECORD_FUNCTION("fastsam::held_perturb", std::vector<c10::IValue>());
+  const HeldCall l(plan, "perturb", groups, lists, 6, options_key(group_modes, group_etas));
+  const std::vector<int64_t> sizes = plan->sizes(groups);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    perturb_pass<D>(l.tables, l[0], l[1], l[2], sizes, group_modes, group_etas, group_rhos,
+                    norm_sum, scratch, q, p, eps, skipped, l[3], l[4], l[5], group_momentum);
+  });
+}
+
+// lists: params, w_old
+void held_restore(const Held& plan, std::vector<int64_t> groups,
+                  std::vector<std::string> lists) {
+  RECORD_FUNCTION("fastsam::held_restore", std::vector<c10::IValue>());
+  const HeldCall l(plan, "restore", groups, lists, 2);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    restore_pass<D>(l.tables, l[0], l[1]);
+  });
+}
+
+// lists: params, grads, w_old, momentum_buffers, first_grads, average
+void held_sgd(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+              std::vector<double> hp, std::optional<at::Tensor> hp_device, bool nesterov,
+              bool maximize, bool fresh, std::optional<at::Tensor> along, double alpha,
+              int64_t grad_mode, std::optional<at::Tensor> skip, std::optional<at::Tensor> clip) {
+  RECORD_FUNCTION("fastsam::held_sgd", std::vector<c10::IValue>());
+  const HeldCall l(plan, "sgd", groups, lists, 6);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    sgd_pass<D>(l.tables, l[0], l[1], l[2], l[3], hp, hp_device, nesterov, maximize, fresh,
+                l[4], along, alpha, grad_mode, l[5], skip, clip);
+  });
+}
+
+// lists: params, grads, w_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, first_grads, average
+// (no per-tensor bias corrections: those are capturable's, which takes the list operators)
+void held_adam(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+               std::vector<double> hp, std::optional<at::Tensor> hp_device, bool decoupled,
+               bool amsgrad, bool maximize, std::optional<at::Tensor> along, double alpha,
+               int64_t grad_mode, std::optional<at::Tensor> skip,
+               std::optional<at::Tensor> clip) {
+  RECORD_FUNCTION("fastsam::held_adam", std::vector<c10::IValue>());
+  const HeldCall l(plan, "adam", groups, lists, 8, amsgrad ? "amsgrad" : "");
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    adam_pass<D>(l.tables, l[0], l[1], l[2], l[3], l[4], l[5], hp, hp_device, decoupled, amsgrad,
+                 maximize, l[6], along, alpha, grad_mode, l[7], skip, std::nullopt, clip);
+  });
+}
+
+}  // namespace
+}  // namespace fastsam

@@ -1,0 +1,189 @@
+"""The eager steady state of a SAM step on the native backends (``cpu``, ``cuda``): the step
+plan's tensors held in C++ (docs/design.md §5).
+
+A step over Python lists costs host time per tensor: building the plan's key, reading the
+gradients, and converting every list for every operator call (~0.2 us per tensor and list,
+more for ``nn.Parameter``). Here the plan's parameters and the lists a step reads
+(w_old, momentum buffers, Adam's moments and steps, averaged weights) are held by a
+:class:`~fastsam.backends.native.HeldLists`, bound once per plan; a step checks that the plan
+still holds (:meth:`StepPlanner.held <._plan.StepPlanner.held>`: the groups' parameters by
+identity, the gradients and addresses in C++) and hands the ``held_*`` operators group numbers
+and list names. Python's work per step is proportional to the number of parameter groups.
+
+It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
+:class:`~._base.SharpnessAwareOptimizer` defines them (SAM and ASAM; a variant overriding one
+takes the general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite``,
+``max_grad_norm`` or ``capturable``, no GradScaler in the step, one native backend (not
+sharded), not under torch.compile. A plan is held after its first general step; an update
+whose state is not all made yet (a parameter's first step, Adam steps that differ) takes the
+general path for that group. Averaging is folded in as in the general path. The kernels and
+tensors are those of the general path: the numbers are the same bit for bit
+(tests/test_held.py).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..backends.native import NativeBackend
+from ._checks import as_rho
+from ._plan import StepPlan
+from ._update import adam_hyper, decoupled_weight_decay, sgd_hyper
+
+if TYPE_CHECKING:
+    from ._base import SharpnessAwareOptimizer
+
+
+def _same_hook(opt: SharpnessAwareOptimizer, name: str) -> bool:
+    from ._base import SharpnessAwareOptimizer
+
+    return getattr(type(opt), name) is getattr(SharpnessAwareOptimizer, name)
+
+
+# The hooks a variant overrides when its step is more than passes A, B and C.
+_HOOKS = ("_perturb_groups", "_first_buffers", "_before_update", "_after_update",
+          "_update_clip")
+
+
+def applies(opt: SharpnessAwareOptimizer) -> bool:
+    """Whether ``opt``'s configuration can step over held plans (module docstring); the
+    per-step conditions are checked by :class:`HeldSteps`."""
+    return (all(_same_hook(opt, name) for name in _HOOKS) and not opt._keeps_first_grads
+            and not opt._skips.skip_nonfinite
+            and opt.max_grad_norm is None and not opt._capturable)
+
+
+class HeldSteps:
+    """The first and second steps of ``opt`` over held plans, when they apply (each returns
+    False, having changed nothing, when the general path must take the step)."""
+
+    def __init__(self, opt: SharpnessAwareOptimizer) -> None:
+        self.opt = opt
+
+    def _backend(self, plan: StepPlan) -> NativeBackend | None:
+        if plan.device is None or torch.compiler.is_compiling():
+            return None
+        backend = self.opt._backend_for(plan.device)
+        return backend if isinstance(backend, NativeBackend) else None
+
+    def adopt(self, plan: StepPlan) -> None:
+        """After a general step over ``plan``: hold it in C++ for the next steps (once)."""
+        if plan.held is not None or plan.has_complex:
+            return
+        backend = self._backend(plan)
+        if backend is None:
+            return
+        plan.held = backend.hold(plan.params, plan.idle)
+        plan.members = [list(group["params"]) for group in self.opt.param_groups]
+        for i, w_old in enumerate(plan.w_old):
+            if plan.params[i]:
+                plan.held.bind("w_old", i, w_old)
+
+    def current(self) -> StepPlan | None:
+        """The held plan of this step, its gradients read until its ``held.release()``; or None
+        (the general path makes one)."""
+        if torch.compiler.is_compiling():
+            return None
+        opt = self.opt
+        if opt.base_optimizer.state is not opt.state:  # loaded behind our back: general path
+            return None
+        return opt._planner.held(opt.param_groups)
+
+    def perturb(self) -> StepPlan | None:
+        """Passes A and B over the held plan; None (nothing done) without one."""
+        plan = self.current()
+        if plan is None:
+            return None
+        try:
+            return self._perturb(plan)
+        finally:
+            plan.held.release()
+
+    def _perturb(self, plan: StepPlan) -> StepPlan:
+        opt = self.opt
+        groups = [i for i, group in enumerate(opt.param_groups)
+                  if group.get("perturb", True) and plan.params[i]]
+        flag = opt._skips.perturb_flag(plan.device)
+        if not groups:
+            flag.zero_()  # nothing perturbed: nothing to skip
+            return plan
+        chosen = [opt.param_groups[i] for i in groups]
+        opt._backend_for(plan.device).held_perturb(
+            plan.held, groups, [opt._scaling(g) for g in chosen],
+            tuple(as_rho(g["rho"]) for g in chosen), opt._q, opt._p, opt._eps, flag,
+        )
+        return plan
+
+    def update(self, perturbed: StepPlan) -> bool:
+        """Pass C (restore + base update) over the held plan ``perturbed`` of the first step;
+        False, with nothing done, when the general path must take it."""
+        opt = self.opt
+        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) \
+                is not None:
+            return False  # GradScaler's step: its decision first (general path)
+        if perturbed.held is None:
+            return False
+        current = self.current()
+        if current is None:
+            return False
+        try:
+            return current is perturbed and self._update(perturbed)
+        finally:
+            current.held.release()
+
+    def _update(self, perturbed: StepPlan) -> bool:
+        opt = self.opt
+        kind = opt._fused_update_kind(perturbed)
+        if kind is None or not self._bind_state(perturbed, kind):
+            return False
+        backend = opt._backend_for(perturbed.device)
+        averages = opt._averager.count_update(perturbed)
+        held = perturbed.held
+        for i, group in enumerate(opt.param_groups):
+            if not perturbed.params[i]:
+                continue
+            average = averages[i] if averages else None
+            if average is not None and ("average", i) not in held.bound:
+                held.bind("average", i, average.buffers)
+            if kind == "sgd":
+                backend.held_sgd(held, i, sgd_hyper(group), average)
+                continue
+            step = held.increment_steps(i)
+            decoupled = decoupled_weight_decay(opt.base_optimizer, group)
+            if step is not None:
+                backend.held_adam(held, i, adam_hyper(group, decoupled, step), average)
+                continue
+            # steps that differ (parameters that joined late): the per-value general update
+            params = perturbed.params[i]
+            opt._fused.adam(backend, group, decoupled, params, [p.grad for p in params],
+                            perturbed.w_old[i], opt._planner.states(perturbed, opt.state)[i],
+                            None, average)
+        opt._averager.average_rest(perturbed, averages, False)
+        return True
+
+    def _bind_state(self, plan: StepPlan, kind: str) -> bool:
+        """Bind the base optimizer's state lists of every group the update reads; False when a
+        group's state is not all made (the general path makes it)."""
+        held = plan.held
+        states = None
+        for i, group in enumerate(self.opt.param_groups):
+            if not plan.params[i]:
+                continue
+            if kind == "sgd":
+                names = ("momentum_buffer",) if group["momentum"] != 0 else ()
+            else:
+                names = ("exp_avg", "exp_avg_sq", "step") + (
+                    ("max_exp_avg_sq",) if group["amsgrad"] else ())
+            for name in names:
+                if (name, i) in held.bound:
+                    continue
+                if states is None:
+                    states = self.opt._planner.states(plan, self.opt.state)
+                tensors = [state.get(name) for state in states[i]]
+                if any(t is None for t in tensors):
+                    return False
+                held.bind(name, i, tensors)
+        if kind == "sgd" and self.opt._fused.cohorts:
+            return False
+        return True

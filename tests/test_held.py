@@ -1,0 +1,258 @@
+"""The steady state over plans held in C++ (fastsam/optimizers/_held.py, csrc/binding/held.h):
+the same numbers as the general path bit for bit, taken when it applies, and left whenever
+the plan changes: gradients appearing or going, parameters replaced or moved, groups added,
+state loaded, a GradScaler step, late Adam steps."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE, NATIVE
+from harness import Landscape, clone_params, drive, make_params
+
+import fastsam
+from fastsam.backends.native import NativeBackend
+
+pytestmark = pytest.mark.skipif(not NATIVE, reason="needs the fastsam._C extension")
+
+SHAPES = [(1,), (7,), (6, 3, 3, 3), (33, 65), (0,), (5,), (3, 4)]
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How often each held operator ran (the held path was taken)."""
+    counts = {"perturb": 0, "sgd": 0, "adam": 0}
+    for name in counts:
+        original = getattr(NativeBackend, f"held_{name}")
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(NativeBackend, f"held_{name}", counted)
+    return counts
+
+
+def pair(make, dtype=torch.float32, shapes=SHAPES, groups=None):
+    """Two optimizers over equal parameters: the first steps over held plans, the second
+    always takes the general path."""
+    params = make_params(shapes, dtype, DEVICE, seed=3)
+    other = clone_params(params)
+
+    def build(ps):
+        return make(groups(ps) if groups else ps)
+
+    held, general = build(params), build(other)
+    assert held._held is not None
+    general._held = None
+    return (held, params), (general, other)
+
+
+def assert_same(a, b):
+    (opt_a, params_a), (opt_b, params_b) = a, b
+    for p, q in zip(params_a, params_b):
+        assert torch.equal(p, q)
+    for p, q in zip(params_a, params_b):
+        sa, sb = opt_a.state.get(p, {}), opt_b.state.get(q, {})
+        assert set(sa) == set(sb)
+        for key, value in sa.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb[key]), key
+
+
+def run_both(a, b, steps, skip=(), first=0):
+    land = Landscape(SHAPES if len(a[1]) == len(SHAPES) else [tuple(p.shape) for p in a[1]])
+    for opt, params in (a, b):
+        drive(opt, params, land, steps, skip, first)
+
+
+def two_groups(ps):
+    return [{"params": ps[:3], "lr": 0.05, "rho": 0.1},
+            {"params": ps[3:], "lr": 0.02, "weight_decay": 1e-2}]
+
+
+CONFIGS = {
+    "sam-sgd-nesterov": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                               nesterov=True, weight_decay=1e-3, backend="cpu"),
+    "sam-sgd-dampening": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                                dampening=0.3, maximize=True, backend="cpu"),
+    "sam-sgd-plain": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, backend="cpu"),
+    "asam-adamw": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2, rho=0.5,
+                                         adaptive=True, weight_decay=0.1, backend="cpu"),
+    "asam-filter-adam-amsgrad": lambda ps: fastsam.ASAM(ps, torch.optim.Adam, lr=1e-2,
+                                                        amsgrad=True, weight_decay=1e-2,
+                                                        backend="cpu"),
+    "sam-p3-swa": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, p=3.0,
+                                         average="swa", backend="cpu"),
+    "sam-adam-ema-tensor-lr": lambda ps: fastsam.SAM(ps, torch.optim.Adam,
+                                                     lr=torch.tensor(1e-2),
+                                                     average=fastsam.EMA(0.9), backend="cpu"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_as_general_path(name, dtype, calls):
+    a, b = pair(CONFIGS[name], dtype)
+    run_both(a, b, 6)
+    assert_same(a, b)
+    # the first step makes the plan (general path), the other five run held; so do the updates
+    # but the first, which makes the state (plain SGD has none: its first update is held too)
+    assert calls["perturb"] == 5
+    assert calls["sgd"] + calls["adam"] == (6 if name == "sam-sgd-plain" else 5)
+    if "swa" in name or "ema" in name:
+        for p, q in zip(a[1], b[1]):
+            avg_a = a[0]._averager.averaged.get(p)
+            avg_b = b[0]._averager.averaged.get(q)
+            assert (avg_a is None) == (avg_b is None)
+            if avg_a is not None:
+                assert torch.equal(avg_a, avg_b)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_groups_and_sam_on(calls):
+    def make(ps):
+        groups = two_groups(ps)
+        groups[1]["perturb"] = False  # SAM-ON: the second group only updates
+        return fastsam.SAM(groups, torch.optim.SGD, momentum=0.9, backend="cpu")
+
+    a, b = pair(make)
+    run_both(a, b, 5)
+    assert_same(a, b)
+    assert calls["perturb"] == 4 and calls["sgd"] == 2 * 4  # one call per group
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_schedules_are_read_each_step(calls):
+    a, b = pair(lambda ps: fastsam.SAM(two_groups(ps), torch.optim.SGD, momentum=0.9,
+                                       backend="cpu"))
+    land = Landscape(SHAPES)
+    for t in range(6):
+        for opt, params in (a, b):
+            for k, group in enumerate(opt.param_groups):
+                group["lr"] = 0.1 / (t + 1 + k)
+                group["rho"] = 0.05 * (t + 1)
+            drive(opt, params, land, 1, first=t)
+    assert_same(a, b)
+    assert calls["perturb"] == 5
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_plan_changes_leave_the_held_path(base, calls):
+    """Gradients that come and go, a parameter whose storage is replaced, a parameter swapped
+    in the group's list, a group added: each step equals the general path's."""
+    def make(ps):
+        if base == "sgd":
+            return fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+        return fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2, backend="cpu")
+
+    a, b = pair(make)
+    skip = {2: (1,), 3: (1,), 5: (0, 3), 6: (3,)}  # late and missing gradients
+    run_both(a, b, 9, skip)
+    assert_same(a, b)
+    held_steps = calls["perturb"]
+    assert 0 < held_steps < 9
+    # a parameter's storage replaced (p.data = ...): a new plan, the same numbers
+    for opt, params in (a, b):
+        params[2].data = params[2].data.clone()
+    run_both(a, b, 3, first=9)
+    assert_same(a, b)
+    # a parameter of a group replaced by another object at the same place
+    for opt, params in (a, b):
+        new = torch.nn.Parameter(params[5].detach().clone() + 1)
+        opt.param_groups[0]["params"][5] = new
+        params[5] = new
+    run_both(a, b, 3, first=12)
+    assert_same(a, b)
+    # a group added
+    for opt, params in (a, b):
+        extra = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+        opt.add_param_group({"params": [extra]})
+        params.append(extra)
+    land = Landscape([tuple(p.shape) for p in a[1]], seed=4)
+    for opt, params in (a, b):
+        drive(opt, params, land, 3, first=15)
+    assert_same(a, b)
+    assert calls["perturb"] > held_steps
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_loaded_state_is_bound_again(calls):
+    a, b = pair(lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                       backend="cpu"))
+    run_both(a, b, 4)
+    saved = b[0].state_dict()
+    for opt, _ in (a, b):
+        # new momentum buffers (copies: torch.optim's load keeps the tensors it is given): the
+        # held plan must not keep updating the old ones
+        opt.load_state_dict(copy.deepcopy(saved))
+    before = calls["sgd"]
+    run_both(a, b, 4, first=4)
+    assert_same(a, b)
+    assert calls["sgd"] == before + 4  # held again: the state is bound anew
+    assert all(a[0].state[p]["momentum_buffer"] is not saved["state"][i]["momentum_buffer"]
+               for i, p in enumerate(a[1]))
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_grad_scaler_step_takes_the_general_path(calls):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    for _ in range(3):
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        opt.first_step(zero_grad=True)
+        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert calls["perturb"] == 2  # passes A and B held from the second step on
+    assert calls["sgd"] == 0  # scaler.step: the general path's decision and update
+
+
+def test_excluded_configurations_have_no_held_path():
+    p = [torch.nn.Parameter(torch.ones(3))]
+    assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
+    for opt in (
+        fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", skip_nonfinite=True),
+        fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", max_grad_norm=1.0),
+        fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
+        fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
+        fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
+        fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
+    ):
+        assert opt._held is None, type(opt).__name__
+
+
+def test_held_plan_refuses_misuse():
+    import fastsam._C  # noqa: F401
+
+    ps = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    plan = torch.classes.fastsam.HeldPlan(ps, [1, 1], [])
+    with pytest.raises(ValueError, match="2 tensors for group 0 of 1"):
+        plan.bind("w_old", 0, [torch.ones(2), torch.ones(3)])
+    with pytest.raises(ValueError, match="not a name to bind"):
+        plan.bind("grad", 0, [torch.ones(2)])
+    with pytest.raises(ValueError, match="group 2 of 2"):
+        plan.bind("w_old", 2, [])
+    with pytest.raises(ValueError, match="add up to 3"):
+        torch.classes.fastsam.HeldPlan(ps, [3], [])
+    assert not plan.refresh()  # no gradients yet
+    for p in ps:
+        p.grad = torch.zeros_like(p)
+    assert plan.refresh()
+    plan.bind("w_old", 0, [torch.zeros(2)])
+    with pytest.raises(ValueError, match="not bound for group 1"):
+        plan.restore([0, 1], ["params", "w_old"])
+    with pytest.raises(ValueError, match="no list 'other'"):
+        plan.restore([0], ["params", "other"])
+    plan.bind("w_old", 1, [torch.zeros(4)])  # not the parameter's shape
+    with pytest.raises(ValueError, match=r"w_old\[1\] has shape"):
+        plan.restore([0, 1], ["params", "w_old"])
+    ps[0].grad = None
+    assert not plan.refresh()
