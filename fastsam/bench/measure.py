@@ -90,7 +90,9 @@ def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
 
 
 def count_launches(fn: Callable[[], object], device: torch.device) -> int:
-    """Kernel launches (CUDA profiler) or aten/fastsam operators dispatched (CPU) in one call."""
+    """Kernel launches (CUDA profiler) or, on the CPU, aten/fastsam operators dispatched plus
+    the passes run over held plans (fastsam's C++ plan methods, not dispatched: counted by
+    their profiler events; docs/design.md §5), in one call each."""
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -98,7 +100,16 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> int:
             fn()
             sync(device)
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return count_operators(fn)[0]
+    return count_operators(fn)[0] + count_held_passes(fn)
+
+
+def count_held_passes(fn: Callable[[], object]) -> int:
+    """Passes run over held plans in one call of fn (csrc/binding/held.h records each)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("fastsam::held_"))
 
 
 def _storages(tree) -> set[int]:

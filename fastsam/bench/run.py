@@ -193,8 +193,8 @@ def build(provider: str, optimizer: str, params: list,
     """The step function of one provider (gradients left in ``.grad``) and the object holding
     its state, over base optimizer ``base`` (``BASES``)."""
     sgd, hyper = BASES[base]  # the base optimizer class, whichever it is
-    if provider == "plain":
-        opt = sgd(params, **hyper)
+    if provider in ("plain", "plain-fused"):  # plain-fused: torch.optim's fused kernel
+        opt = sgd(params, **hyper, **({"fused": True} if provider == "plain-fused" else {}))
         return opt.step, opt
     if optimizer in PAIRED:  # one reference, one fastsam class, the same arguments
         reference, ours, options = PAIRED[optimizer]
@@ -268,10 +268,11 @@ class Loop:
     steps the cosine schedule and sets the gradients to None (untimed)."""
 
     def __init__(self, holder: object, params: list, grads: tuple[list, list]) -> None:
-        self.calls = passes(holder)
-        self.params, self.grads, self.turn = params, grads, 0
+        # the schedule first: it wraps the optimizer's step(), which the calls then are
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(scheduled(holder),
                                                                    COSINE_STEPS)
+        self.calls = passes(holder)
+        self.params, self.grads, self.turn = params, grads, 0
 
     def prepare(self, i: int) -> None:
         grads = self.grads[self.turn]
@@ -314,6 +315,7 @@ class Row:
     peak_mb: float | None  # CUDA: peak memory of a step above its start
     host_us: float  # the same step over one-element tensors: host work (module docstring)
     host_us_per_tensor: float
+    host_vs_fused: float  # host_us / the base optimizer's fused step over the same tensors
 
 
 def _random_params(shapes, device, seed):
@@ -377,9 +379,14 @@ def measure(
     rows = []
     for base in bases:
         held_plain = _held_by_plain(shapes, device, base)
+        # the host's work of one torch.optim step with fused=True over as many one-element
+        # tensors: what a step's host cost is compared with
+        fused_host = host_seconds("plain-fused", "sam", base, len(shapes), device, reps, warmup)
         for optimizer in optimizers:
-            rows += _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
-                                 rates, (names or {}).get(optimizer), held_plain, progress)
+            for r in _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
+                                  rates, (names or {}).get(optimizer), held_plain, progress):
+                r.host_vs_fused = r.host_us / (fused_host * 1e6)
+                rows.append(r)
     return rows
 
 
@@ -415,6 +422,7 @@ def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
             ratio_to_floor=median / floor, launches=0, allocations=allocations,
             allocated_mb=allocated / 2**20, extra_mb=(held - held_plain) / 2**20, peak_mb=peak,
             host_us=host * 1e6, host_us_per_tensor=host * 1e6 / len(shapes),
+            host_vs_fused=math.nan,
         ))
         del params, grads, holder
     # Launches are counted after all timing: the profiler's hooks slow later launches.
