@@ -172,7 +172,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
     # test_every_provider_builds_and_steps's) keeps this under a minute
     shown = {"sam": 1, "asam": 1, "gsam": 2, "freesam": 1, "friendlysam": 3, "msam": 1}
     rows = cli.main([
-        "--device", "cpu", "--sets", "many-tiny", "--reps", "2", "--no-progress",
+        "--device", "cpu", "--sets", "few-tiny", "--reps", "2", "--no-progress",
         "--optimizers", *shown, "--providers", *chosen, "--json", str(out_json),
         "--csv", str(out_csv),
     ])
@@ -195,7 +195,7 @@ def test_command_prints_the_table_and_writes_json_and_csv(tmp_path, capsys):
             assert math.isfinite(row["speedup"]) and row["speedup"] > 0
             assert f"{row['median_ms']:.3f}" in printed
     # fastsam's memory: one param-sized buffer for SAM/ASAM, two for GSAM, three for
-    # FriendlySAM (fp32, 64,968 params)
+    # FriendlySAM (fp32)
     numel = rows[0]["params"]
     for optimizer, buffers in shown.items():
         extra = by_key[(optimizer, "torch")]["extra_mb"] * 2**20
@@ -281,7 +281,7 @@ def test_the_figure_is_drawn_from_saved_rows(tmp_path, capsys):
     across, a bar per provider and base, the floor per base)."""
     pytest.importorskip("matplotlib")
     saved = tmp_path / "r.json"
-    rows = cli.main(["--device", "cpu", "--sets", "many-tiny", "--reps", "1", "--no-progress",
+    rows = cli.main(["--device", "cpu", "--sets", "few-tiny", "--reps", "1", "--no-progress",
                      "--optimizers", "sam", "freesam", "--providers", "plain", "popular",
                      "naive", "torch", "--json", str(saved)])
     capsys.readouterr()
