@@ -13,36 +13,24 @@ and the fit of the held path's time to a + b·N over the tensor counts given.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 
-from fastsam.bench.run import BASES, Loop, _random_params, build
+from fastsam.bench.run import BASES, host_seconds, save_json
+
+
+def _general(opt) -> None:
+    opt._held = None  # fastsam's held path off: the general path over Python lists
 
 
 def host_us(provider: str, base: str, tensors: int, reps: int, general: bool = False) -> float:
     """Median µs of the timed calls of one step (module docstring); ``general``: fastsam's
-    held path turned off (the general path over Python lists)."""
-    params, grads = _random_params([(1,)] * tensors, torch.device("cpu"), seed=1)
-    _, holder = build(provider, "sam", params, base)
-    if general:
-        holder._held = None
-    loop = Loop(holder, params, grads)
-    times = []
-    for rep in range(reps + 3):
-        total = 0.0
-        for i, call in enumerate(loop.calls):
-            loop.prepare(i)
-            start = time.perf_counter()
-            call()
-            total += time.perf_counter() - start
-        loop.finish()
-        if rep >= 3:
-            times.append(total)
-    return statistics.median(times) * 1e6
+    held path turned off."""
+    return 1e6 * host_seconds(provider, "sam", base, tensors, torch.device("cpu"), reps, 3,
+                              _general if general else None)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -77,10 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"# {base}: held step ≈ {my - b * mx:.0f} µs + {b:.3f} µs per tensor")
     print("# µs per step (first_step + second_step, or one fused torch.optim step); held: "
           "fastsam's cpu backend over a held plan; general: the same with the held path off")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, results=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, environment=env, results=rows)
     return rows
 
 

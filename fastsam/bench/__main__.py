@@ -33,7 +33,7 @@ import torch
 
 from .measure import stream_rates
 from .param_sets import SETS
-from .run import BASES, OPTIMIZERS, REFERENCES, as_dicts, measure, providers
+from .run import BASES, OPTIMIZERS, REFERENCES, as_dicts, measure, providers, save_json
 
 DEFAULT_SETS = {"cuda": ["resnet50", "vit-b16", "gpt2-medium", "many-tiny"],
                 "cpu": ["resnet50", "vit-b16", "many-tiny"]}
@@ -237,10 +237,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "
           "one-element tensors (host work), per step and per tensor; x fused: host us over that "
           "of one step of the base optimizer with fused=True on the same tensors")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, results=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, environment=env, results=rows)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

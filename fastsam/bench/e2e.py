@@ -17,7 +17,6 @@ batch 16) with a classification head.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -29,6 +28,7 @@ from .__main__ import environment
 from .measure import sync, timed
 from .official_gsam import OfficialGSAM
 from .popular_sam import PopularSAM
+from .run import save_json
 
 
 class _Block(nn.Module):
@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{cells[1]:>6} {cells[2]:>8}")
     print("# x ideal: step / (2 x forward+backward) for two-pass optimizers, step / "
           "(forward+backward) for sgd and adamw")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, results=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, environment=env, results=rows)
     return rows
 
 
@@ -201,10 +198,7 @@ def _trainer_rows(args: argparse.Namespace, device: torch.device, env: dict) -> 
     with tempfile.TemporaryDirectory() as out:
         rows = e2e_hf.run(device, preset, reps, 3 if device.type == "cuda" else 2, names, out)
     e2e_hf.print_rows(rows, preset)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, preset=preset, results=rows), f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, environment=env, preset=preset, results=rows)
     return rows
 
 

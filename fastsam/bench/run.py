@@ -22,6 +22,7 @@ Providers:
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -340,12 +341,16 @@ def _held_by_plain(shapes, device, base) -> int:
 
 
 def host_seconds(provider: str, optimizer: str, base: str, tensors: int, device: torch.device,
-                 reps: int, warmup: int) -> float:
+                 reps: int, warmup: int,
+                 adjust: Callable[[object], None] | None = None) -> float:
     """Median seconds of the host's part of a step: the loop over ``tensors`` one-element
     tensors (the per-tensor and fixed work, no arithmetic to speak of), timed on the host
-    without waiting for the device inside the calls (the device is waited for between steps)."""
+    without waiting for the device inside the calls (the device is waited for between steps).
+    ``adjust``: called with the provider's optimizer before the loop."""
     params, grads = _random_params([(1,)] * tensors, device, seed=1)
     _, holder = build(provider, optimizer, params, base)
+    if adjust is not None:
+        adjust(holder)
     loop = Loop(holder, params, grads)
     times = []
     for rep in range(warmup + reps):
@@ -432,6 +437,14 @@ def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
     for r in rows:
         r.speedup = reference.median_ms / r.median_ms if reference else math.nan
     return rows
+
+
+def save_json(path: str | None, **content) -> None:
+    """Write a run's ``content`` (environment, results, ...) to ``path`` as JSON, when given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(content, f, indent=1)
+        print(f"# wrote {path}")
 
 
 def as_dicts(rows: list[Row]) -> list[dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
@@ -27,6 +26,7 @@ import torch
 import fastsam
 
 from .__main__ import environment
+from .run import save_json
 
 # name -> constructor over (params, lr)
 OPTIMIZERS = {
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<12} {100 * statistics.mean(acc):>12.2f} ± {100 * std:<5.2f} "
               f"{statistics.mean(r['seconds']):>10.1f}")
     out = dict(environment=env, config=vars(args), results=results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print(f"# wrote {args.json}")
+    save_json(args.json, **out)
     return out
 
 
