@@ -85,6 +85,10 @@ CONFIGS = {
                                                         backend="cpu"),
     "sam-p3-swa": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, p=3.0,
                                          average="swa", backend="cpu"),
+    "sam-sgd-clip": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                           max_grad_norm=0.5, backend="cpu"),
+    "asam-adamw-clip": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, lr=1e-2, adaptive=True,
+                                              max_grad_norm=0.5, backend="cpu"),
     "sam-adam-ema-tensor-lr": lambda ps: fastsam.SAM(ps, torch.optim.Adam,
                                                      lr=torch.tensor(1e-2),
                                                      average=fastsam.EMA(0.9), backend="cpu"),
@@ -220,7 +224,6 @@ def test_excluded_configurations_have_no_held_path():
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     for opt in (
         fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", skip_nonfinite=True),
-        fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", max_grad_norm=1.0),
         fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),

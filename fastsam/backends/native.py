@@ -293,6 +293,15 @@ class NativeBackend(Backend):
         held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, device), out,
                           scratch, dual_exponent(p), p, eps, skipped, None)
 
+    def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
+        """‖g‖₂² over ``groups`` of ``held`` (pass A with no scaling: max_grad_norm's norm, as
+        :meth:`perturbation_norm` over those groups with q = 2), in the kept norm buffer."""
+        out = self._buffer("norm", held.device, held.accumulation)
+        scratch = self._buffer("scratch", held.device, torch.float64)
+        held.plan.norm(groups, _HELD_NORM, [0] * len(groups), [0.0] * len(groups), 2.0, out,
+                       scratch, None)
+        return out
+
     def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
                  average: Average | None) -> None:
         """Pass C with SGD over group ``group`` of ``held`` (w_old, "momentum_buffer" and
@@ -301,7 +310,7 @@ class NativeBackend(Backend):
         hp, hp_device = self._scalars(scalars, held.device)
         lists = _HELD_SGD[hyper.momentum != 0, average is not None]
         held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False, None,
-                      0.0, 0, None, None)
+                      0.0, 0, hyper.skip, hyper.clip)
 
     def held_adam(self, held: HeldLists, group: int, hyper: AdamHyper,
                   average: Average | None) -> None:
@@ -312,7 +321,7 @@ class NativeBackend(Backend):
         hp, hp_device = self._scalars(scalars, held.device)
         lists = _HELD_ADAM[hyper.amsgrad, average is not None]
         held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
-                       hyper.maximize, None, 0.0, 0, None, None)
+                       hyper.maximize, None, 0.0, 0, hyper.skip, hyper.clip)
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
         adv, first, out, scratch = self._gsam_args(groups, "along")

@@ -12,11 +12,12 @@ and list names. Python's work per step is proportional to the number of paramete
 
 It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
 :class:`~._base.SharpnessAwareOptimizer` defines them (SAM and ASAM; a variant overriding one
-takes the general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite``,
-``max_grad_norm`` or ``capturable``, no GradScaler in the step, one native backend (not
+takes the general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite`` or
+``capturable``, no GradScaler in the step, one native backend (not
 sharded), not under torch.compile. A plan is held after its first general step; an update
 whose state is not all made yet (a parameter's first step, Adam steps that differ) takes the
-general path for that group. Averaging is folded in as in the general path. The kernels and
+general path for that group. Averaging and ``max_grad_norm`` (its norm a held pass too) are
+folded in as in the general path. The kernels and
 tensors are those of the general path: the numbers are the same bit for bit
 (tests/test_held.py).
 """
@@ -50,8 +51,7 @@ def applies(opt: SharpnessAwareOptimizer) -> bool:
     """Whether ``opt``'s configuration can step over held plans (module docstring); the
     per-step conditions are checked by :class:`HeldSteps`."""
     return (all(_same_hook(opt, name) for name in _HOOKS) and not opt._keeps_first_grads
-            and not opt._skips.skip_nonfinite
-            and opt.max_grad_norm is None and not opt._capturable)
+            and not opt._skips.skip_nonfinite and not opt._capturable)
 
 
 class HeldSteps:
@@ -138,8 +138,12 @@ class HeldSteps:
         if kind is None or not self._bind_state(perturbed, kind):
             return False
         backend = opt._backend_for(perturbed.device)
-        averages = opt._averager.count_update(perturbed)
         held = perturbed.held
+        clip = None  # max_grad_norm's coefficient, as _clip_coefficient forms it
+        if opt.max_grad_norm is not None:
+            with_params = [i for i, ps in enumerate(perturbed.params) if ps]
+            clip = opt._clip_from(backend.held_norm(held, with_params))
+        averages = opt._averager.count_update(perturbed)
         for i, group in enumerate(opt.param_groups):
             if not perturbed.params[i]:
                 continue
@@ -147,18 +151,19 @@ class HeldSteps:
             if average is not None and ("average", i) not in held.bound:
                 held.bind("average", i, average.buffers)
             if kind == "sgd":
-                backend.held_sgd(held, i, sgd_hyper(group), average)
+                backend.held_sgd(held, i, sgd_hyper(group, None, clip), average)
                 continue
             step = held.increment_steps(i)
             decoupled = decoupled_weight_decay(opt.base_optimizer, group)
             if step is not None:
-                backend.held_adam(held, i, adam_hyper(group, decoupled, step), average)
+                backend.held_adam(held, i, adam_hyper(group, decoupled, step, None, clip),
+                                  average)
                 continue
             # steps that differ (parameters that joined late): the per-value general update
             params = perturbed.params[i]
             opt._fused.adam(backend, group, decoupled, params, [p.grad for p in params],
                             perturbed.w_old[i], opt._planner.states(perturbed, opt.state)[i],
-                            None, average)
+                            None, average, None, clip)
         opt._averager.average_rest(perturbed, averages, False)
         return True
 
