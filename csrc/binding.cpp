@@ -95,7 +95,6 @@ TORCH_LIBRARY(fastsam, m) {
   m.class_<fastsam::HeldPlan>("HeldPlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>())
       .def("bind", &fastsam::HeldPlan::bind)
-      .def("has", &fastsam::HeldPlan::has)
       .def("refresh", &fastsam::HeldPlan::refresh)
       .def("release", &fastsam::HeldPlan::release)
       .def("increment_steps",

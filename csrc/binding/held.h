@@ -121,12 +121,6 @@ class HeldPlan : public torch::CustomClassHolder {
     list.bound[group] = true;
   }
 
-  bool has(const std::string& name, int64_t group) const {
-    check_group(group);
-    auto it = lists_.find(name);
-    return it != lists_.end() && it->second.bound[group];
-  }
-
   // The tensors of list `name` over `groups`, concatenated ("" gives an empty list).
   Resolved resolve(const std::string& name, at::IntArrayRef groups) const {
     Resolved out;
@@ -250,6 +244,7 @@ class HeldTables {
         is_params_(std::move(is_params)), groups_(std::move(groups)), lazy_(lazy) {}
 
   void check(const char*, const Lists&) const {}
+  bool lazy() const { return lazy_; }
 
   template <class D, class Options>
   TablesPtr tables(const char* op, const D& dev, const Lists& lists, Options&& options) const {
@@ -402,10 +397,9 @@ struct HeldCall {
                rows_named(names, "params"), groups.vec(), plan->grad_addresses() != nullptr) {
     TORCH_CHECK_VALUE(names.size() == count, msg("fastsam.", op, ": ", names.size(),
                                                  " list names, needs ", count));
-    const bool lazy = plan->grad_addresses() != nullptr;
     for (const std::string& name : names) {
       // lazy: the gradients stay unread (HeldTables reads them only to build tables)
-      lists.push_back(lazy && name == "grad" ? Resolved{} : plan->resolve(name, groups));
+      lists.push_back(tables.lazy() && name == "grad" ? Resolved{} : plan->resolve(name, groups));
     }
   }
   at::TensorList operator[](size_t i) const { return lists[i].view; }

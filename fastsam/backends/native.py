@@ -145,6 +145,7 @@ class HeldLists:
     def __init__(self, params: list[list[Tensor]], idle: list[Tensor]) -> None:
         self.plan = torch.classes.fastsam.HeldPlan(
             [p for ps in params for p in ps], [len(ps) for ps in params], idle)
+        # what is bound, mirrored here: a lookup without a call into C++
         self.bound: set[tuple[str, int]] = set()
         self.device = next(p for ps in params for p in ps).device
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
@@ -284,23 +285,25 @@ class NativeBackend(Backend):
                      rhos: tuple, q: float, p: float, eps: float, skipped: Tensor) -> None:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
         :meth:`perturbation_norm` then :meth:`perturb`, ``scalings`` and ``rhos`` per group."""
-        device = held.device
-        out = self._buffer("norm", device, held.accumulation)
-        scratch = self._buffer("scratch", device, torch.float64)
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
-        held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
-        held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, device), out,
-                          scratch, dual_exponent(p), p, eps, skipped, None)
+        out, scratch = self._held_norm(held, groups, modes, etas, q)
+        held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, held.device),
+                          out, scratch, dual_exponent(p), p, eps, skipped, None)
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
         """‖g‖₂² over ``groups`` of ``held`` (pass A with no scaling: max_grad_norm's norm, as
         :meth:`perturbation_norm` over those groups with q = 2), in the kept norm buffer."""
+        return self._held_norm(held, groups, [0] * len(groups), [0.0] * len(groups), 2.0)[0]
+
+    def _held_norm(self, held: HeldLists, groups: list[int], modes: list[int],
+                   etas: list[float], q: float) -> tuple[Tensor, Tensor]:
+        """Pass A over ``groups`` of ``held``: the kept norm buffer and the scratch holding the
+        filter norms pass B reads."""
         out = self._buffer("norm", held.device, held.accumulation)
         scratch = self._buffer("scratch", held.device, torch.float64)
-        held.plan.norm(groups, _HELD_NORM, [0] * len(groups), [0.0] * len(groups), 2.0, out,
-                       scratch, None)
-        return out
+        held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
+        return out, scratch
 
     def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
                  average: Average | None) -> None:
