@@ -197,8 +197,6 @@ def test_loaded_state_is_bound_again(calls):
     run_both(a, b, 4, first=4)
     assert_same(a, b)
     assert calls["sgd"] == before + 4  # held again: the state is bound anew
-    assert all(a[0].state[p]["momentum_buffer"] is not saved["state"][i]["momentum_buffer"]
-               for i, p in enumerate(a[1]))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
