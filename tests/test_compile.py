@@ -1,6 +1,7 @@
 """torch.compile of the optimizer's steps themselves, ``fullgraph=True`` (no graph break
-anywhere in ``first_step`` or ``second_step``): with ``capturable=True`` and a tensor lr under a
-cosine schedule, 20 steps equal the eager ones, and after the warm-up nothing is compiled again
+anywhere in ``first_step`` and ``second_step``, or in the one-pass optimizers' ``step``): with a
+tensor lr under a cosine schedule (and ``capturable=True`` where the optimizer takes it), 20
+steps equal the eager ones, and after the warm-up nothing is compiled again
 (``torch.compiler.set_stance("fail_on_recompile")``). The ``cpu`` backend's native operators
 and the ``torch`` backend's foreach arithmetic are traced (docs/training.md)."""
 from __future__ import annotations
@@ -33,7 +34,15 @@ CONFIGS = {
     "wsam_clip_ema": lambda ps, **kw: fastsam.WSAM(
         ps, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=False, lr=torch.tensor(0.1),
         momentum=0.9, max_grad_norm=0.1, average="ema", **kw),
+    "freesam_sgd": lambda ps, **kw: fastsam.FreeSAM(ps, torch.optim.SGD, lr=torch.tensor(0.1),
+                                                    momentum=0.9, **kw),
+    "msam_adamw": lambda ps, **kw: fastsam.MSAM(ps, torch.optim.AdamW, rho=0.05,
+                                                lr=torch.tensor(1e-2), weight_decay=0.1, **kw),
+    "friendlysam_sgd": lambda ps, **kw: fastsam.FriendlySAM(
+        ps, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.9, lr=torch.tensor(0.1),
+        momentum=0.9, **{**kw, "capturable": False}),  # (FriendlySAM takes no capturable)
 }
+ONE_PASS = {"freesam_sgd", "msam_adamw"}  # step() after one forward/backward pass
 BACKENDS = ["torch"] + [b for b in NATIVE if b == "cpu"]
 
 
@@ -41,19 +50,28 @@ def _run(name, backend, compiled):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     opt = CONFIGS[name](model.parameters(), backend=backend, capturable=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    # Compiled before the scheduler is made: an lr scheduler replaces ``opt.step`` by a wrapper
+    # of its own, which torch.compile does not trace (as for any torch.optim optimizer).
+    one_pass = opt.step
     first, second = opt.first_step, opt.second_step
     if compiled:
+        one_pass = torch.compile(opt.step, fullgraph=True)
         first = torch.compile(opt.first_step, fullgraph=True)
         second = torch.compile(opt.second_step, fullgraph=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
     try:
         for t in range(STEPS):
             if compiled and t == COMPILED_AT:
                 torch.compiler.set_stance("fail_on_recompile")
             eager = t < WARM_UP  # the plan, state and buffers are made by an eager step
             torch.nn.functional.cross_entropy(model(x), y).backward()
+            if name in ONE_PASS:
+                (opt.step if eager else one_pass)()
+                opt.zero_grad(set_to_none=False)
+                schedule.step()
+                continue
             sam_step = (opt.first_step if eager else first)()
             opt.zero_grad(set_to_none=False)
             if sam_step is not False:  # (a step between SAM steps is whole after first_step)
@@ -76,6 +94,14 @@ def test_compiled_steps_equal_eager_without_recompiling(name, backend):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
     assert compiled_opt.state_dict()["param_groups"][0]["fastsam_counters"] == (
         eager_opt.state_dict()["param_groups"][0]["fastsam_counters"])
+    saved, loaded = eager_opt.state_dict()["state"], compiled_opt.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and saved
+    for index, entries in saved.items():  # the base optimizer's state and the variant's own
+        assert entries.keys() == loaded[index].keys()  # (MSAM's w, FreeSAM's g, ...)
+        for key, value in entries.items():  # (LookSAM's direction is a difference of near
+            scale = float(value.abs().max())  # vectors: its error is relative to its scale)
+            torch.testing.assert_close(loaded[index][key], value, rtol=1e-5, atol=1e-5 * scale,
+                                       msg=key)
     if "ema" in name:
         with eager_opt.averaged_weights(), compiled_opt.averaged_weights():
             for a, b in zip(eager.parameters(), compiled.parameters()):
