@@ -10,6 +10,7 @@ from .distributed import local_pass
 from .grouping import sam_on_groups
 from .integrations import unwrap
 from .optimizers import (
+    AESAM,
     ASAM,
     GSAM,
     MSAM,
@@ -32,6 +33,7 @@ __all__ = [
     "WSAM",
     "FriendlySAM",
     "MSAM",
+    "AESAM",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",

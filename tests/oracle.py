@@ -343,3 +343,39 @@ class OracleMSAM:
         for g in self.groups:
             for p in g["params"]:
                 p.grad = None
+
+
+class OracleAESAM(OracleSAM):
+    """AE-SAM (Jiang, Yang, Zhang and Kwok, 2023) per parameter. Each step: s = ‖g‖² over the
+    parameters with a gradient (fp64), μ ← δ·μ + (1 − δ)·s, σ² ← δ·σ² + (1 − δ)·(s − μ)²
+    (from μ = σ² = 0), c = (t/T)·λ1 + (1 − t/T)·λ2 with t/T at most 1; s ≥ μ + c·σ: SAM's two
+    passes, otherwise the base optimizer's step with g (one pass). ``decisions``: the steps
+    that were SAM steps."""
+
+    def __init__(self, groups, base_cls, total_steps, lambda1, lambda2, delta, eps=1e-12,
+                 **base_kwargs):
+        for g in groups:
+            g.setdefault("T", ("none", 0.0))
+        super().__init__(groups, base_cls, eps=eps, **base_kwargs)
+        self.total, self.lambdas, self.delta = total_steps, (lambda1, lambda2), delta
+        self.t, self.mean, self.var, self.decisions = 0, 0.0, 0.0, []
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        s = sum(float((w.grad.double() ** 2).sum()) for g in self.groups
+                if g.get("perturb", True) for w in g["params"] if w.grad is not None)
+        d = self.delta
+        self.mean = d * self.mean + (1 - d) * s
+        self.var = d * self.var + (1 - d) * (s - self.mean) ** 2
+        share = min(self.t / self.total, 1.0)
+        c = share * self.lambdas[0] + (1 - share) * self.lambdas[1]
+        self.t += 1
+        sam = s >= self.mean + c * math.sqrt(self.var)
+        self.decisions.append(sam)
+        if sam:
+            super().first_step(zero_grad)
+        else:
+            self.base.step()
+            if zero_grad:
+                self.zero_grad()
+        return sam

@@ -52,6 +52,9 @@ OPTIMIZERS = {
     "sam_interval": lambda ps: fastsam.SAM(ps, torch.optim.AdamW, rho=0.05, lr=1e-3,
                                            interval=3),
     "msam_sgd": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    # c = 2.5: the first step (from μ = σ² = 0) a SAM step, then plain ones while ‖g‖² holds
+    "aesam_sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS,
+                                          lambda1=2.5, lambda2=2.5, lr=0.1, momentum=0.9),
 }
 
 
@@ -163,7 +166,19 @@ def test_builds_sam_over_the_trainers_own_optimizer(tmp_path):
     assert max_difference(model, reference) < 1e-6
 
 
-@pytest.mark.parametrize("kind", ["sam_adamw", "friendlysam_sgd"])
+def test_aesam_takes_its_plain_steps_in_optimizer_step(tmp_path):
+    """AE-SAM under the Trainer: SAM and plain steps both taken (one pass on a plain step,
+    whose update the Trainer's optimizer.step() makes after its clipping), as the loop."""
+    trainer, model, reference, ref_opt, _ = run_both(
+        tmp_path, "gpt2", OPTIMIZERS["aesam_sgd"], max_grad_norm=0.05,
+        loop_kwargs={"max_grad_norm": 0.05})
+    sam = fastsam.unwrap(trainer.optimizer)
+    assert 0 < sam.sam_steps < STEPS and sam.sam_steps == ref_opt.sam_steps
+    assert sam.statistics == pytest.approx(ref_opt.statistics, rel=1e-6)
+    assert max_difference(model, reference) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sam_adamw", "friendlysam_sgd", "aesam_sgd"])
 def test_grad_scaler_steps_and_skips_like_the_loop(tmp_path, kind):
     """The GradScaler path of Accelerate (fp16 on a GPU) rehearsed on CPU: a scaler set on the
     Trainer's accelerator. The second step's batch holds an inf: fastsam skips that step with

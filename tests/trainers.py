@@ -123,12 +123,17 @@ def two_pass_loop(model, optimizer, batches, max_grad_norm=None, autocast=None, 
                 optimizer, "sam_step_next", True):
             update()  # FreeSAM's or MSAM's step, or LookSAM's look-ahead step
             continue
-        if scaler and isinstance(optimizer, fastsam.FriendlySAM):  # m is kept unscaled
+        second_pass = True
+        if isinstance(optimizer, fastsam.AESAM):  # a plain step is left to update() (clipped)
+            second_pass = optimizer.first_step(
+                zero_grad=True, grad_scale=scaler.get_scale() if scaler else 1.0)
+        elif scaler and isinstance(optimizer, fastsam.FriendlySAM):  # m is kept unscaled
             optimizer.first_step(zero_grad=True, grad_scale=scaler.get_scale())
         else:
             optimizer.first_step(zero_grad=True)
-        with fastsam.frozen_bn_stats(model):
-            backward(batch)
+        if second_pass:
+            with fastsam.frozen_bn_stats(model):
+                backward(batch)
         update()
     return losses
 

@@ -13,6 +13,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from ..optimizers._core import FusedOptimizer
+from ..optimizers.aesam import AESAM
 from ..optimizers.friendlysam import FriendlySAM
 
 
@@ -56,14 +57,19 @@ def report_amp_skip(wrapper: Any, skipped_before: int) -> None:
         wrapper._is_overflow = True
 
 
-def begin_sam_step(sam: FusedOptimizer, scaler: Any) -> None:
+def begin_sam_step(sam: FusedOptimizer, scaler: Any) -> bool:
     """``sam.first_step(zero_grad=True)`` in a framework's loop, given the framework's GradScaler
-    (None without one): FriendlySAM keeps a momentum of unscaled gradients, so it is told the
-    loss scale the first pass's gradients carry."""
-    if isinstance(sam, FriendlySAM) and scaler is not None and scaler.is_enabled():
-        sam.first_step(zero_grad=True, grad_scale=scaler.get_scale())
-    else:
-        sam.first_step(zero_grad=True)
+    (None without one); returns whether the second pass follows. FriendlySAM keeps a momentum of
+    unscaled gradients and AE-SAM decides from the unscaled ‖g‖², so they are told the loss
+    scale the first pass's gradients carry; AE-SAM always gets one (1 without a scaler), which
+    leaves a plain step to the framework's ``optimizer.step()``, after its gradient clipping and
+    under its scaler."""
+    scaled = scaler is not None and scaler.is_enabled()
+    if isinstance(sam, AESAM):
+        return sam.first_step(zero_grad=True, grad_scale=scaler.get_scale() if scaled else 1.0)
+    if isinstance(sam, FriendlySAM) and scaled:
+        return sam.first_step(zero_grad=True, grad_scale=scaler.get_scale())
+    return sam.first_step(zero_grad=True)
 
 
 __all__ = ["unwrap", "report_amp_skip", "begin_sam_step"]

@@ -90,8 +90,8 @@ def sam_step(
         return total / len(batches)
 
     loss = one_pass(per_worker)
-    if isinstance(sam, SharpnessAwareOptimizer) and getattr(sam, "sam_step_next", True):
-        begin_sam_step(sam, accelerator.scaler)
+    if (isinstance(sam, SharpnessAwareOptimizer) and getattr(sam, "sam_step_next", True)
+            and begin_sam_step(sam, accelerator.scaler)):  # (False: AE-SAM's plain step)
         with frozen_bn_stats(model):
             one_pass(False)
     if max_grad_norm is not None:

@@ -1,4 +1,5 @@
 """The public optimizers, one file each."""
+from .aesam import AESAM
 from .asam import ASAM, asam_param_groups
 from .freesam import FreeSAM
 from .friendlysam import FriendlySAM
@@ -9,4 +10,4 @@ from .sam import SAM
 from .wsam import WSAM
 
 __all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "FriendlySAM", "MSAM",
-           "asam_param_groups"]
+           "AESAM", "asam_param_groups"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import Decomposition, PerturbGroup, Scaling, dual_exponent
+from ..functional import Decomposition, PerturbationNorm, PerturbGroup, Scaling, dual_exponent
 from . import _held
 from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
@@ -191,6 +191,12 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             self._between_sam_steps(zero_grad)
             return False
         self._perturb(zero_grad)
+        return self._perturbed is not None  # (AE-SAM may decide on a plain step instead)
+
+    def _perturbs(self, norm: PerturbationNorm) -> bool:
+        """Whether a SAM step, its norm made (pass A), goes on to perturb: always, but for
+        AE-SAM, which decides here from ``norm.total``; False: :meth:`_between_sam_steps`
+        takes the step instead."""
         return True
 
     def _between_sam_steps(self, zero_grad: bool) -> None:
@@ -214,6 +220,9 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             if groups:
                 backend = self._backend_for(plan.device)
                 norm = backend.perturbation_norm(groups, self._q)
+                if not self._perturbs(norm):  # AE-SAM: a plain step after all
+                    self._between_sam_steps(zero_grad)
+                    return
                 backend.perturb(norm, self._p, self._eps, flag)
             else:
                 flag.zero_()  # nothing perturbed: nothing to skip

@@ -62,3 +62,17 @@ def check_max_grad_norm(value: Any) -> float | None:
             f"max_grad_norm must be a finite number > 0 (None: no clipping), got {value}"
         )
     return float(value)
+
+
+def check_grad_scale(value: Any) -> float | None:
+    """Validate a first step's ``grad_scale`` (``scaler.get_scale()``): None (unscaled
+    gradients) or a finite number > 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"grad_scale must be a number (scaler.get_scale()), got {type(value).__name__}"
+        )
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"grad_scale must be a finite number > 0, got {value}")
+    return float(value)

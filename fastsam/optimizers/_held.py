@@ -43,7 +43,7 @@ def _same_hook(opt: SharpnessAwareOptimizer, name: str) -> bool:
 
 
 # The hooks a variant overrides when its step is more than passes A, B and C.
-_HOOKS = ("_perturb_groups", "_first_buffers", "_before_update", "_after_update",
+_HOOKS = ("_perturb_groups", "_first_buffers", "_perturbs", "_before_update", "_after_update",
           "_update_clip")
 
 

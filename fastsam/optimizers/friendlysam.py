@@ -3,7 +3,6 @@ leaves out the full-batch component of the gradient, estimated by a momentum of 
 gradients."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from torch.optim import Optimizer
 
 from ..functional import Momentum, PerturbGroup, Scaling
 from ._base import SharpnessAwareOptimizer
-from ._checks import as_rho, check_finite_nonnegative
+from ._checks import as_rho, check_finite_nonnegative, check_grad_scale
 from ._plan import StepPlan, persistent_buffer
 
 STATE_KEY = "friendlysam_momentum"  # per-parameter state: m, the momentum of first gradients
@@ -151,16 +150,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
             grad_scale: the loss scale the gradients carry (``scaler.get_scale()`` under
                 ``torch.amp.GradScaler``); None: unscaled gradients.
         """
-        if grad_scale is not None:
-            if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)):
-                raise TypeError(
-                    "grad_scale must be a number (scaler.get_scale()), got "
-                    f"{type(grad_scale).__name__}"
-                )
-            if not 0.0 < grad_scale < math.inf:
-                raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale}")
+        grad_scale = check_grad_scale(grad_scale)
         if self._perturbed is None:  # (the base class refuses a second first_step itself)
-            self._step_scale = None if grad_scale is None else float(grad_scale)
+            self._step_scale = grad_scale
         return super().first_step(zero_grad)
 
     def _perturb_groups(self, plan: StepPlan, grads: list[list[Tensor]]) -> list[PerturbGroup]:
