@@ -29,6 +29,8 @@ OPTIMIZERS = {
     "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
                                                       lr=0.1, momentum=0.9),
     "msam_sgd": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "aesam_sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS,
+                                          lambda1=2.5, lambda2=2.5, lr=0.1, momentum=0.9),
 }
 
 

@@ -22,6 +22,8 @@ OPTIMIZERS = {
     "freesam_sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9),
     "friendlysam_sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lmbda=0.6,
                                                       lr=0.1, momentum=0.9),
+    "aesam_sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS,
+                                          lambda1=2.5, lambda2=2.5, lr=0.1, momentum=0.9),
 }
 
 
