@@ -218,10 +218,14 @@ def test_digits_training_comparison_runs():
     x_train, noisy, x_test, y_test, rate = train.load_digits(noise=0.4, seed=0)
     assert x_train.shape[1] == 64 and len(x_train) + len(x_test) == 1797
     assert 0.35 < rate < 0.45  # the requested fraction of wrong labels
-    out = train.main(["--optimizers", "sgd", "gsam", "--seeds", "2", "--epochs", "3"])
-    for name in ("sgd", "gsam"):
+    out = train.main(["--optimizers", "sgd", "gsam", "aesam", "--seeds", "2", "--epochs", "3"])
+    for name in ("sgd", "gsam", "aesam"):
         accuracy = out["results"][name]["accuracy"]
         assert len(accuracy) == 2 and all(a > 0.5 for a in accuracy)  # far above chance (0.1)
+    # the passes counted: SGD one, GSAM two, AE-SAM between (its first step a SAM step)
+    passes = {name: out["results"][name]["passes_per_step"] for name in ("sgd", "gsam", "aesam")}
+    assert passes["sgd"] == [1.0, 1.0] and passes["gsam"] == [2.0, 2.0]
+    assert all(1.0 < p < 2.0 for p in passes["aesam"]), passes
 
 
 def test_whole_step_benchmark_runs():
