@@ -146,8 +146,9 @@ def test_schedules_are_read_each_step(calls):
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_plan_changes_leave_the_held_path(base, calls):
-    """Gradients that come and go, a parameter whose storage is replaced, a parameter swapped
-    in the group's list, a group added: each step equals the general path's."""
+    """Gradients that come and go, a parameter whose storage is replaced, a state tensor
+    moved in place, a parameter swapped in the group's list, a group added: each step equals
+    the general path's."""
     def make(ps):
         if base == "sgd":
             return fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
@@ -164,12 +165,20 @@ def test_plan_changes_leave_the_held_path(base, calls):
         params[2].data = params[2].data.clone()
     run_both(a, b, 3, first=9)
     assert_same(a, b)
+    # a state tensor moved in place (its storage replaced): the held tables follow it
+    before = calls["perturb"]
+    for opt, params in (a, b):
+        state = opt.state[params[3]]["momentum_buffer" if base == "sgd" else "exp_avg"]
+        state.set_(state.clone())
+    run_both(a, b, 3, first=12)
+    assert_same(a, b)
+    assert calls["perturb"] == before + 3  # (held all along)
     # a parameter of a group replaced by another object at the same place
     for opt, params in (a, b):
         new = torch.nn.Parameter(params[5].detach().clone() + 1)
         opt.param_groups[0]["params"][5] = new
         params[5] = new
-    run_both(a, b, 3, first=12)
+    run_both(a, b, 3, first=15)
     assert_same(a, b)
     # a group added
     for opt, params in (a, b):
@@ -178,7 +187,7 @@ def test_plan_changes_leave_the_held_path(base, calls):
         params.append(extra)
     land = Landscape([tuple(p.shape) for p in a[1]], seed=4)
     for opt, params in (a, b):
-        drive(opt, params, land, 3, first=15)
+        drive(opt, params, land, 3, first=18)
     assert_same(a, b)
     assert calls["perturb"] > held_steps
 

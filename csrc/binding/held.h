@@ -32,6 +32,23 @@
 namespace fastsam {
 namespace {  // this header is included by csrc/binding.cpp only
 
+// A tensor's address without data_ptr()'s checks (for tensors checked dense and strided
+// before; a moved one fails the comparison with the address kept).
+inline const void* address_of(const c10::TensorImpl* impl) {
+  return static_cast<const char*>(impl->storage().data()) +
+         impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
+}
+inline const void* address_of(const at::Tensor& t) { return address_of(t.unsafeGetTensorImpl()); }
+
+// Sizes or strides equal (an inline loop: these are a few numbers).
+inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < a.size(); ++k) {
+    if (a[k] != b[k]) return false;
+  }
+  return true;
+}
+
 // The tensors of one list argument of a held call: a view of the plan's own storage, or
 // (the gradients, groups that are not consecutive) a vector of this call's.
 struct Resolved {
@@ -64,23 +81,25 @@ class HeldPlan : public torch::CustomClassHolder {
   // addresses are kept for the passes of this step call, until release(): the passes then
   // rewrite their tables' gradient rows from them, without reading a gradient again. No
   // gradient is referenced here between steps.
+  // (TensorImpl::grad() reads the gradient without Tensor::grad()'s hooks, which warn about
+  // non-leaf tensors: a plan's parameters are leaves.)
   bool refresh() {
     release();
     for (const at::Tensor& p : idle_) {
-      if (p.grad().defined()) return false;
+      if (p.unsafeGetTensorImpl()->grad().defined()) return false;
     }
     grad_addresses_.resize(params_.size());
     bool laid_out = true;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].grad();
-      if (!g.defined() || g.layout() != at::kStrided || params_[i].data_ptr() != addresses_[i]) {
+      const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      const at::Tensor& g = p->grad();
+      if (!g.defined() || g.layout() != at::kStrided || address_of(p) != addresses_[i]) {
         return false;
       }
-      const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
       const c10::TensorImpl* q = g.unsafeGetTensorImpl();
       laid_out = laid_out && q->dtype() == p->dtype() && q->device() == p->device() &&
-                 q->sizes() == p->sizes() && q->strides() == p->strides();
-      grad_addresses_[i] = laid_out ? reinterpret_cast<int64_t>(g.data_ptr()) : 0;
+                 same_dims(q->sizes(), p->sizes()) && same_dims(q->strides(), p->strides());
+      grad_addresses_[i] = laid_out ? reinterpret_cast<int64_t>(address_of(q)) : 0;
     }
     grads_read_ = laid_out;
     return true;
@@ -119,6 +138,7 @@ class HeldPlan : public torch::CustomClassHolder {
     }
     std::move(tensors.begin(), tensors.end(), list.tensors.begin() + starts_[group]);
     list.bound[group] = true;
+    calls_.clear();  // (binding is once per plan and list: every call builds afresh after it)
   }
 
   // The tensors of list `name` over `groups`, concatenated ("" gives an empty list).
@@ -239,9 +259,11 @@ using Held = c10::intrusive_ptr<HeldPlan>;
 class HeldTables {
  public:
   HeldTables(HeldPlan& plan, std::string key, std::vector<bool> is_grad,
-             std::vector<bool> is_params, std::vector<int64_t> groups, bool lazy)
+             std::vector<bool> is_params, std::vector<bool> is_private,
+             std::vector<int64_t> groups, bool lazy)
       : plan_(plan), key_(std::move(key)), is_grad_(std::move(is_grad)),
-        is_params_(std::move(is_params)), groups_(std::move(groups)), lazy_(lazy) {}
+        is_params_(std::move(is_params)), is_private_(std::move(is_private)),
+        groups_(std::move(groups)), lazy_(lazy) {}
 
   void check(const char*, const Lists&) const {}
   bool lazy() const { return lazy_; }
@@ -282,7 +304,7 @@ class HeldTables {
     check_lists(op, full);
     HeldPlan::Call call{nullptr, options(), {}};
     for (size_t r = 0; r < full.size(); ++r) {
-      if (is_grad_[r]) continue;
+      if (is_grad_[r] || is_private_[r]) continue;
       for (const at::Tensor& t : full[r].second) call.fixed.push_back(address_of(t));
     }
     call.tables = dev.tables(op, full, call.options ? &*call.options : nullptr);
@@ -303,21 +325,14 @@ class HeldTables {
     return full;
   }
 
-  // A tensor's address without data_ptr()'s checks (the tensor was checked when the call's
-  // tables were built; a moved one fails the comparison).
-  static const void* address_of(const at::Tensor& t) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    return static_cast<const char*>(impl->storage().data()) +
-           impl->storage_offset() * static_cast<int64_t>(impl->itemsize());
-  }
-
   // Whether the tensors of the lists but the gradients are where they were when the tables
   // were built. The parameters' addresses need no second look when refresh() checked them in
-  // this step call (lazy).
+  // this step call (lazy); w_old is fastsam's own (the plan's buffers, which nothing else can
+  // reach and nothing moves while the plan lives), never looked at again.
   bool fixed_unmoved(const Lists& lists, const std::vector<const void*>& fixed) const {
     size_t k = 0;
     for (size_t r = 0; r < lists.size(); ++r) {
-      if (is_grad_[r]) continue;
+      if (is_grad_[r] || is_private_[r]) continue;
       if (lazy_ && is_params_[r]) {
         k += lists[r].second.size();
         if (k > fixed.size()) return false;
@@ -337,8 +352,9 @@ class HeldTables {
     for (size_t i = 0; i < a.size(); ++i) {
       const c10::TensorImpl* x = a[i].unsafeGetTensorImpl();
       const c10::TensorImpl* y = b[i].unsafeGetTensorImpl();
-      if (y->dtype() != x->dtype() || y->device() != x->device() || y->sizes() != x->sizes() ||
-          y->strides() != x->strides() || y->layout() != at::kStrided) {
+      if (y->dtype() != x->dtype() || y->device() != x->device() ||
+          !same_dims(y->sizes(), x->sizes()) || !same_dims(y->strides(), x->strides()) ||
+          y->layout() != at::kStrided) {
         return false;
       }
     }
@@ -369,6 +385,7 @@ class HeldTables {
   std::string key_;
   std::vector<bool> is_grad_;
   std::vector<bool> is_params_;
+  std::vector<bool> is_private_;
   std::vector<int64_t> groups_;
   bool lazy_;
 };
@@ -394,7 +411,8 @@ struct HeldCall {
   HeldCall(const Held& plan, const char* op, at::IntArrayRef groups,
            const std::vector<std::string>& names, size_t count, const std::string& extra = {})
       : tables(*plan, key_of(op, groups, names, extra), rows_named(names, "grad"),
-               rows_named(names, "params"), groups.vec(), plan->grad_addresses() != nullptr) {
+               rows_named(names, "params"), rows_named(names, "w_old"), groups.vec(),
+               plan->grad_addresses() != nullptr) {
     TORCH_CHECK_VALUE(names.size() == count, msg("fastsam.", op, ": ", names.size(),
                                                  " list names, needs ", count));
     for (const std::string& name : names) {
