@@ -64,6 +64,13 @@ def _msam(params, backend):
     return fastsam.MSAM(params, torch.optim.Adam, rho=0.05, lr=0.01, backend=backend)
 
 
+def _aesam(params, backend):
+    # c = 2.5: the first step a SAM step (from μ = σ² = 0), the next ones plain while ‖g‖²
+    # holds; every rank decides from the all-reduced norm
+    return fastsam.AESAM(params, torch.optim.SGD, rho=0.05, total_steps=STEPS, lambda1=2.5,
+                         lambda2=2.5, lr=0.1, momentum=0.9, backend=backend)
+
+
 def _gsam_clipped(params, backend):
     return fastsam.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.3, lr=0.1, momentum=0.9,
                         max_grad_norm=0.05, backend=backend)
@@ -99,6 +106,8 @@ CONFIGS = {
     "msam-adam": (_msam, STEPS),
     # max_grad_norm: GSAM takes the clip's ‖g_adv‖² from its own sums: no more all-reduces
     "gsam-clipped": (_gsam_clipped, 2 * STEPS),
+    # AE-SAM: the norm all-reduced once per step, SAM step or plain
+    "aesam-sgd": (_aesam, STEPS),
 }
 BAD_STEP = 1
 

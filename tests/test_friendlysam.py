@@ -5,6 +5,7 @@ every backend; m itself compared; skipped updates, checkpoints, GradScaler, and
 pytorch-optimizer's FriendlySAM."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -35,6 +36,7 @@ CASES = {
 SPECS = ({"rho": 0.05, "lr": 1e-2, "sigma": 1.0, "lmbda": 0.9},
          {"rho": 0.1, "lr": 5e-3, "sigma": 0.5, "lmbda": 0.6})
 KEY = "friendlysam_momentum"
+STEPPED = "friendlysam_stepped"
 # for the tests that are not the oracle's: harness.SHAPES without its 65537-element tensor (the
 # Triton interpreter's time)
 SMALL = [s for s in SHAPES if math.prod(s) < 65537]
@@ -55,9 +57,11 @@ def _pair(case, backend, dtype=torch.float64, shapes=SHAPES, **kw):
 
 
 def _momenta(opt, params):
-    """m per parameter index, from the state dict (what a checkpoint carries)."""
+    """m per parameter index, from the state dict (what a checkpoint carries): every parameter
+    has the entry, marked 0 (a stand-in) where it has not stepped yet."""
     state = opt.state_dict()["state"]
-    return {i: state[i][KEY] for i in range(len(params)) if KEY in state.get(i, {})}
+    assert all(KEY in state[i] and STEPPED in state[i] for i in range(len(params)))
+    return {i: state[i][KEY] for i in range(len(params)) if state[i][STEPPED].item() == 1}
 
 
 def _assert_momenta_follow(opt, params, oracle, ref, **tol):
@@ -229,10 +233,38 @@ def test_checkpoint_continues_bit_identically(backend):
                 value == b["state"][i][key]), (i, key)
 
     plain = fastsam.FriendlySAM(clone_params(params), torch.optim.SGD, backend=backend, lr=0.1)
-    with pytest.warns(UserWarning, match="friendlysam_momentum and the counters start afresh"):
+    with pytest.warns(UserWarning, match="friendlysam_momentum, friendlysam_stepped and the "
+                      "counters start afresh"):
         plain.load_state_dict(
             torch.optim.SGD(plain.param_groups[0]["params"], lr=0.1).state_dict())
     assert _momenta(plain, plain.param_groups[0]["params"]) == {}
+
+
+def test_a_state_dict_without_the_marks_still_loads(backend):
+    """A state dict saved before the stand-ins were (m for the parameters that stepped only,
+    no "friendlysam_stepped"): every m in it is a momentum, the others start afresh; the run
+    continues as the one loaded with the marks."""
+    params, _, opt, _ = _pair("sgd_nesterov", backend, shapes=SMALL)
+    land = Landscape(SMALL)
+    drive(opt, params, land, 3, skip=lambda t: (2,) if t < 3 else ())
+    saved = opt.state_dict()
+    old = {**saved, "state": {
+        i: {k: v for k, v in entry.items() if k != STEPPED}
+        for i, entry in saved["state"].items()}}
+    for i, entry in old["state"].items():
+        if not saved["state"][i][STEPPED].item():
+            del entry[KEY]
+    runs = []
+    for state_dict in (saved, old):
+        ps = clone_params(params)
+        fresh = fastsam.FriendlySAM(
+            [{"params": ps[:3], **SPECS[0]}, {"params": ps[3:], **SPECS[1]}],
+            torch.optim.SGD, backend=backend, momentum=0.9, nesterov=True)
+        fresh.load_state_dict(copy.deepcopy(state_dict))  # (torch.optim's load may alias)
+        drive(fresh, ps, land, 3, first=3)
+        runs.append(ps)
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
 
 
 def _amp_run(scaled, backend, steps=4):

@@ -17,6 +17,10 @@ from ._checks import as_rho, check_finite_nonnegative, check_grad_scale
 from ._plan import StepPlan, persistent_buffer
 
 STATE_KEY = "friendlysam_momentum"  # per-parameter state: m, the momentum of first gradients
+# per-parameter state: 1 where m is a momentum, 0 where it stands in for one not made yet (a
+# parameter that has not stepped): every state dict has both entries for every parameter, as
+# torch.distributed.checkpoint's templates (a fresh optimizer's state dict) need
+STEPPED_KEY = "friendlysam_stepped"
 
 
 def _fits(m: Tensor | None, p: Tensor) -> bool:
@@ -67,8 +71,10 @@ class FriendlySAM(SharpnessAwareOptimizer):
     ``w + e`` and the next m into a second buffer, which becomes m once the step's update went
     ahead; a skipped update (GradScaler's, ``skip_nonfinite``'s) leaves m as it was. Memory:
     two parameter-sized buffers per parameter beside SAM's w_old. ``state_dict()`` carries m
-    (under ``"friendlysam_momentum"`` in each parameter's state); a parameter without one
-    starts afresh (``m = g``) at its next step.
+    (under ``"friendlysam_momentum"`` in each parameter's state, with ``"friendlysam_stepped"``
+    1; a parameter that has not stepped is saved with zeros and 0, and starts afresh, ``m = g``,
+    at its next step), so every state dict has the same entries (as the templates of
+    ``torch.distributed.checkpoint`` need).
 
     Under ``torch.amp.GradScaler`` the first pass's gradients are scaled: m is kept in unscaled
     units, so :meth:`first_step` needs the loss scale, ``first_step(grad_scale=
@@ -122,6 +128,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         self._spare: dict[Tensor, Tensor] = {}  # where the next m_next goes
         self._lists: _MomentumLists | None = None
         self._step_scale: float | None = None  # the loss scale the pending first step used
+        self._stepped: dict[Tensor, Tensor] = {}  # STEPPED_KEY's entries, saved or loaded
         super().__init__(
             params, base_optimizer, dict(rho=rho, sigma=sigma, lmbda=lmbda, adaptive=adaptive),
             p=2, eps=eps, backend=backend, base_kwargs=base_kwargs, average=average,
@@ -249,12 +256,30 @@ class FriendlySAM(SharpnessAwareOptimizer):
     # ----------------------------------------------------------------- state
     def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
         self._sync()
-        return {**super()._param_stores(), STATE_KEY: self._momentum}
+        # (a tensor of its own per parameter: a loader may write into them in place)
+        self._stepped = {p: torch.ones((), dtype=torch.float32) for p in self._momentum}
+        return {**super()._param_stores(), STATE_KEY: self._momentum,
+                STEPPED_KEY: self._stepped}
+
+    def _stand_in(self, key: str, p: Tensor) -> Tensor | None:
+        """A parameter without m yet is saved with zeros marked as no momentum (its next step
+        starts m afresh), so that every state dict has the same entries."""
+        if key == STATE_KEY:
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        if key == STEPPED_KEY:
+            return torch.zeros((), dtype=torch.float32)
+        return super()._stand_in(key, p)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict made by :meth:`state_dict` or by the plain base optimizer (whose
-        parameters then start their momentum afresh)."""
+        parameters then start their momentum afresh). A parameter whose m is marked as a
+        stand-in (``"friendlysam_stepped"`` 0) starts afresh too; a state dict without the marks
+        (saved before they were) has m for the parameters that stepped only."""
         self._check_between_steps("load_state_dict()")
         self._sync()
         self._lists = None
         super().load_state_dict(state_dict)
+        for p, stepped in self._stepped.items():
+            if not stepped.item():
+                self._momentum.pop(p, None)
+        self._stepped = {}
