@@ -64,6 +64,11 @@ def _msam(params, backend):
     return fastsam.MSAM(params, torch.optim.Adam, rho=0.05, lr=0.01, backend=backend)
 
 
+def _wsam(params, backend):
+    return fastsam.WSAM(params, torch.optim.SGD, rho=0.05, gamma=0.8, lr=0.1, momentum=0.9,
+                        backend=backend)
+
+
 def _aesam(params, backend):
     # c = 2.5: the first step a SAM step (from μ = σ² = 0), the next ones plain while ‖g‖²
     # holds; every rank decides from the all-reduced norm
@@ -108,6 +113,8 @@ CONFIGS = {
     "gsam-clipped": (_gsam_clipped, 2 * STEPS),
     # AE-SAM: the norm all-reduced once per step, SAM step or plain
     "aesam-sgd": (_aesam, STEPS),
+    # WSAM (decoupled): SAM's norm, then elementwise passes over the shards only
+    "wsam-sgd": (_wsam, STEPS),
 }
 BAD_STEP = 1
 

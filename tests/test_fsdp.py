@@ -93,7 +93,8 @@ def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
 # LookSAM (k = 2) is saved after 3 steps: the resumed run must take a look-ahead step next,
 # with the saved direction; the skip run is saved after a skipped step.
 DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam", "freesam-sgd", "sam-ema",
-               "looksam-sgd", "sam-skip-nonfinite", "friendlysam-sgd", "msam-adam", "aesam-sgd"]
+               "looksam-sgd", "sam-skip-nonfinite", "friendlysam-sgd", "msam-adam", "aesam-sgd",
+               "wsam-sgd"]
 
 
 def test_distributed_checkpoint_resumes_bit_identically(tmp_path):
