@@ -125,6 +125,24 @@ def test_reference_msam_matches_fastsam(base):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+def test_reference_aesam_matches_fastsam():
+    """The benchmark's per-parameter AE-SAM and fastsam.AESAM take the same steps, SAM steps
+    and plain ones (the run takes both)."""
+    from fastsam.bench.reference_aesam import ReferenceAESAM
+
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    kw = dict(rho=0.1, total_steps=6, lambda1=-1.0, lambda2=1.0, lr=0.05, momentum=0.9)
+    fast = fastsam.AESAM(params, torch.optim.SGD, **kw)
+    paper = ReferenceAESAM(ref, torch.optim.SGD, **kw)
+    land = Landscape(SHAPES)
+    skip = {3: (len(SHAPES) - 1,)}  # without the largest tensor: a plain step
+    assert drive(fast, params, land, 6, skip) == drive(paper, ref, land, 6, skip)
+    assert 0 < fast.sam_steps < 6
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
 def test_naive_freesam_matches_fastsam():
     from fastsam.bench.naive_freesam import NaiveFreeSAM
 

@@ -115,6 +115,48 @@ def test_same_as_general_path(name, dtype, calls):
                 assert torch.equal(avg_a, avg_b)
 
 
+BETWEEN = {  # optimizers with steps between SAM steps (a plain update, one pass)
+    "sam-interval-sgd": lambda ps: fastsam.SAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                               interval=2, backend="cpu"),
+    # c = 1.5: SAM steps while ‖g‖² stands out, plain ones otherwise (both taken over 8 steps)
+    "aesam-sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                          total_steps=8, lambda1=1.5, lambda2=1.5,
+                                          backend="cpu"),
+    "aesam-adamw-clip": lambda ps: fastsam.AESAM(ps, torch.optim.AdamW, lr=1e-2,
+                                                 weight_decay=0.1, max_grad_norm=0.5,
+                                                 total_steps=8, lambda1=1.5, lambda2=1.5,
+                                                 backend="cpu"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("name", sorted(BETWEEN))
+def test_steps_between_sam_steps_are_held(name, calls):
+    """Interval SAM's and AE-SAM's plain steps run over the held plan (each parameter its own
+    w_old), and so does AE-SAM's decision (pass A, then pass B or not): bit for bit the
+    general path's, both kinds of step taken."""
+    a, b = pair(BETWEEN[name])
+    land = Landscape(SHAPES)
+    kinds = []
+    for t in range(8):
+        for opt, params in (a, b):
+            land.set_grads(params)
+            sam = opt.first_step(zero_grad=True)
+            if opt is a[0]:
+                kinds.append(sam)
+            if sam:
+                land.set_grads(params)
+                opt.second_step(zero_grad=True)
+        assert_same(a, b)
+    assert True in kinds and False in kinds, kinds
+    # from the second step on every step is held: an update per step (the first made the
+    # state), pass A per step for AE-SAM (its decision) and per SAM step for interval SAM
+    assert calls["sgd"] + calls["adam"] == 7
+    assert calls["perturb"] == (7 if "aesam" in name else sum(kinds[1:]))
+    if "aesam" in name:
+        assert a[0].statistics == b[0].statistics and a[0].sam_steps == b[0].sam_steps
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 def test_groups_and_sam_on(calls):
     def make(ps):

@@ -20,6 +20,8 @@ and shown when one of these backends is asked for.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -85,6 +87,12 @@ _HELD_ADAM = {  # by (amsgrad, averaging)
                "max_exp_avg_sq" if ams else "", "", "average" if a else ""]
     for ams in (False, True) for a in (False, True)
 }
+
+
+def _held_lists(names: list[str], w_old: str) -> list[str]:
+    """An update's list names with ``w_old`` in the place of "w_old" ("params": a plain update
+    from the weights as they are, each parameter its own w_old)."""
+    return names if w_old == "w_old" else [w_old if n == "w_old" else n for n in names]
 
 
 def _flatten(groups: list[PerturbGroup]):
@@ -282,14 +290,19 @@ class NativeBackend(Backend):
         return HeldLists(params, idle)
 
     def held_perturb(self, held: HeldLists, groups: list[int], scalings: list,
-                     rhos: tuple, q: float, p: float, eps: float, skipped: Tensor) -> None:
+                     rhos: tuple, q: float, p: float, eps: float, skipped: Tensor,
+                     perturbs: Callable[[Tensor], bool] | None = None) -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
-        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings`` and ``rhos`` per group."""
+        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings`` and ``rhos`` per group.
+        ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not)."""
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
         out, scratch = self._held_norm(held, groups, modes, etas, q)
+        if perturbs is not None and not perturbs(out):
+            return False
         held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, held.device),
                           out, scratch, dual_exponent(p), p, eps, skipped, None)
+        return True
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
         """‖g‖₂² over ``groups`` of ``held`` (pass A with no scaling: max_grad_norm's norm, as
@@ -306,23 +319,24 @@ class NativeBackend(Backend):
         return out, scratch
 
     def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
-                 average: Average | None) -> None:
+                 average: Average | None, w_old: str = "w_old") -> None:
         """Pass C with SGD over group ``group`` of ``held`` (w_old, "momentum_buffer" and
-        "average" bound as the update needs them), as :meth:`restore_sgd`."""
+        "average" bound as the update needs them), as :meth:`restore_sgd`; ``w_old``
+        "params": a plain update from the weights as they are."""
         scalars, _ = _averaging(hyper.kernel_scalars, average)
         hp, hp_device = self._scalars(scalars, held.device)
-        lists = _HELD_SGD[hyper.momentum != 0, average is not None]
+        lists = _held_lists(_HELD_SGD[hyper.momentum != 0, average is not None], w_old)
         held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False, None,
                       0.0, 0, hyper.skip, hyper.clip)
 
     def held_adam(self, held: HeldLists, group: int, hyper: AdamHyper,
-                  average: Average | None) -> None:
+                  average: Average | None, w_old: str = "w_old") -> None:
         """Pass C with Adam/AdamW over group ``group`` of ``held`` (w_old, "exp_avg",
         "exp_avg_sq", "max_exp_avg_sq" with amsgrad and "average" bound), as
-        :meth:`restore_adam`."""
+        :meth:`restore_adam`; ``w_old`` as in :meth:`held_sgd`."""
         scalars, _ = _averaging(hyper.kernel_scalars, average)
         hp, hp_device = self._scalars(scalars, held.device)
-        lists = _HELD_ADAM[hyper.amsgrad, average is not None]
+        lists = _held_lists(_HELD_ADAM[hyper.amsgrad, average is not None], w_old)
         held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
                        hyper.maximize, None, 0.0, 0, hyper.skip, hyper.clip)
 

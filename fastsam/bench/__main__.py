@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table(rows))
     print("# x ref: speed-up over popular (SAM, ASAM, sam-skip; SAM + AveragedModel EMA for "
           "sam-ema; SAM + clip_grad_norm_ for sam-clip), "
-          "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM, MSAM); "
+          "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM, MSAM, AE-SAM: every "
+          "step a SAM step); "
           "floor: bytes read at the read rate + bytes written at the write rate (the streaming "
           "kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "

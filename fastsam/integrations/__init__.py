@@ -57,9 +57,10 @@ def report_amp_skip(wrapper: Any, skipped_before: int) -> None:
         wrapper._is_overflow = True
 
 
-def begin_sam_step(sam: FusedOptimizer, scaler: Any) -> bool:
+def begin_sam_step(sam: FusedOptimizer, scaler: Any) -> Any:
     """``sam.first_step(zero_grad=True)`` in a framework's loop, given the framework's GradScaler
-    (None without one); returns whether the second pass follows. FriendlySAM keeps a momentum of
+    (None without one); returns what it returns: False when no second pass follows (another
+    SAM's first_step may return None). FriendlySAM keeps a momentum of
     unscaled gradients and AE-SAM decides from the unscaled ‖g‖², so they are told the loss
     scale the first pass's gradients carry; AE-SAM always gets one (1 without a scaler), which
     leaves a plain step to the framework's ``optimizer.step()``, after its gradient clipping and

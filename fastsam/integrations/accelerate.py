@@ -91,7 +91,7 @@ def sam_step(
 
     loss = one_pass(per_worker)
     if (isinstance(sam, SharpnessAwareOptimizer) and getattr(sam, "sam_step_next", True)
-            and begin_sam_step(sam, accelerator.scaler)):  # (False: AE-SAM's plain step)
+            and begin_sam_step(sam, accelerator.scaler) is not False):  # AE-SAM's plain step
         with frozen_bn_stats(model):
             one_pass(False)
     if max_grad_norm is not None:

@@ -65,7 +65,7 @@ class SAMMixin:
             if loss is None or not getattr(sam, "sam_step_next", True):
                 return loss  # a skipped batch, or LookSAM's look-ahead step: one pass
             first = getattr(optimizer_closure, "_result", None)
-            if not begin_sam_step(sam, getattr(self.trainer.precision_plugin, "scaler", None)):
+            if begin_sam_step(sam, getattr(self.trainer.precision_plugin, "scaler", None)) is False:
                 return loss  # AE-SAM's plain step: one pass, the update in step()
             self._fastsam_second_pass = True
             try:

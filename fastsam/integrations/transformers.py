@@ -120,7 +120,7 @@ class SAMTrainer(Trainer):
         window, self._sam_window = self._sam_window, []
         if not getattr(sam, "sam_step_next", True):
             return loss  # LookSAM's look-ahead step: optimizer.step() takes it whole
-        if not begin_sam_step(sam, self.accelerator.scaler):
+        if begin_sam_step(sam, self.accelerator.scaler) is False:
             return loss  # AE-SAM's plain step: optimizer.step() makes its update
         with frozen_bn_stats(model):
             for i, (micro_batch, items) in enumerate(window):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import Decomposition, PerturbationNorm, PerturbGroup, Scaling, dual_exponent
+from ..functional import Decomposition, PerturbGroup, Scaling, dual_exponent
 from . import _held
 from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
@@ -193,10 +193,10 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._perturb(zero_grad)
         return self._perturbed is not None  # (AE-SAM may decide on a plain step instead)
 
-    def _perturbs(self, norm: PerturbationNorm) -> bool:
-        """Whether a SAM step, its norm made (pass A), goes on to perturb: always, but for
-        AE-SAM, which decides here from ``norm.total``; False: :meth:`_between_sam_steps`
-        takes the step instead."""
+    def _perturbs(self, total: Tensor) -> bool:
+        """Whether a SAM step, pass A's sum ``total`` made (S, a 0-d device tensor), goes on to
+        perturb: always, but for AE-SAM, which decides here; False: :meth:`_between_sam_steps`
+        takes the step instead (on the general path and over held plans alike)."""
         return True
 
     def _between_sam_steps(self, zero_grad: bool) -> None:
@@ -207,6 +207,9 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     def _perturb(self, zero_grad: bool) -> None:
         """Passes A and B of a SAM step (docs/design.md §2): the norm, then ``w + e``."""
         held = self._held.perturb() if self._held is not None else None
+        if held is False:  # pass A made over the held plan, and a plain step decided (AE-SAM)
+            self._between_sam_steps(zero_grad)
+            return
         if held is not None:  # the steady state: the plan held in C++ (_held.py)
             self._perturbed = held
             if zero_grad:
@@ -214,21 +217,21 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             return
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
+        if self._held is not None:
+            self._held.adopt(plan)  # the next steps over this plan: held in C++
         if plan.device is not None:
             groups = self._perturb_groups(plan, plan.grads(flat_grads))
             flag = self._skips.perturb_flag(plan.device)
             if groups:
                 backend = self._backend_for(plan.device)
                 norm = backend.perturbation_norm(groups, self._q)
-                if not self._perturbs(norm):  # AE-SAM: a plain step after all
+                if not self._perturbs(norm.total):  # AE-SAM: a plain step after all
                     self._between_sam_steps(zero_grad)
                     return
                 backend.perturb(norm, self._p, self._eps, flag)
             else:
                 flag.zero_()  # nothing perturbed: nothing to skip
         self._perturbed = plan
-        if self._held is not None:
-            self._held.adopt(plan)  # the next steps over this plan: held in C++
         if zero_grad:
             self.zero_grad()
 
@@ -256,6 +259,11 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         with the per-group gradient sources ``correction(plan, grads)`` returns. Under
         GradScaler (``scaler.step(optimizer)``) the gradients are unscaled first, and a step
         whose gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
+        if correction is None and self._held is not None and self._held.plain():
+            self._mark_stepped()  # over the held plan (_held.py)
+            if zero_grad:
+                self.zero_grad()
+            return
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         all_grads = plan.grads(flat_grads)

@@ -43,7 +43,7 @@ def _same_hook(opt: SharpnessAwareOptimizer, name: str) -> bool:
 
 
 # The hooks a variant overrides when its step is more than passes A, B and C.
-_HOOKS = ("_perturb_groups", "_first_buffers", "_perturbs", "_before_update", "_after_update",
+_HOOKS = ("_perturb_groups", "_first_buffers", "_before_update", "_after_update",
           "_update_clip")
 
 
@@ -90,8 +90,9 @@ class HeldSteps:
             return None
         return opt._planner.held(opt.param_groups)
 
-    def perturb(self) -> StepPlan | None:
-        """Passes A and B over the held plan; None (nothing done) without one."""
+    def perturb(self) -> StepPlan | bool | None:
+        """Passes A and B over the held plan; False: pass A made, the optimizer decided on a
+        plain step instead (``_perturbs``: AE-SAM); None (nothing done) without one."""
         plan = self.current()
         if plan is None:
             return None
@@ -100,7 +101,7 @@ class HeldSteps:
         finally:
             plan.held.release()
 
-    def _perturb(self, plan: StepPlan) -> StepPlan:
+    def _perturb(self, plan: StepPlan) -> StepPlan | bool:
         opt = self.opt
         groups = [i for i, group in enumerate(opt.param_groups)
                   if group.get("perturb", True) and plan.params[i]]
@@ -109,11 +110,12 @@ class HeldSteps:
             flag.zero_()  # nothing perturbed: nothing to skip
             return plan
         chosen = [opt.param_groups[i] for i in groups]
-        opt._backend_for(plan.device).held_perturb(
+        perturbed = opt._backend_for(plan.device).held_perturb(
             plan.held, groups, [opt._scaling(g) for g in chosen],
             tuple(as_rho(g["rho"]) for g in chosen), opt._q, opt._p, opt._eps, flag,
+            opt._perturbs,
         )
-        return plan
+        return plan if perturbed else False
 
     def update(self, perturbed: StepPlan) -> bool:
         """Pass C (restore + base update) over the held plan ``perturbed`` of the first step;
@@ -128,11 +130,29 @@ class HeldSteps:
         if current is None:
             return False
         try:
-            return current is perturbed and self._update(perturbed)
+            return current is perturbed and self._update(perturbed, "w_old")
         finally:
             current.held.release()
 
-    def _update(self, perturbed: StepPlan) -> bool:
+    def plain(self) -> bool:
+        """A plain update over the held plan (the steps between SAM steps of interval SAM and
+        AE-SAM): pass C with each parameter its own w_old, as the general path's
+        ``_update_in_place``; False, with nothing done, when the general path must take it."""
+        opt = self.opt
+        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) \
+                is not None:
+            return False  # GradScaler's step: its decision first (general path)
+        current = self.current()
+        if current is None:
+            return False
+        try:
+            return self._update(current, "params")
+        finally:
+            current.held.release()
+
+    def _update(self, perturbed: StepPlan, w_old: str) -> bool:
+        """Pass C over ``perturbed``, restoring from the list ``w_old`` ("params": a plain
+        update from the weights as they are)."""
         opt = self.opt
         kind = opt._fused_update_kind(perturbed)
         if kind is None or not self._bind_state(perturbed, kind):
@@ -151,19 +171,20 @@ class HeldSteps:
             if average is not None and ("average", i) not in held.bound:
                 held.bind("average", i, average.buffers)
             if kind == "sgd":
-                backend.held_sgd(held, i, sgd_hyper(group, None, clip), average)
+                backend.held_sgd(held, i, sgd_hyper(group, None, clip), average, w_old)
                 continue
             step = held.increment_steps(i)
             decoupled = decoupled_weight_decay(opt.base_optimizer, group)
             if step is not None:
                 backend.held_adam(held, i, adam_hyper(group, decoupled, step, None, clip),
-                                  average)
+                                  average, w_old)
                 continue
             # steps that differ (parameters that joined late): the per-value general update
             params = perturbed.params[i]
             opt._fused.adam(backend, group, decoupled, params, [p.grad for p in params],
-                            perturbed.w_old[i], opt._planner.states(perturbed, opt.state)[i],
-                            None, average, None, clip)
+                            params if w_old == "params" else perturbed.w_old[i],
+                            opt._planner.states(perturbed, opt.state)[i], None, average, None,
+                            clip)
         opt._averager.average_rest(perturbed, averages, False)
         return True
 

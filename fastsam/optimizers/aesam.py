@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import PerturbationNorm, Scaling
+from ..functional import Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import check_grad_scale
-from ._plan import StepPlan
 
 
 def _finite(name: str, value: Any) -> float:
@@ -178,8 +177,8 @@ class AESAM(SharpnessAwareOptimizer):
             self._step_scale = grad_scale
         return super().first_step(zero_grad)
 
-    def _perturbs(self, norm: PerturbationNorm) -> bool:
-        s = float(norm.total)  # the one host read of the step: the branch of the loop
+    def _perturbs(self, total: Tensor) -> bool:
+        s = float(total)  # the one host read of the step: the branch of the loop
         if self._step_scale is not None:
             s /= self._step_scale * self._step_scale
         self._before = (self._mean, self._var, self._sam_steps)
@@ -201,19 +200,23 @@ class AESAM(SharpnessAwareOptimizer):
         self._unperturbed_step(zero_grad)
         self._plain = "taken"
 
-    def _before_update(
-        self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
-        skip: Tensor | None = None, clip: Tensor | None = None,
-    ) -> None:
-        if self._step_scale is None and getattr(self, "grad_scale", None) is not None:
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """As :meth:`fastsam.SAM.second_step`. Under GradScaler (``scaler.step(optimizer)``), a
+        SAM step begun without ``grad_scale`` is refused, with the weights and the statistics
+        restored (they were of scaled gradients)."""
+        perturbed = self._perturbed
+        if (perturbed is not None and self._step_scale is None
+                and getattr(self, "grad_scale", None) is not None):
             self._restore(perturbed)
+            self._perturbed = None
             self._undo_decision()
             raise RuntimeError(
                 "AESAM under GradScaler needs the loss scale of the first pass: call "
                 "optimizer.first_step(grad_scale=scaler.get_scale()) (‖g‖² is of the unscaled "
                 "gradients); the weights and the statistics are restored"
             )
-        return None
+        super().second_step(zero_grad)
 
     def _undo_decision(self) -> None:
         if self._before is not None:
