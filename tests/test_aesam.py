@@ -204,6 +204,29 @@ def test_non_finite_first_pass_is_a_skipped_plain_step(backend, device):
     assert (opt.statistics, opt.sam_steps) == before[1:]
 
 
+def test_a_skipped_sam_update_leaves_the_statistics(backend, device):
+    """skip_nonfinite: a SAM step whose second pass holds a NaN is skipped: weights, base state,
+    statistics and SAM steps as before it; only the step count advances."""
+    opt, params, _, _ = pair(backend, device, "sgd_momentum_wd", torch.float32,
+                             skip_nonfinite=True)
+    land = Landscape(SHAPES, seed=12)
+    drive(opt, params, land, 2)
+    before = ([p.detach().clone() for p in params], opt.statistics, opt.sam_steps)
+    momenta = [opt.state[p]["momentum_buffer"].clone() for p in params if p.numel()]
+    land.set_grads(params)
+    assert opt.first_step(zero_grad=True) is True
+    land.set_grads(params)
+    params[2].grad[0] = float("nan")
+    opt.second_step(zero_grad=True)
+    assert opt.nonfinite_skipped_steps == 1
+    for p, b in zip(params, before[0]):
+        assert torch.equal(p.detach(), b)
+    for m, p in zip(momenta, [p for p in params if p.numel()]):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)
+    assert (opt.statistics, opt.sam_steps) == before[1:]
+    assert opt.state_dict()["param_groups"][0]["fastsam_counters"]["aesam_steps"] == 3
+
+
 def test_closure_api_equals_the_two_step_api(backend, device):
     """step(closure) calls the closure on SAM steps only, and gives the two-step API's
     weights."""

@@ -48,8 +48,10 @@ class AESAM(SharpnessAwareOptimizer):
     pass or the fused plain update. SAM-ON groups (``perturb=False``) are left out of
     :math:`s_t` as they are out of the norm. A first pass whose gradients hold inf/NaN leaves
     the statistics as they were and is a plain step (skipped under GradScaler or
-    ``skip_nonfinite``, as any update). ``state_dict()`` carries the statistics and the step
-    count (``"fastsam_counters"``); :attr:`sam_steps` counts the SAM steps taken.
+    ``skip_nonfinite``, as any update); a SAM step whose update is skipped leaves them as they
+    were too (a skipped step changes nothing but the step count, as interval SAM's).
+    ``state_dict()`` carries the statistics and the step count (``"fastsam_counters"``);
+    :attr:`sam_steps` counts the SAM steps taken.
 
     Usage: :meth:`first_step` returns whether a second pass follows. False: the step is whole
     (its update made), and a ``step()`` after it has nothing left to do. Given ``grad_scale``,
@@ -216,12 +218,17 @@ class AESAM(SharpnessAwareOptimizer):
                 "optimizer.first_step(grad_scale=scaler.get_scale()) (‖g‖² is of the unscaled "
                 "gradients); the weights and the statistics are restored"
             )
+        skipped = self.amp_skipped_steps + self.nonfinite_skipped_steps
         super().second_step(zero_grad)
+        if self.amp_skipped_steps + self.nonfinite_skipped_steps != skipped:
+            self._undo_decision(count=False)  # a skipped update changes nothing but the count
 
-    def _undo_decision(self) -> None:
+    def _undo_decision(self, count: bool = True) -> None:
+        """The statistics as before this step's decision; ``count``: the step uncounted too."""
         if self._before is not None:
             self._mean, self._var, self._sam_steps = self._before
-            self._begun -= 1
+            if count:
+                self._begun -= 1
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
