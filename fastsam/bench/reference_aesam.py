@@ -1,33 +1,35 @@
 """AE-SAM as its paper describes it (Jiang, Yang, Zhang and Kwok, ICLR 2023, "An Adaptive Policy
-to Employ Sharpness-Aware Minimization"), re-implemented here per parameter in the manner of the
-popular SAM (:mod:`fastsam.bench.popular_sam`) for side-by-side benchmarks. Not used by fastsam.
+to Employ Sharpness-Aware Minimization"), re-implemented here per parameter over the popular SAM
+(:mod:`fastsam.bench.popular_sam`) for side-by-side benchmarks. Not used by fastsam.
 
-  first_step:  per parameter ‖g‖₂, stacked and normed into the global ‖g‖; its square read on
-               the host and folded into the running mean and variance; when it stands out
-               (``s >= mean + c·std``, c linear from ``lambda2`` to ``lambda1`` over
-               ``total_steps``): a clone of w per parameter and ``w += rho·g/(‖g‖ + 1e-12)``,
-               returning True; otherwise ``base.step()`` with g, returning False.
-  second_step: each parameter back to its clone, then ``base.step()``.
+  first_step:  the popular SAM's global ‖g‖ (per-parameter norms, stacked and normed), its square
+               read on the host and folded into the running mean and variance; when it stands
+               out (``s >= mean + c·std``, c linear from ``lambda2`` to ``lambda1`` over
+               ``total_steps``): the popular SAM's first step with that norm, returning True;
+               otherwise ``base.step()`` with g, returning False.
+  second_step: the popular SAM's (each parameter back to its clone, ``base.step()``).
 """
 import math
 
 import torch
 
+from .popular_sam import PopularSAM
 
-class ReferenceAESAM(torch.optim.Optimizer):
+
+class ReferenceAESAM(PopularSAM):
     def __init__(self, params, base_optimizer, rho=0.05, *, total_steps, lambda1, lambda2,
                  delta=0.9, **kwargs):
-        super().__init__(params, dict(rho=rho, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.total_steps, self.lambdas, self.delta = total_steps, (lambda1, lambda2), delta
         self.t, self.mean, self.var = 0, 0.0, 0.0
+        self._decided = None  # the norm of this step's decision, which its first step uses
+
+    def _grad_norm(self):
+        return self._decided
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
-        with_grads = [(group, p) for group in self.param_groups for p in group["params"]
-                      if p.grad is not None]
-        norm = torch.norm(torch.stack([p.grad.norm(p=2) for _, p in with_grads]), p=2)
+        norm = super()._grad_norm()
         s = norm.item() ** 2
         self.mean = self.delta * self.mean + (1 - self.delta) * s
         self.var = self.delta * self.var + (1 - self.delta) * (s - self.mean) ** 2
@@ -37,19 +39,6 @@ class ReferenceAESAM(torch.optim.Optimizer):
         if s < self.mean + c * math.sqrt(self.var):
             self.base_optimizer.step()
             return False
-        for group, p in with_grads:
-            self.state[p]["old_p"] = p.data.clone()
-            p.add_(p.grad * (group["rho"] / (norm + 1e-12)))
-        if zero_grad:
-            self.zero_grad()
+        self._decided = norm
+        super().first_step(zero_grad)
         return True
-
-    @torch.no_grad()
-    def second_step(self, zero_grad=False):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
