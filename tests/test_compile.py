@@ -118,3 +118,43 @@ def test_a_compiled_step_needs_an_eager_one_first():
     model(torch.randn(4, 3)).square().mean().backward()
     with pytest.raises(Exception, match="take one step without torch.compile first"):
         torch.compile(opt.first_step, fullgraph=True)()
+
+
+def _aesam_run(compiled):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = fastsam.AESAM(model.parameters(), torch.optim.SGD, lr=torch.tensor(0.1), momentum=0.9,
+                        total_steps=12, lambda1=1.0, lambda2=1.0, backend=BACKENDS[-1])
+    first, second = opt.first_step, opt.second_step
+    if compiled:
+        first = torch.compile(opt.first_step)  # (a graph break at the decision's host read)
+        second = torch.compile(opt.second_step, fullgraph=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 12)
+    gen = torch.Generator().manual_seed(1)
+    decisions = []
+    for t in range(12):
+        x, y = torch.randn(32, 6, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        sam = (opt.first_step if t < WARM_UP else first)()
+        decisions.append(sam)
+        opt.zero_grad(set_to_none=False)
+        if sam:
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            (opt.second_step if t < WARM_UP else second)()
+            opt.zero_grad(set_to_none=False)
+        schedule.step()
+    return model, opt, decisions
+
+
+def test_aesam_compiles_with_a_graph_break_at_its_decision():
+    """AE-SAM's first step branches on ‖g‖² read on the host: it compiles with a graph break
+    there (not fullgraph); its second step compiles whole. Both kinds of step taken compiled,
+    the same decisions, weights and statistics as eager."""
+    torch._dynamo.reset()
+    (eager, eager_opt, eager_kinds), (compiled, compiled_opt, kinds) = (_aesam_run(False),
+                                                                        _aesam_run(True))
+    assert kinds == eager_kinds
+    assert True in kinds[WARM_UP:] and False in kinds[WARM_UP:], kinds
+    assert compiled_opt.statistics == eager_opt.statistics
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
