@@ -222,6 +222,7 @@ class HeldPlan : public torch::CustomClassHolder {
     TablesPtr tables;
     std::optional<PerTensor> options;
     std::vector<const void*> fixed;
+    std::vector<int64_t> positions;  // the plan positions of its tensors (made at first use)
   };
   std::unordered_map<std::string, Call>& calls() { return calls_; }
 
@@ -277,8 +278,8 @@ class HeldTables {
       HeldPlan::Call& call = it->second;
       if constexpr (std::is_same_v<D, Cpu>) {
         if (lazy_) {
-          const std::vector<int64_t> positions = plan_.positions(groups_);
-          for (HostTable& tab : call.tables->host) rewrite_grads(tab, positions);
+          if (call.positions.empty()) call.positions = plan_.positions(groups_);
+          for (HostTable& tab : call.tables->host) rewrite_grads(tab, call.positions);
           return call.tables;
         }
         for (size_t r = 0; r < lists.size(); ++r) {
@@ -302,7 +303,7 @@ class HeldTables {
     Resolved grads;
     const Lists full = with_grads(lists, grads);
     check_lists(op, full);
-    HeldPlan::Call call{nullptr, options(), {}};
+    HeldPlan::Call call{nullptr, options(), {}, {}};
     for (size_t r = 0; r < full.size(); ++r) {
       if (is_grad_[r] || is_private_[r]) continue;
       for (const at::Tensor& t : full[r].second) call.fixed.push_back(address_of(t));

@@ -138,6 +138,12 @@ class AESAM(SharpnessAwareOptimizer):
         return Scaling()
 
     @property
+    def sam_step_next(self) -> bool:
+        """True: AE-SAM decides inside :meth:`first_step`, from the gradients it is given; use
+        its answer (the two-step loop's branch)."""
+        return True
+
+    @property
     def sam_steps(self) -> int:
         """The SAM steps (two passes) taken so far."""
         return self._sam_steps
