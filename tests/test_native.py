@@ -344,3 +344,23 @@ def test_streaming_kernels_check_their_arrays(ops):
                      (ops.stream_fill.default, (x, 1.0)),
                      (ops.stream_triad.default, (x, torch.ones(8), torch.ones(8), 2.0))):
         torch.library.opcheck(op, args)
+
+
+def test_same_items_compares_identity_item_by_item(ops):
+    """fastsam._C.same_items (a held plan's check of each param group's list): the same objects
+    in the same order, never their values; sequences that are not lists take the Python
+    loop."""
+    from fastsam import _C
+    from fastsam.backends.native import HeldLists
+
+    a = [torch.zeros(1), torch.zeros(1), torch.ones(2)]
+    assert _C.same_items(a, list(a)) and _C.same_items([], [])
+    assert not _C.same_items(a, a[:2])
+    assert not _C.same_items(a, [a[0], torch.zeros(1), a[2]])  # equal values, another object
+    assert not _C.same_items(a, a[::-1])
+    assert HeldLists.same_items(tuple(a), list(a))
+    assert not HeldLists.same_items(tuple(a), [a[0], a[1], torch.ones(2)])
+    with pytest.raises(TypeError, match="two lists"):
+        _C.same_items(tuple(a), list(a))
+    with pytest.raises(TypeError, match="two lists"):
+        _C.same_items(a)

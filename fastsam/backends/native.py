@@ -21,6 +21,7 @@ and shown when one of these backends is asked for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import is_
 
 import torch
 from torch import Tensor
@@ -41,7 +42,7 @@ from ..functional import (
 from ._constants import ConstantArrays, held_for_graphs
 
 try:
-    from .. import _C  # noqa: F401  (importing registers torch.ops.fastsam.*)
+    from .. import _C  # (importing registers torch.ops.fastsam.*)
 
     _IMPORT_ERROR: BaseException | None = None
 except Exception as exc:  # keep the reason: shown when the backend is asked for
@@ -163,6 +164,14 @@ class HeldLists:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
         self.plan.bind(name, group, tensors)
         self.bound.add((name, group))
+
+    @staticmethod
+    def same_items(a: list, b: list) -> bool:
+        """Whether ``a`` and ``b`` hold the same objects, in order (identity: for lists, a
+        pointer comparison per item in ``fastsam._C``)."""
+        if isinstance(a, list) and isinstance(b, list):
+            return _C.same_items(a, b)
+        return len(a) == len(b) and all(map(is_, a, b))
 
     def holds(self) -> bool:
         """Whether the plan still holds (csrc/binding/held.h HeldPlan::refresh); when it does,

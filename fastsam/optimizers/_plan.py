@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_not
 
 import torch
 from torch import Tensor
@@ -151,7 +151,7 @@ class StepPlanner:
 
     def held(self, param_groups: list[dict]) -> StepPlan | None:
         """The current plan when it is held in C++ (:attr:`StepPlan.held`) and still holds:
-        nothing expired it, the groups have the same parameters (identity, a C-level loop) and
+        nothing expired it, the groups have the same parameters (identity, a C loop) and
         perturb flags, and in C++ every parameter of the plan has a gradient at its address and
         no other has gained one. None: make the plan with :meth:`plan`."""
         plan = self.current
@@ -159,10 +159,9 @@ class StepPlanner:
             return None
         if len(param_groups) != len(plan.members):
             return None
+        same = plan.held.same_items  # identity, item by item (a C loop)
         for group, members, perturb in zip(param_groups, plan.members, plan.key[3]):
-            params = group["params"]
-            if (len(params) != len(members) or group.get("perturb", True) != perturb
-                    or not all(map(is_, params, members))):
+            if group.get("perturb", True) != perturb or not same(group["params"], members):
                 return None
         return plan if plan.held.holds() else None
 
