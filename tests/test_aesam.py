@@ -82,6 +82,30 @@ def test_fp32_follows_the_fp64_oracle(backend, device):
         torch.testing.assert_close(p.detach().double(), r.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_within_twice_the_eager_error(backend, device):
+    """bf16 parameters: the decisions of the fp64 oracle and of the oracle run in bf16 itself,
+    and an error against the fp64 oracle at most twice the bf16 oracle's (docs/design.md §4's
+    rule for low precision)."""
+    opt, params, _, _ = pair(backend, device, "sgd_momentum_wd", torch.bfloat16)
+    exact, eager = clone_params(params, torch.float64), clone_params(params)
+    land = Landscape(SHAPES, seed=12)
+    recording = Recording(opt)
+    drive(recording, params, land, STEPS, SKIP)
+    base_cls, kw = BASES["sgd_momentum_wd"]
+    decisions = []
+    for ps in (exact, eager):
+        oracle = OracleAESAM(groups_of(ps), base_cls, foreach=False, **SCHEDULE, **kw)
+        drive(oracle, ps, land, STEPS, SKIP)
+        decisions.append(oracle.decisions)
+    assert recording.decisions == decisions[0] == decisions[1]
+
+    def error(ps):
+        return max(float((p.detach().double().cpu() - e.detach().cpu()).abs().max())
+                   for p, e in zip(ps, exact) if p.numel())
+
+    assert error(params) <= 2 * error(eager), (error(params), error(eager))
+
+
 def test_threshold_schedule_and_first_steps():
     """c_t runs from lambda2 to lambda1 over total_steps and stays there; from μ = σ² = 0 the
     first step is a SAM step whenever c <= 1/sqrt(1 - δ)."""
