@@ -58,7 +58,8 @@ def _sgd_pair(shapes, seed, backend):
 
 
 def test_many_tiny_tensors_match_oracle(fused):
-    shapes = [(1 + (i * 7) % 13,) for i in range(320)]
+    # (the Triton interpreter runs each program in Python: fewer tensors there, still many)
+    shapes = [(1 + (i * 7) % 13,) for i in range(120 if fused == "triton" else 320)]
     params, ref, opt, oracle = _sgd_pair(shapes, seed=2, backend=fused)
     land = Landscape(shapes, seed=3)
     drive(opt, params, land, 4)
