@@ -195,6 +195,18 @@ def test_gradscaler_plain_step_waits_for_scaler_step():
     assert opt.statistics == pytest.approx((0.1 * 4.0, 0.1 * (4.0 - 0.4) ** 2))
 
 
+def test_gradscaler_after_a_plain_step_without_the_loss_scale_raises():
+    """A plain step first_step() made itself, not told the loss scale, under a scaler (it used
+    the scaled gradients): scaler.step says so rather than pass as a step."""
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = fastsam.AESAM([w], torch.optim.SGD, lr=0.1, total_steps=4, lambda1=9.0, lambda2=9.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(w.sum()).backward()
+    assert opt.first_step() is False
+    with pytest.raises(RuntimeError, match="not given grad_scale"):
+        scaler.step(opt)
+
+
 def test_gradscaler_without_the_loss_scale_is_refused():
     """A SAM step begun without grad_scale under a scaler: scaler.step refuses it with the
     weights restored and the statistics and step count as before the step."""

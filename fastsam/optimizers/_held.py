@@ -23,6 +23,7 @@ tensors are those of the general path: the numbers are the same bit for bit
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,33 +121,30 @@ class HeldSteps:
     def update(self, perturbed: StepPlan) -> bool:
         """Pass C (restore + base update) over the held plan ``perturbed`` of the first step;
         False, with nothing done, when the general path must take it."""
-        opt = self.opt
-        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) \
-                is not None:
-            return False  # GradScaler's step: its decision first (general path)
         if perturbed.held is None:
             return False
-        current = self.current()
-        if current is None:
-            return False
-        try:
-            return current is perturbed and self._update(perturbed, "w_old")
-        finally:
-            current.held.release()
+        return self._over_current(
+            lambda current: current is perturbed and self._update(perturbed, "w_old"))
 
     def plain(self) -> bool:
         """A plain update over the held plan (the steps between SAM steps of interval SAM and
         AE-SAM): pass C with each parameter its own w_old, as the general path's
         ``_update_in_place``; False, with nothing done, when the general path must take it."""
+        return self._over_current(lambda current: self._update(current, "params"))
+
+    def _over_current(self, update: Callable[[StepPlan], bool]) -> bool:
+        """``update(plan)`` over the held plan of this step call (its gradients read until it
+        returns); False, with nothing done, under a GradScaler step (its decision first) or
+        without a held plan: the general path takes the update."""
         opt = self.opt
         if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) \
                 is not None:
-            return False  # GradScaler's step: its decision first (general path)
+            return False
         current = self.current()
         if current is None:
             return False
         try:
-            return self._update(current, "params")
+            return update(current)
         finally:
             current.held.release()
 

@@ -240,11 +240,19 @@ class AESAM(SharpnessAwareOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """As :meth:`fastsam.SAM.step`; after a :meth:`first_step` that returned False: the
         plain update left to it (given ``grad_scale``; ``scaler.step(optimizer)`` calls it
-        under GradScaler), or nothing (the plain step is whole)."""
+        under GradScaler), or nothing (the plain step is whole; under a scaler an error: that
+        plain step used the scaled gradients)."""
         if closure is None and self._plain:
-            pending, self._plain = self._plain == "pending", ""
-            if pending:
+            plain, self._plain = self._plain, ""
+            if plain == "pending":
                 self._unperturbed_step(False)
+            elif getattr(self, "grad_scale", None) is not None:  # scaler.step after a plain
+                raise RuntimeError(  # step first_step() made itself: with scaled gradients
+                    "AESAM under GradScaler: the last first_step() was not given "
+                    "grad_scale=scaler.get_scale(), so it decided on ‖g‖² of the scaled "
+                    "gradients and made its plain step with them; pass the loss scale to "
+                    "first_step() under a scaler (the plain step is then scaler.step's)"
+                )
             return None
         if (closure is None and self._perturbed is None
                 and getattr(self, "grad_scale", None) is not None):
