@@ -14,7 +14,9 @@
 //            given (GSAM)
 //            (norm and perturb: with `momentum`, FriendlySAM's m, both follow d = g − sigma·m
 //            and perturb writes momentum_next ← lmbda·m + gain·g; `group_momentum`: float64
-//            [sigma, lmbda, gain] per group, on the parameters' device)
+//            [sigma, lmbda, gain] per group, on the parameters' device; with `group_mask`,
+//            ESAM's: only the elements whose draw of the stream (mask_key0, mask_key1, the
+//            tensor's position) falls below their group's threshold move, kernels.h PerturbArgs)
 //   restore  w ← w_old
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
@@ -65,7 +67,8 @@ TORCH_LIBRARY(fastsam, m) {
       "int[] group_modes, float[] group_etas, Tensor group_rhos, Tensor norm_sum, "
       "Tensor scratch, float q, float p, float eps, Tensor(c!) skipped, "
       "Tensor(d!)[] keep, Tensor[] momentum, Tensor(e!)[] momentum_next, "
-      "Tensor? group_momentum=None) -> ()");
+      "Tensor? group_momentum=None, Tensor? group_mask=None, int mask_key0=0, "
+      "int mask_key1=0) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "

@@ -168,6 +168,11 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
   const double* mom = MOM ? a.momentum + 3 * tab.group[seg.tensor] : nullptr;
   const A sigma = MOM ? A(mom[0]) : A(0), lmbda = MOM ? A(mom[1]) : A(0);
   const A gain = MOM ? A(mom[2]) : A(0);
+  const MaskStream stream = a.mask != nullptr
+                                ? mask_stream(a.mask_key0, a.mask_key1, tab.index[seg.tensor])
+                                : MaskStream{0, 0};
+  const uint64_t threshold =
+      a.mask != nullptr ? static_cast<uint64_t>(a.mask[tab.group[seg.tensor]]) : 0;
   for_each(seg.len, [&](int64_t i) {
     const S w_raw = w[i];
     const S g_raw = g[i];
@@ -180,7 +185,9 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
       m_next[i] = ok ? Storage<S>::store(friendly_momentum(mi, d, lmbda, gain)) : m_raw;
       d = friendly_direction(d, mi, sigma);
     }
-    if (ok) {
+    // ESAM: an element its mask leaves out keeps w (a uniform branch when there is no mask)
+    const bool moves = a.mask == nullptr || uint64_t(mask_draw(stream, seg.start + i)) < threshold;
+    if (ok && moves) {
       const A wi = Storage<S>::load(w_raw);
       const A T = mode == kElement ? fs_abs(wi) + eta : mode == kFilter ? row_T : A(1);
       const A outer = mode == kOuter ? fs_abs(wi) + eta : A(1);

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #ifdef __CUDACC__
 #define FASTSAM_HD __host__ __device__ __forceinline__
@@ -56,6 +57,35 @@ FASTSAM_HD A friendly_direction(A g, A m, A sigma) {
 template <typename A>
 FASTSAM_HD A friendly_momentum(A m, A g, A lmbda, A gain) {
   return lmbda * m + gain * g;
+}
+
+// ESAM's Bernoulli mask (kernels.h PerturbArgs.mask), a counter-based draw that every backend
+// computes the same way (fastsam.functional.Mask gives the definition; the Triton and torch
+// backends follow it in their own arithmetic). mix32 is a 32-bit integer finaliser (xor-shift,
+// multiply by an odd constant, twice: the constants of the "lowbias32" hash); all arithmetic
+// wraps modulo 2^32.
+FASTSAM_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// The two words of the stream of the tensor at `position` in this step (key0, key1).
+struct MaskStream {
+  uint32_t b, c;
+};
+FASTSAM_HD MaskStream mask_stream(uint32_t key0, uint32_t key1, int64_t position) {
+  const uint32_t b = mix32(key0 ^ mix32(static_cast<uint32_t>(position)));
+  return {b, mix32(key1 ^ b)};
+}
+
+// The draw of element i (its index in the tensor's storage order), uniform on [0, 2^32).
+FASTSAM_HD uint32_t mask_draw(MaskStream s, int64_t i) {
+  const uint32_t lo = static_cast<uint32_t>(i), hi = static_cast<uint32_t>(i >> 32);
+  return mix32(mix32(lo + s.b) ^ (s.c + hi));
 }
 
 // S is finite (neither inf nor NaN).

@@ -22,6 +22,7 @@ struct Table {
   const int64_t* mode;   // per tensor (perturbation passes): Mode of elementwise.h
   const double* eta;     // per tensor: ASAM eta
   const int64_t* group;  // per tensor: index into the per-group rho array
+  const int64_t* index;  // per tensor: its position in the caller's lists (ESAM's mask)
 };
 
 // Roles, in the order the binding fills addr.
@@ -56,6 +57,12 @@ struct PerturbArgs {
   bool keep;              // also keep ← g (role kPertKeep): GSAM's first gradient
   const double* momentum; // FriendlySAM's, as in NormArgs (not with keep)
   int momentum_role;
+  // ESAM's stochastic weight perturbation (elementwise.h mask_draw): when `mask` is not null,
+  // element i of the tensor at position Table.index[t] keeps its e where
+  // mask_draw(mask_stream(mask_key0, mask_key1, position), i) < mask[group] (the group's keep
+  // probability times 2^32, per group) and is not moved elsewhere (w_old ← w still written).
+  const double* mask;
+  uint32_t mask_key0, mask_key1;
 };
 
 // What the perturb pass writes beside w_old and w (a template argument of its loops): nothing,

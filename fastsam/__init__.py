@@ -12,6 +12,7 @@ from .integrations import unwrap
 from .optimizers import (
     AESAM,
     ASAM,
+    ESAM,
     GSAM,
     MSAM,
     SAM,
@@ -20,6 +21,7 @@ from .optimizers import (
     FriendlySAM,
     LookSAM,
     asam_param_groups,
+    esam_select,
 )
 from .schedulers import CosineScheduler, LinearScheduler, ProportionScheduler
 
@@ -34,6 +36,8 @@ __all__ = [
     "FriendlySAM",
     "MSAM",
     "AESAM",
+    "ESAM",
+    "esam_select",
     "ProportionScheduler",
     "LinearScheduler",
     "CosineScheduler",

@@ -9,7 +9,9 @@ A SAM-family step is three passes over memory (docs/design.md §2):
 GSAM adds one reduction between the second backward pass and C (:meth:`Backend.gsam_along`),
 keeps g through B (``PerturbGroup.keep_grads``) and hands C a :class:`Decomposition`.
 FriendlySAM perturbs along ``d = g - sigma·m`` instead of g in A and B, and B also writes the
-next momentum of first-pass gradients (``PerturbGroup.momentum``, :class:`Momentum`).
+next momentum of first-pass gradients (``PerturbGroup.momentum``, :class:`Momentum`). ESAM
+moves only the elements a counter-based Bernoulli draw keeps in B (``PerturbGroup.mask``,
+:class:`Mask`).
 
 ``T`` is the ASAM operator (1 for plain SAM; see :class:`Scaling`), ``q`` the dual exponent of
 ``p`` (1/p + 1/q = 1). For p = 2 this is ``e = ρ·T²·g / (‖T·g‖₂ + eps)``; for p = ∞ it is
@@ -34,6 +36,10 @@ __all__ = [
     "PerturbGroup",
     "Momentum",
     "momentum_scalars",
+    "Mask",
+    "mask_key",
+    "mask_scalars",
+    "mask_draws",
     "PerturbationNorm",
     "SGDHyper",
     "AdamHyper",
@@ -96,6 +102,7 @@ class PerturbGroup:
     scaling: Scaling
     keep_grads: list[Tensor] | None = None
     momentum: Momentum | None = None  # FriendlySAM: passes A and B follow g - sigma·m
+    mask: Mask | None = None  # ESAM: pass B moves the elements the mask keeps
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,100 @@ def momentum_scalars(groups: list[PerturbGroup]) -> tuple[float, ...] | None:
         return None
     return tuple(x for g in groups
                  for x in (g.momentum.kernel_scalars if g.momentum else (0.0, 0.0, 0.0)))
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: int) -> int:
+    """The 32-bit integer finaliser of the mask (``csrc/elementwise.h`` mix32)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _U32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _U32
+    return x ^ (x >> 15)
+
+
+def mask_key(seed: int, step: int) -> tuple[int, int]:
+    """The two 32-bit words of a step's :class:`Mask` from a 64-bit ``seed`` and the step
+    count (both >= 0): ``k0 = mix(seed_lo ^ mix(step_lo))``, ``k1 = mix(seed_hi ^ mix(k0 ^
+    step_hi))`` (``_lo``/``_hi``: the low and high 32 bits)."""
+    if seed < 0 or step < 0 or seed >> 64 or step >> 64:
+        raise ValueError(f"seed and step must be in [0, 2**64), got {seed} and {step}")
+    k0 = _mix32((seed & _U32) ^ _mix32(step & _U32))
+    k1 = _mix32((seed >> 32) ^ _mix32(k0 ^ (step >> 32)))
+    return k0, k1
+
+
+@dataclass(frozen=True)
+class Mask:
+    """ESAM's stochastic weight perturbation in pass B of one group: each element keeps its
+    ``e_i`` with probability ``keep`` and is not moved otherwise (w_old is written as ever;
+    pass A is unchanged: the norm is of the whole gradient). The draws are counter-based, so
+    every backend makes the same ones and a step is reproducible from ``key`` alone: for the
+    tensor at ``position`` in the pass's lists (groups in order, then tensors in order) and
+    element ``i`` of it (storage order, from 0), with ``lo``/``hi`` the low/high 32 bits of
+    ``i`` and all arithmetic modulo 2**32 (mix as :func:`mask_key`)::
+
+        b = mix(key0 ^ mix(position)),  c = mix(key1 ^ b)
+        draw = mix(mix(lo + b) ^ (c + hi))           uniform on [0, 2**32)
+        moved  iff  draw < threshold,  threshold = min(2**32, ceil(keep·2**32))
+
+    The scale 1/keep of the paper's ``e = (ρ/β)·m ⊙ g/‖g‖`` is the caller's (in ``rho``).
+    A sharded parameter draws over its local shard's elements (their local ``i``), each rank
+    with a key of its own (:meth:`for_rank`), so the shards' masks are independent."""
+
+    keep: float
+    key: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"Mask.keep must be in (0, 1], got {self.keep}")
+        if len(self.key) != 2 or any(not 0 <= k <= _U32 for k in self.key):
+            raise ValueError(f"Mask.key must be two 32-bit unsigned integers, got {self.key}")
+
+    def for_rank(self, rank: int) -> Mask:
+        """The mask of one rank's shards: ``key0`` mixed with the rank,
+        ``(mix(key0 ^ mix(rank + 1)), key1)``."""
+        return replace(self, key=(_mix32(self.key[0] ^ _mix32((rank + 1) & _U32)), self.key[1]))
+
+    @property
+    def threshold(self) -> float:
+        """``min(2**32, ceil(keep·2**32))`` as the kernels read it (an exact float64)."""
+        return float(min(1 << 32, math.ceil(self.keep * 4294967296.0)))
+
+
+def mask_scalars(groups: list[PerturbGroup]) -> tuple[tuple[float, ...], tuple[int, int]] | None:
+    """The kernels' per-group thresholds of :class:`Mask` and the step's key, or None when no
+    group has a mask. Every group with parameters has one, with the same key, or none does."""
+    given = {g.mask is not None for g in groups if g.params}
+    if len(given) > 1:
+        raise ValueError("mask must be given for every group or for none")
+    if given != {True}:
+        return None
+    keys = {g.mask.key for g in groups if g.mask is not None}
+    if len(keys) != 1:
+        raise ValueError(f"the groups' masks must share one key, got {sorted(keys)}")
+    return tuple(g.mask.threshold if g.mask else 0.0 for g in groups), keys.pop()
+
+
+def mask_draws(key: tuple[int, int], position: int, numel: int, device: torch.device,
+               start: int = 0) -> Tensor:
+    """The draws of :class:`Mask` for elements ``start`` to ``start + numel`` of the tensor at
+    ``position``, as an int64 tensor (the torch backend's mask; values < 2**32)."""
+    b = _mix32(key[0] ^ _mix32(position & _U32))
+    c = _mix32(key[1] ^ b)
+    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    return _mix32_tensor(_mix32_tensor((i + b) & _U32) ^ (((i >> 32) + c) & _U32))
+
+
+def _mix32_tensor(x: Tensor) -> Tensor:
+    """:func:`_mix32` over an int64 tensor of values < 2**32 (every product < 2**63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _U32
+    return x ^ (x >> 15)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -379,3 +380,66 @@ class OracleAESAM(OracleSAM):
             if zero_grad:
                 self.zero_grad()
         return sam
+
+
+# ESAM's counter-based mask, written from the definition in fastsam.functional.Mask's docstring
+# with numpy's uint32 arithmetic (wrapping modulo 2**32), apart from fastsam's int64 code.
+def _esam_mix(x):
+    x = np.asarray(x, dtype=np.uint32)
+    with np.errstate(over="ignore"):  # the products wrap modulo 2**32 by design
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x21F0AAAD)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x735A2D97)
+        return x ^ (x >> np.uint32(15))
+
+
+def esam_key(seed, step):
+    """(k0, k1) of a step: k0 = mix(seed_lo ^ mix(step_lo)), k1 = mix(seed_hi ^ mix(k0 ^
+    step_hi))."""
+    lo, hi = np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32)
+    k0 = _esam_mix(lo ^ _esam_mix(np.uint32(step & 0xFFFFFFFF)))
+    k1 = _esam_mix(hi ^ _esam_mix(k0 ^ np.uint32(step >> 32)))
+    return int(k0), int(k1)
+
+
+def esam_mask(key, position, w, beta, start=0):
+    """The bool mask of tensor ``w`` at ``position``: element i (storage order, from
+    ``start``) is kept when mix(mix(lo + b) ^ (c + hi)) < ceil(beta·2^32),
+    b = mix(k0 ^ mix(position)), c = mix(k1 ^ b)."""
+    with np.errstate(over="ignore"):
+        b = _esam_mix(np.uint32(key[0]) ^ _esam_mix(np.uint32(position)))
+        c = _esam_mix(np.uint32(key[1]) ^ b)
+        i = np.arange(start, start + w.numel(), dtype=np.uint64)
+        lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        hi = (i >> np.uint64(32)).astype(np.uint32)
+        draw = _esam_mix(_esam_mix(lo + b) ^ (c + hi)).astype(np.uint64)
+    kept = torch.from_numpy(draw < np.uint64(min(2**32, math.ceil(beta * 2**32))))
+    if w.is_contiguous():
+        return kept.view(w.shape)
+    return kept.as_strided(w.shape, w.stride())  # a dense tensor in another memory format
+
+
+class OracleESAM(OracleSAM):
+    """ESAM (Du et al., ICLR 2022) per parameter, the paper's stochastic weight perturbation:
+    e = (rho/beta)·m ⊙ T²g/(‖Tg‖ + eps) with m ~ Bernoulli(beta) element-wise (drawn by
+    :func:`esam_mask`, positions counted over the parameters with a gradient, groups in order)
+    and the norm over the whole gradient. ``beta`` per group; ``seed`` as ESAM's."""
+
+    def __init__(self, groups, base_cls, seed, eps=1e-12, **base_kwargs):
+        super().__init__([{k: v for k, v in g.items() if k != "beta"} for g in groups],
+                         base_cls, p=2.0, eps=eps, **base_kwargs)
+        self.betas = {w: g["beta"] for g in groups for w in g["params"]}
+        self.seed, self.t = seed, 0
+
+    @torch.no_grad()
+    def first_step(self, zero_grad=False):
+        key = esam_key(self.seed, self.t)
+        self.t += 1
+        for position, (w, e) in enumerate(self.perturbation()):
+            beta = self.betas[w]
+            self.w_old[w] = w.clone()
+            kept = esam_mask(key, position, w, beta).to(w.device)
+            w.copy_(torch.where(kept, w + e / beta, w))
+        if zero_grad:
+            self.zero_grad()

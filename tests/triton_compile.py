@@ -45,9 +45,12 @@ def main():
                     w_addr="*i64", g_addr="*i64", w_old_addr="*i64", mode_of="*i32",
                     eta_of="*fp64", group_of="*i32", rho_of_group="*fp64", filter_T=scalar,
                     norm_sum=scalar, skipped="*fp32", hp="*fp64", keep_addr="*i64",
-                    m_addr="*i64", m_next_addr="*i64", momentum_of_group="*fp64", W_REF=ref,
+                    m_addr="*i64", m_next_addr="*i64", momentum_of_group="*fp64",
+                    index_of="*i32", mask_of_group="*fp64", key0="i64", key1="i64", W_REF=ref,
                     G_REF=ref),
-                    dict(QMODE=qmode, KEEP=keep and qmode == 0, MOM=mom and not keep, **common))
+                    # ESAM's mask (MASK) beside every variant without the kept gradient
+                    dict(QMODE=qmode, KEEP=keep and qmode == 0, MOM=mom and not keep,
+                         MASK=not keep, **common))
         compile_variant(K.sum_kernel, dict(x=scalar, n="i32", out=scalar),
                         dict(ACC=acc, BLOCK=1024), segments=False)
         compile_variant(K.restore_kernel, dict(w_addr="*i64", w_old_addr="*i64", W_REF=ref),

@@ -86,7 +86,7 @@ class DeviceTableCache {
     int64_t total = 0;
     for (const auto& tab : tables.host) {
       total += tab.seg.size() + tab.addr.size() + tab.mode.size() + tab.group.size() +
-               tab.eta.size();
+               tab.eta.size() + tab.index.size();
     }
     at::Tensor host =
         at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
@@ -103,18 +103,20 @@ class DeviceTableCache {
       append(tab.mode.data(), tab.mode.size());
       append(tab.group.data(), tab.group.size());
       append(tab.eta.data(), tab.eta.size());  // doubles, bit for bit
+      append(tab.index.data(), tab.index.size());
     }
     tables.device_blob = host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
     tables.host_blob = host;
     const int64_t* base = tables.device_blob.data_ptr<int64_t>();
     for (size_t k = 0; k < tables.host.size(); ++k) {
       Table& v = tables.views[k];
-      const int64_t* o = offsets.data() + 5 * k;
+      const int64_t* o = offsets.data() + 6 * k;
       v.seg = base + o[0];
       v.addr = base + o[1];
       v.mode = base + o[2];
       v.group = base + o[3];
       v.eta = reinterpret_cast<const double*>(base + o[4]);
+      v.index = base + o[5];
     }
   }
 

@@ -484,7 +484,8 @@ void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
     perturb_pass<D>(l.tables, l[0], l[1], l[2], sizes, group_modes, group_etas, group_rhos,
-                    norm_sum, scratch, q, p, eps, skipped, l[3], l[4], l[5], group_momentum);
+                    norm_sum, scratch, q, p, eps, skipped, l[3], l[4], l[5], group_momentum,
+                    std::nullopt, 0, 0);
   });
 }
 

@@ -99,7 +99,9 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                   const at::Tensor& group_rhos, const at::Tensor& norm_sum,
                   const at::Tensor& scratch, double q, double p, double eps, at::Tensor& skipped,
                   at::TensorList keep, at::TensorList momentum, at::TensorList momentum_next,
-                  const std::optional<at::Tensor>& group_momentum) {
+                  const std::optional<at::Tensor>& group_momentum,
+                  const std::optional<at::Tensor>& group_mask, int64_t mask_key0,
+                  int64_t mask_key1) {
   Lists lists{{"params", params}, {"grads", grads}, {"w_old", w_old}};
   if (!keep.empty()) lists.emplace_back("keep", keep);
   const int momentum_role = static_cast<int>(lists.size());
@@ -118,6 +120,18 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
   TORCH_CHECK_TYPE(group_rhos.scalar_type() == at::kDouble, msg("fastsam.perturb: group_rhos ",
                    "must be float64, got ", group_rhos.scalar_type()));
   check_device<D>("perturb", "group_rhos", group_rhos);
+  const double* mask = nullptr;
+  if (group_mask.has_value()) {  // ESAM (kernels.h PerturbArgs.mask)
+    check_scalar_tensor("perturb", "group_mask", *group_mask, params, group_sizes.size());
+    TORCH_CHECK_TYPE(group_mask->scalar_type() == at::kDouble, msg("fastsam.perturb: ",
+                     "group_mask must be float64, got ", group_mask->scalar_type()));
+    check_device<D>("perturb", "group_mask", *group_mask);
+    for (const int64_t key : {mask_key0, mask_key1}) {
+      TORCH_CHECK_VALUE(key >= 0 && key <= int64_t(UINT32_MAX), msg("fastsam.perturb: ",
+                        "mask keys are 32-bit unsigned integers, got ", key));
+    }
+    mask = group_mask->data_ptr<double>();
+  }
   const D dev(device_of(params, norm_sum));
   const TablesPtr tables = src.template tables<D>("perturb", dev, lists, [&] {
     return std::optional<PerTensor>(
@@ -141,7 +155,10 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                    skipped.data_ptr<float>(),
                    !keep.empty(),
                    coefficients,
-                   momentum_role};
+                   momentum_role,
+                   mask,
+                   static_cast<uint32_t>(mask_key0),
+                   static_cast<uint32_t>(mask_key1)};
   for (const Table& t : tables->views) {
     dev.perturb(t, args);
     args.row_T += t.n_segments;
@@ -154,10 +171,12 @@ void perturb_op(at::TensorList params, at::TensorList grads, at::TensorList w_ol
                 at::ArrayRef<double> group_etas, const at::Tensor& group_rhos,
                 const at::Tensor& norm_sum, const at::Tensor& scratch, double q, double p,
                 double eps, at::Tensor& skipped, at::TensorList keep, at::TensorList momentum,
-                at::TensorList momentum_next, const std::optional<at::Tensor>& group_momentum) {
+                at::TensorList momentum_next, const std::optional<at::Tensor>& group_momentum,
+                const std::optional<at::Tensor>& group_mask, int64_t mask_key0,
+                int64_t mask_key1) {
   perturb_pass<D>(Fresh{}, params, grads, w_old, group_sizes, group_modes, group_etas,
                   group_rhos, norm_sum, scratch, q, p, eps, skipped, keep, momentum,
-                  momentum_next, group_momentum);
+                  momentum_next, group_momentum, group_mask, mask_key0, mask_key1);
 }
 
 template <class D, class Src>

@@ -65,14 +65,15 @@ PerTensor expand_groups(const char* op, at::TensorList params, at::IntArrayRef s
 // The segment table of one launch (one storage dtype), in host memory.
 struct HostTable {
   DType dtype;
-  std::vector<size_t> index;  // position of each table tensor in the caller's lists
+  std::vector<int64_t> index;  // position of each table tensor in the caller's lists
   std::vector<int64_t> seg, addr, mode, group;
   std::vector<double> eta;
 
   int64_t n_segments() const { return static_cast<int64_t>(seg.size() / 3); }
   Table view() const {
     return {dtype,       static_cast<int64_t>(index.size()), n_segments(), seg.data(),
-            addr.data(), mode.data(),                        eta.data(),   group.data()};
+            addr.data(), mode.data(),                        eta.data(),   group.data(),
+            index.data()};
   }
 };
 
@@ -91,7 +92,7 @@ std::vector<HostTable> build_tables(const Lists& lists, const PerTensor* options
     }
     if (tab == nullptr) tab = &tables.emplace_back(HostTable{dtype});
     const int64_t t = static_cast<int64_t>(tab->index.size());
-    tab->index.push_back(i);
+    tab->index.push_back(static_cast<int64_t>(i));
     const int64_t mode = options ? options->mode[i] : kPlain;
     const int64_t len = mode == kFilter ? n / w[i].size(0) : chunk;
     for (int64_t start = 0; start < n; start += len) {

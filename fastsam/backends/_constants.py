@@ -100,3 +100,17 @@ class ConstantArrays:
         return self._arrays.get_or_build(
             (values, device), lambda: upload(torch.tensor(values, dtype=torch.float64), device)
         )
+
+
+def dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps (any memory format; an empty
+    tensor has no memory to walk): the tensors whose storage order the passes walk (the torch
+    backend's ESAM mask follows the same order)."""
+    expected = 1
+    for size, stride in sorted(
+        ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: d[1]
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

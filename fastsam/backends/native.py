@@ -37,6 +37,7 @@ from ..functional import (
     SGDHyper,
     accumulation_dtype,
     dual_exponent,
+    mask_scalars,
     momentum_scalars,
 )
 from ._constants import ConstantArrays, held_for_graphs
@@ -239,9 +240,12 @@ class NativeBackend(Backend):
         keep = _kept(groups)
         scratch = self._buffer("scratch", params[0].device, torch.float64)
         q = dual_exponent(p)
+        mask = mask_scalars(groups)  # ESAM's: thresholds per group (constant), the step's key
+        thresholds, key = (None, (0, 0)) if mask is None else (
+            self._constants(mask[0], params[0].device), mask[1])
         torch.ops.fastsam.perturb(
             params, grads, w_old, sizes, modes, etas, rhos, norm_sum, scratch, q, p, eps, skipped,
-            keep, *momentum,
+            keep, *momentum, thresholds, *key,
         )
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

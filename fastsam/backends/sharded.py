@@ -126,9 +126,11 @@ class ShardedBackend(Backend):
             keep = None if g.keep_grads is None else local_tensors(g.keep_grads)
             momentum = None if g.momentum is None else g.momentum.with_tensors(
                 local_tensors(g.momentum.current), local_tensors(g.momentum.next))
+            # ESAM: each rank its own stream over its shard's elements (Mask.for_rank)
+            mask = None if g.mask is None else g.mask.for_rank(dist.get_rank())
             out.append(PerturbGroup(
                 local_tensors(g.params), _local_grads(g.grads, g.params),
-                local_tensors(g.w_old), g.rho, g.scaling, keep, momentum,
+                local_tensors(g.w_old), g.rho, g.scaling, keep, momentum, mask,
             ))
         return out
 

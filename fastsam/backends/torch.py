@@ -22,6 +22,7 @@ from ..functional import (
     Backend,
     Correction,
     GradientSource,
+    Mask,
     Momentum,
     PerturbationNorm,
     PerturbGroup,
@@ -30,7 +31,9 @@ from ..functional import (
     Swap,
     dual_exponent,
     foreach_average,
+    mask_draws,
 )
+from ._constants import dense
 
 _NARROW = (torch.float16, torch.bfloat16)
 
@@ -149,6 +152,16 @@ def _written(params: list[Tensor], states: list[Tensor], source: GradientSource 
     return out
 
 
+def _mask_of(w: Tensor, mask: Mask, position: int) -> Tensor:
+    """Where :class:`~fastsam.functional.Mask` moves ``w`` (the tensor at ``position``),
+    shaped like ``w``: the draws follow the storage order of a tensor that covers its memory
+    without gaps (any memory format), the logical order of any other."""
+    draws = mask_draws(mask.key, position, w.numel(), w.device) < mask.threshold
+    if w.numel() and dense(w):
+        return draws.as_strided(w.shape, w.stride())
+    return draws.view(w.shape)
+
+
 def _snapshot(tensors: list[Tensor]) -> list[Tensor]:
     """Copies of what an update writes, put back by :func:`_put_back` when the device skip flag
     is set. This backend computes the update and then selects, element by element, on the
@@ -200,10 +213,14 @@ class TorchBackend(Backend):
         # more in first-touch page faults of a fresh 4-bytes-per-parameter buffer than in bytes.
         # (not under torch.compile, which traces no read of a tensor's value)
         on_cpu = norm_sum.device.type == "cpu" and not torch.compiler.is_compiling()
+        position = 0  # of the group's first tensor in the pass's lists (ESAM's mask)
         for group, direction in zip(groups, norm.prepared):
+            first, position = position, position + len(group.params)
             if not group.params:
                 continue
             scale = inv_denom * group.rho
+            # ESAM's mask, unless it keeps every element (beta = 1: SAM's arithmetic exactly)
+            mask = group.mask if group.mask is not None and group.mask.keep < 1.0 else None
             u, t = _scaled_grads(group, direction or _direction(group))
             if group.keep_grads is not None:
                 torch._foreach_copy_(group.keep_grads, group.grads)
@@ -213,7 +230,7 @@ class TorchBackend(Backend):
             if on_cpu and not bool(finite):  # a non-finite norm: w stays exactly as it is
                 torch._foreach_copy_(group.w_old, group.params)
                 continue
-            if q == 2.0 and t is None and on_cpu and not outer:
+            if q == 2.0 and t is None and on_cpu and not outer and mask is None:
                 torch._foreach_copy_(group.w_old, group.params)
                 torch._foreach_add_(group.params, u, alpha=scale.item())
                 continue
@@ -236,7 +253,12 @@ class TorchBackend(Backend):
                 e = [torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
                      for x in e]
             torch._foreach_copy_(group.w_old, group.params)
-            torch._foreach_add_(group.params, e)
+            if mask is None:
+                torch._foreach_add_(group.params, e)
+                continue
+            for k, (w, x) in enumerate(zip(group.params, e)):  # ESAM: the kept elements move
+                moved = _mask_of(w, mask, first + k)
+                torch.where(moved, (w + x).to(w.dtype), w, out=w)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         if params:

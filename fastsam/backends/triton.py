@@ -39,9 +39,10 @@ from ..functional import (
     SGDHyper,
     accumulation_dtype,
     dual_exponent,
+    mask_scalars,
     momentum_scalars,
 )
-from ._constants import ConstantArrays, LRUCache, held_for_graphs, upload
+from ._constants import ConstantArrays, LRUCache, dense, held_for_graphs, upload
 
 try:
     import triton.language as tl
@@ -125,21 +126,6 @@ class _Table:
         ) and all(L % BLOCK == 0 or c <= 1 for L, c in zip(seg_lens, counts.tolist()))
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether ``t`` covers its memory without gaps or overlaps (any memory format; an empty
-    tensor has no memory to walk)."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for size, stride in sorted(
-        ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: d[1]
-    ):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _layout(t: Tensor) -> tuple:
     """The strides of the dims with more than one element: what says how ``t`` lies in memory."""
     return tuple(st for s, st in zip(t.shape, t.stride()) if s != 1)
@@ -151,7 +137,7 @@ def _check_layout(roles: dict[str, list[Tensor]]) -> None:
     works like contiguous)."""
     for role, tensors in roles.items():
         for w, t in zip(roles["w"], tensors):
-            if not _dense(t):
+            if not dense(t):
                 raise ValueError(
                     f"triton backend: a {role} tensor of shape {tuple(t.shape)} is not dense "
                     f"(strides {t.stride()}); make it contiguous or use backend='torch'"
@@ -253,6 +239,7 @@ class _PerturbPlan:
                     "mode": (torch.int32, [mode[i] for i in idx]),
                     "eta": (torch.float64, [eta[i] for i in idx]),
                     "group": (torch.int32, [group_of[i] for i in idx]),
+                    "index": (torch.int32, idx),  # positions in the lists (ESAM's mask)
                 },
             )
             self.launches.append((table, self.n_segments))
@@ -366,6 +353,10 @@ class TritonBackend(Backend):
         qmode = 0 if q == 2.0 else 1 if q == 1.0 else 2
         hp = self._constants((q, 0.0 if math.isinf(p) else 1.0 / p, eps), plan.device)
         rho = self._constants(tuple(g.rho for g in groups), plan.device)
+        mask = mask_scalars(groups)  # ESAM's: thresholds per group (constant), the step's key
+        thresholds = self._constants(mask[0] if mask else (0.0,), plan.device)
+        # the key's words by value, as int64 (bit 32 set: one argument type whatever the key)
+        key = (0, 0) if mask is None else tuple(k | 1 << 32 for k in mask[1])
         if not plan.launches:
             skipped.zero_()
         for table, start in plan.launches:
@@ -376,9 +367,10 @@ class TritonBackend(Backend):
                 filter_T[start:], norm_sum, skipped, hp,
                 table.addr.get("keep", table.addr["g"]), table.addr.get("m", table.addr["g"]),
                 table.addr.get("m_next", table.addr["g"]), momentum,
+                table.values["index"], thresholds, *key,
                 table.ref["w"], table.ref["g"],
-                QMODE=qmode, KEEP=plan.keep, MOM=plan.momentum, ACC=table.acc,
-                ALIGNED=table.aligned, BLOCK=BLOCK,
+                QMODE=qmode, KEEP=plan.keep, MOM=plan.momentum, MASK=mask is not None,
+                ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,
             )
 
     # ---------------------------------------------------------------- pass C

@@ -1,6 +1,7 @@
 """The public optimizers, one file each."""
 from .aesam import AESAM
 from .asam import ASAM, asam_param_groups
+from .esam import ESAM, esam_select
 from .freesam import FreeSAM
 from .friendlysam import FriendlySAM
 from .gsam import GSAM
@@ -10,4 +11,4 @@ from .sam import SAM
 from .wsam import WSAM
 
 __all__ = ["SAM", "ASAM", "GSAM", "FreeSAM", "LookSAM", "WSAM", "FriendlySAM", "MSAM",
-           "AESAM", "asam_param_groups"]
+           "AESAM", "ESAM", "asam_param_groups", "esam_select"]

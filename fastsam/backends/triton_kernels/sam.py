@@ -252,20 +252,34 @@ def _average(avg_ptr, idx, inside, new_w, weight, ACC: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """ESAM's 32-bit finaliser over uint32 values (csrc/elementwise.h mix32; wraps mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+@triton.jit(do_not_specialize=["key0", "key1"])
 def perturb_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
     filter_T, norm_sum, skipped, hp, keep_addr, m_addr, m_next_addr, momentum_of_group,
+    index_of, mask_of_group, key0, key1,
     W_REF, G_REF,
-    QMODE: tl.constexpr, KEEP: tl.constexpr, MOM: tl.constexpr, ACC: tl.constexpr,
-    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    QMODE: tl.constexpr, KEEP: tl.constexpr, MOM: tl.constexpr, MASK: tl.constexpr,
+    ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Pass B: w_old ← w (bit copy); w ← w + ρ·T·sign(u)·|u|^(q-1) / (S^(1/p) + eps), u = T·g
     (mode 3: u = g and the whole term times |w| + eta). A non-finite S leaves w untouched and
     sets skipped = 1 (else 0). hp = [q, 1/p, eps]; ρ is per group (rho_of_group[group_of[t]]),
     so a ρ schedule changes no table. KEEP: also keep[t] ← g (GSAM's first gradient). MOM
     (FriendlySAM): g is d = g − sigma·m, and m_next ← lmbda·m + gain·g (m itself for a
-    non-finite S), [sigma, lmbda, gain] per group in momentum_of_group."""
+    non-finite S), [sigma, lmbda, gain] per group in momentum_of_group. MASK (ESAM): only
+    the elements whose draw (fastsam.functional.Mask, the stream of the tensor's position
+    index_of[t] under the key (key0, key1): int64 arguments whose low 32 bits are the words)
+    falls below their group's threshold in mask_of_group move."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     inv_p = tl.load(hp + 1).to(ACC)
@@ -295,6 +309,11 @@ def perturb_kernel(
         sigma = tl.load(momentum).to(ACC)
         lmbda = tl.load(momentum + 1).to(ACC)
         gain = tl.load(momentum + 2).to(ACC)
+    if MASK:
+        position = tl.load(index_of + t).to(tl.uint32)
+        b = _mix32(key0.to(tl.uint32) ^ _mix32(position))
+        c = _mix32(key1.to(tl.uint32) ^ b)
+        threshold = tl.load(mask_of_group + tl.load(group_of + t)).to(tl.int64)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -320,9 +339,12 @@ def perturb_kernel(
         else:
             direction = T * _sign(u) * tl.exp2((q - 1.0) * tl.log2(tl.abs(u)))
         direction = tl.where(mode == 3, (tl.abs(w) + eta) * direction, direction)
-        new_w = tl.where(ok, w + scale * direction, w)
+        new_w = tl.where(ok, _to_storage(w + scale * direction, W_REF.dtype.element_ty), w_raw)
+        if MASK:  # the elements the draw leaves out keep w
+            draw = _mix32(_mix32(idx.to(tl.uint32) + b) ^ (c + (idx >> 32).to(tl.uint32)))
+            new_w = tl.where(draw.to(tl.int64) < threshold, new_w, w_raw)
         tl.store(old_ptr + idx, w_raw, mask=inside)
-        tl.store(w_ptr + idx, _to_storage(new_w, W_REF.dtype.element_ty), mask=inside)
+        tl.store(w_ptr + idx, new_w, mask=inside)
     if s == 0:
         tl.store(skipped, tl.where(ok, 0.0, 1.0))
 
