@@ -55,6 +55,8 @@ OPTIMIZERS = {
     # c = 2.5: the first step (from μ = σ² = 0) a SAM step, then plain ones while ‖g‖² holds
     "aesam_sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS,
                                           lambda1=2.5, lambda2=2.5, lr=0.1, momentum=0.9),
+    "esam_sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, seed=3, lr=0.1,
+                                        momentum=0.9),
 }
 
 

@@ -24,6 +24,8 @@ OPTIMIZERS = {
                                                       lr=0.1, momentum=0.9),
     "aesam_sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.05, total_steps=STEPS,
                                           lambda1=2.5, lambda2=2.5, lr=0.1, momentum=0.9),
+    "esam_sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, rho=0.05, beta=0.5, seed=3, lr=0.1,
+                                        momentum=0.9),
 }
 
 
