@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -151,9 +152,29 @@ void norm_segment(const Table& tab, const NormArgs& a, int64_t s) {
   a.row_T[s] = row_T;
 }
 
+// `yes ? a : b` as bit operations on the storage bits (exact, signed zeros and all): GCC
+// vectorises this where it turns the conditional store of a select into a branch.
+template <typename S>
+inline S blend(bool yes, S a, S b) {
+  using Bits = std::conditional_t<sizeof(S) == 8, uint64_t,
+                                  std::conditional_t<sizeof(S) == 4, uint32_t, uint16_t>>;
+  static_assert(sizeof(Bits) == sizeof(S), "storage of 2, 4 or 8 bytes");
+  Bits x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  const Bits all = static_cast<Bits>(-static_cast<Bits>(yes));
+  const Bits bits = static_cast<Bits>((x & all) | (y & ~all));
+  S out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
 template <typename S, int QM, int EXTRA, bool MASK>
-void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv_denom,
-                     int64_t s) {
+#ifdef __GNUC__
+__attribute__((always_inline))  // also into masked_segment_avx2, compiled for AVX2 there
+#endif
+inline void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv_denom,
+                            int64_t s) {
   using A = Acc<S>;
   constexpr bool KEEP = EXTRA == kExtraKeep, MOM = EXTRA == kExtraMomentum;
   const Segment seg = segment(tab, s);
@@ -180,7 +201,11 @@ void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv
   // ESAM: the tensor's mask stream and its group's threshold (elementwise.h mask_draw).
   const MaskStream stream =
       MASK ? mask_stream(a.mask_key0, a.mask_key1, tab.index[seg.tensor]) : MaskStream{0, 0};
-  const uint64_t threshold = MASK ? static_cast<uint64_t>(a.mask[tab.group[seg.tensor]]) : 0;
+  // draw < threshold as draw <= threshold - 1 (threshold >= 1): a 32-bit compare
+  const uint32_t last = MASK ? static_cast<uint32_t>(a.mask[tab.group[seg.tensor]] - 1.0) : 0;
+  const int64_t first = seg.start + (MASK && a.mask_offset != nullptr
+                                         ? static_cast<int64_t>(a.mask_offset[tab.index[seg.tensor]])
+                                         : 0);  // the mask's index of element 0
   // One loop per mode (the mode is fixed per tensor), so each loop vectorises.
   auto sweep = [&](auto step) {
     for (int64_t i = 0; i < seg.len; ++i) {
@@ -196,7 +221,7 @@ void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv
       }
       const S moved = S(A(wi) + scale * step(A(wi), di));
       if constexpr (MASK) {
-        w[i] = uint64_t(mask_draw(stream, seg.start + i)) < threshold ? moved : wi;
+        w[i] = blend(mask_draw(stream, first + i) <= last, moved, wi);
       } else {
         w[i] = moved;
       }
@@ -218,6 +243,25 @@ void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc<S> inv
       sweep([&](A wi, A gi) { return (fs_abs(wi) + eta) * direction<QM>(A(1), gi, q); });
   }
 }
+
+#if defined(FASTSAM_STREAMING_STORES) && defined(__GNUC__)
+// ESAM's masked sweep hashes every element (elementwise.h mask_draw: 32-bit multiplies, which
+// the x86-64 baseline's SSE2 lacks, so its baseline loop runs at about half the memory's rate):
+// compiled for AVX2 too, and taken where the CPU has it. The same arithmetic: the same bits.
+#define FASTSAM_AVX2_MASK 1
+template <typename S, int QM, int EXTRA>
+__attribute__((target("avx2"))) void masked_segment_avx2(const Table& tab, const PerturbArgs& a,
+                                                         bool ok, Acc<S> inv_denom, int64_t s) {
+  perturb_segment<S, QM, EXTRA, true>(tab, a, ok, inv_denom, s);
+}
+
+// FASTSAM_CPU_BASELINE=1 keeps the baseline loop (tests/test_esam.py runs it that way).
+bool has_avx2() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && std::getenv("FASTSAM_CPU_BASELINE") == nullptr;
+  return yes;
+}
+#endif
 
 // The per-launch scalars of update_gradient: 1 + alpha·along (along for LookSAM's correction),
 // alpha, and the sign.
@@ -354,10 +398,18 @@ void perturb(const Table& t, const PerturbArgs& a) {
       constexpr int QM = decltype(qm)::value;
       const A inv_denom = inverse_denominator<QM>(S_sum, A(a.inv_p), A(a.eps));
       with_extra(a, [&](auto extra) {
+        constexpr int EXTRA = decltype(extra)::value;
+#ifdef FASTSAM_AVX2_MASK
+        if (a.mask != nullptr && has_avx2()) {
+          for_each_segment(t, [&](int64_t s) {
+            masked_segment_avx2<S, QM, EXTRA>(t, a, ok, inv_denom, s);
+          });
+          return;
+        }
+#endif
         with_bool(a.mask != nullptr, [&](auto mask) {
           for_each_segment(t, [&](int64_t s) {
-            perturb_segment<S, QM, decltype(extra)::value, decltype(mask)::value>(
-                t, a, ok, inv_denom, s);
+            perturb_segment<S, QM, EXTRA, decltype(mask)::value>(t, a, ok, inv_denom, s);
           });
         });
       });

@@ -173,6 +173,10 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
                                 : MaskStream{0, 0};
   const uint64_t threshold =
       a.mask != nullptr ? static_cast<uint64_t>(a.mask[tab.group[seg.tensor]]) : 0;
+  const int64_t first =
+      seg.start + (a.mask != nullptr && a.mask_offset != nullptr
+                       ? static_cast<int64_t>(a.mask_offset[tab.index[seg.tensor]])
+                       : 0);  // the mask's index of element 0
   for_each(seg.len, [&](int64_t i) {
     const S w_raw = w[i];
     const S g_raw = g[i];
@@ -186,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(Table tab, PerturbArg
       d = friendly_direction(d, mi, sigma);
     }
     // ESAM: an element its mask leaves out keeps w (a uniform branch when there is no mask)
-    const bool moves = a.mask == nullptr || uint64_t(mask_draw(stream, seg.start + i)) < threshold;
+    const bool moves = a.mask == nullptr || uint64_t(mask_draw(stream, first + i)) < threshold;
     if (ok && moves) {
       const A wi = Storage<S>::load(w_raw);
       const A T = mode == kElement ? fs_abs(wi) + eta : mode == kFilter ? row_T : A(1);

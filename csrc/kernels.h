@@ -59,10 +59,13 @@ struct PerturbArgs {
   int momentum_role;
   // ESAM's stochastic weight perturbation (elementwise.h mask_draw): when `mask` is not null,
   // element i of the tensor at position Table.index[t] keeps its e where
-  // mask_draw(mask_stream(mask_key0, mask_key1, position), i) < mask[group] (the group's keep
-  // probability times 2^32, per group) and is not moved elsewhere (w_old ← w still written).
+  // mask_draw(mask_stream(mask_key0, mask_key1, position), i + offset) < mask[group] (the
+  // group's threshold, ceil(keep·2^32)) and is not moved elsewhere (w_old ← w still written);
+  // offset = mask_offset[position] (a shard's first element in its whole tensor, an exact
+  // float64), 0 when mask_offset is null.
   const double* mask;
   uint32_t mask_key0, mask_key1;
+  const double* mask_offset;
 };
 
 // What the perturb pass writes beside w_old and w (a template argument of its loops): nothing,

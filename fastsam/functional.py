@@ -181,29 +181,36 @@ class Mask:
     pass A is unchanged: the norm is of the whole gradient). The draws are counter-based, so
     every backend makes the same ones and a step is reproducible from ``key`` alone: for the
     tensor at ``position`` in the pass's lists (groups in order, then tensors in order) and
-    element ``i`` of it (storage order, from 0), with ``lo``/``hi`` the low/high 32 bits of
-    ``i`` and all arithmetic modulo 2**32 (mix as :func:`mask_key`)::
+    element ``i`` of it (its index in the tensor's storage order, from 0, plus the tensor's
+    entry of ``offsets``), with ``lo``/``hi`` the low/high 32 bits of ``i`` and all arithmetic
+    modulo 2**32 (mix as :func:`mask_key`)::
 
         b = mix(key0 ^ mix(position)),  c = mix(key1 ^ b)
         draw = mix(mix(lo + b) ^ (c + hi))           uniform on [0, 2**32)
         moved  iff  draw < threshold,  threshold = min(2**32, ceil(keep·2**32))
 
     The scale 1/keep of the paper's ``e = (ρ/β)·m ⊙ g/‖g‖`` is the caller's (in ``rho``).
-    A sharded parameter draws over its local shard's elements (their local ``i``), each rank
-    with a key of its own (:meth:`for_rank`), so the shards' masks are independent."""
+    ``offsets`` (one per tensor of the group, or None: 0 each) place a shard in its whole
+    tensor: a shard of dim-0-sharded parameter (FSDP2's) draws what the whole tensor's elements
+    draw there, so a sharded run moves the elements one process moves. Shards that are not
+    contiguous blocks of their tensor draw with a key of their rank's instead
+    (:meth:`for_rank`)."""
 
     keep: float
     key: tuple[int, int]
+    offsets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep <= 1.0:
             raise ValueError(f"Mask.keep must be in (0, 1], got {self.keep}")
         if len(self.key) != 2 or any(not 0 <= k <= _U32 for k in self.key):
             raise ValueError(f"Mask.key must be two 32-bit unsigned integers, got {self.key}")
+        if self.offsets is not None and any(not 0 <= o < 2**53 for o in self.offsets):
+            raise ValueError("Mask.offsets must be element indices in [0, 2**53)")
 
     def for_rank(self, rank: int) -> Mask:
-        """The mask of one rank's shards: ``key0`` mixed with the rank,
-        ``(mix(key0 ^ mix(rank + 1)), key1)``."""
+        """The mask of one rank's shards when they cannot be placed (``offsets``): ``key0``
+        mixed with the rank, ``(mix(key0 ^ mix(rank + 1)), key1)``."""
         return replace(self, key=(_mix32(self.key[0] ^ _mix32((rank + 1) & _U32)), self.key[1]))
 
     @property
@@ -213,8 +220,10 @@ class Mask:
 
 
 def mask_scalars(groups: list[PerturbGroup]) -> tuple[tuple[float, ...], tuple[int, int]] | None:
-    """The kernels' per-group thresholds of :class:`Mask` and the step's key, or None when no
-    group has a mask. Every group with parameters has one, with the same key, or none does."""
+    """The kernels' array of :class:`Mask` numbers, the thresholds of the groups in order and
+    then, when a group has ``offsets``, every tensor's offset (groups in order; 0 where a group
+    has none), as float64 values; and the step's key. None when no group has a mask. Every
+    group with parameters has one, with the same key, or none does."""
     given = {g.mask is not None for g in groups if g.params}
     if len(given) > 1:
         raise ValueError("mask must be given for every group or for none")
@@ -223,26 +232,40 @@ def mask_scalars(groups: list[PerturbGroup]) -> tuple[tuple[float, ...], tuple[i
     keys = {g.mask.key for g in groups if g.mask is not None}
     if len(keys) != 1:
         raise ValueError(f"the groups' masks must share one key, got {sorted(keys)}")
-    return tuple(g.mask.threshold if g.mask else 0.0 for g in groups), keys.pop()
+    numbers = tuple(g.mask.threshold if g.mask else 0.0 for g in groups)
+    if any(g.mask is not None and g.mask.offsets is not None for g in groups):
+        for g in groups:
+            if g.mask is not None and g.mask.offsets is not None:
+                if len(g.mask.offsets) != len(g.params):
+                    raise ValueError(f"Mask.offsets has {len(g.mask.offsets)} entries for "
+                                     f"{len(g.params)} tensors")
+        numbers += tuple(float(o) for g in groups
+                         for o in (g.mask.offsets if g.mask is not None and g.mask.offsets
+                                   is not None else (0,) * len(g.params)))
+    return numbers, keys.pop()
 
 
 def mask_draws(key: tuple[int, int], position: int, numel: int, device: torch.device,
                start: int = 0) -> Tensor:
     """The draws of :class:`Mask` for elements ``start`` to ``start + numel`` of the tensor at
-    ``position``, as an int64 tensor (the torch backend's mask; values < 2**32)."""
+    ``position``, as an int64 tensor (the torch backend's mask; values < 2**32). Two tensors
+    are made (the draws and a scratch); every step in between is in place."""
     b = _mix32(key[0] ^ _mix32(position & _U32))
     c = _mix32(key[1] ^ b)
-    i = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    return _mix32_tensor(_mix32_tensor((i + b) & _U32) ^ (((i >> 32) + c) & _U32))
+    x = torch.arange(start, start + numel, dtype=torch.int64, device=device)
+    high = (x >> 32).add_(c).bitwise_and_(_U32) if start + numel > 1 << 32 else c
+    scratch = torch.empty_like(x)
+    _mix32_(x.add_(b).bitwise_and_(_U32), scratch)
+    return _mix32_(x.bitwise_xor_(high), scratch)
 
 
-def _mix32_tensor(x: Tensor) -> Tensor:
-    """:func:`_mix32` over an int64 tensor of values < 2**32 (every product < 2**63)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _U32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _U32
-    return x ^ (x >> 15)
+def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
+    """:func:`_mix32` in place over an int64 tensor of values < 2**32 (every product < 2**63)."""
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
+    x.mul_(0x21F0AAAD).bitwise_and_(_U32)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
+    x.mul_(0x735A2D97).bitwise_and_(_U32)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
 
 
 @dataclass(frozen=True)

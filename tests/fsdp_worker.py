@@ -76,6 +76,11 @@ def _aesam(params, backend):
                          lambda2=2.5, lr=0.1, momentum=0.9, backend=backend)
 
 
+def _esam(params, backend):
+    return fastsam.ESAM(params, torch.optim.SGD, rho=0.05, beta=0.5, seed=11, lr=0.1,
+                        momentum=0.9, backend=backend)
+
+
 def _gsam_clipped(params, backend):
     return fastsam.GSAM(params, torch.optim.SGD, rho=0.05, alpha=0.3, lr=0.1, momentum=0.9,
                         max_grad_norm=0.05, backend=backend)
@@ -115,6 +120,9 @@ CONFIGS = {
     "aesam-sgd": (_aesam, STEPS),
     # WSAM (decoupled): SAM's norm, then elementwise passes over the shards only
     "wsam-sgd": (_wsam, STEPS),
+    # ESAM: SAM's norm; each shard draws the mask of its place in the whole tensor (the
+    # elements one process moves)
+    "esam-sgd": (_esam, STEPS),
 }
 BAD_STEP = 1
 

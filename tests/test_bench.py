@@ -143,6 +143,30 @@ def test_reference_aesam_matches_fastsam():
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+def test_reference_esam_is_the_papers_formula():
+    """The benchmark's per-parameter ESAM: with beta = 1 the steps of fastsam.ESAM (SAM); with
+    beta = 0.5 each element moves by 0 or by twice SAM's e, about half of them."""
+    from fastsam.bench.reference_esam import ReferenceESAM
+
+    params = make_params(SHAPES, torch.float64, "cpu")
+    ref = clone_params(params)
+    kw = dict(rho=0.1, lr=0.05, momentum=0.9)
+    land = Landscape(SHAPES)
+    drive(fastsam.ESAM(params, torch.optim.SGD, beta=1.0, **kw), params, land, 5)
+    drive(ReferenceESAM(ref, torch.optim.SGD, beta=1.0, **kw), ref, land, 5)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    land.set_grads(ref)
+    before = [r.detach().clone() for r in ref]
+    norm = math.sqrt(sum(float((r.grad ** 2).sum()) for r in ref))
+    ReferenceESAM(ref, torch.optim.SGD, beta=0.5, **kw).first_step()
+    moved = torch.cat([(r.detach() - b).flatten() for r, b in zip(ref, before)])
+    sam_e = torch.cat([(0.1 * r.grad / (norm + 1e-12)).flatten() for r in ref])
+    kept = moved != 0
+    torch.testing.assert_close(moved[kept], 2 * sam_e[kept], rtol=1e-9, atol=1e-15)
+    assert abs(kept.double().mean().item() - 0.5) < 0.02
+
+
 def test_naive_freesam_matches_fastsam():
     from fastsam.bench.naive_freesam import NaiveFreeSAM
 
@@ -236,14 +260,20 @@ def test_digits_training_comparison_runs():
     x_train, noisy, x_test, y_test, rate = train.load_digits(noise=0.4, seed=0)
     assert x_train.shape[1] == 64 and len(x_train) + len(x_test) == 1797
     assert 0.35 < rate < 0.45  # the requested fraction of wrong labels
-    out = train.main(["--optimizers", "sgd", "gsam", "aesam", "--seeds", "2", "--epochs", "3"])
-    for name in ("sgd", "gsam", "aesam"):
+    names = ("sgd", "gsam", "aesam", "esam-sds")
+    out = train.main(["--optimizers", *names, "--seeds", "2", "--epochs", "3"])
+    for name in names:
         accuracy = out["results"][name]["accuracy"]
-        assert len(accuracy) == 2 and all(a > 0.5 for a in accuracy)  # far above chance (0.1)
-    # the passes counted: SGD one, GSAM two, AE-SAM between (its first step a SAM step)
-    passes = {name: out["results"][name]["passes_per_step"] for name in ("sgd", "gsam", "aesam")}
+        # far above chance (0.1); ESAM's data selection, its second pass over half of each
+        # batch, is slower to start (95 % after the default 60 epochs: bench/results/)
+        assert len(accuracy) == 2 and all(a > (0.25 if name == "esam-sds" else 0.5)
+                                          for a in accuracy)
+    # the passes counted: SGD one, GSAM two, AE-SAM between (its first step a SAM step), ESAM
+    # with data selection one and a half (the last batch of an epoch may be odd: a little less)
+    passes = {name: out["results"][name]["passes_per_step"] for name in names}
     assert passes["sgd"] == [1.0, 1.0] and passes["gsam"] == [2.0, 2.0]
     assert all(1.0 < p < 2.0 for p in passes["aesam"]), passes
+    assert all(1.49 < p <= 1.5 for p in passes["esam-sds"]), passes
 
 
 def test_whole_step_benchmark_runs():

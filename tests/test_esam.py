@@ -7,10 +7,14 @@ skipped steps, the closure API, errors; and the data-selection helper against a 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import BACKENDS, DEVICE
 from harness import (
     SHAPES,
     Landscape,
@@ -118,7 +122,10 @@ def _moved(backend, dtype=torch.float64, steps=3, channels_last=False):
 def test_every_backend_moves_the_elements_of_the_definition(backend, channels_last):
     """The moved elements are those of the oracle's numpy mask (storage order: a channels_last
     tensor draws along its memory), on every backend, step after step."""
-    moved = _moved(backend, channels_last=channels_last)
+    assert_moved_by_definition(_moved(backend, channels_last=channels_last), channels_last)
+
+
+def assert_moved_by_definition(moved, channels_last=False):
     for t, step in enumerate(moved):
         key = esam_key(7, t)
         for position, (m, shape, beta) in enumerate(zip(step, [(3, 4, 5, 6), (70000,), (3,)],
@@ -127,6 +134,22 @@ def test_every_backend_moves_the_elements_of_the_definition(backend, channels_la
             if channels_last and len(shape) == 4:
                 w = w.contiguous(memory_format=torch.channels_last)
             assert torch.equal(m, esam_mask(key, position, w, beta)), (t, position)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built")
+def test_cpu_baseline_loop_moves_the_same_elements(tmp_path):
+    """The cpu backend's masked sweep has an AVX2 build beside the baseline one (taken where
+    the CPU has AVX2): the baseline loop, forced with FASTSAM_CPU_BASELINE=1 in a fresh
+    process, moves the elements of the definition too."""
+    code = (
+        "import sys, torch; sys.path.insert(0, %r); import test_esam; "
+        "torch.save(test_esam._moved('cpu'), %r)" % (str(Path(__file__).parent),
+                                                     str(tmp_path / "moved.pt"))
+    )
+    env = {**os.environ, "FASTSAM_CPU_BASELINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_moved_by_definition(torch.load(tmp_path / "moved.pt"))
 
 
 def test_mask_rate_and_independence():

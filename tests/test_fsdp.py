@@ -62,7 +62,7 @@ def test_fsdp2_matches_single_process(name, backend, sharded_runs):
         assert result["skipped"] == (name in ("sam-skip-nonfinite", "sam-gradscaler"))
 
 
-HSDP_CONFIGS = ["sam-sgd", "gsam-adamw", "looksam-sgd"]
+HSDP_CONFIGS = ["sam-sgd", "gsam-adamw", "looksam-sgd", "esam-sgd"]
 HSDP_BACKEND = NATIVE[0] if NATIVE else "torch"
 
 
@@ -94,7 +94,7 @@ def test_hsdp_reduces_over_the_shard_dimension_only(name, hsdp_runs):
 # with the saved direction; the skip run is saved after a skipped step.
 DCP_CONFIGS = ["sam-sgd", "gsam-adamw", "asam-filter-adam", "freesam-sgd", "sam-ema",
                "looksam-sgd", "sam-skip-nonfinite", "friendlysam-sgd", "msam-adam", "aesam-sgd",
-               "wsam-sgd"]
+               "wsam-sgd", "esam-sgd"]
 
 
 def test_distributed_checkpoint_resumes_bit_identically(tmp_path):

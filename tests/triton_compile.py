@@ -46,7 +46,8 @@ def main():
                     eta_of="*fp64", group_of="*i32", rho_of_group="*fp64", filter_T=scalar,
                     norm_sum=scalar, skipped="*fp32", hp="*fp64", keep_addr="*i64",
                     m_addr="*i64", m_next_addr="*i64", momentum_of_group="*fp64",
-                    index_of="*i32", mask_of_group="*fp64", key0="i64", key1="i64", W_REF=ref,
+                    index_of="*i32", mask_of_group="*fp64", offset_at="i32", key0="i64",
+                    key1="i64", W_REF=ref,
                     G_REF=ref),
                     # ESAM's mask (MASK) beside every variant without the kept gradient
                     dict(QMODE=qmode, KEEP=keep and qmode == 0, MOM=mom and not keep,

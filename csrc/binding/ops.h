@@ -121,8 +121,16 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                    "must be float64, got ", group_rhos.scalar_type()));
   check_device<D>("perturb", "group_rhos", group_rhos);
   const double* mask = nullptr;
-  if (group_mask.has_value()) {  // ESAM (kernels.h PerturbArgs.mask)
-    check_scalar_tensor("perturb", "group_mask", *group_mask, params, group_sizes.size());
+  const double* mask_offset = nullptr;
+  if (group_mask.has_value()) {  // ESAM (kernels.h PerturbArgs.mask, mask_offset)
+    const int64_t n_groups = static_cast<int64_t>(group_sizes.size());
+    const int64_t n_tensors = static_cast<int64_t>(params.size());
+    check_scalar_tensor("perturb", "group_mask", *group_mask, params, n_groups);
+    TORCH_CHECK_VALUE(group_mask->numel() == n_groups ||
+                          group_mask->numel() == n_groups + n_tensors,
+                      msg("fastsam.perturb: group_mask holds ", group_mask->numel(), " values: a ",
+                          "threshold per group (", n_groups, "), then optionally an offset per ",
+                          "tensor (", n_tensors, ")"));
     TORCH_CHECK_TYPE(group_mask->scalar_type() == at::kDouble, msg("fastsam.perturb: ",
                      "group_mask must be float64, got ", group_mask->scalar_type()));
     check_device<D>("perturb", "group_mask", *group_mask);
@@ -131,6 +139,7 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                         "mask keys are 32-bit unsigned integers, got ", key));
     }
     mask = group_mask->data_ptr<double>();
+    if (group_mask->numel() > n_groups) mask_offset = mask + n_groups;
   }
   const D dev(device_of(params, norm_sum));
   const TablesPtr tables = src.template tables<D>("perturb", dev, lists, [&] {
@@ -158,7 +167,8 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                    momentum_role,
                    mask,
                    static_cast<uint32_t>(mask_key0),
-                   static_cast<uint32_t>(mask_key1)};
+                   static_cast<uint32_t>(mask_key1),
+                   mask_offset};
   for (const Table& t : tables->views) {
     dev.perturb(t, args);
     args.row_T += t.n_segments;

@@ -15,6 +15,8 @@ every rank: the numbers of one process holding the whole model, up to the order 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch.distributed as dist
 from torch import Tensor
 
@@ -24,6 +26,7 @@ from ..functional import (
     Backend,
     DecomposeGroup,
     GradientSource,
+    Mask,
     PerturbationNorm,
     PerturbGroup,
     SGDHyper,
@@ -32,6 +35,7 @@ from ..functional import (
 
 try:
     from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # a torch without torch.distributed
     DTensor = None
 
@@ -126,13 +130,29 @@ class ShardedBackend(Backend):
             keep = None if g.keep_grads is None else local_tensors(g.keep_grads)
             momentum = None if g.momentum is None else g.momentum.with_tensors(
                 local_tensors(g.momentum.current), local_tensors(g.momentum.next))
-            # ESAM: each rank its own stream over its shard's elements (Mask.for_rank)
-            mask = None if g.mask is None else g.mask.for_rank(dist.get_rank())
+            mask = None if g.mask is None else self._local_mask(g.mask, g.params)
             out.append(PerturbGroup(
                 local_tensors(g.params), _local_grads(g.grads, g.params),
                 local_tensors(g.w_old), g.rho, g.scaling, keep, momentum, mask,
             ))
         return out
+
+    def _local_mask(self, mask: Mask, params: list[Tensor]) -> Mask:
+        """ESAM's mask over local shards: each shard placed in its whole tensor (its first
+        element's index there, ``Mask.offsets``), so the shards draw what one process draws;
+        where a shard is not one contiguous block of its tensor (sharded along another dim,
+        a non-contiguous tensor), every rank draws with a key of its own instead."""
+        if self.dims - {0}:
+            return mask.for_rank(dist.get_rank())
+        offsets = []
+        for p in params:
+            if not is_sharded(p) or not p.is_contiguous():
+                return mask.for_rank(dist.get_rank())
+            _, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                             p.placements)
+            row = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0
+            offsets.append(start[0] * row if p.dim() else 0)
+        return replace(mask, offsets=tuple(offsets))
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         local = self.inner.perturbation_norm(self._local_groups(groups), q)

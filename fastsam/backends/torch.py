@@ -152,11 +152,12 @@ def _written(params: list[Tensor], states: list[Tensor], source: GradientSource 
     return out
 
 
-def _mask_of(w: Tensor, mask: Mask, position: int) -> Tensor:
-    """Where :class:`~fastsam.functional.Mask` moves ``w`` (the tensor at ``position``),
-    shaped like ``w``: the draws follow the storage order of a tensor that covers its memory
-    without gaps (any memory format), the logical order of any other."""
-    draws = mask_draws(mask.key, position, w.numel(), w.device) < mask.threshold
+def _mask_of(w: Tensor, mask: Mask, position: int, k: int) -> Tensor:
+    """Where :class:`~fastsam.functional.Mask` moves ``w`` (the tensor at ``position``, the
+    ``k``-th of its group), shaped like ``w``: the draws follow the storage order of a tensor
+    that covers its memory without gaps (any memory format), the logical order of any other."""
+    start = mask.offsets[k] if mask.offsets is not None else 0
+    draws = mask_draws(mask.key, position, w.numel(), w.device, start) < mask.threshold
     if w.numel() and dense(w):
         return draws.as_strided(w.shape, w.stride())
     return draws.view(w.shape)
@@ -257,7 +258,7 @@ class TorchBackend(Backend):
                 torch._foreach_add_(group.params, e)
                 continue
             for k, (w, x) in enumerate(zip(group.params, e)):  # ESAM: the kept elements move
-                moved = _mask_of(w, mask, first + k)
+                moved = _mask_of(w, mask, first + k, k)
                 torch.where(moved, (w + x).to(w.dtype), w, out=w)
 
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:

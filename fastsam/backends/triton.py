@@ -355,6 +355,8 @@ class TritonBackend(Backend):
         rho = self._constants(tuple(g.rho for g in groups), plan.device)
         mask = mask_scalars(groups)  # ESAM's: thresholds per group (constant), the step's key
         thresholds = self._constants(mask[0] if mask else (0.0,), plan.device)
+        # where the per-tensor offsets start in that array (after the groups'), -1: none
+        offset_at = len(groups) if mask and len(mask[0]) > len(groups) else -1
         # the key's words by value, as int64 (bit 32 set: one argument type whatever the key)
         key = (0, 0) if mask is None else tuple(k | 1 << 32 for k in mask[1])
         if not plan.launches:
@@ -367,7 +369,7 @@ class TritonBackend(Backend):
                 filter_T[start:], norm_sum, skipped, hp,
                 table.addr.get("keep", table.addr["g"]), table.addr.get("m", table.addr["g"]),
                 table.addr.get("m_next", table.addr["g"]), momentum,
-                table.values["index"], thresholds, *key,
+                table.values["index"], thresholds, offset_at, *key,
                 table.ref["w"], table.ref["g"],
                 QMODE=qmode, KEEP=plan.keep, MOM=plan.momentum, MASK=mask is not None,
                 ACC=table.acc, ALIGNED=table.aligned, BLOCK=BLOCK,

@@ -17,7 +17,9 @@ Providers:
   ``paper``     :mod:`fastsam.bench.reference_wsam` (WSAM per the paper's Algorithm 1),
                 :mod:`fastsam.bench.reference_friendlysam` (FriendlySAM as its published code),
                 :mod:`fastsam.bench.reference_msam` (MSAM per the paper's Algorithm 1),
-                :mod:`fastsam.bench.reference_aesam` (AE-SAM as the paper describes it).
+                :mod:`fastsam.bench.reference_aesam` (AE-SAM as the paper describes it),
+                :mod:`fastsam.bench.reference_esam` (ESAM's element-wise mask as the paper
+                describes it).
   ``pytorch-optimizer``  kozistr's package's SAM (and its adaptive ASAM) when it is installed.
   every fastsam backend usable on the device (``torch``, ``triton``, ``cpu``, ``cuda``).
 """
@@ -48,12 +50,13 @@ from .official_gsam import OfficialGSAM
 from .param_sets import SETS
 from .popular_sam import PopularSAM
 from .reference_aesam import ReferenceAESAM
+from .reference_esam import ReferenceESAM
 from .reference_friendlysam import ReferenceFriendlySAM
 from .reference_msam import ReferenceMSAM
 from .reference_wsam import ReferenceWSAM
 
 OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "sam-clip", "wsam",
-              "friendlysam", "msam", "aesam")
+              "friendlysam", "msam", "aesam", "esam")
 # Bytes per fp32 element of each pass of one step (docs/design.md §2), as (read, written), the
 # update pass last. SAM: norm reads g (4, 0); perturb reads w, g and writes w, w_old (8, 8);
 # restore and SGD read w_old, g, buf and write w, buf (12, 8): 40 B. ASAM's norm also reads w.
@@ -84,6 +87,8 @@ PASS_BYTES = {
     # AE-SAM's SAM step is SAM's (the decision reads the norm pass A makes); its plain steps
     # are the plain row's
     "aesam": [(4, 0), (8, 8), (12, 8)],
+    # ESAM: SAM's passes; the mask is drawn in pass B from a hash, nothing more is moved
+    "esam": [(4, 0), (8, 8), (12, 8)],
 }
 FLOOR_BYTES = {name: sum(r + w for r, w in passes) for name, passes in PASS_BYTES.items()}
 # The base optimizers and the bytes of their update per element, read and written (SGD
@@ -115,7 +120,7 @@ REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("of
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",),
               "sam-clip": ("popular",),
               "wsam": ("paper",), "friendlysam": ("paper",), "msam": ("paper",),
-              "aesam": ("paper",)}
+              "aesam": ("paper",), "esam": ("paper",)}
 EMA_DECAY = 0.999
 CLIP_NORM = 1.0
 # The optimizers built the same way by their reference and by fastsam: (reference class,
@@ -129,6 +134,7 @@ PAIRED = {
     # host read of ‖g‖², a synchronisation on a GPU)
     "aesam": (ReferenceAESAM, fastsam.AESAM,
               dict(rho=0.05, total_steps=COSINE_STEPS, lambda1=-1e3, lambda2=-1e3)),
+    "esam": (ReferenceESAM, fastsam.ESAM, dict(rho=0.05, beta=0.5)),
 }
 ONE_PASS = ("freesam", "msam")
 

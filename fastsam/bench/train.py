@@ -11,7 +11,9 @@ Every optimizer trains the same MLP (64-256-256-10, ReLU) from the same initiali
 on the same noisy labels, for the same number of epochs with a cosine learning-rate schedule;
 the table gives the accuracy on the clean held-out labels (mean ± std over seeds), the
 wall time per run and the forward/backward passes per step. SAM-family optimizers run two
-forward/backward passes per step (LookSAM, interval SAM and AE-SAM on their SAM steps only).
+forward/backward passes per step (LookSAM, interval SAM and AE-SAM on their SAM steps only;
+ESAM with data selection, ``esam-sds``, takes its second pass over half of each batch, chosen
+by a forward pass at w + e that the count leaves out).
 SAM-ON is not in the list: this MLP has no normalisation layer to perturb.
 """
 from __future__ import annotations
@@ -57,8 +59,16 @@ OPTIMIZERS = {
     "aesam": lambda ps, lr, steps: fastsam.AESAM(ps, torch.optim.SGD, rho=0.1, total_steps=steps,
                                                  lambda1=-1.0, lambda2=1.0, lr=lr, momentum=0.9,
                                                  weight_decay=5e-4),
+    # half the elements perturbed, by twice SAM's e (rho/beta); a fixed seed per run
+    "esam": lambda ps, lr, steps: fastsam.ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5, seed=0,
+                                               lr=lr, momentum=0.9, weight_decay=5e-4),
+    # and the data selection: the second pass over the half of the batch whose loss rose most
+    "esam-sds": lambda ps, lr, steps: fastsam.ESAM(ps, torch.optim.SGD, rho=0.1, beta=0.5,
+                                                   seed=0, lr=lr, momentum=0.9,
+                                                   weight_decay=5e-4),
 }
 ONE_PASS = ("sgd", "freesam", "msam")
+SDS_GAMMA = 0.5  # esam-sds: the fraction of each batch its second pass takes
 
 
 def load_digits(noise: float, seed: int):
@@ -107,6 +117,10 @@ def train_one(name: str, seed: int, data, epochs: int, batch: int,
     for _ in range(epochs):
         for idx in torch.randperm(len(y_train), generator=gen).split(batch):
             xb, yb = x_train[idx], y_train[idx]
+            if name == "esam-sds":
+                passes += _sds_step(model, opt, xb, yb)
+                sched.step()
+                continue
             loss_fn(model(xb), yb).backward()
             passes += 1
             if two_pass:  # LookSAM, interval SAM, AE-SAM: one pass when first_step() says so
@@ -122,6 +136,23 @@ def train_one(name: str, seed: int, data, epochs: int, batch: int,
     at_w = opt.unperturbed_weights() if isinstance(opt, fastsam.MSAM) else contextlib.nullcontext()
     with torch.no_grad(), at_w:
         return float((model(x_test).argmax(1) == y_test).float().mean()), passes / steps
+
+
+def _sds_step(model, opt, xb, yb) -> float:
+    """One ESAM step with sharpness-sensitive data selection (fastsam.esam_select): the first
+    pass over the batch, a forward pass at w + e without a graph, the second pass over the
+    selected samples. Returns the step's passes, counting a pass over a part of the batch as
+    that part (the forward pass without a graph is not counted)."""
+    per_sample = torch.nn.functional.cross_entropy
+    before = per_sample(model(xb), yb, reduction="none")
+    before.mean().backward()
+    opt.first_step(zero_grad=True)
+    with torch.no_grad():
+        after = per_sample(model(xb), yb, reduction="none")
+    chosen = fastsam.esam_select(before.detach(), after, SDS_GAMMA)
+    per_sample(model(xb[chosen]), yb[chosen]).backward()
+    opt.second_step(zero_grad=True)
+    return 1.0 + len(chosen) / len(yb)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -266,7 +266,7 @@ def perturb_kernel(
     seg_tensor, seg_start, seg_len,
     w_addr, g_addr, w_old_addr, mode_of, eta_of, group_of, rho_of_group,
     filter_T, norm_sum, skipped, hp, keep_addr, m_addr, m_next_addr, momentum_of_group,
-    index_of, mask_of_group, key0, key1,
+    index_of, mask_of_group, offset_at, key0, key1,
     W_REF, G_REF,
     QMODE: tl.constexpr, KEEP: tl.constexpr, MOM: tl.constexpr, MASK: tl.constexpr,
     ACC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -278,8 +278,9 @@ def perturb_kernel(
     (FriendlySAM): g is d = g − sigma·m, and m_next ← lmbda·m + gain·g (m itself for a
     non-finite S), [sigma, lmbda, gain] per group in momentum_of_group. MASK (ESAM): only
     the elements whose draw (fastsam.functional.Mask, the stream of the tensor's position
-    index_of[t] under the key (key0, key1): int64 arguments whose low 32 bits are the words)
-    falls below their group's threshold in mask_of_group move."""
+    index_of[t] under the key (key0, key1): int64 arguments whose low 32 bits are the words,
+    at the element's index plus the tensor's offset, mask_of_group[offset_at + position] when
+    offset_at >= 0) falls below their group's threshold in mask_of_group move."""
     s, t, start, n = _segment(seg_tensor, seg_start, seg_len, ALIGNED, BLOCK)
     q = tl.load(hp).to(ACC)
     inv_p = tl.load(hp + 1).to(ACC)
@@ -314,6 +315,9 @@ def perturb_kernel(
         b = _mix32(key0.to(tl.uint32) ^ _mix32(position))
         c = _mix32(key1.to(tl.uint32) ^ b)
         threshold = tl.load(mask_of_group + tl.load(group_of + t)).to(tl.int64)
+        first = start.to(tl.int64)
+        if offset_at >= 0:
+            first += tl.load(mask_of_group + offset_at + position.to(tl.int64)).to(tl.int64)
     for off in range(0, n, BLOCK):
         local = off + tl.arange(0, BLOCK).to(tl.int64)
         inside = local < n
@@ -341,7 +345,8 @@ def perturb_kernel(
         direction = tl.where(mode == 3, (tl.abs(w) + eta) * direction, direction)
         new_w = tl.where(ok, _to_storage(w + scale * direction, W_REF.dtype.element_ty), w_raw)
         if MASK:  # the elements the draw leaves out keep w
-            draw = _mix32(_mix32(idx.to(tl.uint32) + b) ^ (c + (idx >> 32).to(tl.uint32)))
+            i = first + local  # the element's index in the mask
+            draw = _mix32(_mix32(i.to(tl.uint32) + b) ^ (c + (i >> 32).to(tl.uint32)))
             new_w = tl.where(draw.to(tl.int64) < threshold, new_w, w_raw)
         tl.store(old_ptr + idx, w_raw, mask=inside)
         tl.store(w_ptr + idx, new_w, mask=inside)
