@@ -92,6 +92,9 @@ CONFIGS = {
     "sam-adam-ema-tensor-lr": lambda ps: fastsam.SAM(ps, torch.optim.Adam,
                                                      lr=torch.tensor(1e-2),
                                                      average=fastsam.EMA(0.9), backend="cpu"),
+    # ESAM: the held perturb pass draws the mask of the general path (each step's key)
+    "esam-sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, beta=0.4,
+                                        seed=5, backend="cpu"),
 }
 
 

@@ -477,7 +477,8 @@ void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std
                   std::vector<int64_t> group_modes, std::vector<double> group_etas,
                   at::Tensor group_rhos, at::Tensor norm_sum, at::Tensor scratch, double q,
                   double p, double eps, at::Tensor skipped,
-                  std::optional<at::Tensor> group_momentum) {
+                  std::optional<at::Tensor> group_momentum, std::optional<at::Tensor> group_mask,
+                  int64_t mask_key0, int64_t mask_key1) {
   RECORD_FUNCTION("fastsam::held_perturb", std::vector<c10::IValue>());
   const HeldCall l(plan, "perturb", groups, lists, 6, options_key(group_modes, group_etas));
   const std::vector<int64_t> sizes = plan->sizes(groups);
@@ -485,7 +486,7 @@ void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std
     using D = std::remove_pointer_t<decltype(tag)>;
     perturb_pass<D>(l.tables, l[0], l[1], l[2], sizes, group_modes, group_etas, group_rhos,
                     norm_sum, scratch, q, p, eps, skipped, l[3], l[4], l[5], group_momentum,
-                    std::nullopt, 0, 0);
+                    group_mask, mask_key0, mask_key1);
   });
 }
 

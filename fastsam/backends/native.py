@@ -32,6 +32,7 @@ from ..functional import (
     Backend,
     DecomposeGroup,
     GradientSource,
+    Mask,
     PerturbationNorm,
     PerturbGroup,
     SGDHyper,
@@ -304,17 +305,24 @@ class NativeBackend(Backend):
 
     def held_perturb(self, held: HeldLists, groups: list[int], scalings: list,
                      rhos: tuple, q: float, p: float, eps: float, skipped: Tensor,
-                     perturbs: Callable[[Tensor], bool] | None = None) -> bool:
+                     perturbs: Callable[[Tensor], bool] | None = None,
+                     masks: list[Mask | None] | None = None) -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
-        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings`` and ``rhos`` per group.
+        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings``, ``rhos`` and ESAM's
+        ``masks`` (one per group, every one or none a Mask, with one key) per group.
         ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not)."""
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
         out, scratch = self._held_norm(held, groups, modes, etas, q)
         if perturbs is not None and not perturbs(out):
             return False
+        thresholds, key = None, (0, 0)
+        if masks is not None and masks[0] is not None:
+            thresholds = self._constants(tuple(m.threshold for m in masks), held.device)
+            key = masks[0].key
         held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, held.device),
-                          out, scratch, dual_exponent(p), p, eps, skipped, None)
+                          out, scratch, dual_exponent(p), p, eps, skipped, None, thresholds,
+                          *key)
         return True
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import Decomposition, PerturbGroup, Scaling, dual_exponent
+from ..functional import Decomposition, Mask, PerturbGroup, Scaling, dual_exponent
 from . import _held
 from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
@@ -144,6 +144,15 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     def _scaling(self, group: dict[str, Any]) -> Scaling:
         raise NotImplementedError
 
+    def _rho(self, group: dict[str, Any]) -> float | Tensor:
+        """The radius pass B scales the perturbation of ``group`` by (ESAM: rho/beta)."""
+        return as_rho(group["rho"])
+
+    def _masks(self, groups: list[dict[str, Any]]) -> list[Mask | None]:
+        """This step's ESAM mask of each of ``groups`` (the perturbed ones, in order): None
+        each but for ESAM."""
+        return [None] * len(groups)
+
     def _first_buffers(self, plan: StepPlan) -> list[list[Tensor]] | None:
         """Per group of ``plan``, the persistent buffers the perturb pass fills with a copy of
         g when the optimizer ``_keeps_first_grads`` (GSAM, LookSAM), else None."""
@@ -242,12 +251,16 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         the perturbation (SAM-ON), with the kept-gradient buffers of the optimizers that keep
         g (FriendlySAM adds its momentum)."""
         kept = self._first_buffers(plan) or repeat(None)
-        return [
-            PerturbGroup(ps, gs, olds, as_rho(group["rho"]), self._scaling(group), keep)
-            for group, ps, gs, olds, keep in zip(
+        chosen = [
+            (group, ps, gs, olds, keep) for group, ps, gs, olds, keep in zip(
                 self.param_groups, plan.params, grads, plan.w_old, kept
             )
             if group.get("perturb", True)  # SAM-ON: groups out of the norm and of e
+        ]
+        masks = self._masks([group for group, *_ in chosen])
+        return [
+            PerturbGroup(ps, gs, olds, self._rho(group), self._scaling(group), keep, None, mask)
+            for (group, ps, gs, olds, keep), mask in zip(chosen, masks)
         ]
 
     def _unperturbed_step(

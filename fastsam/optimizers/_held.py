@@ -11,8 +11,9 @@ identity, the gradients and addresses in C++) and hands the ``held_*`` operators
 and list names. Python's work per step is proportional to the number of parameter groups.
 
 It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
-:class:`~._base.SharpnessAwareOptimizer` defines them (SAM and ASAM; a variant overriding one
-takes the general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite`` or
+:class:`~._base.SharpnessAwareOptimizer` defines them (SAM, ASAM, interval SAM, AE-SAM and
+ESAM, whose radius and mask the held pass B asks for; a variant overriding one takes the
+general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite`` or
 ``capturable``, no GradScaler in the step, one native backend (not
 sharded), not under torch.compile. A plan is held after its first general step; an update
 whose state is not all made yet (a parameter's first step, Adam steps that differ) takes the
@@ -29,7 +30,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..backends.native import NativeBackend
-from ._checks import as_rho
 from ._plan import StepPlan
 from ._update import adam_hyper, decoupled_weight_decay, sgd_hyper
 
@@ -111,10 +111,11 @@ class HeldSteps:
             flag.zero_()  # nothing perturbed: nothing to skip
             return plan
         chosen = [opt.param_groups[i] for i in groups]
+        masks = opt._masks(chosen)
         perturbed = opt._backend_for(plan.device).held_perturb(
             plan.held, groups, [opt._scaling(g) for g in chosen],
-            tuple(as_rho(g["rho"]) for g in chosen), opt._q, opt._p, opt._eps, flag,
-            opt._perturbs,
+            tuple(opt._rho(g) for g in chosen), opt._q, opt._p, opt._eps, flag,
+            opt._perturbs, masks,
         )
         return plan if perturbed else False
 

@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..functional import Mask, PerturbGroup, Scaling, mask_key
+from ..functional import Mask, Scaling, mask_key
 from ._base import SharpnessAwareOptimizer
 from ._checks import as_rho
-from ._plan import StepPlan
 
 _SEED_COUNTER = "esam_seed"
 
@@ -137,14 +136,12 @@ class ESAM(SharpnessAwareOptimizer):
         """The steps begun so far: the next step's mask is drawn with this count."""
         return self._begun
 
-    def _perturb_groups(self, plan: StepPlan, grads: list[list[Tensor]]) -> list[PerturbGroup]:
+    def _rho(self, group: dict[str, Any]) -> float:
+        return as_rho(group["rho"]) / float(group["beta"])
+
+    def _masks(self, groups: list[dict[str, Any]]) -> list[Mask | None]:
         key = mask_key(self.seed, self._begun - 1)  # (first_step counted this step already)
-        return [
-            PerturbGroup(ps, gs, olds, as_rho(group["rho"]) / float(group["beta"]),
-                         self._scaling(group), mask=Mask(float(group["beta"]), key))
-            for group, ps, gs, olds in zip(self.param_groups, plan.params, grads, plan.w_old)
-            if group.get("perturb", True)  # SAM-ON: groups out of the norm and of e
-        ]
+        return [Mask(float(group["beta"]), key) for group in groups]
 
     # ----------------------------------------------------------------- state
     def _counters(self) -> dict[str, Any]:
