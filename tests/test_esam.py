@@ -322,6 +322,23 @@ def test_sam_on_groups_are_left_out(backend):
         torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
 
 
+def test_first_step_is_refused_under_torch_compile():
+    """The mask key is formed on the host from the step count: a compiled first_step is
+    refused with what to do, and nothing moves; the eager steps go on."""
+    torch._dynamo.reset()
+    params = make_params(SMALL, torch.float32, DEVICE)
+    opt = fastsam.ESAM(params, torch.optim.SGD, beta=0.5, seed=3, lr=0.05)
+    land = Landscape(SMALL)
+    drive(opt, params, land, 1)  # the eager warm-up step a compiled step needs
+    land.set_grads(params)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(Exception, match="ESAM.first_step is not compiled"):
+        torch.compile(opt.first_step, fullgraph=True)()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    drive(opt, params, land, 1, first=1)
+
+
 @pytest.mark.parametrize("kw, error, match", [
     (dict(beta=0.0), ValueError, "beta"),
     (dict(beta=1.5), ValueError, "beta"),

@@ -45,7 +45,9 @@ class ESAM(SharpnessAwareOptimizer):
     position among the step's parameters with a gradient, and the element's index in storage
     order), so every backend moves the same elements, nothing is stored or uploaded, and a run
     is reproducible from ``seed``; the seed and the step count are in ``state_dict()``
-    (``"fastsam_counters"``), so a resumed run draws the masks it would have drawn. Cost: SAM's
+    (``"fastsam_counters"``), so a resumed run draws the masks it would have drawn; under DDP
+    or FSDP2 give every rank the same ``seed`` (FSDP2's shards then draw what one process
+    draws). Cost: SAM's
     three passes, unchanged bytes (a masked element is read and copied to w_old like any
     other).
 
@@ -71,7 +73,9 @@ class ESAM(SharpnessAwareOptimizer):
         seed (int, optional): the masks' seed, in [0, 2**64); default: drawn from torch's
             default generator when the optimizer is made (so ``torch.manual_seed`` fixes it).
         backend, average, skip_nonfinite, max_grad_norm: as in :class:`fastsam.SAM`.
-        capturable: not taken (each step's mask key travels with the launch).
+        capturable: not taken (each step's mask key travels with the launch); for the same
+            reason :meth:`first_step` is not compiled by ``torch.compile`` (a clear error under
+            it), while :meth:`second_step` and the model compile as for SAM.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     Example:
@@ -138,6 +142,18 @@ class ESAM(SharpnessAwareOptimizer):
 
     def _rho(self, group: dict[str, Any]) -> float:
         return as_rho(group["rho"]) / float(group["beta"])
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> bool:
+        """As :meth:`fastsam.SAM.first_step`, with this step's mask; not under
+        ``torch.compile`` (refused before anything changes)."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "ESAM.first_step is not compiled: each step's mask key is formed on the host "
+                "from the step count (a traced step would bake one key in, or recompile every "
+                "step); call first_step eagerly (second_step and the model compile as usual)"
+            )
+        return super().first_step(zero_grad)
 
     def _masks(self, groups: list[dict[str, Any]]) -> list[Mask | None]:
         key = mask_key(self.seed, self._begun - 1)  # (first_step counted this step already)
