@@ -33,6 +33,9 @@ EXTRA = {
     "friendlysam_adamw": lambda ps, **kw: fastsam.FriendlySAM(ps, torch.optim.AdamW, lr=1e-2,
                                                                **kw),
     "msam_sgd": lambda ps, **kw: fastsam.MSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, **kw),
+    # ESAM: the mask's thresholds a cached constant array, its key passed by value
+    "esam_sgd": lambda ps, **kw: fastsam.ESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                              beta=0.5, seed=1, **kw),
 }
 
 
