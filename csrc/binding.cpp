@@ -47,6 +47,7 @@
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "binding/checks.h"
@@ -161,9 +162,56 @@ PyObject* same_items(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_TRUE;
 }
 
+// layout_key(lists): what the Triton launchers' cached tables depend on, as one bytes object
+// (compared and hashed as a dict key): the number of lists and their lengths, every tensor's
+// address and dtype, and the sizes and strides of the first list's tensors (the parameters).
+// One C loop over the tensors; the same key formed in Python (a data_ptr() call per tensor
+// through map) costs about twenty times as much (fastsam/backends/triton.py _layout_key).
+PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 1 || !PyTuple_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "fastsam._C.layout_key takes a tuple of lists of tensors");
+    return nullptr;
+  }
+  PyObject* lists = args[0];
+  const Py_ssize_t n_lists = PyTuple_GET_SIZE(lists);
+  std::vector<int64_t> key{static_cast<int64_t>(n_lists)};
+  for (Py_ssize_t r = 0; r < n_lists; ++r) {
+    PyObject* list = PyTuple_GET_ITEM(lists, r);
+    if (!PyList_Check(list)) {
+      PyErr_SetString(PyExc_TypeError, "fastsam._C.layout_key: every item must be a list");
+      return nullptr;
+    }
+    const Py_ssize_t n = PyList_GET_SIZE(list);
+    key.push_back(static_cast<int64_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* item = PyList_GET_ITEM(list, i);
+      if (!THPVariable_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "fastsam._C.layout_key: the lists must hold tensors");
+        return nullptr;
+      }
+      const at::Tensor& t = THPVariable_Unpack(item);
+      if (!t.has_storage()) {  // a wrapper (DTensor, a fake tensor): no address to key on
+        PyErr_SetString(PyExc_ValueError, "fastsam._C.layout_key: a tensor without storage");
+        return nullptr;
+      }
+      key.push_back(reinterpret_cast<int64_t>(t.unsafeGetTensorImpl()->data()));
+      key.push_back(static_cast<int64_t>(t.scalar_type()));
+      if (r == 0) {
+        key.push_back(t.dim());
+        for (const int64_t size : t.sizes()) key.push_back(size);
+        for (const int64_t stride : t.strides()) key.push_back(stride);
+      }
+    }
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
+                                   static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
+}
+
 PyMethodDef methods[] = {
     {"same_items", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_items)),
      METH_FASTCALL, "Whether two lists hold the same objects, in order."},
+    {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layout_key)),
+     METH_FASTCALL, "The Triton launchers' table key of a tuple of lists of tensors."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -342,3 +342,20 @@ def test_the_figure_is_drawn_from_saved_rows(tmp_path, capsys):
     assert again == json.loads(saved.read_text())["results"] and len(again) == len(rows)
     assert "median ms" in capsys.readouterr().out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+
+
+def test_layout_key_benchmark_runs(tmp_path):
+    """bench/layout_key.py (the Triton launchers' key, C beside Python) runs and writes its
+    JSON, its rows timing both forms."""
+    pytest.importorskip("fastsam._C")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "layout_key.py"
+    spec = importlib.util.spec_from_file_location("layout_key_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--tensors", "40", "--reps", "20", "--json", str(tmp_path / "k.json")])
+    assert [r["tensors"] for r in rows] == [40] and rows[0]["lists"] == 4
+    assert rows[0]["c_us"] > 0 and rows[0]["python_us"] > 0
+    assert json.loads((tmp_path / "k.json").read_text())["results"] == rows

@@ -364,3 +364,36 @@ def test_same_items_compares_identity_item_by_item(ops):
         _C.same_items(tuple(a), list(a))
     with pytest.raises(TypeError, match="two lists"):
         _C.same_items(a)
+
+
+def test_layout_key_changes_with_what_a_table_depends_on(ops):
+    """fastsam._C.layout_key (the Triton launchers' table key): equal for the same tensors,
+    different when any tensor is another (an equal copy), is viewed at another offset, changes
+    dtype, or when a parameter's shape or strides change (channels_last); the lists' lengths
+    and count are part of it. The Python fallback changes with the same things."""
+    from fastsam import _C
+    from fastsam.backends import triton as T
+
+    w = [torch.zeros(2, 3, 4, 5), torch.zeros(7)]
+    g = [torch.zeros(2, 3, 4, 5), torch.zeros(7)]
+    key = _C.layout_key((w, g))
+    assert isinstance(key, bytes) and key == _C.layout_key((list(w), list(g)))
+    others = [
+        ([w[0], w[1].clone()], g),                                    # another tensor
+        (w, [g[0], g[1].double()]),                                   # another dtype
+        ([w[0].contiguous(memory_format=torch.channels_last), w[1]], g),  # other strides
+        ([w[0].view(6, 20), w[1]], g),                                # another shape
+        (w, [g[0], torch.zeros(8)[1:]]),                              # another offset
+        (w[:1], g[:1]),
+    ]
+    keys = {_C.layout_key(lists) for lists in others}
+    assert key not in keys and len(keys) == len(others)
+    assert _C.layout_key((w,)) != key
+    # the Python key (an install without the extension) sees the same changes
+    in_python = {T._layout_key_in_python(lists) for lists in others}
+    assert T._layout_key_in_python((w, g)) not in in_python and len(in_python) == len(others)
+    assert T._layout_key_in_python((w, g)) == T._layout_key_in_python((list(w), list(g)))
+    with pytest.raises(TypeError, match="tuple of lists"):
+        _C.layout_key([w, g])
+    with pytest.raises(TypeError, match="hold tensors"):
+        _C.layout_key(([w[0], 1],))

@@ -106,6 +106,8 @@ def dense(t: Tensor) -> bool:
     """Whether ``t`` covers its memory without gaps or overlaps (any memory format; an empty
     tensor has no memory to walk): the tensors whose storage order the passes walk (the torch
     backend's ESAM mask follows the same order)."""
+    if t.numel() == 0:
+        return True
     expected = 1
     for size, stride in sorted(
         ((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda d: d[1]
