@@ -43,8 +43,9 @@ class ESAM(SharpnessAwareOptimizer):
     The mask is drawn inside the perturb pass's kernels from a counter-based generator
     (:class:`fastsam.functional.Mask`: a hash of the seed, the step count, the tensor's
     position among the step's parameters with a gradient, and the element's index in storage
-    order), so every backend moves the same elements, nothing is stored or uploaded, and a run
-    is reproducible from ``seed``; the seed and the step count are in ``state_dict()``
+    order), so every backend moves the same elements (tested on ``cpu``, ``triton`` and
+    ``torch``; the ``cuda`` kernel has not run on a GPU yet), nothing is stored or uploaded,
+    and a run is reproducible from ``seed``; the seed and the step count are in ``state_dict()``
     (``"fastsam_counters"``), so a resumed run draws the masks it would have drawn; under DDP
     or FSDP2 give every rank the same ``seed`` (FSDP2's shards then draw what one process
     draws). Cost: SAM's
