@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             [torch.nn.Parameter(torch.zeros(1)) for _ in range(n)],
             *([torch.zeros(1) for _ in range(n)] for _ in range(3)),
         )
-        c = key_us(T._layout_key_in_c, lists, args.reps)
+        c = key_us(lambda ls: T._LayoutKey(T._layout_key_in_c(ls)), lists, args.reps)
         py = key_us(T._layout_key_in_python, lists, max(args.reps // 10, 5))
         rows.append(dict(tensors=n, lists=len(lists), c_us=c, python_us=py))
         print(f"{n:7d} {len(lists):5d} {c:8.1f} {py:10.1f} {c / n:7.3f} {py / c:8.1f}")

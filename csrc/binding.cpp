@@ -162,11 +162,12 @@ PyObject* same_items(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_TRUE;
 }
 
-// layout_key(lists): what the Triton launchers' cached tables depend on, as one bytes object
-// (compared and hashed as a dict key): the number of lists and their lengths, every tensor's
-// address and dtype, and the sizes and strides of the first list's tensors (the parameters).
-// One C loop over the tensors; the same key formed in Python (a data_ptr() call per tensor
-// through map) costs about twenty times as much (fastsam/backends/triton.py _layout_key).
+// layout_key(lists): what the Triton launchers' cached tables depend on, as (hash, bytes):
+// the bytes hold the number of lists and their lengths, every tensor's address and dtype, and
+// the sizes and strides of the first list's tensors (the parameters); the hash is of those
+// words (Python's own hash of the bytes would read them again at every lookup). One C loop
+// over the tensors; the same key formed in Python (a data_ptr() call per tensor through map)
+// costs several times as much (fastsam/backends/triton.py _layout_key).
 PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 1 || !PyTuple_Check(args[0])) {
     PyErr_SetString(PyExc_TypeError, "fastsam._C.layout_key takes a tuple of lists of tensors");
@@ -175,6 +176,10 @@ PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* lists = args[0];
   const Py_ssize_t n_lists = PyTuple_GET_SIZE(lists);
   std::vector<int64_t> key{static_cast<int64_t>(n_lists)};
+  if (n_lists > 0 && PyList_Check(PyTuple_GET_ITEM(lists, 0))) {  // 2 words a tensor, 8 more
+    key.reserve(static_cast<size_t>(PyList_GET_SIZE(PyTuple_GET_ITEM(lists, 0))) *  // for w
+                (2 * static_cast<size_t>(n_lists) + 8) + static_cast<size_t>(n_lists) + 1);
+  }
   for (Py_ssize_t r = 0; r < n_lists; ++r) {
     PyObject* list = PyTuple_GET_ITEM(lists, r);
     if (!PyList_Check(list)) {
@@ -203,15 +208,32 @@ PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
     }
   }
-  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
-                                   static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
+  uint64_t hash = 0xcbf29ce484222325ull;  // FNV-1a's offset basis, over 64-bit words
+  for (const int64_t word : key) hash = (hash ^ static_cast<uint64_t>(word)) * 0x100000001b3ull;
+  PyObject* bytes = PyBytes_FromStringAndSize(reinterpret_cast<const char*>(key.data()),
+                                              static_cast<Py_ssize_t>(key.size() * sizeof(int64_t)));
+  if (bytes == nullptr) return nullptr;
+  PyObject* number = PyLong_FromUnsignedLongLong(hash);
+  if (number == nullptr) {
+    Py_DECREF(bytes);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_New(2);
+  if (pair == nullptr) {
+    Py_DECREF(bytes);
+    Py_DECREF(number);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(pair, 0, number);  // (steals the references)
+  PyTuple_SET_ITEM(pair, 1, bytes);
+  return pair;
 }
 
 PyMethodDef methods[] = {
     {"same_items", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_items)),
      METH_FASTCALL, "Whether two lists hold the same objects, in order."},
     {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layout_key)),
-     METH_FASTCALL, "The Triton launchers' table key of a tuple of lists of tensors."},
+     METH_FASTCALL, "(hash, bytes): the Triton launchers' table key of lists of tensors."},
     {nullptr, nullptr, 0, nullptr},
 };
 

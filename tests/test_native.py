@@ -377,7 +377,11 @@ def test_layout_key_changes_with_what_a_table_depends_on(ops):
     w = [torch.zeros(2, 3, 4, 5), torch.zeros(7)]
     g = [torch.zeros(2, 3, 4, 5), torch.zeros(7)]
     key = _C.layout_key((w, g))
-    assert isinstance(key, bytes) and key == _C.layout_key((list(w), list(g)))
+    assert isinstance(key[0], int) and isinstance(key[1], bytes)
+    assert key == _C.layout_key((list(w), list(g)))
+    # as the launchers' dict key: equal keys are one entry, the hash is the C loop's
+    assert len({T._LayoutKey(key), T._LayoutKey(_C.layout_key((list(w), list(g))))}) == 1
+    assert hash(T._LayoutKey(key)) == hash(key[0])
     others = [
         ([w[0], w[1].clone()], g),                                    # another tensor
         (w, [g[0], g[1].double()]),                                   # another dtype
@@ -388,6 +392,7 @@ def test_layout_key_changes_with_what_a_table_depends_on(ops):
     ]
     keys = {_C.layout_key(lists) for lists in others}
     assert key not in keys and len(keys) == len(others)
+    assert len({h for h, _ in keys} | {key[0]}) == len(others) + 1  # the hashes differ too
     assert _C.layout_key((w,)) != key
     # the Python key (an install without the extension) sees the same changes
     in_python = {T._layout_key_in_python(lists) for lists in others}

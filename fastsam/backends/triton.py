@@ -166,14 +166,32 @@ def _pick(roles: dict[str, list[Tensor]], idx: list[int]) -> dict[str, list[Tens
 _shape = attrgetter("shape")
 
 
-def _layout_key(roles: dict[str, list[Tensor]]) -> tuple | bytes:
+class _LayoutKey:
+    """``fastsam._C.layout_key``'s (hash, bytes) as a dict key: hashed by the C loop's hash,
+    equal when the bytes are (one memcmp)."""
+
+    __slots__ = ("_hash", "_bytes")
+
+    def __init__(self, pair: tuple[int, bytes]) -> None:
+        self._hash, self._bytes = pair
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (type(other) is _LayoutKey and self._hash == other._hash
+                and self._bytes == other._bytes)
+
+
+def _layout_key(roles: dict[str, list[Tensor]]) -> Hashable:
     """What a table depends on: every address and dtype, the parameters' shapes and strides;
     any moved or re-allocated tensor changes it. Formed at every launch: by one C loop
-    (``fastsam._C.layout_key``, ~20x faster than Python's per-tensor calls) where the extension
-    is built, else by ``data_ptr()`` calls through map."""
+    (``fastsam._C.layout_key``, several times faster than Python's per-tensor calls:
+    bench/layout_key.py) where the extension is built, else by ``data_ptr()`` calls through
+    map."""
     lists = tuple(roles.values())
     if _layout_key_in_c is not None:
-        return _layout_key_in_c(lists)
+        return _LayoutKey(_layout_key_in_c(lists))
     return _layout_key_in_python(lists)
 
 
