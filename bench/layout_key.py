@@ -12,13 +12,13 @@ Prints medians (µs per key, lookup included), µs per tensor and the ratio.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 from fastsam.backends import triton as T
+from fastsam.bench.__main__ import environment
 from fastsam.bench.run import save_json
 
 
@@ -41,9 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if T._layout_key_in_c is None:
         raise SystemExit("fastsam._C is not built: nothing to compare")
-    env = dict(torch=torch.__version__, python=platform.python_version(),
-               machine=platform.machine(),
-               date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    env = environment(torch.device("cpu"))
     print("# " + ", ".join(f"{k}={v}" for k, v in env.items()))
     print(f"{'tensors':>7} {'lists':>5} {'C us':>8} {'Python us':>10} {'C us/t':>7} "
           f"{'Python/C':>8}")
