@@ -152,14 +152,17 @@ def momentum_scalars(groups: list[PerturbGroup]) -> tuple[float, ...] | None:
 
 
 _U32 = 0xFFFFFFFF
+# The mask's 32-bit integer finaliser (``csrc/elementwise.h`` mix32): xor-shift by 16, multiply
+# by _MIX[0], xor-shift by 15, multiply by _MIX[1], xor-shift by 15 (products modulo 2**32).
+_MIX = (0x21F0AAAD, 0x735A2D97)
 
 
 def _mix32(x: int) -> int:
-    """The 32-bit integer finaliser of the mask (``csrc/elementwise.h`` mix32)."""
+    """The finaliser over one Python int below 2**32."""
     x ^= x >> 16
-    x = (x * 0x21F0AAAD) & _U32
+    x = (x * _MIX[0]) & _U32
     x ^= x >> 15
-    x = (x * 0x735A2D97) & _U32
+    x = (x * _MIX[1]) & _U32
     return x ^ (x >> 15)
 
 
@@ -233,15 +236,14 @@ def mask_scalars(groups: list[PerturbGroup]) -> tuple[tuple[float, ...], tuple[i
     if len(keys) != 1:
         raise ValueError(f"the groups' masks must share one key, got {sorted(keys)}")
     numbers = tuple(g.mask.threshold if g.mask else 0.0 for g in groups)
-    if any(g.mask is not None and g.mask.offsets is not None for g in groups):
-        for g in groups:
-            if g.mask is not None and g.mask.offsets is not None:
-                if len(g.mask.offsets) != len(g.params):
-                    raise ValueError(f"Mask.offsets has {len(g.mask.offsets)} entries for "
-                                     f"{len(g.params)} tensors")
-        numbers += tuple(float(o) for g in groups
-                         for o in (g.mask.offsets if g.mask is not None and g.mask.offsets
-                                   is not None else (0,) * len(g.params)))
+    offsets = [g.mask.offsets if g.mask is not None else None for g in groups]
+    if any(o is not None for o in offsets):
+        for g, placed in zip(groups, offsets):
+            placed = (0,) * len(g.params) if placed is None else placed
+            if len(placed) != len(g.params):
+                raise ValueError(f"Mask.offsets has {len(placed)} entries for "
+                                 f"{len(g.params)} tensors")
+            numbers += tuple(map(float, placed))
     return numbers, keys.pop()
 
 
@@ -262,9 +264,9 @@ def mask_draws(key: tuple[int, int], position: int, numel: int, device: torch.de
 def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
     """:func:`_mix32` in place over an int64 tensor of values < 2**32 (every product < 2**63)."""
     x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch))
-    x.mul_(0x21F0AAAD).bitwise_and_(_U32)
+    x.mul_(_MIX[0]).bitwise_and_(_U32)
     x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
-    x.mul_(0x735A2D97).bitwise_and_(_U32)
+    x.mul_(_MIX[1]).bitwise_and_(_U32)
     return x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=scratch))
 
 

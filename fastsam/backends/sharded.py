@@ -15,6 +15,8 @@ every rank: the numbers of one process holding the whole model, up to the order 
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import replace
 
 import torch.distributed as dist
@@ -81,6 +83,16 @@ def shard_groups(params: list[Tensor]) -> tuple[list, frozenset[int]] | None:
     return groups, frozenset(dims)
 
 
+@functools.lru_cache(maxsize=4096)
+def _first_element(shape: tuple[int, ...], mesh, placements: tuple) -> int:
+    """The index, in a contiguous tensor of ``shape`` sharded along dim 0 only, of this rank's
+    shard's first element (ESAM's ``Mask.offsets``); cached: a parameter's layout is fixed."""
+    if not shape:
+        return 0
+    _, start = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return start[0] * math.prod(shape[1:])
+
+
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     """The local shards of DTensors (in place writes reach the DTensor); other tensors as is."""
     return [getattr(t, "_local_tensor", t) for t in tensors]
@@ -142,17 +154,10 @@ class ShardedBackend(Backend):
         element's index there, ``Mask.offsets``), so the shards draw what one process draws;
         where a shard is not one contiguous block of its tensor (sharded along another dim,
         a non-contiguous tensor), every rank draws with a key of its own instead."""
-        if self.dims - {0}:
+        if self.dims - {0} or not all(is_sharded(p) and p.is_contiguous() for p in params):
             return mask.for_rank(dist.get_rank())
-        offsets = []
-        for p in params:
-            if not is_sharded(p) or not p.is_contiguous():
-                return mask.for_rank(dist.get_rank())
-            _, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
-                                                             p.placements)
-            row = p.numel() // p.shape[0] if p.dim() and p.shape[0] else 0
-            offsets.append(start[0] * row if p.dim() else 0)
-        return replace(mask, offsets=tuple(offsets))
+        return replace(mask, offsets=tuple(
+            _first_element(p.shape, p.device_mesh, tuple(p.placements)) for p in params))
 
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         local = self.inner.perturbation_norm(self._local_groups(groups), q)
