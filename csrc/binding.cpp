@@ -36,7 +36,9 @@
 // perturb, restore, sgd and adam as methods: each takes the groups of the call and a name per
 // list argument, and the other arguments as the operator it stands for. They are the eager
 // steady state of the native backends; torch.compile traces the list operators. refresh:
-// whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree.
+// whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
+// GSAM's reduction; scale and check_nonfinite: GradScaler's unscale and skip_nonfinite's
+// check over the plan's gradients (torch's foreach operators, one call per dtype).
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -109,7 +111,10 @@ TORCH_LIBRARY(fastsam, m) {
       .def("perturb", &fastsam::held_perturb)
       .def("restore", &fastsam::held_restore)
       .def("sgd", &fastsam::held_sgd)
-      .def("adam", &fastsam::held_adam);
+      .def("adam", &fastsam::held_adam)
+      .def("gsam", &fastsam::held_gsam)
+      .def("scale", &fastsam::held_scale)
+      .def("check_nonfinite", &fastsam::held_check_nonfinite);
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).
   m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);

@@ -1,7 +1,7 @@
 """The steady state over plans held in C++ (fastsam/optimizers/_held.py, csrc/binding/held.h):
 the same numbers as the general path bit for bit, taken when it applies, and left whenever
 the plan changes: gradients appearing or going, parameters replaced or moved, groups added,
-state loaded, a GradScaler step, late Adam steps."""
+state loaded, late Adam steps; GradScaler's and skip_nonfinite's decisions held too."""
 from __future__ import annotations
 
 import copy
@@ -22,7 +22,7 @@ SHAPES = [(1,), (7,), (6, 3, 3, 3), (33, 65), (0,), (5,), (3, 4)]
 @pytest.fixture
 def calls(monkeypatch):
     """How often each held operator ran (the held path was taken)."""
-    counts = {"perturb": 0, "sgd": 0, "adam": 0}
+    counts = {"perturb": 0, "sgd": 0, "adam": 0, "restore": 0}
     for name in counts:
         original = getattr(NativeBackend, f"held_{name}")
 
@@ -253,29 +253,112 @@ def test_loaded_state_is_bound_again(calls):
     assert calls["sgd"] == before + 4  # held again: the state is bound anew
 
 
+def _base(name):
+    if name == "sgd":
+        return dict(base=torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    return dict(base=torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+
+
+def _mixed_params():
+    """SHAPES' parameters, two of them bfloat16 (the unscale and the check go per dtype)."""
+    params = make_params(SHAPES, torch.float32, DEVICE, seed=3)
+    for i in (1, 3):
+        params[i] = torch.nn.Parameter(params[i].detach().bfloat16())
+    return params
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
-def test_grad_scaler_step_takes_the_general_path(calls):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    opt = fastsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
-    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
-    for _ in range(3):
-        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
-        opt.first_step(zero_grad=True)
-        scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-    assert calls["perturb"] == 2  # passes A and B held from the second step on
-    assert calls["sgd"] == 0  # scaler.step: the general path's decision and update
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("sam_on", [False, True])
+def test_skip_nonfinite_is_held(base, sam_on, calls):
+    """skip_nonfinite over held plans: inf/NaN in the first pass (no perturbation, the update
+    skipped) or in the second (the weights restored, the update skipped), bit for bit the
+    general path's, the check and the restore held; SAM-ON's unperturbed group is left alone."""
+    def make(ps):
+        kwargs = _base(base)
+        groups = two_groups(ps)
+        groups[1]["perturb"] = not sam_on
+        return fastsam.SAM(groups, kwargs.pop("base"), skip_nonfinite=True, backend="cpu",
+                           **kwargs)
+
+    params = _mixed_params()
+    a = (make(params), params)
+    other = clone_params(params)
+    b = (make(other), other)
+    b[0]._held = None
+    land = Landscape(SHAPES)
+    bad = {3: (0, 2, float("nan")), 5: (1, 5, float("inf")), 6: (2, 3, float("-inf"))}
+    for t in range(8):
+        before = [p.detach().clone() for p in a[1]]
+        for opt, ps in (a, b):
+            land.set_grads(ps)
+            if bad.get(t, (None,))[0] == 0:
+                ps[bad[t][1]].grad.view(-1)[0] = bad[t][2]
+            opt.first_step(zero_grad=True)
+            land.set_grads(ps)
+            if bad.get(t, (None,))[0] in (1, 2):
+                ps[bad[t][1]].grad.view(-1)[-1] = bad[t][2]
+            opt.second_step(zero_grad=True)
+        assert_same(a, b)
+        if t in bad:  # skipped: every weight as it was
+            assert all(torch.equal(p, q) for p, q in zip(a[1], before))
+    assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 3
+    # from the second step on: held perturbs and held updates but for the three skipped steps,
+    # whose restore (of the perturbed group) is held
+    assert calls["perturb"] == 7 and calls[base.replace("w", "")] == 2 * (7 - 3)
+    assert calls["restore"] == 3
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_grad_scaler_steps_are_held(base, calls):
+    """scaler.step(optimizer) over held plans: the gradients unscaled per dtype in C++, a step
+    whose gradients overflow skipped with the weights restored, the scale backing off; bit for
+    bit the general path's (weights, state, counters, the scalers' scales)."""
+    def make(ps):
+        kwargs = _base(base)
+        # max_grad_norm clips the scaled gradients (norm ~ 60·scale) and not the unscaled ones:
+        # an update from gradients left scaled would not be the general path's
+        return fastsam.SAM(ps, kwargs.pop("base"), max_grad_norm=500.0, backend="cpu", **kwargs)
+
+    params = _mixed_params()
+    other = clone_params(params)
+    runs = []
+    for ps in (params, other):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6, growth_interval=2)
+        runs.append((make(ps), ps, scaler))
+    runs[1][0]._held = None
+    land = Landscape(SHAPES)
+    for t in range(7):
+        for opt, ps, scaler in runs:
+            scale = scaler.scale(torch.ones((), dtype=torch.float64)).item()  # (its first use)
+            land.set_grads(ps)
+            for p in ps:
+                p.grad.mul_(scale)
+            opt.first_step(zero_grad=True)
+            land.set_grads(ps)
+            for p in ps:
+                p.grad.mul_(scale)
+            if t == 4:
+                ps[1].grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        assert_same(runs[0][:2], runs[1][:2])
+        assert runs[0][2].get_scale() == runs[1][2].get_scale()
+    assert runs[0][0].amp_skipped_steps == runs[1][0].amp_skipped_steps == 1
+    assert runs[0][2].get_scale() != 2.0 ** 6  # it grew and backed off
+    assert calls["perturb"] == 6 and calls[base.replace("w", "")] == 5
+    assert calls["restore"] == 1
 
 
 def test_excluded_configurations_have_no_held_path():
     p = [torch.nn.Parameter(torch.ones(3))]
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
+    assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu",
+                       skip_nonfinite=True)._held is not None
     for opt in (
-        fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", skip_nonfinite=True),
+        fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
@@ -301,6 +384,21 @@ def test_held_plan_refuses_misuse():
     for p in ps:
         p.grad = torch.zeros_like(p)
     assert plan.refresh()
+    with pytest.raises(ValueError, match="no factor of dtype Float"):
+        plan.scale([0, 1], ["grad"], [torch.tensor(0.5, dtype=torch.float64)])
+    ps[1].grad.fill_(3.0)
+    plan.scale([1], ["grad"], [torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0)])
+    assert torch.equal(ps[1].grad, torch.full((3,), 6.0)) and torch.equal(ps[0].grad,
+                                                                          torch.zeros(2))
+    found = torch.zeros(1)
+    plan.check_nonfinite([0, 1], found, torch.ones(1))
+    assert found.item() == 0.0
+    ps[0].grad[1] = float("nan")
+    plan.check_nonfinite([1], found, torch.ones(1))  # group 1 only: still finite
+    assert found.item() == 0.0
+    plan.check_nonfinite([0, 1], found, torch.ones(1))
+    assert found.item() == 1.0
+    ps[0].grad.zero_()
     plan.bind("w_old", 0, [torch.zeros(2)])
     with pytest.raises(ValueError, match="not bound for group 1"):
         plan.restore([0, 1], ["params", "w_old"])

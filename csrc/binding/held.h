@@ -12,6 +12,7 @@
 // run that operator (binding/ops.h) on the lists it resolves.
 #pragma once
 
+#include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
 #include <torch/custom_class.h>
@@ -529,6 +530,72 @@ void held_adam(const Held& plan, std::vector<int64_t> groups, std::vector<std::s
     adam_pass<D>(l.tables, l[0], l[1], l[2], l[3], l[4], l[5], hp, hp_device, decoupled, amsgrad,
                  maximize, l[6], along, alpha, grad_mode, l[7], skip, std::nullopt, clip);
   });
+}
+
+// lists: grads, first_grads (GSAM's reduction: `sums`, the three sums, else along). The
+// gradients left to the tables when refresh() kept their addresses (laid out as their
+// parameters, as the kept first gradients are); else read and checked at each call.
+void held_gsam(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+               double eps, bool sums, at::Tensor out, at::Tensor scratch) {
+  RECORD_FUNCTION("fastsam::held_gsam", std::vector<c10::IValue>());
+  const char* op = sums ? "gsam_sums" : "gsam_along";
+  const HeldCall l(plan, op, groups, lists, 2);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    if (l.tables.lazy()) {
+      gsam_reduce<D>(l.tables, op, l[0], l[1], eps, sums, out, scratch);
+    } else {
+      gsam_reduce<D>(Fresh{}, op, l[0], l[1], eps, sums, out, scratch);
+    }
+  });
+}
+
+// The tensors of `tensors` in one list per dtype, in the order the dtypes first appear (the
+// foreach operators below take one dtype per call, as the general path groups them).
+std::vector<std::vector<at::Tensor>> by_dtype(at::TensorList tensors) {
+  std::vector<std::vector<at::Tensor>> out;
+  std::vector<at::ScalarType> dtypes;
+  for (const at::Tensor& t : tensors) {
+    size_t k = 0;
+    while (k < dtypes.size() && dtypes[k] != t.scalar_type()) ++k;
+    if (k == dtypes.size()) {
+      dtypes.push_back(t.scalar_type());
+      out.emplace_back();
+    }
+    out[k].push_back(t);
+  }
+  return out;
+}
+
+// GradScaler's unscale (SkipPolicy.decide over lists): each tensor of lists `names` ("grad";
+// GSAM's kept first gradients) over `groups` times the 0-d factor of its dtype in `factors`
+// (1/scale rounded once to it).
+void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> names,
+                std::vector<at::Tensor> factors) {
+  RECORD_FUNCTION("fastsam::held_scale", std::vector<c10::IValue>());
+  for (const std::string& name : names) {
+    for (const std::vector<at::Tensor>& tensors : by_dtype(plan->resolve(name, groups).view)) {
+      const at::ScalarType dtype = tensors.front().scalar_type();
+      const at::Tensor* factor = nullptr;
+      for (const at::Tensor& f : factors) {
+        if (f.scalar_type() == dtype) factor = &f;
+      }
+      TORCH_CHECK_VALUE(factor != nullptr, msg("fastsam.HeldPlan.scale: no factor of dtype ",
+                                               dtype, " (a tensor of '", name, "' has it)"));
+      at::_foreach_mul_(tensors, *factor);
+    }
+  }
+}
+
+// skip_nonfinite's check over the gradients of `groups`: torch's GradScaler kernel
+// (_amp_foreach_non_finite_check_and_unscale_, `one` the factor: 1) per dtype; `found` (one
+// float32 element) set to 1 when a gradient holds inf/NaN.
+void held_check_nonfinite(const Held& plan, std::vector<int64_t> groups, at::Tensor found,
+                          at::Tensor one) {
+  RECORD_FUNCTION("fastsam::held_check_nonfinite", std::vector<c10::IValue>());
+  for (const std::vector<at::Tensor>& grads : by_dtype(plan->resolve("grad", groups).view)) {
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, found, one);
+  }
 }
 
 }  // namespace

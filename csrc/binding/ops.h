@@ -399,18 +399,21 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
 }
 
 // GSAM's reduction: along (sums = false: out is one element) or the three sums (out has 3).
-template <class D>
-void gsam_reduce(const char* op, at::TensorList grads, at::TensorList first_grads, double eps,
-                 bool sums, at::Tensor& out, at::Tensor& scratch) {
+// The out and scratch checks read first_grads (laid out as grads: the table source checks it),
+// which a held call gives where it leaves the gradients to its tables (held.h HeldTables).
+template <class D, class Src>
+void gsam_reduce(const Src& src, const char* op, at::TensorList grads,
+                 at::TensorList first_grads, double eps, bool sums, at::Tensor& out,
+                 at::Tensor& scratch) {
   const Lists lists{{"grads", grads}, {"first_grads", first_grads}};
-  check_lists(op, lists);
-  check_norm_out(op, "out", out, grads, sums ? 3 : 1);
+  src.check(op, lists);
+  check_norm_out(op, "out", out, first_grads, sums ? 3 : 1);
   check_device<D>(op, "out", out);
-  check_scalar_tensor(op, "scratch", scratch, grads, 0);
+  check_scalar_tensor(op, "scratch", scratch, first_grads, 0);
   TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, msg("fastsam.", op,
                    ": scratch must be float64, got ", scratch.scalar_type()));
-  const D dev(device_of(grads, out));
-  const TablesPtr tables = dev.tables(op, lists, nullptr);
+  const D dev(device_of(first_grads, out));
+  const TablesPtr tables = src.template tables<D>(op, dev, lists, no_options);
   const int64_t n = tables->n_segments;
   if (scratch.numel() < 3 * n) grow_scratch(scratch, 3 * n);
   double* partials = scratch.data_ptr<double>();
@@ -429,13 +432,13 @@ void gsam_reduce(const char* op, at::TensorList grads, at::TensorList first_grad
 template <class D>
 void gsam_along_op(at::TensorList grads, at::TensorList first_grads, double eps, at::Tensor& out,
                    at::Tensor& scratch) {
-  gsam_reduce<D>("gsam_along", grads, first_grads, eps, false, out, scratch);
+  gsam_reduce<D>(Fresh{}, "gsam_along", grads, first_grads, eps, false, out, scratch);
 }
 
 template <class D>
 void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& out,
                   at::Tensor& scratch) {
-  gsam_reduce<D>("gsam_sums", grads, first_grads, 0.0, true, out, scratch);
+  gsam_reduce<D>(Fresh{}, "gsam_sums", grads, first_grads, 0.0, true, out, scratch);
 }
 
 // The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays of one device.

@@ -81,6 +81,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 # The list names of the held passes (csrc/binding/held.h), in each operator's list order.
 _HELD_NORM = ["params", "grad", ""]
 _HELD_PERTURB = ["params", "grad", "w_old", "", "", ""]
+_HELD_RESTORE = ["params", "w_old"]
 _HELD_SGD = {  # by (momentum, averaging)
     (m, a): ["params", "grad", "w_old", "momentum_buffer" if m else "", "", "average" if a else ""]
     for m in (False, True) for a in (False, True)
@@ -161,6 +162,7 @@ class HeldLists:
         self.device = next(p for ps in params for p in ps).device
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
         self.accumulation = accumulation_dtype([p for ps in params for p in ps])
+        self.dtypes = list(dict.fromkeys(p.dtype for ps in params for p in ps))
 
     def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
@@ -189,6 +191,26 @@ class HeldLists:
         hold one value; else None, with nothing changed."""
         value = self.plan.increment_steps("step", [group])
         return None if value < 0 else value
+
+
+class HeldGradients:
+    """The gradients of ``groups`` of a held plan as the skip decision reads and unscales them
+    (fastsam.optimizers._skips.Gradients; one foreach call per dtype in C++); ``kept``: the
+    name of the bound list of first-pass gradients unscaled with them (GSAM's), or None."""
+
+    def __init__(self, held: HeldLists, groups: list[int], kept: str | None = None) -> None:
+        self.held, self.groups, self.device = held, groups, held.device
+        self.names = ["grad"] if kept is None else ["grad", kept]
+
+    def check_nonfinite(self, found: Tensor, one: Tensor) -> None:
+        self.held.plan.check_nonfinite(self.groups, found, one)
+
+    def scale(self, factor: Callable[[torch.device, torch.dtype], Tensor]) -> None:
+        self.held.plan.scale(self.groups, self.names,
+                             [factor(self.device, dtype) for dtype in self.held.dtypes])
+
+    def sum_over_shards(self, found: Tensor) -> Tensor:
+        return found  # (a held plan is never sharded)
 
 
 class NativeBackend(Backend):
@@ -338,6 +360,10 @@ class NativeBackend(Backend):
         scratch = self._buffer("scratch", held.device, torch.float64)
         held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
         return out, scratch
+
+    def held_restore(self, held: HeldLists, groups: list[int]) -> None:
+        """The parameters of ``groups`` of ``held`` back to their w_old, as :meth:`restore`."""
+        held.plan.restore(groups, _HELD_RESTORE)
 
     def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
                  average: Average | None, w_old: str = "w_old") -> None:

@@ -26,7 +26,7 @@ from ._averager import WeightAverager
 from ._checkpoint import AVERAGE_KEY
 from ._checks import check_max_grad_norm
 from ._plan import StepPlan, StepPlanner
-from ._skips import Counters, SkipPolicy
+from ._skips import Counters, GradientLists, SkipPolicy
 from ._update import FUSED_KINDS, FusedUpdate, fused_kind, not_capturable
 
 
@@ -210,10 +210,9 @@ class FusedOptimizer(Optimizer):
         if scaler == (None, None) and not self._skips.skip_nonfinite:
             return False  # nothing can skip this update: no per-tensor work
         backend = self._backend_for(plan.device) if plan.device is not None else None
-        return self._skips.decide(
-            scaler, [g for gs in all_grads for g in gs], [k for ks in kept or () for k in ks],
-            after_perturb, backend, plan.device, on_host,
-        )
+        grads = GradientLists([g for gs in all_grads for g in gs],
+                              [k for ks in kept or () for k in ks], backend)
+        return self._skips.decide(scaler, grads, after_perturb, plan.device, on_host)
 
     def _clip_coefficient(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor | None:
         """``max_grad_norm``'s coefficient for an update with these gradients, as

@@ -13,12 +13,13 @@ and list names. Python's work per step is proportional to the number of paramete
 It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
 :class:`~._base.SharpnessAwareOptimizer` defines them (SAM, ASAM, interval SAM, AE-SAM and
 ESAM, whose radius and mask the held pass B asks for; a variant overriding one takes the
-general path), a fused SGD/Adam/AdamW update, no ``skip_nonfinite`` or
-``capturable``, no GradScaler in the step, one native backend (not
-sharded), not under torch.compile. A plan is held after its first general step; an update
-whose state is not all made yet (a parameter's first step, Adam steps that differ) takes the
-general path for that group. Averaging and ``max_grad_norm`` (its norm a held pass too) are
-folded in as in the general path. The kernels and
+general path), a fused SGD/Adam/AdamW update, no ``capturable``, one native backend (not
+sharded), not under torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the
+general path's (:class:`~._skips.SkipPolicy`), over the held gradients: the unscale and the
+inf/NaN check run as torch's foreach operators called from C++ on them. A plan is held after
+its first general step; an update whose state is not all made yet (a parameter's first step,
+Adam steps that differ) takes the general path for that group. Averaging and
+``max_grad_norm`` (its norm a held pass too) are folded in as in the general path. The kernels and
 tensors are those of the general path: the numbers are the same bit for bit
 (tests/test_held.py).
 """
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..backends.native import NativeBackend
+from ..backends.native import HeldGradients, NativeBackend
 from ._plan import StepPlan
 from ._update import adam_hyper, decoupled_weight_decay, sgd_hyper
 
@@ -52,7 +53,7 @@ def applies(opt: SharpnessAwareOptimizer) -> bool:
     """Whether ``opt``'s configuration can step over held plans (module docstring); the
     per-step conditions are checked by :class:`HeldSteps`."""
     return (all(_same_hook(opt, name) for name in _HOOKS) and not opt._keeps_first_grads
-            and not opt._skips.skip_nonfinite and not opt._capturable)
+            and not opt._capturable)
 
 
 class HeldSteps:
@@ -135,12 +136,8 @@ class HeldSteps:
 
     def _over_current(self, update: Callable[[StepPlan], bool]) -> bool:
         """``update(plan)`` over the held plan of this step call (its gradients read until it
-        returns); False, with nothing done, under a GradScaler step (its decision first) or
-        without a held plan: the general path takes the update."""
-        opt = self.opt
-        if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) \
-                is not None:
-            return False
+        returns); False, with nothing done, without a held plan: the general path takes the
+        update."""
         current = self.current()
         if current is None:
             return False
@@ -158,6 +155,8 @@ class HeldSteps:
             return False
         backend = opt._backend_for(perturbed.device)
         held = perturbed.held
+        if self._skipped(perturbed, backend, w_old == "w_old"):
+            return True
         clip = None  # max_grad_norm's coefficient, as _clip_coefficient forms it
         if opt.max_grad_norm is not None:
             with_params = [i for i, ps in enumerate(perturbed.params) if ps]
@@ -185,6 +184,25 @@ class HeldSteps:
                             opt._planner.states(perturbed, opt.state)[i], None, average, None,
                             clip)
         opt._averager.average_rest(perturbed, averages, False)
+        return True
+
+    def _skipped(self, plan: StepPlan, backend: NativeBackend, after_perturb: bool) -> bool:
+        """GradScaler's and ``skip_nonfinite``'s decision over the held gradients, as the
+        general path's ``_skip_update`` makes it (the gradients unscaled in place under a
+        scaler): True when the update is skipped, the perturbed weights restored
+        (``after_perturb``)."""
+        opt = self.opt
+        scaler = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
+        if scaler == (None, None) and not opt._skips.skip_nonfinite:
+            return False
+        groups = [i for i, ps in enumerate(plan.params) if ps]
+        if not opt._skips.decide(scaler, HeldGradients(plan.held, groups), after_perturb,
+                                 plan.device):
+            return False
+        if after_perturb:  # the weights back, but those of groups never moved (own w_old)
+            moved = [i for i in groups if plan.w_old[i][0] is not plan.params[i][0]]
+            if moved:
+                backend.held_restore(plan.held, moved)
         return True
 
     def _bind_state(self, plan: StepPlan, kind: str) -> bool:

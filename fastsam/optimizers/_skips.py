@@ -3,7 +3,8 @@ carries, on the host or, with ``capturable``, on the device (docs/design.md §5,
 docs/amp.md)."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -92,10 +93,8 @@ class SkipPolicy:
     def decide(
         self,
         scaler: tuple[Tensor | None, Tensor | None],
-        grads: list[Tensor],
-        kept: list[Tensor],
+        grads: Gradients,
         after_perturb: bool,
-        backend: Backend | None,
         device: torch.device | None,
         on_host: bool = False,
     ) -> bool | Tensor:
@@ -106,11 +105,11 @@ class SkipPolicy:
         ``scaler``: GradScaler's ``(grad_scale, found_inf)`` (its protocol sets them on the
         optimizer around ``step()``). Under GradScaler: skip when the scaler found inf/NaN in
         this step's gradients (read on the host, one sync per step, as torch.optim's optimizers
-        make under GradScaler; the flag itself with ``capturable``), and divide ``grads`` and
-        ``kept`` (the first pass's gradients the update combines with them) by the loss scale,
-        on the device. Without a scaler and with ``skip_nonfinite``: skip when a gradient of
-        this pass or, ``after_perturb``, the first pass's perturbation norm is inf/NaN
-        (``backend`` and ``device``: those of the gradients)."""
+        make under GradScaler; the flag itself with ``capturable``), and divide ``grads`` (with
+        the first pass's gradients the update combines with them) by the loss scale, on the
+        device. Without a scaler and with ``skip_nonfinite``: skip when a gradient of this pass
+        or, ``after_perturb``, the first pass's perturbation norm is inf/NaN (``device``: that
+        of the gradients)."""
         scale, found_inf = scaler
         flag: Tensor | None = None
         on_device = self.capturable and not on_host
@@ -121,7 +120,7 @@ class SkipPolicy:
             return True
         if scale is None:
             if found_inf is None and self.skip_nonfinite:
-                found = self._nonfinite(grads, after_perturb, backend)
+                found = self._nonfinite(grads, after_perturb)
                 if found is None:
                     return False
                 if on_device:
@@ -130,11 +129,7 @@ class SkipPolicy:
                     self.counters.nonfinite_skipped += 1
                     return True
             return False if flag is None else flag
-        by_dtype: dict[tuple, list[Tensor]] = {}
-        for t in grads + kept:
-            by_dtype.setdefault((t.device, t.dtype), []).append(t)
-        for (where, dtype), tensors in by_dtype.items():
-            torch._foreach_mul_(tensors, self._inverse(scale, where, dtype))
+        grads.scale(lambda where, dtype: self._inverse(scale, where, dtype))
         return False if flag is None else flag
 
     def _inverse(self, scale: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -161,16 +156,14 @@ class SkipPolicy:
         self.counters.on_device(flag.device)[which].add_(flag)
         return flag
 
-    def _nonfinite(
-        self, grads: list[Tensor], after_perturb: bool, backend: Backend
-    ) -> Tensor | None:
+    def _nonfinite(self, grads: Gradients, after_perturb: bool) -> Tensor | None:
         """skip_nonfinite's test: a one-element device flag, 1 when a gradient is inf/NaN or,
         ``after_perturb``, the first pass's norm was, else 0 (None without gradients). One fused
         check per dtype (torch's GradScaler kernel, with an unscale by exactly 1), summed over
         the shards of sharded parameters."""
-        if not grads:
+        device = grads.device
+        if device is None:
             return None
-        device = grads[0].device
         if self._found is None or self._found.device != device:
             self._found = torch.zeros(1, dtype=torch.float32, device=device)
             self._one = torch.ones(1, dtype=torch.float32, device=device)
@@ -179,9 +172,49 @@ class SkipPolicy:
             found.copy_(self.perturb_skipped)  # 1 when the first pass's norm was not finite
         else:
             found.zero_()
+        grads.check_nonfinite(found, self._one)
+        return grads.sum_over_shards(found).clamp_(max=1.0)
+
+
+class Gradients(Protocol):
+    """The gradients of an update as :meth:`SkipPolicy.decide` reads and unscales them: Python
+    lists (:class:`GradientLists`, the general path) or a held plan's
+    (fastsam/optimizers/_held.py)."""
+
+    device: torch.device | None  # None: no gradients
+
+    def check_nonfinite(self, found: Tensor, one: Tensor) -> None:
+        """torch's GradScaler kernel over the gradients, per dtype: ``found`` set to 1 when
+        one holds inf/NaN (``one``: the unscale factor, 1)."""
+
+    def scale(self, factor: Callable[[torch.device, torch.dtype], Tensor]) -> None:
+        """Every gradient times ``factor(device, dtype)`` of its own, in place."""
+
+    def sum_over_shards(self, found: Tensor) -> Tensor:
+        """``found`` summed over the shards of sharded parameters (in place)."""
+
+
+class GradientLists:
+    """:class:`Gradients` as lists: ``grads`` and ``kept`` (the first pass's gradients an
+    update combines with them: unscaled with them, not checked), on ``backend``."""
+
+    def __init__(self, grads: list[Tensor], kept: list[Tensor], backend: Backend | None) -> None:
+        self.grads, self.kept, self.backend = grads, kept, backend
+        self.device = grads[0].device if grads else None
+
+    def check_nonfinite(self, found: Tensor, one: Tensor) -> None:
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for g in backend.local(grads):
+        for g in self.backend.local(self.grads):
             by_dtype.setdefault(g.dtype, []).append(g)
         for tensors in by_dtype.values():
-            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self._one)
-        return backend.sum_over_shards(found).clamp_(max=1.0)
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+
+    def scale(self, factor: Callable[[torch.device, torch.dtype], Tensor]) -> None:
+        by_dtype: dict[tuple, list[Tensor]] = {}
+        for t in self.grads + self.kept:
+            by_dtype.setdefault((t.device, t.dtype), []).append(t)
+        for (where, dtype), tensors in by_dtype.items():
+            torch._foreach_mul_(tensors, factor(where, dtype))
+
+    def sum_over_shards(self, found: Tensor) -> Tensor:
+        return self.backend.sum_over_shards(found)
