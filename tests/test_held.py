@@ -92,6 +92,16 @@ CONFIGS = {
     "sam-adam-ema-tensor-lr": lambda ps: fastsam.SAM(ps, torch.optim.Adam,
                                                      lr=torch.tensor(1e-2),
                                                      average=fastsam.EMA(0.9), backend="cpu"),
+    # GSAM: pass B keeps g in "first"; the update's decomposition reads it, along from a
+    # held reduction (or, with max_grad_norm, from the three sums the clip is made from)
+    "gsam-sgd-groups": lambda ps: fastsam.GSAM(
+        [{"params": ps[:3], "alpha": 0.4}, {"params": ps[3:], "alpha": 0.0, "rho": 0.1}],
+        torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu"),
+    "gsam-adamw-clip": lambda ps: fastsam.GSAM(ps, torch.optim.AdamW, lr=1e-2, alpha=0.3,
+                                               weight_decay=0.1, max_grad_norm=0.5,
+                                               adaptive=True, backend="cpu"),
+    "agsam-adam-ema": lambda ps: fastsam.GSAM(ps, torch.optim.Adam, lr=1e-2, adaptive="agsam",
+                                              average=fastsam.EMA(0.9), backend="cpu"),
     # ESAM: the held perturb pass draws the mask of the general path (each step's key)
     "esam-sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, beta=0.4,
                                         seed=5, backend="cpu"),
@@ -108,7 +118,8 @@ def test_same_as_general_path(name, dtype, calls):
     # the first step makes the plan (general path), the other five run held; so do the updates
     # but the first, which makes the state (plain SGD has none: its first update is held too)
     assert calls["perturb"] == 5
-    assert calls["sgd"] + calls["adam"] == (6 if name == "sam-sgd-plain" else 5)
+    groups = len(a[0].param_groups)  # (an update call per group)
+    assert calls["sgd"] + calls["adam"] == groups * (6 if name == "sam-sgd-plain" else 5)
     if "swa" in name or "ema" in name:
         for p, q in zip(a[1], b[1]):
             avg_a = a[0]._averager.averaged.get(p)
@@ -125,6 +136,8 @@ BETWEEN = {  # optimizers with steps between SAM steps (a plain update, one pass
     "aesam-sgd": lambda ps: fastsam.AESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
                                           total_steps=8, lambda1=1.5, lambda2=1.5,
                                           backend="cpu"),
+    "gsam-interval-sgd": lambda ps: fastsam.GSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                                 interval=3, max_grad_norm=0.5, backend="cpu"),
     "aesam-adamw-clip": lambda ps: fastsam.AESAM(ps, torch.optim.AdamW, lr=1e-2,
                                                  weight_decay=0.1, max_grad_norm=0.5,
                                                  total_steps=8, lambda1=1.5, lambda2=1.5,
@@ -311,15 +324,17 @@ def test_skip_nonfinite_is_held(base, sam_on, calls):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_grad_scaler_steps_are_held(base, calls):
-    """scaler.step(optimizer) over held plans: the gradients unscaled per dtype in C++, a step
-    whose gradients overflow skipped with the weights restored, the scale backing off; bit for
-    bit the general path's (weights, state, counters, the scalers' scales)."""
+@pytest.mark.parametrize("kind", [fastsam.SAM, fastsam.GSAM])
+def test_grad_scaler_steps_are_held(kind, base, calls):
+    """scaler.step(optimizer) over held plans: the gradients (and GSAM's kept first-pass ones)
+    unscaled per dtype in C++, a step whose gradients overflow skipped with the weights
+    restored, the scale backing off; bit for bit the general path's (weights, state, counters,
+    the scalers' scales)."""
     def make(ps):
         kwargs = _base(base)
         # max_grad_norm clips the scaled gradients (norm ~ 60·scale) and not the unscaled ones:
         # an update from gradients left scaled would not be the general path's
-        return fastsam.SAM(ps, kwargs.pop("base"), max_grad_norm=500.0, backend="cpu", **kwargs)
+        return kind(ps, kwargs.pop("base"), max_grad_norm=500.0, backend="cpu", **kwargs)
 
     params = _mixed_params()
     other = clone_params(params)
@@ -357,9 +372,10 @@ def test_excluded_configurations_have_no_held_path():
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu",
                        skip_nonfinite=True)._held is not None
+    assert fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     for opt in (
         fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
-        fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
+        fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from operator import is_
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -81,6 +82,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 # The list names of the held passes (csrc/binding/held.h), in each operator's list order.
 _HELD_NORM = ["params", "grad", ""]
 _HELD_PERTURB = ["params", "grad", "w_old", "", "", ""]
+_HELD_PERTURB_KEEPING = ["params", "grad", "w_old", "keep", "", ""]  # "keep": the list named
 _HELD_RESTORE = ["params", "w_old"]
 _HELD_SGD = {  # by (momentum, averaging)
     (m, a): ["params", "grad", "w_old", "momentum_buffer" if m else "", "", "average" if a else ""]
@@ -93,10 +95,27 @@ _HELD_ADAM = {  # by (amsgrad, averaging)
 }
 
 
-def _held_lists(names: list[str], w_old: str) -> list[str]:
+_HELD_GSAM = ["grad", "first"]
+# the place of an update's gradient source operand (first_grads) in its list names
+_SGD_OPERAND, _ADAM_OPERAND = 4, 6
+
+
+def _held_lists(names: list[str], w_old: str, source: HeldSource | None = None,
+                slot: int = 0) -> list[str]:
     """An update's list names with ``w_old`` in the place of "w_old" ("params": a plain update
-    from the weights as they are, each parameter its own w_old)."""
-    return names if w_old == "w_old" else [w_old if n == "w_old" else n for n in names]
+    from the weights as they are, each parameter its own w_old) and the operand of ``source``
+    at ``slot``."""
+    names = names if w_old == "w_old" else [w_old if n == "w_old" else n for n in names]
+    if source is not None:
+        names = names[:slot] + [source.operand] + names[slot + 1:]
+    return names
+
+
+def _held_source(source: HeldSource | None) -> tuple:
+    """The (along, alpha, grad_mode) arguments of a held update (its operand goes by name)."""
+    if source is None:
+        return None, 0.0, 0
+    return source.source.scalar, source.source.coefficient, source.source.mode
 
 
 def _flatten(groups: list[PerturbGroup]):
@@ -191,6 +210,15 @@ class HeldLists:
         hold one value; else None, with nothing changed."""
         value = self.plan.increment_steps("step", [group])
         return None if value < 0 else value
+
+
+class HeldSource(NamedTuple):
+    """A gradient source of a held update (pass C reads it instead of the plain gradient):
+    ``source`` as the list operators take it, its operand a list bound to the plan under the
+    name ``operand`` (GSAM's decomposition: "first", the kept first-pass gradients)."""
+
+    operand: str
+    source: GradientSource
 
 
 class HeldGradients:
@@ -328,11 +356,12 @@ class NativeBackend(Backend):
     def held_perturb(self, held: HeldLists, groups: list[int], scalings: list,
                      rhos: tuple, q: float, p: float, eps: float, skipped: Tensor,
                      perturbs: Callable[[Tensor], bool] | None = None,
-                     masks: list[Mask | None] | None = None) -> bool:
+                     masks: list[Mask | None] | None = None, keep: str = "") -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
         :meth:`perturbation_norm` then :meth:`perturb`, ``scalings``, ``rhos`` and ESAM's
         ``masks`` (one per group, every one or none a Mask, with one key) per group.
-        ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not)."""
+        ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not).
+        ``keep``: the bound list pass B copies g into (GSAM's "first"), or ""."""
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
         out, scratch = self._held_norm(held, groups, modes, etas, q)
@@ -342,7 +371,9 @@ class NativeBackend(Backend):
         if masks is not None and masks[0] is not None:
             thresholds = self._constants(tuple(m.threshold for m in masks), held.device)
             key = masks[0].key
-        held.plan.perturb(groups, _HELD_PERTURB, modes, etas, self._constants(rhos, held.device),
+        lists = _HELD_PERTURB if not keep else [keep if n == "keep" else n for n in
+                                                 _HELD_PERTURB_KEEPING]
+        held.plan.perturb(groups, lists, modes, etas, self._constants(rhos, held.device),
                           out, scratch, dual_exponent(p), p, eps, skipped, None, thresholds,
                           *key)
         return True
@@ -366,26 +397,47 @@ class NativeBackend(Backend):
         held.plan.restore(groups, _HELD_RESTORE)
 
     def held_sgd(self, held: HeldLists, group: int, hyper: SGDHyper,
-                 average: Average | None, w_old: str = "w_old") -> None:
+                 average: Average | None, w_old: str = "w_old",
+                 source: HeldSource | None = None) -> None:
         """Pass C with SGD over group ``group`` of ``held`` (w_old, "momentum_buffer" and
         "average" bound as the update needs them), as :meth:`restore_sgd`; ``w_old``
-        "params": a plain update from the weights as they are."""
+        "params": a plain update from the weights as they are; ``source``: what it reads
+        instead of the plain gradient."""
         scalars, _ = _averaging(hyper.kernel_scalars, average)
         hp, hp_device = self._scalars(scalars, held.device)
-        lists = _held_lists(_HELD_SGD[hyper.momentum != 0, average is not None], w_old)
-        held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False, None,
-                      0.0, 0, hyper.skip, hyper.clip)
+        lists = _held_lists(_HELD_SGD[hyper.momentum != 0, average is not None], w_old, source,
+                            _SGD_OPERAND)
+        held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False,
+                      *_held_source(source), hyper.skip, hyper.clip)
 
     def held_adam(self, held: HeldLists, group: int, hyper: AdamHyper,
-                  average: Average | None, w_old: str = "w_old") -> None:
+                  average: Average | None, w_old: str = "w_old",
+                  source: HeldSource | None = None) -> None:
         """Pass C with Adam/AdamW over group ``group`` of ``held`` (w_old, "exp_avg",
         "exp_avg_sq", "max_exp_avg_sq" with amsgrad and "average" bound), as
-        :meth:`restore_adam`; ``w_old`` as in :meth:`held_sgd`."""
+        :meth:`restore_adam`; ``w_old`` and ``source`` as in :meth:`held_sgd`."""
         scalars, _ = _averaging(hyper.kernel_scalars, average)
         hp, hp_device = self._scalars(scalars, held.device)
-        lists = _held_lists(_HELD_ADAM[hyper.amsgrad, average is not None], w_old)
+        lists = _held_lists(_HELD_ADAM[hyper.amsgrad, average is not None], w_old, source,
+                            _ADAM_OPERAND)
         held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
-                       hyper.maximize, None, 0.0, 0, hyper.skip, hyper.clip)
+                       hyper.maximize, *_held_source(source), hyper.skip, hyper.clip)
+
+    def held_gsam_along(self, held: HeldLists, groups: list[int], eps: float) -> Tensor:
+        """GSAM's along over ``groups`` of ``held`` (the gradients and the kept "first"), as
+        :meth:`gsam_along`, in the same kept buffer."""
+        return self._held_gsam(held, groups, "along", eps)
+
+    def held_gsam_sums(self, held: HeldLists, groups: list[int]) -> Tensor:
+        """GSAM's three sums over ``groups`` of ``held``, as :meth:`gsam_sums`."""
+        return self._held_gsam(held, groups, "gsam_sums", 0.0)
+
+    def _held_gsam(self, held: HeldLists, groups: list[int], out_name: str,
+                   eps: float) -> Tensor:
+        out = self._buffer(out_name, held.device, held.accumulation)
+        scratch = self._buffer("gsam_scratch", held.device, torch.float64)
+        held.plan.gsam(groups, _HELD_GSAM, eps, out_name == "gsam_sums", out, scratch)
+        return out
 
     def gsam_along(self, groups: list[DecomposeGroup], eps: float) -> Tensor:
         adv, first, out, scratch = self._gsam_args(groups, "along")

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from ._checks import as_rho, check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer
 from ._plan import StepPlan
 from ._update import not_capturable
+
+if TYPE_CHECKING:
+    from ..backends.native import HeldSource, NativeBackend
 
 TRAINER_HINT = (
     "(Trainers: fastsam.integrations.transformers.SAMTrainer runs both passes in the Hugging "
@@ -70,6 +73,9 @@ class SharpnessAwareOptimizer(FusedOptimizer):
 
     _keeps_w_old = True  # the perturb pass copies w into a persistent buffer
     _keeps_first_grads = False  # GSAM, LookSAM: the perturb pass also keeps g
+    # The hooks below a variant overrides and still steps over held plans with (_held.py),
+    # through their held forms (_held_update_clip, _held_sources): GSAM's.
+    _held_hooks: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -377,6 +383,17 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         """max_grad_norm's coefficient for the second step's update (None without it): one
         reduction over ``grads``; GSAM takes it from the sums its decomposition reduces."""
         return self._clip_coefficient(now, grads)
+
+    def _held_update_clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
+        """:meth:`_update_clip` over the held plan ``plan`` (_held.py) of a SAM step's update."""
+        return self._held.clip(plan, backend)
+
+    def _held_sources(self, plan: StepPlan, backend: NativeBackend,
+                      clip: Tensor | None) -> list[HeldSource | None] | None:
+        """:meth:`_before_update` over the held plan ``plan`` of a SAM step's fused update (the
+        plan of both passes): per group, the gradient source of its held update (None: the
+        plain gradient), or None for every group."""
+        return None
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,

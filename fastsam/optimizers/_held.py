@@ -12,16 +12,17 @@ and list names. Python's work per step is proportional to the number of paramete
 
 It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
 :class:`~._base.SharpnessAwareOptimizer` defines them (SAM, ASAM, interval SAM, AE-SAM and
-ESAM, whose radius and mask the held pass B asks for; a variant overriding one takes the
-general path), a fused SGD/Adam/AdamW update, no ``capturable``, one native backend (not
-sharded), not under torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the
+ESAM, whose radius and mask the held pass B asks for) or with held forms of those a variant
+overrides (``_held_hooks``: GSAM's kept g is the bound list "first", its decomposition
+``_held_sources`` and its clip ``_held_update_clip``, from held reductions; any other override
+takes the general path), a fused SGD/Adam/AdamW update, no ``capturable``, one native backend
+(not sharded), not under torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the
 general path's (:class:`~._skips.SkipPolicy`), over the held gradients: the unscale and the
 inf/NaN check run as torch's foreach operators called from C++ on them. A plan is held after
 its first general step; an update whose state is not all made yet (a parameter's first step,
-Adam steps that differ) takes the general path for that group. Averaging and
-``max_grad_norm`` (its norm a held pass too) are folded in as in the general path. The kernels and
-tensors are those of the general path: the numbers are the same bit for bit
-(tests/test_held.py).
+Adam steps that differ) takes the general path for that group. Averaging and ``max_grad_norm``
+(its norm a held pass too) are folded in as in the general path. The kernels and tensors are
+those of the general path: the numbers are the same bit for bit (tests/test_held.py).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 from ..backends.native import HeldGradients, NativeBackend
 from ._plan import StepPlan
@@ -52,8 +54,15 @@ _HOOKS = ("_perturb_groups", "_first_buffers", "_before_update", "_after_update"
 def applies(opt: SharpnessAwareOptimizer) -> bool:
     """Whether ``opt``'s configuration can step over held plans (module docstring); the
     per-step conditions are checked by :class:`HeldSteps`."""
-    return (all(_same_hook(opt, name) for name in _HOOKS) and not opt._keeps_first_grads
+    own = opt._held_hooks  # what the variant's held forms stand for (GSAM's)
+    return (all(_same_hook(opt, name) or name in own for name in _HOOKS)
+            and (not opt._keeps_first_grads or "_keeps_first_grads" in own)
             and not opt._capturable)
+
+
+def with_params(plan: StepPlan) -> list[int]:
+    """The groups of ``plan`` with parameters (those a held call over the plan goes over)."""
+    return [i for i, ps in enumerate(plan.params) if ps]
 
 
 class HeldSteps:
@@ -78,9 +87,12 @@ class HeldSteps:
             return
         plan.held = backend.hold(plan.params, plan.idle)
         plan.members = [list(group["params"]) for group in self.opt.param_groups]
+        firsts = self.opt._first_buffers(plan)  # GSAM's kept g (persistent, made once)
         for i, w_old in enumerate(plan.w_old):
             if plan.params[i]:
                 plan.held.bind("w_old", i, w_old)
+                if firsts is not None:
+                    plan.held.bind("first", i, firsts[i])
 
     def current(self) -> StepPlan | None:
         """The held plan of this step, its gradients read until its ``held.release()``; or None
@@ -116,7 +128,7 @@ class HeldSteps:
         perturbed = opt._backend_for(plan.device).held_perturb(
             plan.held, groups, [opt._scaling(g) for g in chosen],
             tuple(opt._rho(g) for g in chosen), opt._q, opt._p, opt._eps, flag,
-            opt._perturbs, masks,
+            opt._perturbs, masks, "first" if opt._keeps_first_grads else "",
         )
         return plan if perturbed else False
 
@@ -155,36 +167,47 @@ class HeldSteps:
             return False
         backend = opt._backend_for(perturbed.device)
         held = perturbed.held
-        if self._skipped(perturbed, backend, w_old == "w_old"):
+        after_perturb = w_old == "w_old"
+        if self._skipped(perturbed, backend, after_perturb):
             return True
-        clip = None  # max_grad_norm's coefficient, as _clip_coefficient forms it
-        if opt.max_grad_norm is not None:
-            with_params = [i for i, ps in enumerate(perturbed.params) if ps]
-            clip = opt._clip_from(backend.held_norm(held, with_params))
+        if after_perturb:  # the hooks of a SAM step's update (GSAM's decomposition)
+            clip = opt._held_update_clip(perturbed, backend)
+            sources = opt._held_sources(perturbed, backend, clip)
+        else:
+            clip, sources = self.clip(perturbed, backend), None
         averages = opt._averager.count_update(perturbed)
         for i, group in enumerate(opt.param_groups):
             if not perturbed.params[i]:
                 continue
             average = averages[i] if averages else None
+            source = sources[i] if sources else None
             if average is not None and ("average", i) not in held.bound:
                 held.bind("average", i, average.buffers)
             if kind == "sgd":
-                backend.held_sgd(held, i, sgd_hyper(group, None, clip), average, w_old)
+                backend.held_sgd(held, i, sgd_hyper(group, None, clip), average, w_old, source)
                 continue
             step = held.increment_steps(i)
             decoupled = decoupled_weight_decay(opt.base_optimizer, group)
             if step is not None:
                 backend.held_adam(held, i, adam_hyper(group, decoupled, step, None, clip),
-                                  average, w_old)
+                                  average, w_old, source)
                 continue
             # steps that differ (parameters that joined late): the per-value general update
             params = perturbed.params[i]
             opt._fused.adam(backend, group, decoupled, params, [p.grad for p in params],
                             params if w_old == "params" else perturbed.w_old[i],
-                            opt._planner.states(perturbed, opt.state)[i], None, average, None,
-                            clip)
+                            opt._planner.states(perturbed, opt.state)[i],
+                            source.source if source else None, average, None, clip)
         opt._averager.average_rest(perturbed, averages, False)
         return True
+
+    def clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
+        """max_grad_norm's coefficient for an update over ``plan`` (None without it), as
+        ``_clip_coefficient`` forms it: ‖g‖² a held norm pass over the groups with params."""
+        opt = self.opt
+        if opt.max_grad_norm is None:
+            return None
+        return opt._clip_from(backend.held_norm(plan.held, with_params(plan)))
 
     def _skipped(self, plan: StepPlan, backend: NativeBackend, after_perturb: bool) -> bool:
         """GradScaler's and ``skip_nonfinite``'s decision over the held gradients, as the
@@ -195,8 +218,9 @@ class HeldSteps:
         scaler = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
         if scaler == (None, None) and not opt._skips.skip_nonfinite:
             return False
-        groups = [i for i, ps in enumerate(plan.params) if ps]
-        if not opt._skips.decide(scaler, HeldGradients(plan.held, groups), after_perturb,
+        groups = with_params(plan)
+        kept = "first" if after_perturb and opt._keeps_first_grads else None  # unscaled too
+        if not opt._skips.decide(scaler, HeldGradients(plan.held, groups, kept), after_perturb,
                                  plan.device):
             return False
         if after_perturb:  # the weights back, but those of groups never moved (own w_old)

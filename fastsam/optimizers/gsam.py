@@ -3,17 +3,22 @@ compatible with the official PyTorch GSAM construction and ``set_closure`` usage
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..backends.native import HeldSource
 from ..batchnorm import frozen_bn_stats
 from ..functional import DecomposeGroup, Decomposition, Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import check_finite_nonnegative
+from ._held import with_params
 from ._plan import StepPlan
+
+if TYPE_CHECKING:
+    from ..backends.native import NativeBackend
 
 # The perturbation scaling of each ``adaptive`` option.
 _ADAPTIVE = {
@@ -162,6 +167,8 @@ class GSAM(SharpnessAwareOptimizer):
 
     # ----------------------------------------------------------------- options
     _keeps_first_grads = True  # the perturb pass keeps g for the decomposition
+    # over held plans: the kept g bound as "first", the two hooks' held forms below
+    _held_hooks = ("_keeps_first_grads", "_before_update", "_update_clip")
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
@@ -240,6 +247,27 @@ class GSAM(SharpnessAwareOptimizer):
         backend = self._backend_for(now.device)
         self._clip_sums = backend.gsam_sums(self._decompose_groups(perturbed, grads))
         return self._clip_from(self._clip_sums[1])
+
+    def _held_update_clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
+        """:meth:`_update_clip` over a held plan: the three sums a held reduction."""
+        if self.max_grad_norm is None:
+            return None
+        self._clip_sums = backend.held_gsam_sums(plan.held, with_params(plan))
+        return self._clip_from(self._clip_sums[1])
+
+    def _held_sources(self, plan: StepPlan, backend: NativeBackend,
+                      clip: Tensor | None) -> list[HeldSource | None]:
+        """:meth:`_before_update` over a held plan: along a held reduction over the gradients
+        and the kept g (bound as "first"), each group's decomposition read from "first"."""
+        if clip is None:
+            along = backend.held_gsam_along(plan.held, with_params(plan), self._eps)
+        else:
+            along = self._clipped_along(self._clip_sums, clip)
+        return [
+            HeldSource("first", Decomposition(f, float(group["gsam_alpha"]), along))
+            if float(group["gsam_alpha"]) != 0.0 and f else None
+            for f, group in zip(self._first_buffers(plan), self.param_groups)
+        ]
 
     def _clipped_along(self, sums: Tensor, clip: Tensor) -> Tensor:
         """``along`` (:func:`fastsam.functional.gsam_along_from_sums`) of the clipped c·g_adv
