@@ -38,7 +38,8 @@
 // steady state of the native backends; torch.compile traces the list operators. refresh:
 // whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
 // GSAM's reduction; scale and check_nonfinite: GradScaler's unscale and skip_nonfinite's
-// check over the plan's gradients (torch's foreach operators, one call per dtype).
+// check over the plan's gradients (torch's foreach operators, one call per dtype); add: a
+// foreach axpy between two of its lists (WSAM's decoupled term).
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -114,6 +115,7 @@ TORCH_LIBRARY(fastsam, m) {
       .def("adam", &fastsam::held_adam)
       .def("gsam", &fastsam::held_gsam)
       .def("scale", &fastsam::held_scale)
+      .def("add", &fastsam::held_add)
       .def("check_nonfinite", &fastsam::held_check_nonfinite);
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).

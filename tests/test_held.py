@@ -102,6 +102,16 @@ CONFIGS = {
                                                adaptive=True, backend="cpu"),
     "agsam-adam-ema": lambda ps: fastsam.GSAM(ps, torch.optim.Adam, lr=1e-2, adaptive="agsam",
                                               average=fastsam.EMA(0.9), backend="cpu"),
+    # WSAM: GSAM's mode with fixed coefficients from "first"; decoupled, its term after the
+    # update (two foreach passes over the held lists, the second per group's lr)
+    "wsam-sgd-decoupled-groups": lambda ps: fastsam.WSAM(
+        two_groups(ps), torch.optim.SGD, lr=0.1, momentum=0.9, gamma=0.8, backend="cpu"),
+    "wsam-adamw-decoupled-clip": lambda ps: fastsam.WSAM(
+        ps, torch.optim.AdamW, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5, adaptive=True,
+        backend="cpu"),
+    "wsam-adam-coupled-swa": lambda ps: fastsam.WSAM(ps, torch.optim.Adam, lr=1e-2, gamma=0.7,
+                                                     decouple=False, average="swa",
+                                                     backend="cpu"),
     # ESAM: the held perturb pass draws the mask of the general path (each step's key)
     "esam-sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, beta=0.4,
                                         seed=5, backend="cpu"),
@@ -324,7 +334,7 @@ def test_skip_nonfinite_is_held(base, sam_on, calls):
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-@pytest.mark.parametrize("kind", [fastsam.SAM, fastsam.GSAM])
+@pytest.mark.parametrize("kind", [fastsam.SAM, fastsam.GSAM, fastsam.WSAM])
 def test_grad_scaler_steps_are_held(kind, base, calls):
     """scaler.step(optimizer) over held plans: the gradients (and GSAM's kept first-pass ones)
     unscaled per dtype in C++, a step whose gradients overflow skipped with the weights
@@ -367,17 +377,37 @@ def test_grad_scaler_steps_are_held(kind, base, calls):
     assert calls["restore"] == 1
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_wsam_refusal_over_a_held_plan(calls):
+    """A tensor lr given to WSAM(decouple=True) between steps: the held second step refuses it
+    as the general path does, with the weights restored bit for bit."""
+    params = make_params(SHAPES, torch.float32, DEVICE, seed=3)
+    opt = fastsam.WSAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend="cpu")
+    land = Landscape(SHAPES)
+    drive(opt, params, land, 3)
+    assert calls["perturb"] == 2
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["lr"] = torch.tensor(0.1)
+    land.set_grads(params)
+    opt.first_step(zero_grad=True)
+    assert calls["perturb"] == 3  # held
+    land.set_grads(params)
+    with pytest.raises(RuntimeError, match="a float lr with decouple=True"):
+        opt.second_step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
 def test_excluded_configurations_have_no_held_path():
     p = [torch.nn.Parameter(torch.ones(3))]
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu",
                        skip_nonfinite=True)._held is not None
     assert fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
+    assert fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     for opt in (
         fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
-        fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
     ):
         assert opt._held is None, type(opt).__name__
@@ -406,6 +436,12 @@ def test_held_plan_refuses_misuse():
     plan.scale([1], ["grad"], [torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0)])
     assert torch.equal(ps[1].grad, torch.full((3,), 6.0)) and torch.equal(ps[0].grad,
                                                                           torch.zeros(2))
+    with pytest.raises(ValueError, match="cannot write 'grad'"):
+        plan.add([0], "grad", "params", 1.0, None)
+    with torch.no_grad():
+        plan.add([1], "params", "grad", -0.5, torch.tensor(2.0))  # p += -0.5·(g·2)
+        assert torch.equal(ps[1], torch.full((3,), -5.0))
+        ps[1].fill_(1.0)
     found = torch.zeros(1)
     plan.check_nonfinite([0, 1], found, torch.ones(1))
     assert found.item() == 0.0

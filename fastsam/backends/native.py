@@ -423,6 +423,13 @@ class NativeBackend(Backend):
         held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
                        hyper.maximize, *_held_source(source), hyper.skip, hyper.clip)
 
+    def held_add(self, held: HeldLists, groups: list[int], target: str, source: str,
+                 alpha: float, factor: Tensor | None = None) -> None:
+        """``target += alpha·source`` (times the 0-d ``factor`` when given) over the lists
+        ``target`` and ``source`` of ``groups`` of ``held`` (torch's foreach operators, called
+        from C++)."""
+        held.plan.add(groups, target, source, alpha, factor)
+
     def held_gsam_along(self, held: HeldLists, groups: list[int], eps: float) -> Tensor:
         """GSAM's along over ``groups`` of ``held`` (the gradients and the kept "first"), as
         :meth:`gsam_along`, in the same kept buffer."""

@@ -74,7 +74,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     _keeps_w_old = True  # the perturb pass copies w into a persistent buffer
     _keeps_first_grads = False  # GSAM, LookSAM: the perturb pass also keeps g
     # The hooks below a variant overrides and still steps over held plans with (_held.py),
-    # through their held forms (_held_update_clip, _held_sources): GSAM's.
+    # through their held forms (_held_update_clip, _held_sources, _held_after_update): GSAM's,
+    # WSAM's.
     _held_hooks: tuple[str, ...] = ()
 
     def __init__(
@@ -394,6 +395,10 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         plan of both passes): per group, the gradient source of its held update (None: the
         plain gradient), or None for every group."""
         return None
+
+    def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
+                           clip: Tensor | None) -> None:
+        """:meth:`_after_update` over the held plan ``plan`` of a SAM step's fused update."""
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,

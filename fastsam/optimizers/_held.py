@@ -13,16 +13,17 @@ and list names. Python's work per step is proportional to the number of paramete
 It takes the steps that are passes A, B and C and nothing else: the engine's hooks as
 :class:`~._base.SharpnessAwareOptimizer` defines them (SAM, ASAM, interval SAM, AE-SAM and
 ESAM, whose radius and mask the held pass B asks for) or with held forms of those a variant
-overrides (``_held_hooks``: GSAM's kept g is the bound list "first", its decomposition
-``_held_sources`` and its clip ``_held_update_clip``, from held reductions; any other override
-takes the general path), a fused SGD/Adam/AdamW update, no ``capturable``, one native backend
-(not sharded), not under torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the
-general path's (:class:`~._skips.SkipPolicy`), over the held gradients: the unscale and the
-inf/NaN check run as torch's foreach operators called from C++ on them. A plan is held after
-its first general step; an update whose state is not all made yet (a parameter's first step,
-Adam steps that differ) takes the general path for that group. Averaging and ``max_grad_norm``
-(its norm a held pass too) are folded in as in the general path. The kernels and tensors are
-those of the general path: the numbers are the same bit for bit (tests/test_held.py).
+overrides (``_held_hooks``: GSAM's and WSAM's kept g is the bound list "first", the
+decomposition ``_held_sources``, GSAM's clip ``_held_update_clip`` from held reductions, WSAM's
+decoupled term ``_held_after_update``; any other override takes the general path), a fused
+SGD/Adam/AdamW update, no ``capturable``, one native backend (not sharded), not under
+torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the general path's
+(:class:`~._skips.SkipPolicy`), over the held gradients: the unscale and the inf/NaN check run
+as torch's foreach operators called from C++ on them. A plan is held after its first general
+step; an update whose state is not all made yet (a parameter's first step, Adam steps that
+differ) takes the general path for that group. Averaging and ``max_grad_norm`` (its norm a held
+pass too) are folded in as in the general path. The kernels and tensors are those of the
+general path: the numbers are the same bit for bit (tests/test_held.py).
 """
 from __future__ import annotations
 
@@ -198,6 +199,8 @@ class HeldSteps:
                             params if w_old == "params" else perturbed.w_old[i],
                             opt._planner.states(perturbed, opt.state)[i],
                             source.source if source else None, average, None, clip)
+        if after_perturb:
+            opt._held_after_update(perturbed, backend, clip)
         opt._averager.average_rest(perturbed, averages, False)
         return True
 

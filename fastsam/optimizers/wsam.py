@@ -3,15 +3,20 @@ a Regularization Term")."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..backends.native import HeldSource
 from ..functional import Decomposition, Scaling
 from ._base import SharpnessAwareOptimizer
+from ._held import with_params
 from ._plan import StepPlan
+
+if TYPE_CHECKING:
+    from ..backends.native import NativeBackend
 
 
 class WSAM(SharpnessAwareOptimizer):
@@ -108,21 +113,10 @@ class WSAM(SharpnessAwareOptimizer):
         decoupled update); otherwise written into ``.grad``."""
         if now.device is None:
             return None
-        why = ("the same parameters to have gradients in both passes (a parameter gained or "
-               "lost its gradient between first_step() and second_step())"
-               if now is not perturbed else
-               "a float lr with decouple=True (its term is lr·α·(g_adv − g))"
-               if self.decouple and any(isinstance(g["lr"], Tensor) for g in self.param_groups)
-               else None)
-        if why is not None:  # refused before anything is updated
-            self._restore(perturbed)
-            raise RuntimeError(f"WSAM needs {why}; the weights are restored")
+        self._refuse(perturbed, now)
         firsts = self._first_buffers(perturbed)
-        coefficient = -1.0 if self.decouple else self.alpha - 1.0
         if fused:
-            along = self._along(now.device)
-            return [Decomposition(f, coefficient, along) if f and coefficient != 0.0 else None
-                    for f in firsts]
+            return self._decompositions(perturbed)
         local = self._backend_for(now.device).local
         for adv, first in zip(grads, firsts):
             if not adv:
@@ -135,6 +129,48 @@ class WSAM(SharpnessAwareOptimizer):
                 torch._foreach_mul_(adv, self.alpha)
                 torch._foreach_add_(adv, first, alpha=1.0 - self.alpha)
         return None
+
+    def _refuse(self, perturbed: StepPlan, now: StepPlan) -> None:
+        """Before anything is updated: refuse (the weights restored) a second step whose
+        parameters with gradients changed since the first, or a tensor lr with decoupling."""
+        why = ("the same parameters to have gradients in both passes (a parameter gained or "
+               "lost its gradient between first_step() and second_step())"
+               if now is not perturbed else
+               "a float lr with decouple=True (its term is lr·α·(g_adv − g))"
+               if self.decouple and any(isinstance(g["lr"], Tensor) for g in self.param_groups)
+               else None)
+        if why is not None:
+            self._restore(perturbed)
+            raise RuntimeError(f"WSAM needs {why}; the weights are restored")
+
+    def _decompositions(self, plan: StepPlan) -> list[Decomposition | None]:
+        """Per group, the fused update's gradient source: the mode-1 decomposition with
+        along = 1 and c = α − 1, or c = −1 decoupled (module docstring)."""
+        coefficient = -1.0 if self.decouple else self.alpha - 1.0
+        along = self._along(plan.device)
+        return [Decomposition(f, coefficient, along) if f and coefficient != 0.0 else None
+                for f in self._first_buffers(plan)]
+
+    # over held plans (fastsam/optimizers/_held.py): the same, on the plan's lists (the kept g
+    # bound as "first")
+    _held_hooks = ("_keeps_first_grads", "_before_update", "_after_update")
+
+    def _held_sources(self, plan: StepPlan, backend: NativeBackend,
+                      clip: Tensor | None) -> list[HeldSource | None]:
+        self._refuse(plan, plan)
+        return [None if d is None else HeldSource("first", d)
+                for d in self._decompositions(plan)]
+
+    def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
+                           clip: Tensor | None) -> None:
+        """:meth:`_after_update`'s two foreach passes over the held lists (called from C++)."""
+        if not self.decouple:
+            return
+        groups = with_params(plan)
+        backend.held_add(plan.held, groups, "first", "grad", -1.0, clip)  # g − c·g_adv
+        for i in groups:
+            backend.held_add(plan.held, [i], "params", "first",
+                             float(self.param_groups[i]["lr"]) * self.alpha)
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
