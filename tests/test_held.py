@@ -397,6 +397,49 @@ def test_wsam_refusal_over_a_held_plan(calls):
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
+FREESAM = {  # one pass per step: the update reads the stored gradient ("previous") and
+    # stores this step's in its place
+    "freesam-sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                              nesterov=True, backend="cpu"),
+    "freesam-adamw-clip-ema": lambda ps: fastsam.FreeSAM(
+        two_groups(ps), torch.optim.AdamW, max_grad_norm=0.5, average=fastsam.EMA(0.9),
+        backend="cpu"),
+    "freesam-adam-skip": lambda ps: fastsam.FreeSAM(ps, torch.optim.Adam, lr=1e-2,
+                                                    skip_nonfinite=True, backend="cpu"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("name", sorted(FREESAM))
+def test_freesam_steps_are_held(name, calls):
+    """FreeSAM over held plans: bit for bit the general path's (weights, state, the stored
+    gradients), a late gradient (a new plan, the general path) and a NaN step (skipped) on
+    the way."""
+    a, b = pair(FREESAM[name])
+    land = Landscape(SHAPES)
+    # SGD: parameter 1 without a gradient at step 4, plans change twice (Adam's steps would
+    # differ after it: the per-value general update, tested above)
+    skip = {4: (1,)} if "sgd" in name else {}
+    for t in range(10):
+        for opt, params in (a, b):
+            land.set_grads(params, skip.get(t, ()))
+            if "skip" in name and t == 7:
+                params[0].grad[0] = float("nan")
+            opt.step()
+            opt.zero_grad()
+        assert_same(a, b)
+        for p, q in zip(a[1], b[1]):
+            sa, sb = a[0]._stored.get(p), b[0]._stored.get(q)
+            assert (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))
+    groups = len(a[0].param_groups)
+    # general: the first step, and the steps that make a plan (4 and 5); the skipped step
+    # makes no update call
+    held = 10 - (3 if skip else 1) - (1 if "skip" in name else 0)
+    assert calls["sgd"] + calls["adam"] == groups * held
+    if "skip" in name:
+        assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
+
+
 def test_excluded_configurations_have_no_held_path():
     p = [torch.nn.Parameter(torch.ones(3))]
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None

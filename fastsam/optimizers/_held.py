@@ -38,7 +38,9 @@ from ._plan import StepPlan
 from ._update import adam_hyper, decoupled_weight_decay, sgd_hyper
 
 if TYPE_CHECKING:
+    from ..backends.native import HeldSource
     from ._base import SharpnessAwareOptimizer
+    from ._core import FusedOptimizer
 
 
 def _same_hook(opt: SharpnessAwareOptimizer, name: str) -> bool:
@@ -61,6 +63,10 @@ def applies(opt: SharpnessAwareOptimizer) -> bool:
             and not opt._capturable)
 
 
+# A plain update's gradient source per group of a plan (None: the plain gradient).
+PlainSources = Callable[[StepPlan], "list[HeldSource | None]"]
+
+
 def with_params(plan: StepPlan) -> list[int]:
     """The groups of ``plan`` with parameters (those a held call over the plan goes over)."""
     return [i for i, ps in enumerate(plan.params) if ps]
@@ -68,9 +74,10 @@ def with_params(plan: StepPlan) -> list[int]:
 
 class HeldSteps:
     """The first and second steps of ``opt`` over held plans, when they apply (each returns
-    False, having changed nothing, when the general path must take the step)."""
+    False, having changed nothing, when the general path must take the step); FreeSAM's
+    one-pass steps (:meth:`plain`)."""
 
-    def __init__(self, opt: SharpnessAwareOptimizer) -> None:
+    def __init__(self, opt: SharpnessAwareOptimizer | FusedOptimizer) -> None:
         self.opt = opt
 
     def _backend(self, plan: StepPlan) -> NativeBackend | None:
@@ -88,7 +95,9 @@ class HeldSteps:
             return
         plan.held = backend.hold(plan.params, plan.idle)
         plan.members = [list(group["params"]) for group in self.opt.param_groups]
-        firsts = self.opt._first_buffers(plan)  # GSAM's kept g (persistent, made once)
+        # GSAM's and WSAM's kept g (persistent, made once)
+        keeps = getattr(self.opt, "_keeps_first_grads", False)  # (FreeSAM keeps none)
+        firsts = self.opt._first_buffers(plan) if keeps else None
         for i, w_old in enumerate(plan.w_old):
             if plan.params[i]:
                 plan.held.bind("w_old", i, w_old)
@@ -141,11 +150,13 @@ class HeldSteps:
         return self._over_current(
             lambda current: current is perturbed and self._update(perturbed, "w_old"))
 
-    def plain(self) -> bool:
+    def plain(self, sources: PlainSources | None = None) -> bool:
         """A plain update over the held plan (the steps between SAM steps of interval SAM and
-        AE-SAM): pass C with each parameter its own w_old, as the general path's
-        ``_update_in_place``; False, with nothing done, when the general path must take it."""
-        return self._over_current(lambda current: self._update(current, "params"))
+        AE-SAM; FreeSAM's steps): pass C with each parameter its own w_old, as the general
+        path's ``_update_in_place``, with the gradient sources ``sources(plan)`` gives per group
+        (FreeSAM's swap), given; False, with nothing done, when the general path must take
+        it."""
+        return self._over_current(lambda current: self._update(current, "params", sources))
 
     def _over_current(self, update: Callable[[StepPlan], bool]) -> bool:
         """``update(plan)`` over the held plan of this step call (its gradients read until it
@@ -159,7 +170,8 @@ class HeldSteps:
         finally:
             current.held.release()
 
-    def _update(self, perturbed: StepPlan, w_old: str) -> bool:
+    def _update(self, perturbed: StepPlan, w_old: str,
+                plain_sources: PlainSources | None = None) -> bool:
         """Pass C over ``perturbed``, restoring from the list ``w_old`` ("params": a plain
         update from the weights as they are)."""
         opt = self.opt
@@ -175,7 +187,8 @@ class HeldSteps:
             clip = opt._held_update_clip(perturbed, backend)
             sources = opt._held_sources(perturbed, backend, clip)
         else:
-            clip, sources = self.clip(perturbed, backend), None
+            clip = self.clip(perturbed, backend)
+            sources = plain_sources(perturbed) if plain_sources is not None else None
         averages = opt._averager.count_update(perturbed)
         for i, group in enumerate(opt.param_groups):
             if not perturbed.params[i]:

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..backends.native import HeldSource
 from ..functional import Swap
+from . import _held
 from ._core import FusedOptimizer
 from ._plan import StepPlan
 
@@ -89,6 +91,9 @@ class FreeSAM(FusedOptimizer):
                          base_kwargs=base_kwargs, average=average,
                          skip_nonfinite=skip_nonfinite, capturable=capturable,
                          max_grad_norm=max_grad_norm)
+        # the steady state over plans held in C++ (_held.py): the update with the stored
+        # gradients bound to the plan as "previous"
+        self._held = None if capturable else _held.HeldSteps(self)
 
     def first_step(self, zero_grad: bool = False) -> None:
         """Not a step of FreeSAM's (a migration aid): it has no perturbation to make."""
@@ -127,6 +132,11 @@ class FreeSAM(FusedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if (self._held is not None and self._stored_plan is not None
+                and self._stored_plan[0] is self._planner.current
+                and self._held.plain(self._held_swaps)):
+            self._mark_stepped()  # the steady state (_held.py)
+            return loss
         plan, flat_grads = self._step_plan()
         self._check_capturable(plan)
         all_grads = plan.grads(flat_grads)
@@ -150,6 +160,8 @@ class FreeSAM(FusedOptimizer):
             flag = skip if isinstance(skip, Tensor) else None
             self._update_in_place(plan, all_grads, [Swap(previous) for previous in stored],
                                   flag, clip)
+            if self._held is not None:
+                self._held.adopt(plan)  # the next steps over this plan: held in C++
             return loss
         # The base optimizer steps with the stored gradients in .grad, then .grad gets this
         # step's gradient back (kept in the stored buffer meanwhile).
@@ -165,6 +177,20 @@ class FreeSAM(FusedOptimizer):
             if grads:
                 torch._foreach_copy_(grads, previous)
         return loss
+
+    def _held_swaps(self, plan: StepPlan) -> list[HeldSource | None]:
+        """The held update's source per group of ``plan`` (the plan of the stored buffers):
+        :class:`~fastsam.functional.Swap` of the stored gradients, bound as "previous"."""
+        held, stored = plan.held, self._stored_plan[1]
+        out: list[HeldSource | None] = []
+        for i, previous in enumerate(stored):
+            if not plan.params[i]:
+                out.append(None)
+                continue
+            if ("previous", i) not in held.bound:
+                held.bind("previous", i, previous)
+            out.append(HeldSource("previous", Swap(previous)))
+        return out
 
     # ----------------------------------------------------------------- state
     def _param_stores(self) -> dict[str, dict[Tensor, Tensor]]:
