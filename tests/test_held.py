@@ -397,6 +397,46 @@ def test_wsam_refusal_over_a_held_plan(calls):
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
+LOOKSAM = {  # k = 3: the look-ahead steps held (a correction read from "direction"), the SAM
+    # steps on the general path
+    "looksam-sgd-groups": lambda ps: fastsam.LookSAM(two_groups(ps), torch.optim.SGD,
+                                                     momentum=0.9, k=3, backend="cpu"),
+    "looksam-adamw-clip": lambda ps: fastsam.LookSAM(ps, torch.optim.AdamW, lr=1e-2, k=3,
+                                                     weight_decay=0.1, max_grad_norm=0.5,
+                                                     alpha=0.5, backend="cpu"),
+    "looksam-sgd-skip-ema": lambda ps: fastsam.LookSAM(ps, torch.optim.SGD, lr=0.1, k=3,
+                                                       momentum=0.9, skip_nonfinite=True,
+                                                       average=fastsam.EMA(0.9),
+                                                       backend="cpu"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("name", sorted(LOOKSAM))
+def test_looksam_look_ahead_steps_are_held(name, calls):
+    """LookSAM's look-ahead steps over held plans, bit for bit the general path's (weights,
+    state, u_v), a NaN look-ahead step skipped; its SAM steps take the general path."""
+    a, b = pair(LOOKSAM[name])
+    land = Landscape(SHAPES)
+    for t in range(9):
+        for opt, params in (a, b):
+            land.set_grads(params)
+            if "skip" in name and t == 4:
+                params[2].grad.view(-1)[0] = float("nan")
+            if opt.first_step(zero_grad=True):
+                land.set_grads(params)
+                opt.second_step(zero_grad=True)
+        assert_same(a, b)
+        for p, q in zip(a[1], b[1]):
+            da, db = a[0]._direction.get(p), b[0]._direction.get(q)
+            assert (da is None) == (db is None) and (da is None or torch.equal(da, db))
+    groups = len(a[0].param_groups)
+    look_ahead = 6 - (1 if "skip" in name else 0)  # steps 1, 2, 4, 5, 7, 8 (4 skipped)
+    assert calls["perturb"] == 0 and calls["sgd"] + calls["adam"] == groups * look_ahead
+    if "skip" in name:
+        assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
+
+
 FREESAM = {  # one pass per step: the update reads the stored gradient ("previous") and
     # stores this step's in its place
     "freesam-sgd": lambda ps: fastsam.FreeSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
@@ -447,10 +487,11 @@ def test_excluded_configurations_have_no_held_path():
                        skip_nonfinite=True)._held is not None
     assert fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     assert fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
+    looksam = fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")
+    assert looksam._held is not None and not looksam._held.sam_steps  # look-ahead steps only
     for opt in (
         fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
-        fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
         fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
     ):
         assert opt._held is None, type(opt).__name__

@@ -115,7 +115,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             max_grad_norm=max_grad_norm,
         )
         # the steady state over plans held in C++, for the configurations it takes
-        self._held = _held.HeldSteps(self) if _held.applies(self) else None
+        self._held = (_held.HeldSteps(self, _held.sam_steps_apply(self)) if _held.applies(self)
+                      else None)
 
     @property
     def _perturbed(self) -> StepPlan | None:
@@ -273,13 +274,16 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     def _unperturbed_step(
         self, zero_grad: bool,
         correction: Callable[[StepPlan, list[list[Tensor]]], list | None] | None = None,
+        held_correction: _held.PlainSources | None = None,
     ) -> None:
         """A step with no perturbation (interval SAM's plain steps, LookSAM's look-ahead
         steps; the step counter already advanced): the update with the current gradients, or
-        with the per-group gradient sources ``correction(plan, grads)`` returns. Under
+        with the per-group gradient sources ``correction(plan, grads)`` returns (over a held
+        plan: those ``held_correction`` returns, given; without it, the general path). Under
         GradScaler (``scaler.step(optimizer)``) the gradients are unscaled first, and a step
         whose gradients hold inf/NaN is skipped, as is one under ``skip_nonfinite``."""
-        if correction is None and self._held is not None and self._held.plain():
+        if ((correction is None or held_correction is not None) and self._held is not None
+                and self._held.plain(held_correction)):
             self._mark_stepped()  # over the held plan (_held.py)
             if zero_grad:
                 self.zero_grad()

@@ -54,17 +54,24 @@ _HOOKS = ("_perturb_groups", "_first_buffers", "_before_update", "_after_update"
           "_update_clip")
 
 
-def applies(opt: SharpnessAwareOptimizer) -> bool:
-    """Whether ``opt``'s configuration can step over held plans (module docstring); the
-    per-step conditions are checked by :class:`HeldSteps`."""
-    own = opt._held_hooks  # what the variant's held forms stand for (GSAM's)
+def sam_steps_apply(opt: SharpnessAwareOptimizer) -> bool:
+    """Whether ``opt``'s SAM steps (two passes) can step over held plans (module docstring)."""
+    own = opt._held_hooks  # what the variant's held forms stand for (GSAM's, WSAM's)
     return (all(_same_hook(opt, name) or name in own for name in _HOOKS)
-            and (not opt._keeps_first_grads or "_keeps_first_grads" in own)
-            and not opt._capturable)
+            and (not opt._keeps_first_grads or "_keeps_first_grads" in own))
 
 
-# A plain update's gradient source per group of a plan (None: the plain gradient).
-PlainSources = Callable[[StepPlan], "list[HeldSource | None]"]
+def applies(opt: SharpnessAwareOptimizer) -> bool:
+    """Whether ``opt``'s configuration can step over held plans: its SAM steps, or its steps
+    between them (LookSAM's look-ahead steps, held while its SAM steps are not); the per-step
+    conditions are checked by :class:`HeldSteps`."""
+    return not opt._capturable and (sam_steps_apply(opt)
+                                    or "_between_sam_steps" in opt._held_hooks)
+
+
+# A plain update's gradient source per group of a plan (None: the plain gradient), given
+# max_grad_norm's coefficient of the update (or None).
+PlainSources = Callable[[StepPlan, "Tensor | None"], "list[HeldSource | None]"]
 
 
 def with_params(plan: StepPlan) -> list[int]:
@@ -77,8 +84,9 @@ class HeldSteps:
     False, having changed nothing, when the general path must take the step); FreeSAM's
     one-pass steps (:meth:`plain`)."""
 
-    def __init__(self, opt: SharpnessAwareOptimizer | FusedOptimizer) -> None:
+    def __init__(self, opt: SharpnessAwareOptimizer | FusedOptimizer, sam_steps: bool) -> None:
         self.opt = opt
+        self.sam_steps = sam_steps  # first and second steps held too (not LookSAM's, FreeSAM's)
 
     def _backend(self, plan: StepPlan) -> NativeBackend | None:
         if plan.device is None or torch.compiler.is_compiling():
@@ -117,7 +125,7 @@ class HeldSteps:
     def perturb(self) -> StepPlan | bool | None:
         """Passes A and B over the held plan; False: pass A made, the optimizer decided on a
         plain step instead (``_perturbs``: AE-SAM); None (nothing done) without one."""
-        plan = self.current()
+        plan = self.current() if self.sam_steps else None
         if plan is None:
             return None
         try:
@@ -145,7 +153,7 @@ class HeldSteps:
     def update(self, perturbed: StepPlan) -> bool:
         """Pass C (restore + base update) over the held plan ``perturbed`` of the first step;
         False, with nothing done, when the general path must take it."""
-        if perturbed.held is None:
+        if perturbed.held is None or not self.sam_steps:
             return False
         return self._over_current(
             lambda current: current is perturbed and self._update(perturbed, "w_old"))
@@ -154,8 +162,8 @@ class HeldSteps:
         """A plain update over the held plan (the steps between SAM steps of interval SAM and
         AE-SAM; FreeSAM's steps): pass C with each parameter its own w_old, as the general
         path's ``_update_in_place``, with the gradient sources ``sources(plan)`` gives per group
-        (FreeSAM's swap), given; False, with nothing done, when the general path must take
-        it."""
+        (FreeSAM's swap, LookSAM's correction), given; False, with nothing done, when the
+        general path must take it."""
         return self._over_current(lambda current: self._update(current, "params", sources))
 
     def _over_current(self, update: Callable[[StepPlan], bool]) -> bool:
@@ -188,7 +196,7 @@ class HeldSteps:
             sources = opt._held_sources(perturbed, backend, clip)
         else:
             clip = self.clip(perturbed, backend)
-            sources = plain_sources(perturbed) if plain_sources is not None else None
+            sources = plain_sources(perturbed, clip) if plain_sources is not None else None
         averages = opt._averager.count_update(perturbed)
         for i, group in enumerate(opt.param_groups):
             if not perturbed.params[i]:

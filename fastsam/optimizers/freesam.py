@@ -93,7 +93,7 @@ class FreeSAM(FusedOptimizer):
                          max_grad_norm=max_grad_norm)
         # the steady state over plans held in C++ (_held.py): the update with the stored
         # gradients bound to the plan as "previous"
-        self._held = None if capturable else _held.HeldSteps(self)
+        self._held = None if capturable else _held.HeldSteps(self, sam_steps=False)
 
     def first_step(self, zero_grad: bool = False) -> None:
         """Not a step of FreeSAM's (a migration aid): it has no perturbation to make."""
@@ -178,7 +178,7 @@ class FreeSAM(FusedOptimizer):
                 torch._foreach_copy_(grads, previous)
         return loss
 
-    def _held_swaps(self, plan: StepPlan) -> list[HeldSource | None]:
+    def _held_swaps(self, plan: StepPlan, clip: Tensor | None) -> list[HeldSource | None]:
         """The held update's source per group of ``plan`` (the plan of the stored buffers):
         :class:`~fastsam.functional.Swap` of the stored gradients, bound as "previous"."""
         held, stored = plan.held, self._stored_plan[1]

@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..backends.native import HeldSource
 from ..functional import Correction, DecomposeGroup, PerturbGroup, Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import check_finite_nonnegative
+from ._held import with_params
 from ._plan import StepPlan, persistent_buffer
 
 STATE_KEY = "looksam_direction"  # per-parameter state: the unit orthogonal direction u_v
@@ -159,10 +161,14 @@ class LookSAM(SharpnessAwareOptimizer):
         """A SAM step every k steps (the base's ``interval``)."""
         return self.interval
 
+    # Its look-ahead steps step over held plans (fastsam/optimizers/_held.py), u_v bound as
+    # "direction"; its SAM steps (one in k) take the general path.
+    _held_hooks = ("_between_sam_steps",)
+
     def _between_sam_steps(self, zero_grad: bool) -> None:
         """The look-ahead step: the update with the corrected gradient (first_step() returns
         False: no second pass)."""
-        self._unperturbed_step(zero_grad, self._correction)
+        self._unperturbed_step(zero_grad, self._correction, self._held_correction)
 
     def _correction(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> list | None:
         """The look-ahead step's gradient g + α·‖g‖·u_v: per group, the source the fused update
@@ -179,13 +185,34 @@ class LookSAM(SharpnessAwareOptimizer):
                                         [scale.to(d.dtype).expand_as(d) for d in ds])
         return None
 
+    def _held_correction(self, plan: StepPlan, clip: Tensor | None) -> list[HeldSource | None]:
+        """:meth:`_correction` over a held plan (its fused update), ‖g‖² a held norm pass:
+        per group the :class:`~fastsam.functional.Correction` of u_v (bound as "direction"),
+        its scale times ``clip`` as ``_update_in_place`` makes it."""
+        held = plan.held
+        scale = self._scale_of(self._backend_for(plan.device).held_norm(held, with_params(plan)))
+        out: list[HeldSource | None] = []
+        for i, directions in enumerate(self._plan_directions(plan)):
+            if not plan.params[i]:
+                out.append(None)
+                continue
+            if ("direction", i) not in held.bound:
+                held.bind("direction", i, directions)
+            source = Correction(directions, scale)
+            out.append(HeldSource("direction", source if clip is None
+                                  else self._clipped_correction(source, clip)))
+        return out
+
     def _look_ahead_scale(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor:
         """α·‖g‖ over every parameter with a gradient, as a 0-d device tensor (one fused
         reduction; never read by the host)."""
         grads = [g for gs in all_grads for g in gs]
         params = [p for ps in plan.params for p in ps]
         group = PerturbGroup(params, grads, params, 0.0, Scaling())
-        total = self._backend_for(plan.device).perturbation_norm([group], 2.0).total
+        return self._scale_of(self._backend_for(plan.device).perturbation_norm([group], 2.0).total)
+
+    def _scale_of(self, total: Tensor) -> Tensor:
+        """α·√``total`` (‖g‖², a 0-d device tensor) in a kept 0-d tensor."""
         kept = self._scale
         if kept is None or (kept[0].device, kept[0].dtype) != (total.device, total.dtype):
             # kept between steps, alpha as a tensor too: on the CPU, multiplying a 0-d tensor
