@@ -32,9 +32,9 @@
 //   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
 //   stream_read, stream_fill, stream_triad: the benchmark's streaming kernels (kernels.h)
 //
-// torch.classes.fastsam.HeldPlan (binding/held.h), a step plan's tensors held in C++, runs norm,
-// perturb, restore, sgd and adam as methods: each takes the groups of the call and a name per
-// list argument, and the other arguments as the operator it stands for. They are the eager
+// fastsam._C.HeldPlan (binding/held.h, binding/held_python.h), a step plan's tensors held in
+// C++, runs norm, perturb, restore, sgd and adam as methods: each takes the groups of the call
+// and a name per list argument, and the other arguments as the operator it stands for. They are the eager
 // steady state of the native backends; torch.compile traces the list operators. refresh:
 // whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
 // GSAM's reduction; scale and check_nonfinite: GradScaler's unscale and skip_nonfinite's
@@ -57,6 +57,7 @@
 #include "binding/cpu_device.h"
 #include "binding/cuda_device.h"
 #include "binding/held.h"
+#include "binding/held_python.h"
 #include "binding/ops.h"
 #include "binding/tables.h"
 #include "binding/text.h"
@@ -97,26 +98,6 @@ TORCH_LIBRARY(fastsam, m) {
   m.def("stream_read(Tensor x, Tensor(a!) out) -> ()");
   m.def("stream_fill(Tensor(a!) x, float value) -> ()");
   m.def("stream_triad(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
-  // A plan's tensors held in C++ and the passes over them (binding/held.h): methods, for any
-  // device (the plan's parameters choose the device adapter).
-  m.class_<fastsam::HeldPlan>("HeldPlan")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>())
-      .def("bind", &fastsam::HeldPlan::bind)
-      .def("refresh", &fastsam::HeldPlan::refresh)
-      .def("release", &fastsam::HeldPlan::release)
-      .def("increment_steps",
-           [](const fastsam::Held& self, std::string name, std::vector<int64_t> groups) {
-             return self->increment_steps(name, groups);
-           })
-      .def("norm", &fastsam::held_norm)
-      .def("perturb", &fastsam::held_perturb)
-      .def("restore", &fastsam::held_restore)
-      .def("sgd", &fastsam::held_sgd)
-      .def("adam", &fastsam::held_adam)
-      .def("gsam", &fastsam::held_gsam)
-      .def("scale", &fastsam::held_scale)
-      .def("add", &fastsam::held_add)
-      .def("check_nonfinite", &fastsam::held_check_nonfinite);
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).
   m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);
@@ -250,5 +231,11 @@ PyMethodDef methods[] = {
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastsam's native operators", -1,
                                methods};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  if (!fastsam::add_held_type(m)) {  // fastsam._C.HeldPlan (binding/held_python.h)
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

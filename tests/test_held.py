@@ -501,7 +501,7 @@ def test_held_plan_refuses_misuse():
     import fastsam._C  # noqa: F401
 
     ps = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
-    plan = torch.classes.fastsam.HeldPlan(ps, [1, 1], [])
+    plan = fastsam._C.HeldPlan(ps, [1, 1], [])
     with pytest.raises(ValueError, match="2 tensors for group 0 of 1"):
         plan.bind("w_old", 0, [torch.ones(2), torch.ones(3)])
     with pytest.raises(ValueError, match="not a name to bind"):
@@ -509,7 +509,7 @@ def test_held_plan_refuses_misuse():
     with pytest.raises(ValueError, match="group 2 of 2"):
         plan.bind("w_old", 2, [])
     with pytest.raises(ValueError, match="add up to 3"):
-        torch.classes.fastsam.HeldPlan(ps, [3], [])
+        fastsam._C.HeldPlan(ps, [3], [])
     assert not plan.refresh()  # no gradients yet
     for p in ps:
         p.grad = torch.zeros_like(p)

@@ -4,18 +4,18 @@
 // group numbers and list names instead of Python lists of tensors. Converting a Python list
 // costs ~0.2 us per tensor at every call; reading a gradient here costs a few ns.
 //
-// `HeldPlan` is a torch custom class (torch.classes.fastsam.HeldPlan); its pass methods
-// (norm, perturb, restore, sgd, adam: held_* below) take the groups of the call and, per list
-// argument of the operator they stand for,
-// the name of a bound list ("" for an empty list; "params"; "grad": the parameters' gradients
-// now) and
-// run that operator (binding/ops.h) on the lists it resolves.
+// Python sees `HeldPlan` as fastsam._C.HeldPlan (binding/held_python.h, a plain CPython type:
+// its calls convert their arguments in nanoseconds); its pass methods (norm, perturb,
+// restore, sgd, adam, gsam: held_* below) take the groups of the call and, per list argument
+// of the operator they stand for, the name of a bound list ("" for an empty list; "params";
+// "grad": the parameters' gradients now) and run that operator (binding/ops.h) on the lists
+// it resolves.
 #pragma once
 
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
-#include <torch/custom_class.h>
+#include <c10/util/intrusive_ptr.h>
 
 #include <cstring>
 #include <optional>
@@ -57,7 +57,7 @@ struct Resolved {
   at::TensorList view;
 };
 
-class HeldPlan : public torch::CustomClassHolder {
+class HeldPlan : public c10::intrusive_ptr_target {
  public:
   // params: the plan's parameters, group after group (group g has group_sizes[g]); idle: the
   // other parameters of the optimizer (no gradient when the plan was made).
@@ -454,10 +454,9 @@ std::string options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
   return key;
 }
 
-// The passes over a held plan, methods of HeldPlan (a method call costs a third of an
-// operator call taking a custom class): each as the operator of binding/ops.h it stands for,
-// the list arguments given by name. Not dispatched operators, so each records a profiler
-// event of its own.
+// The passes over a held plan, methods of fastsam._C.HeldPlan (binding/held_python.h): each
+// as the operator of binding/ops.h it stands for, the list arguments given by name. Not
+// dispatched operators, so each records a profiler event of its own.
 
 // lists: params, grads, momentum
 void held_norm(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,

@@ -168,13 +168,13 @@ def _averaging(hyper_scalars: tuple, average: Average | None) -> tuple[tuple, li
 
 
 class HeldLists:
-    """A step plan's tensors held in C++ (``torch.classes.fastsam.HeldPlan``, csrc/binding/
-    held.h): the plan's parameters (their gradients are read there, at each call) and the lists
+    """A step plan's tensors held in C++ (``fastsam._C.HeldPlan``, csrc/binding/held.h):
+    the plan's parameters (their gradients are read there, at each call) and the lists
     bound to it by name, per group. Made once per plan; a list is bound once (the plan's w_old
     buffers, momentum buffers, Adam's moments and steps, averaged weights)."""
 
     def __init__(self, params: list[list[Tensor]], idle: list[Tensor]) -> None:
-        self.plan = torch.classes.fastsam.HeldPlan(
+        self.plan = _C.HeldPlan(
             [p for ps in params for p in ps], [len(ps) for ps in params], idle)
         # what is bound, mirrored here: a lookup without a call into C++
         self.bound: set[tuple[str, int]] = set()

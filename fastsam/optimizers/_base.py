@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from ..functional import Decomposition, Mask, PerturbGroup, Scaling, dual_exponent
 from . import _held
 from ._checks import as_rho, check_finite_nonnegative, check_rho
-from ._core import FusedOptimizer
+from ._core import FusedOptimizer, without_grad
 from ._plan import StepPlan
 from ._update import not_capturable
 
@@ -185,7 +185,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         return self._begun % self.interval == 0
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False) -> bool:
         """Move every parameter with a gradient to ``w + e`` (the adversarial point) and return
         True. With ``interval`` > 1, on the steps between SAM steps: apply the base optimizer's
@@ -305,7 +305,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         if zero_grad:
             self.zero_grad()
 
-    @torch.no_grad()
+    @without_grad
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the weights saved by :meth:`first_step` and apply the base optimizer's update
         with the current (adversarial) gradients.
@@ -411,7 +411,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         """Called after the update of a second step that went ahead (WSAM's decoupled term,
         FriendlySAM's commit); ``clip`` as in :meth:`_before_update`."""
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One sharpness-aware step.
 

@@ -9,7 +9,8 @@ the perturb/restore passes; FreeSAM uses this class as it is.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -28,6 +29,27 @@ from ._checks import check_max_grad_norm
 from ._plan import StepPlan, StepPlanner
 from ._skips import Counters, GradientLists, SkipPolicy
 from ._update import FUSED_KINDS, FusedUpdate, fused_kind, not_capturable
+
+
+def without_grad(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``@torch.no_grad()`` for the step methods, at a tenth of its host cost (torch's
+    decorator makes, copies and enters a context object at every call: ~3 us, paid at each
+    step call): grad mode is switched off around the call where it is on, and left as it is
+    where it is off. Under torch.compile: ``torch.no_grad()`` itself, which dynamo traces."""
+    @functools.wraps(method)
+    def step_method(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return method(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return method(*args, **kwargs)
+        torch._C._set_grad_enabled(False)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
+
+    return step_method
 
 
 def _canonical(device: torch.device) -> torch.device:

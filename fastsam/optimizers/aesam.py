@@ -7,13 +7,13 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import check_grad_scale
+from ._core import without_grad
 
 
 def _finite(name: str, value: Any) -> float:
@@ -160,7 +160,7 @@ class AESAM(SharpnessAwareOptimizer):
         return share * self.lambda1 + (1.0 - share) * self.lambda2
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False, grad_scale: float | None = None) -> bool:
         """Decide from ‖g‖² (class docstring); a SAM step: move to ``w + e`` and return True;
         a plain step: make the base optimizer's update with g (given ``grad_scale``: leave it
@@ -208,7 +208,7 @@ class AESAM(SharpnessAwareOptimizer):
         self._unperturbed_step(zero_grad)
         self._plain = "taken"
 
-    @torch.no_grad()
+    @without_grad
     def second_step(self, zero_grad: bool = False) -> None:
         """As :meth:`fastsam.SAM.second_step`. Under GradScaler (``scaler.step(optimizer)``), a
         SAM step begun without ``grad_scale`` is refused, with the weights and the statistics
@@ -236,7 +236,7 @@ class AESAM(SharpnessAwareOptimizer):
             if count:
                 self._begun -= 1
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """As :meth:`fastsam.SAM.step`; after a :meth:`first_step` that returned False: the
         plain update left to it (given ``grad_scale``; ``scaler.step(optimizer)`` calls it

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from ..functional import Mask, Scaling, mask_key
 from ._base import SharpnessAwareOptimizer
 from ._checks import as_rho
+from ._core import without_grad
 
 _SEED_COUNTER = "esam_seed"
 
@@ -144,7 +145,7 @@ class ESAM(SharpnessAwareOptimizer):
     def _rho(self, group: dict[str, Any]) -> float:
         return as_rho(group["rho"]) / float(group["beta"])
 
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False) -> bool:
         """As :meth:`fastsam.SAM.first_step`, with this step's mask; not under
         ``torch.compile`` (refused before anything changes)."""

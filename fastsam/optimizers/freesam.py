@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from ..backends.native import HeldSource
 from ..functional import Swap
 from . import _held
-from ._core import FusedOptimizer
+from ._core import FusedOptimizer, without_grad
 from ._plan import StepPlan
 
 STATE_KEY = "previous_grad"
@@ -120,7 +120,7 @@ class FreeSAM(FusedOptimizer):
         """Whether a step over ``plan`` stores a first gradient (:meth:`_previous` makes one)."""
         return any(_stale(self._stored.get(p), p) for ps in plan.params for p in ps)
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update with the previous step's gradients and keep the current ones.
 

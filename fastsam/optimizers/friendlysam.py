@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from ..functional import Momentum, PerturbGroup, Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import as_rho, check_finite_nonnegative, check_grad_scale
+from ._core import without_grad
 from ._plan import StepPlan, persistent_buffer
 
 STATE_KEY = "friendlysam_momentum"  # per-parameter state: m, the momentum of first gradients
@@ -147,7 +148,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         return Scaling("element", 0.0) if group["adaptive"] else Scaling()
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
+    @without_grad
     def first_step(self, zero_grad: bool = False, grad_scale: float | None = None) -> bool:
         """Perturb along ``d = g − sigma·m`` and compute the next m (kept until the update goes
         ahead); returns True.

@@ -14,6 +14,7 @@ from ..batchnorm import frozen_bn_stats
 from ..functional import DecomposeGroup, Decomposition, Scaling
 from ._base import SharpnessAwareOptimizer
 from ._checks import check_finite_nonnegative
+from ._core import without_grad
 from ._held import with_params
 from ._plan import StepPlan
 
@@ -306,7 +307,7 @@ class GSAM(SharpnessAwareOptimizer):
 
         self._forward_backward = forward_backward
 
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """As :meth:`fastsam.SAM.step`; and, after :meth:`set_closure` (official usage) with no
         first step pending, one whole GSAM step returning ``(outputs, loss)``."""

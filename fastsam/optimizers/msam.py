@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from ..functional import PerturbGroup, Scaling
 from ._checks import check_finite_nonnegative, check_rho
-from ._core import FusedOptimizer
+from ._core import FusedOptimizer, without_grad
 from ._plan import StepPlan, persistent_buffer, swap_contents
 from ._update import FUSED_KINDS
 
@@ -120,7 +120,7 @@ class MSAM(FusedOptimizer):
     second_step = first_step
 
     # ----------------------------------------------------------------- the step
-    @torch.no_grad()
+    @without_grad
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update ``w`` with the gradient taken at ``w̃`` (in ``.grad``), then perturb the
         parameters along the updated momentum.
