@@ -42,6 +42,7 @@ from ..functional import (
     mask_scalars,
     momentum_scalars,
 )
+from . import _constants
 from ._constants import ConstantArrays, held_for_graphs
 
 try:
@@ -182,6 +183,9 @@ class HeldLists:
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
         self.accumulation = accumulation_dtype([p for ps in params for p in ps])
         self.dtypes = list(dict.fromkeys(p.dtype for ps in params for p in ps))
+        # the backend's norm output and scratch of this plan (NativeBackend._held_buffers),
+        # looked up once: a held step is never captured (capturable takes the list operators)
+        self.buffers: tuple[Tensor, Tensor] | None = None
 
     def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
@@ -255,7 +259,8 @@ class NativeBackend(Backend):
         if buf is None:
             shape = {"norm": (), "along": (), "gsam_sums": (3,)}.get(name, (0,))
             buf = self._scratch[key] = torch.zeros(shape, dtype=dtype, device=device)
-        held_for_graphs(buf.untyped_storage())
+        if _constants.capturing():  # (the storage object is made only then)
+            held_for_graphs(buf.untyped_storage())
         return buf
 
     def _scalars(self, values: tuple, device: torch.device) -> tuple[list, Tensor | None]:
@@ -387,8 +392,10 @@ class NativeBackend(Backend):
                    etas: list[float], q: float) -> tuple[Tensor, Tensor]:
         """Pass A over ``groups`` of ``held``: the kept norm buffer and the scratch holding the
         filter norms pass B reads."""
-        out = self._buffer("norm", held.device, held.accumulation)
-        scratch = self._buffer("scratch", held.device, torch.float64)
+        if held.buffers is None:
+            held.buffers = (self._buffer("norm", held.device, held.accumulation),
+                            self._buffer("scratch", held.device, torch.float64))
+        out, scratch = held.buffers
         held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
         return out, scratch
 

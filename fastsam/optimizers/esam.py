@@ -26,6 +26,9 @@ def _check_fraction(name: str, value: Any) -> float:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return float(value)
 
+# The two scalings (immutable: made once, not at every step)
+_PLAIN, _ELEMENT = Scaling(), Scaling("element", 0.0)
+
 
 class ESAM(SharpnessAwareOptimizer):
     r"""SAM that perturbs a random part of the weights (ESAM's stochastic weight perturbation).
@@ -135,7 +138,7 @@ class ESAM(SharpnessAwareOptimizer):
         _check_fraction("beta", group["beta"])
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
-        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
+        return _ELEMENT if group["adaptive"] else _PLAIN
 
     @property
     def steps(self) -> int:

@@ -10,6 +10,9 @@ from torch.optim import Optimizer
 from ..functional import Scaling
 from ._base import SharpnessAwareOptimizer
 
+# The two scalings (immutable: made once, not at every step)
+_PLAIN, _ELEMENT = Scaling(), Scaling("element", 0.0)
+
 
 class SAM(SharpnessAwareOptimizer):
     r"""Sharpness-aware minimization around any torch.optim base optimizer.
@@ -116,4 +119,4 @@ class SAM(SharpnessAwareOptimizer):
             raise TypeError(f"adaptive must be True or False, got {group['adaptive']!r}")
 
     def _scaling(self, group: dict[str, Any]) -> Scaling:
-        return Scaling("element", 0.0) if group["adaptive"] else Scaling()
+        return _ELEMENT if group["adaptive"] else _PLAIN
