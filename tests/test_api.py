@@ -342,3 +342,29 @@ def test_scaled_group_without_gradients(backend, device, normalization):
         ref = [r - 0.1 * g for r, g in zip(ref, grads)]
     for p, r in zip(plain, ref):
         torch.testing.assert_close(p.detach(), r)
+
+
+def test_step_methods_leave_grad_mode_as_they_found_it():
+    """The step methods run without grad (fastsam.optimizers._core.without_grad) and give the
+    mode back: on when it was on (also when the step raises), off when it was off."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = fastsam.SAM([p], torch.optim.SGD, lr=0.1, backend="torch")
+    seen = []
+    original = opt._perturb
+
+    def perturb(zero_grad):
+        seen.append(torch.is_grad_enabled())
+        return original(zero_grad)
+
+    opt._perturb = perturb
+    for enabled in (True, False):
+        with torch.set_grad_enabled(enabled):
+            p.grad = torch.ones(3)
+            opt.first_step()
+            assert torch.is_grad_enabled() is enabled
+            opt.second_step()
+            assert torch.is_grad_enabled() is enabled
+            with pytest.raises(RuntimeError, match="without a pending first_step"):
+                opt.second_step()
+            assert torch.is_grad_enabled() is enabled
+    assert seen == [False, False]
