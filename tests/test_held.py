@@ -480,6 +480,49 @@ def test_freesam_steps_are_held(name, calls):
         assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
 
 
+MSAM = {  # one pass per step: the update from the bound "weights", then passes A and B
+    # along the momentum (bound as the base optimizer's state)
+    "msam-sgd": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                        backend="cpu"),
+    "msam-adamw-clip-ema": lambda ps: fastsam.MSAM(two_groups(ps), torch.optim.AdamW, rho=0.3,
+                                                   max_grad_norm=0.5,
+                                                   average=fastsam.EMA(0.9), backend="cpu"),
+    "msam-sgd-skip": lambda ps: fastsam.MSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                             skip_nonfinite=True, backend="cpu"),
+}
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("name", sorted(MSAM))
+def test_msam_steps_are_held(name, calls):
+    """MSAM over held plans: bit for bit the general path's (weights w̃, the kept w, state,
+    averages: parameter 5 loses its gradient after step 2, then averaged at its w, not at
+    w̃), a NaN step skipped."""
+    a, b = pair(MSAM[name])
+    land = Landscape(SHAPES)
+    for t in range(8):
+        for opt, params in (a, b):
+            land.set_grads(params, (5,) if t >= 3 else ())
+            if "skip" in name and t == 5:
+                params[1].grad[0] = float("nan")
+            opt.step()
+            opt.zero_grad()
+        assert_same(a, b)
+        for p, q in zip(a[1], b[1]):
+            wa, wb = a[0]._weights.get(p), b[0]._weights.get(q)
+            assert (wa is None) == (wb is None) and (wa is None or torch.equal(wa, wb))
+            avg_a, avg_b = a[0]._averager.averaged.get(p), b[0]._averager.averaged.get(q)
+            assert (avg_a is None) == (avg_b is None)
+            assert avg_a is None or torch.equal(avg_a, avg_b)
+    groups = len(a[0].param_groups)
+    # general: the first step and step 3 (a new plan); a skipped step makes no update
+    held = 6 - (1 if "skip" in name else 0)
+    assert calls["sgd"] + calls["adam"] == groups * held
+    assert calls["perturb"] == held
+    if "skip" in name:
+        assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
+
+
 def test_excluded_configurations_have_no_held_path():
     p = [torch.nn.Parameter(torch.ones(3))]
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None

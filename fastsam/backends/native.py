@@ -361,15 +361,17 @@ class NativeBackend(Backend):
     def held_perturb(self, held: HeldLists, groups: list[int], scalings: list,
                      rhos: tuple, q: float, p: float, eps: float, skipped: Tensor,
                      perturbs: Callable[[Tensor], bool] | None = None,
-                     masks: list[Mask | None] | None = None, keep: str = "") -> bool:
+                     masks: list[Mask | None] | None = None, keep: str = "",
+                     names: tuple[str, str] = ("grad", "w_old")) -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
         :meth:`perturbation_norm` then :meth:`perturb`, ``scalings``, ``rhos`` and ESAM's
         ``masks`` (one per group, every one or none a Mask, with one key) per group.
         ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not).
-        ``keep``: the bound list pass B copies g into (GSAM's "first"), or ""."""
+        ``keep``: the bound list pass B copies g into (GSAM's "first"), or "". ``names``: the
+        lists in the places of g and w_old (MSAM's momentum and "weights")."""
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
-        out, scratch = self._held_norm(held, groups, modes, etas, q)
+        out, scratch = self._held_norm(held, groups, modes, etas, q, names[0])
         if perturbs is not None and not perturbs(out):
             return False
         thresholds, key = None, (0, 0)
@@ -378,6 +380,8 @@ class NativeBackend(Backend):
             key = masks[0].key
         lists = _HELD_PERTURB if not keep else [keep if n == "keep" else n for n in
                                                  _HELD_PERTURB_KEEPING]
+        if names != ("grad", "w_old"):
+            lists = ["params", *names, *lists[3:]]
         held.plan.perturb(groups, lists, modes, etas, self._constants(rhos, held.device),
                           out, scratch, dual_exponent(p), p, eps, skipped, None, thresholds,
                           *key)
@@ -389,14 +393,15 @@ class NativeBackend(Backend):
         return self._held_norm(held, groups, [0] * len(groups), [0.0] * len(groups), 2.0)[0]
 
     def _held_norm(self, held: HeldLists, groups: list[int], modes: list[int],
-                   etas: list[float], q: float) -> tuple[Tensor, Tensor]:
-        """Pass A over ``groups`` of ``held``: the kept norm buffer and the scratch holding the
-        filter norms pass B reads."""
+                   etas: list[float], q: float, grad: str = "grad") -> tuple[Tensor, Tensor]:
+        """Pass A over ``groups`` of ``held`` (over the list ``grad`` in the place of g): the
+        kept norm buffer and the scratch holding the filter norms pass B reads."""
         if held.buffers is None:
             held.buffers = (self._buffer("norm", held.device, held.accumulation),
                             self._buffer("scratch", held.device, torch.float64))
         out, scratch = held.buffers
-        held.plan.norm(groups, _HELD_NORM, modes, etas, q, out, scratch, None)
+        held.plan.norm(groups, _HELD_NORM if grad == "grad" else ["params", grad, ""], modes,
+                       etas, q, out, scratch, None)
         return out, scratch
 
     def held_restore(self, held: HeldLists, groups: list[int]) -> None:

@@ -321,6 +321,11 @@ class FusedOptimizer(Optimizer):
         self._averager.average_rest(plan, averages, kind is None)
         self._mark_stepped()
 
+    def _held_average_rest(self, plan: StepPlan, averages: list | None) -> None:
+        """After a held update (_held.py): the averaging it did not fold in (the parameters
+        without a gradient), as ``_update_in_place`` makes it; MSAM's own."""
+        self._averager.average_rest(plan, averages, False)
+
     def _mark_stepped(self) -> None:
         """An lr scheduler attached to either optimizer warns "lr_scheduler.step() before
         optimizer.step()" unless it saw a step: the fused update and the two-step API bypass

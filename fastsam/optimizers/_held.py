@@ -81,12 +81,13 @@ def with_params(plan: StepPlan) -> list[int]:
 
 class HeldSteps:
     """The first and second steps of ``opt`` over held plans, when they apply (each returns
-    False, having changed nothing, when the general path must take the step); FreeSAM's
-    one-pass steps (:meth:`plain`)."""
+    False, having changed nothing, when the general path must take the step); FreeSAM's and
+    MSAM's one-pass steps (:meth:`plain`)."""
 
     def __init__(self, opt: SharpnessAwareOptimizer | FusedOptimizer, sam_steps: bool) -> None:
         self.opt = opt
         self.sam_steps = sam_steps  # first and second steps held too (not LookSAM's, FreeSAM's)
+        self.skipped = False  # whether the last held update was skipped (inf/NaN, GradScaler)
 
     def _backend(self, plan: StepPlan) -> NativeBackend | None:
         if plan.device is None or torch.compiler.is_compiling():
@@ -158,13 +159,14 @@ class HeldSteps:
         return self._over_current(
             lambda current: current is perturbed and self._update(perturbed, "w_old"))
 
-    def plain(self, sources: PlainSources | None = None) -> bool:
+    def plain(self, sources: PlainSources | None = None, w_old: str = "params") -> bool:
         """A plain update over the held plan (the steps between SAM steps of interval SAM and
         AE-SAM; FreeSAM's steps): pass C with each parameter its own w_old, as the general
         path's ``_update_in_place``, with the gradient sources ``sources(plan)`` gives per group
-        (FreeSAM's swap, LookSAM's correction), given; False, with nothing done, when the
-        general path must take it."""
-        return self._over_current(lambda current: self._update(current, "params", sources))
+        (FreeSAM's swap, LookSAM's correction), given, from the bound list ``w_old`` (MSAM's
+        "weights"; "params": the weights as they are); False, with nothing done, when the
+        general path must take it. :attr:`skipped` tells whether the update was skipped."""
+        return self._over_current(lambda current: self._update(current, w_old, sources))
 
     def _over_current(self, update: Callable[[StepPlan], bool]) -> bool:
         """``update(plan)`` over the held plan of this step call (its gradients read until it
@@ -189,7 +191,8 @@ class HeldSteps:
         backend = opt._backend_for(perturbed.device)
         held = perturbed.held
         after_perturb = w_old == "w_old"
-        if self._skipped(perturbed, backend, after_perturb):
+        self.skipped = self._skipped(perturbed, backend, after_perturb)
+        if self.skipped:
             return True
         if after_perturb:  # the hooks of a SAM step's update (GSAM's decomposition)
             clip = opt._held_update_clip(perturbed, backend)
@@ -222,7 +225,7 @@ class HeldSteps:
                             source.source if source else None, average, None, clip)
         if after_perturb:
             opt._held_after_update(perturbed, backend, clip)
-        opt._averager.average_rest(perturbed, averages, False)
+        opt._held_average_rest(perturbed, averages)
         return True
 
     def clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:

@@ -12,13 +12,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..functional import PerturbGroup, Scaling
+from . import _held
 from ._checks import check_finite_nonnegative, check_rho
 from ._core import FusedOptimizer, without_grad
+from ._held import with_params
 from ._plan import StepPlan, persistent_buffer, swap_contents
 from ._update import FUSED_KINDS
 
 STATE_KEY = "msam_weights"  # per-parameter state: the unperturbed weights w
 _MOMENTUM = {"sgd": "momentum_buffer", "adam": "exp_avg"}  # the state entry MSAM follows
+_PLAIN = Scaling()
 
 
 class MSAM(FusedOptimizer):
@@ -105,6 +108,9 @@ class MSAM(FusedOptimizer):
                 f"{type(self.base_optimizer).__name__}"
             )
         self._kind = kind
+        # the steady state over plans held in C++ (_held.py): the update from the bound
+        # "weights", then passes A and B along the bound momentum
+        self._held = None if capturable else _held.HeldSteps(self, sam_steps=False)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         check_rho(group["rho"])
@@ -135,6 +141,8 @@ class MSAM(FusedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._held is not None and self._held_step():
+            return loss
         plan, flat_grads = self._step_plan()
         if plan.device is None:
             return loss
@@ -159,7 +167,36 @@ class MSAM(FusedOptimizer):
         self._average_idle(plan, averages)
         self._perturb(plan, weights, states)
         self._mark_stepped()
+        if self._held is not None and self._momentum_plan is not None:
+            self._held.adopt(plan)  # the next steps over this plan: held in C++
         return loss
+
+    def _held_step(self) -> bool:
+        """:meth:`step` over the held plan (fastsam/optimizers/_held.py) once a general step
+        made this plan's weights and momentum lists: the update from "weights" (bound), then
+        passes A and B along the momentum; False, with nothing done, when the general path
+        must take the step."""
+        plan = self._planner.current
+        if (plan is None or plan.held is None or self._momentum_plan is None
+                or self._weights_plan is None or self._weights_plan[0] is not plan):
+            return False
+        held = plan.held
+        for i, weights in enumerate(self._weights_plan[1]):
+            if plan.params[i] and ("weights", i) not in held.bound:
+                held.bind("weights", i, weights)
+        if not self._held.plain(w_old="weights"):
+            return False
+        if not self._held.skipped:  # (a skipped update leaves w, v and w̃ as they are)
+            groups = with_params(plan)
+            self._backend_for(plan.device).held_perturb(
+                held, groups, [_PLAIN] * len(groups),
+                tuple(-float(self.param_groups[i]["rho"]) for i in groups), 2.0, 2.0,
+                self._eps, self._flag, names=(_MOMENTUM[self._kind], "weights"))
+        self._mark_stepped()
+        return True
+
+    def _held_average_rest(self, plan: StepPlan, averages: list | None) -> None:
+        self._average_idle(plan, averages)
 
     def _plan_weights(self, plan: StepPlan) -> list[list[Tensor]]:
         """Per group of ``plan``, each parameter's ``w``; a parameter's first step starts from
@@ -180,7 +217,7 @@ class MSAM(FusedOptimizer):
             key = _MOMENTUM[self._kind]
             self._momentum_plan = [[s[key] for s in group_states] for group_states in states]
         groups = [
-            PerturbGroup(params, v, w, -float(group["rho"]), Scaling())
+            PerturbGroup(params, v, w, -float(group["rho"]), _PLAIN)
             for group, params, w, v in zip(self.param_groups, plan.params, weights,
                                            self._momentum_plan)
             if params
