@@ -24,8 +24,8 @@ import torch
 from fastsam.bench.run import BASES, host_seconds, save_json
 
 # The benchmark's optimizers (fastsam.bench.run) whose steady state is a held plan.
-HELD = ("sam", "asam", "gsam", "wsam", "freesam", "msam", "sam-ema", "sam-skip", "sam-clip",
-        "aesam", "esam")
+HELD = ("sam", "asam", "gsam", "wsam", "friendlysam", "freesam", "msam", "sam-ema", "sam-skip",
+        "sam-clip", "aesam", "esam")
 
 
 def _general(opt) -> None:

@@ -112,6 +112,13 @@ CONFIGS = {
     "wsam-adam-coupled-swa": lambda ps: fastsam.WSAM(ps, torch.optim.Adam, lr=1e-2, gamma=0.7,
                                                      decouple=False, average="swa",
                                                      backend="cpu"),
+    # FriendlySAM: passes A and B along d = g − sigma·m, m and m_next bound ("fm_a", "fm_b",
+    # swapped by each commit)
+    "friendlysam-sgd": lambda ps: fastsam.FriendlySAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9,
+                                                      backend="cpu"),
+    "friendlysam-adamw-groups-clip": lambda ps: fastsam.FriendlySAM(
+        [{"params": ps[:3], "sigma": 0.5, "adaptive": True}, {"params": ps[3:], "lmbda": 0.6}],
+        torch.optim.AdamW, lr=1e-2, max_grad_norm=0.5, skip_nonfinite=True, backend="cpu"),
     # ESAM: the held perturb pass draws the mask of the general path (each step's key)
     "esam-sgd": lambda ps: fastsam.ESAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, beta=0.4,
                                         seed=5, backend="cpu"),
@@ -395,6 +402,7 @@ def test_wsam_refusal_over_a_held_plan(calls):
     with pytest.raises(RuntimeError, match="a float lr with decouple=True"):
         opt.second_step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+    opt.state_dict()  # no step left pending
 
 
 LOOKSAM = {  # k = 3: the look-ahead steps held (a correction read from "direction"), the SAM
@@ -523,6 +531,42 @@ def test_msam_steps_are_held(name, calls):
         assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_friendlysam_momentum_over_held_plans(calls):
+    """FriendlySAM's m over held plans, bit for bit the general path's: first passes with a
+    loss scale (grad_scale: m kept unscaled), a NaN first pass (no perturbation, m_next = m,
+    the update skipped, m not committed), a parameter whose gradient comes late (its first
+    step: the general path, then held again)."""
+    def make(ps):
+        return fastsam.FriendlySAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, sigma=0.8,
+                                   lmbda=0.7, skip_nonfinite=True, backend="cpu")
+
+    a, b = pair(make)
+    land = Landscape(SHAPES)
+    for t in range(9):
+        for opt, params in (a, b):
+            land.set_grads(params, (3,) if t < 4 else ())
+            scale = 4.0 if t % 2 else None
+            if scale is not None:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            if t == 6:
+                params[1].grad[0] = float("nan")
+            opt.first_step(zero_grad=True, grad_scale=scale)
+            land.set_grads(params, (3,) if t < 4 else ())
+            opt.second_step(zero_grad=True)
+        assert_same(a, b)
+        a[0]._sync(), b[0]._sync()
+        for p, q in zip(a[1], b[1]):
+            ma, mb = a[0]._momentum.get(p), b[0]._momentum.get(q)
+            assert (ma is None) == (mb is None) and (ma is None or torch.equal(ma, mb))
+    assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
+    # general: step 0 and step 4, each a new plan with parameters on their first step; the
+    # other seven held (the NaN step's passes A and B too)
+    assert calls["perturb"] == 7
+
+
 def test_excluded_configurations_have_no_held_path():
     p = [torch.nn.Parameter(torch.ones(3))]
     assert fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
@@ -530,12 +574,12 @@ def test_excluded_configurations_have_no_held_path():
                        skip_nonfinite=True)._held is not None
     assert fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     assert fastsam.WSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
+    assert fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu")._held is not None
     looksam = fastsam.LookSAM(p, torch.optim.SGD, lr=0.1, backend="cpu")
     assert looksam._held is not None and not looksam._held.sam_steps  # look-ahead steps only
     for opt in (
         fastsam.SAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
         fastsam.GSAM(p, torch.optim.SGD, lr=0.1, backend="cpu", capturable=True),
-        fastsam.FriendlySAM(p, torch.optim.SGD, lr=0.1, backend="cpu"),
     ):
         assert opt._held is None, type(opt).__name__
 

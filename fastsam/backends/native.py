@@ -362,16 +362,24 @@ class NativeBackend(Backend):
                      rhos: tuple, q: float, p: float, eps: float, skipped: Tensor,
                      perturbs: Callable[[Tensor], bool] | None = None,
                      masks: list[Mask | None] | None = None, keep: str = "",
-                     names: tuple[str, str] = ("grad", "w_old")) -> bool:
+                     names: tuple[str, str] = ("grad", "w_old"),
+                     momentum: tuple[str, str, tuple] | None = None) -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
         :meth:`perturbation_norm` then :meth:`perturb`, ``scalings``, ``rhos`` and ESAM's
         ``masks`` (one per group, every one or none a Mask, with one key) per group.
         ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not).
         ``keep``: the bound list pass B copies g into (GSAM's "first"), or "". ``names``: the
-        lists in the places of g and w_old (MSAM's momentum and "weights")."""
+        lists in the places of g and w_old (MSAM's momentum and "weights"). ``momentum``:
+        FriendlySAM's (the bound lists m and m_next, and the per-group scalars of
+        :func:`~fastsam.functional.momentum_scalars`), or None."""
         modes = [s.mode for s in scalings]
         etas = [float(s.eta) for s in scalings]
-        out, scratch = self._held_norm(held, groups, modes, etas, q, names[0])
+        m = m_next = ""
+        coefficients = None
+        if momentum is not None:
+            m, m_next, scalars = momentum
+            coefficients = self._constants(scalars, held.device)
+        out, scratch = self._held_norm(held, groups, modes, etas, q, names[0], m, coefficients)
         if perturbs is not None and not perturbs(out):
             return False
         thresholds, key = None, (0, 0)
@@ -380,11 +388,11 @@ class NativeBackend(Backend):
             key = masks[0].key
         lists = _HELD_PERTURB if not keep else [keep if n == "keep" else n for n in
                                                  _HELD_PERTURB_KEEPING]
-        if names != ("grad", "w_old"):
-            lists = ["params", *names, *lists[3:]]
+        if names != ("grad", "w_old") or m:
+            lists = ["params", *names, lists[3], m, m_next]
         held.plan.perturb(groups, lists, modes, etas, self._constants(rhos, held.device),
-                          out, scratch, dual_exponent(p), p, eps, skipped, None, thresholds,
-                          *key)
+                          out, scratch, dual_exponent(p), p, eps, skipped, coefficients,
+                          thresholds, *key)
         return True
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
@@ -393,15 +401,17 @@ class NativeBackend(Backend):
         return self._held_norm(held, groups, [0] * len(groups), [0.0] * len(groups), 2.0)[0]
 
     def _held_norm(self, held: HeldLists, groups: list[int], modes: list[int],
-                   etas: list[float], q: float, grad: str = "grad") -> tuple[Tensor, Tensor]:
-        """Pass A over ``groups`` of ``held`` (over the list ``grad`` in the place of g): the
-        kept norm buffer and the scratch holding the filter norms pass B reads."""
+                   etas: list[float], q: float, grad: str = "grad", momentum: str = "",
+                   coefficients: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Pass A over ``groups`` of ``held`` (over the list ``grad`` in the place of g; with
+        FriendlySAM's bound ``momentum`` list and its per-group ``coefficients``): the kept norm
+        buffer and the scratch holding the filter norms pass B reads."""
         if held.buffers is None:
             held.buffers = (self._buffer("norm", held.device, held.accumulation),
                             self._buffer("scratch", held.device, torch.float64))
         out, scratch = held.buffers
-        held.plan.norm(groups, _HELD_NORM if grad == "grad" else ["params", grad, ""], modes,
-                       etas, q, out, scratch, None)
+        held.plan.norm(groups, _HELD_NORM if (grad, momentum) == ("grad", "") else
+                       ["params", grad, momentum], modes, etas, q, out, scratch, coefficients)
         return out, scratch
 
     def held_restore(self, held: HeldLists, groups: list[int]) -> None:

@@ -74,8 +74,8 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     _keeps_w_old = True  # the perturb pass copies w into a persistent buffer
     _keeps_first_grads = False  # GSAM, LookSAM: the perturb pass also keeps g
     # The hooks below a variant overrides and still steps over held plans with (_held.py),
-    # through their held forms (_held_update_clip, _held_sources, _held_after_update): GSAM's,
-    # WSAM's.
+    # through their held forms (_held_momentum, _held_update_clip, _held_sources,
+    # _held_after_update): GSAM's, WSAM's, FriendlySAM's.
     _held_hooks: tuple[str, ...] = ()
 
     def __init__(
@@ -322,13 +322,12 @@ class SharpnessAwareOptimizer(FusedOptimizer):
                 "perturbation to undo. Call first_step() after the first backward pass."
             )
         perturbed = self._perturbed
+        self._perturbed = None  # (before any hook: a refused update leaves no step pending)
         if self._held is not None and self._held.update(perturbed):  # the steady state
-            self._perturbed = None
             self._mark_stepped()
             if zero_grad:
                 self.zero_grad()
             return
-        self._perturbed = None
         now, flat_grads = self._step_plan()
         all_grads = now.grads(flat_grads)
         skip = self._skip_update(now, all_grads, self._first_buffers(perturbed), True)
@@ -388,6 +387,13 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         """max_grad_norm's coefficient for the second step's update (None without it): one
         reduction over ``grads``; GSAM takes it from the sums its decomposition reduces."""
         return self._clip_coefficient(now, grads)
+
+    def _held_momentum(self, plan: StepPlan,
+                       groups: list[int]) -> tuple[str, str, tuple] | bool | None:
+        """:meth:`_perturb_groups`' momentum over the held plan ``plan`` (passes A and B over
+        ``groups``): FriendlySAM's bound lists m and m_next with the per-group scalars; None
+        without one; False: this step takes the general path."""
+        return None
 
     def _held_update_clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
         """:meth:`_update_clip` over the held plan ``plan`` (_held.py) of a SAM step's update."""

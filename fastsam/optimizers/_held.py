@@ -15,15 +15,16 @@ It takes the steps that are passes A, B and C and nothing else: the engine's hoo
 ESAM, whose radius and mask the held pass B asks for) or with held forms of those a variant
 overrides (``_held_hooks``: GSAM's and WSAM's kept g is the bound list "first", the
 decomposition ``_held_sources``, GSAM's clip ``_held_update_clip`` from held reductions, WSAM's
-decoupled term ``_held_after_update``; any other override takes the general path), a fused
-SGD/Adam/AdamW update, no ``capturable``, one native backend (not sharded), not under
-torch.compile. GradScaler's and ``skip_nonfinite``'s decisions are the general path's
-(:class:`~._skips.SkipPolicy`), over the held gradients: the unscale and the inf/NaN check run
-as torch's foreach operators called from C++ on them. A plan is held after its first general
-step; an update whose state is not all made yet (a parameter's first step, Adam steps that
-differ) takes the general path for that group. Averaging and ``max_grad_norm`` (its norm a held
-pass too) are folded in as in the general path. The kernels and tensors are those of the
-general path: the numbers are the same bit for bit (tests/test_held.py).
+decoupled term ``_held_after_update``; FriendlySAM's momentum ``_held_momentum``, its refusal
+and commit; any other override takes the general path), a fused SGD/Adam/AdamW update, no
+``capturable``, one native backend (not sharded), not under torch.compile. GradScaler's and
+``skip_nonfinite``'s decisions are the general path's (:class:`~._skips.SkipPolicy`), over the
+held gradients: the unscale and the inf/NaN check run as torch's foreach operators called from
+C++ on them. A plan is held after its first general step; an update whose state is not all made
+yet (a parameter's first step, Adam steps that differ) takes the general path for that group.
+Averaging and ``max_grad_norm`` (its norm a held pass too) are folded in as in the general
+path. The kernels and tensors are those of the general path: the numbers are the same bit for
+bit (tests/test_held.py).
 """
 from __future__ import annotations
 
@@ -134,7 +135,7 @@ class HeldSteps:
         finally:
             plan.held.release()
 
-    def _perturb(self, plan: StepPlan) -> StepPlan | bool:
+    def _perturb(self, plan: StepPlan) -> StepPlan | bool | None:
         opt = self.opt
         groups = [i for i, group in enumerate(opt.param_groups)
                   if group.get("perturb", True) and plan.params[i]]
@@ -142,12 +143,16 @@ class HeldSteps:
         if not groups:
             flag.zero_()  # nothing perturbed: nothing to skip
             return plan
+        momentum = opt._held_momentum(plan, groups)
+        if momentum is False:  # (FriendlySAM's first steps of some parameters)
+            return None
         chosen = [opt.param_groups[i] for i in groups]
         masks = opt._masks(chosen)
         perturbed = opt._backend_for(plan.device).held_perturb(
             plan.held, groups, [opt._scaling(g) for g in chosen],
             tuple(opt._rho(g) for g in chosen), opt._q, opt._p, opt._eps, flag,
             opt._perturbs, masks, "first" if opt._keeps_first_grads else "",
+            momentum=momentum,
         )
         return plan if perturbed else False
 

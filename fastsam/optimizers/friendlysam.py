@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -16,6 +16,9 @@ from ._base import SharpnessAwareOptimizer
 from ._checks import as_rho, check_finite_nonnegative, check_grad_scale
 from ._core import without_grad
 from ._plan import StepPlan, persistent_buffer
+
+if TYPE_CHECKING:
+    from ..backends.native import NativeBackend
 
 STATE_KEY = "friendlysam_momentum"  # per-parameter state: m, the momentum of first gradients
 # per-parameter state: 1 where m is a momentum, 0 where it stands in for one not made yet (a
@@ -128,6 +131,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
         self._momentum: dict[Tensor, Tensor] = {}  # committed m per parameter
         self._spare: dict[Tensor, Tensor] = {}  # where the next m_next goes
         self._lists: _MomentumLists | None = None
+        # the lists whose buffers are bound to their held plan, and the one bound as "fm_a"
+        self._held_lists: _MomentumLists | None = None
+        self._held_a: list[list[Tensor]] | None = None
         self._step_scale: float | None = None  # the loss scale the pending first step used
         self._stepped: dict[Tensor, Tensor] = {}  # STEPPED_KEY's entries, saved or loaded
         super().__init__(
@@ -227,6 +233,11 @@ class FriendlySAM(SharpnessAwareOptimizer):
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
         skip: Tensor | None = None, clip: Tensor | None = None,
     ) -> None:
+        self._refuse_unscaled(perturbed)
+        return None
+
+    def _refuse_unscaled(self, perturbed: StepPlan) -> None:
+        """Under GradScaler, a first step told no loss scale: refused, the weights restored."""
         if self._step_scale is None and getattr(self, "grad_scale", None) is not None:
             self._restore(perturbed)
             raise RuntimeError(
@@ -234,12 +245,47 @@ class FriendlySAM(SharpnessAwareOptimizer):
                 "optimizer.first_step(grad_scale=scaler.get_scale()) (m is kept unscaled); "
                 "the weights are restored and m is unchanged"
             )
-        return None
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
         clip: Tensor | None = None,
     ) -> None:
+        self._commit(perturbed)
+
+    # over held plans (fastsam/optimizers/_held.py): m and m_next are the plan's bound lists
+    # "fm_a" and "fm_b", in either role (a commit swaps them); steps with parameters on their
+    # first step take the general path
+    _held_hooks = ("_perturb_groups", "_before_update", "_after_update")
+
+    def _held_momentum(self, plan: StepPlan, groups: list[int]) -> tuple[str, str, tuple] | bool:
+        lists = self._lists_for(plan)
+        if lists.any_fresh or any(len(lists.stepped[i]) != len(plan.params[i]) for i in groups):
+            return False
+        held = plan.held
+        if self._held_lists is not lists:  # this plan's buffers, bound once
+            for i in groups:
+                held.bind("fm_a", i, lists.current[i])
+                held.bind("fm_b", i, lists.next[i])
+            self._held_lists, self._held_a = lists, lists.current
+        names = ("fm_a", "fm_b") if lists.current is self._held_a else ("fm_b", "fm_a")
+        scale = 1.0 if self._step_scale is None else self._step_scale
+        scalars = []
+        for i in groups:  # as _perturb_groups' Momentum(..., sigma·s, lmbda, (1 − lmbda)/s)
+            group = self.param_groups[i]
+            sigma, lmbda = float(group["sigma"]), float(group["lmbda"])
+            scalars += (float(sigma * scale), float(lmbda), float((1.0 - lmbda) / scale))
+        return (*names, tuple(scalars))
+
+    def _held_sources(self, plan: StepPlan, backend: NativeBackend,
+                      clip: Tensor | None) -> None:
+        self._refuse_unscaled(plan)
+        return None
+
+    def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
+                           clip: Tensor | None) -> None:
+        self._commit(plan)
+
+    def _commit(self, perturbed: StepPlan) -> None:
         """The step's update went ahead: m_next becomes m."""
         lists = self._lists
         if lists is None or lists.plan is not perturbed:
