@@ -61,6 +61,32 @@ def assert_same(a, b):
                 assert torch.equal(value, sb[key]), key
 
 
+def same_store(a, b, store):
+    """The per-parameter tensors of the two optimizers' ``store`` (a dotted attribute path):
+    the same entries, equal bit for bit."""
+    stores = []
+    for opt, _ in (a, b):
+        for name in store.split("."):
+            opt = getattr(opt, name)
+        stores.append(opt)
+    for p, q in zip(a[1], b[1]):
+        x, y = stores[0].get(p), stores[1].get(q)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), store
+
+
+def one_pass_step(a, b, land, without=(), nan=None):
+    """One step() of each of two one-pass optimizers (FreeSAM, MSAM) with the landscape's
+    gradients (none for the parameters ``without``; a NaN in parameter ``nan``'s), then the
+    same weights and state."""
+    for opt, params in (a, b):
+        land.set_grads(params, without)
+        if nan is not None:
+            params[nan].grad.view(-1)[0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+    assert_same(a, b)
+
+
 def run_both(a, b, steps, skip=(), first=0):
     land = Landscape(SHAPES if len(a[1]) == len(SHAPES) else [tuple(p.shape) for p in a[1]])
     for opt, params in (a, b):
@@ -435,9 +461,7 @@ def test_looksam_look_ahead_steps_are_held(name, calls):
                 land.set_grads(params)
                 opt.second_step(zero_grad=True)
         assert_same(a, b)
-        for p, q in zip(a[1], b[1]):
-            da, db = a[0]._direction.get(p), b[0]._direction.get(q)
-            assert (da is None) == (db is None) and (da is None or torch.equal(da, db))
+        same_store(a, b, "_direction")
     groups = len(a[0].param_groups)
     look_ahead = 6 - (1 if "skip" in name else 0)  # steps 1, 2, 4, 5, 7, 8 (4 skipped)
     assert calls["perturb"] == 0 and calls["sgd"] + calls["adam"] == groups * look_ahead
@@ -469,16 +493,8 @@ def test_freesam_steps_are_held(name, calls):
     # differ after it: the per-value general update, tested above)
     skip = {4: (1,)} if "sgd" in name else {}
     for t in range(10):
-        for opt, params in (a, b):
-            land.set_grads(params, skip.get(t, ()))
-            if "skip" in name and t == 7:
-                params[0].grad[0] = float("nan")
-            opt.step()
-            opt.zero_grad()
-        assert_same(a, b)
-        for p, q in zip(a[1], b[1]):
-            sa, sb = a[0]._stored.get(p), b[0]._stored.get(q)
-            assert (sa is None) == (sb is None) and (sa is None or torch.equal(sa, sb))
+        one_pass_step(a, b, land, skip.get(t, ()), 0 if "skip" in name and t == 7 else None)
+        same_store(a, b, "_stored")
     groups = len(a[0].param_groups)
     # general: the first step, and the steps that make a plan (4 and 5); the skipped step
     # makes no update call
@@ -509,19 +525,9 @@ def test_msam_steps_are_held(name, calls):
     a, b = pair(MSAM[name])
     land = Landscape(SHAPES)
     for t in range(8):
-        for opt, params in (a, b):
-            land.set_grads(params, (5,) if t >= 3 else ())
-            if "skip" in name and t == 5:
-                params[1].grad[0] = float("nan")
-            opt.step()
-            opt.zero_grad()
-        assert_same(a, b)
-        for p, q in zip(a[1], b[1]):
-            wa, wb = a[0]._weights.get(p), b[0]._weights.get(q)
-            assert (wa is None) == (wb is None) and (wa is None or torch.equal(wa, wb))
-            avg_a, avg_b = a[0]._averager.averaged.get(p), b[0]._averager.averaged.get(q)
-            assert (avg_a is None) == (avg_b is None)
-            assert avg_a is None or torch.equal(avg_a, avg_b)
+        one_pass_step(a, b, land, (5,) if t >= 3 else (), 1 if "skip" in name and t == 5 else None)
+        same_store(a, b, "_weights")
+        same_store(a, b, "_averager.averaged")
     groups = len(a[0].param_groups)
     # general: the first step and step 3 (a new plan); a skipped step makes no update
     held = 6 - (1 if "skip" in name else 0)
@@ -558,9 +564,7 @@ def test_friendlysam_momentum_over_held_plans(calls):
             opt.second_step(zero_grad=True)
         assert_same(a, b)
         a[0]._sync(), b[0]._sync()
-        for p, q in zip(a[1], b[1]):
-            ma, mb = a[0]._momentum.get(p), b[0]._momentum.get(q)
-            assert (ma is None) == (mb is None) and (ma is None or torch.equal(ma, mb))
+        same_store(a, b, "_momentum")
     assert a[0].nonfinite_skipped_steps == b[0].nonfinite_skipped_steps == 1
     # general: step 0 and step 4, each a new plan with parameters on their first step; the
     # other seven held (the NaN step's passes A and B too)
