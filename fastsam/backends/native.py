@@ -81,9 +81,6 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
 
 
 # The list names of the held passes (csrc/binding/held.h), in each operator's list order.
-_HELD_NORM = ["params", "grad", ""]
-_HELD_PERTURB = ["params", "grad", "w_old", "", "", ""]
-_HELD_PERTURB_KEEPING = ["params", "grad", "w_old", "keep", "", ""]  # "keep": the list named
 _HELD_RESTORE = ["params", "w_old"]
 _HELD_SGD = {  # by (momentum, averaging)
     (m, a): ["params", "grad", "w_old", "momentum_buffer" if m else "", "", "average" if a else ""]
@@ -183,8 +180,9 @@ class HeldLists:
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
         self.accumulation = accumulation_dtype([p for ps in params for p in ps])
         self.dtypes = list(dict.fromkeys(p.dtype for ps in params for p in ps))
-        # the backend's norm output and scratch of this plan (NativeBackend._held_buffers),
-        # looked up once: a held step is never captured (capturable takes the list operators)
+        # the backend's norm output and scratch for this plan's passes (NativeBackend.
+        # _held_norm), looked up once: a held step is never captured (capturable takes the
+        # list operators)
         self.buffers: tuple[Tensor, Tensor] | None = None
 
     def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
@@ -386,13 +384,10 @@ class NativeBackend(Backend):
         if masks is not None and masks[0] is not None:
             thresholds = self._constants(tuple(m.threshold for m in masks), held.device)
             key = masks[0].key
-        lists = _HELD_PERTURB if not keep else [keep if n == "keep" else n for n in
-                                                 _HELD_PERTURB_KEEPING]
-        if names != ("grad", "w_old") or m:
-            lists = ["params", *names, lists[3], m, m_next]
-        held.plan.perturb(groups, lists, modes, etas, self._constants(rhos, held.device),
-                          out, scratch, dual_exponent(p), p, eps, skipped, coefficients,
-                          thresholds, *key)
+        # lists: params, grads, w_old, keep, momentum, momentum_next (binding/held.h)
+        held.plan.perturb(groups, ["params", *names, keep, m, m_next], modes, etas,
+                          self._constants(rhos, held.device), out, scratch, dual_exponent(p), p,
+                          eps, skipped, coefficients, thresholds, *key)
         return True
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
@@ -410,8 +405,8 @@ class NativeBackend(Backend):
             held.buffers = (self._buffer("norm", held.device, held.accumulation),
                             self._buffer("scratch", held.device, torch.float64))
         out, scratch = held.buffers
-        held.plan.norm(groups, _HELD_NORM if (grad, momentum) == ("grad", "") else
-                       ["params", grad, momentum], modes, etas, q, out, scratch, coefficients)
+        held.plan.norm(groups, ["params", grad, momentum], modes, etas, q, out, scratch,
+                       coefficients)
         return out, scratch
 
     def held_restore(self, held: HeldLists, groups: list[int]) -> None:

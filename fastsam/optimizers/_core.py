@@ -27,7 +27,7 @@ from ._averager import WeightAverager
 from ._checkpoint import AVERAGE_KEY
 from ._checks import check_max_grad_norm
 from ._plan import StepPlan, StepPlanner
-from ._skips import Counters, GradientLists, SkipPolicy
+from ._skips import Counters, GradientLists, Gradients, SkipPolicy
 from ._update import FUSED_KINDS, FusedUpdate, fused_kind, not_capturable
 
 
@@ -227,14 +227,23 @@ class FusedOptimizer(Optimizer):
         after_perturb: bool, on_host: bool = False,
     ) -> bool | Tensor:
         """:meth:`SkipPolicy.decide <fastsam.optimizers._skips.SkipPolicy.decide>` for this
-        update (GradScaler's attributes read from the optimizer)."""
+        update over the gradient lists (and ``kept``, unscaled with them)."""
+        def gradients() -> GradientLists:
+            backend = self._backend_for(plan.device) if plan.device is not None else None
+            return GradientLists([g for gs in all_grads for g in gs],
+                                 [k for ks in kept or () for k in ks], backend)
+
+        return self._decide_skip(gradients, plan.device, after_perturb, on_host)
+
+    def _decide_skip(self, gradients: Callable[[], Gradients], device: torch.device | None,
+                     after_perturb: bool, on_host: bool = False) -> bool | Tensor:
+        """:meth:`SkipPolicy.decide` over ``gradients()`` (the general path's lists or a held
+        plan's), GradScaler's attributes read from the optimizer; False at once when nothing
+        can skip the update (no per-tensor work)."""
         scaler = (getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         if scaler == (None, None) and not self._skips.skip_nonfinite:
-            return False  # nothing can skip this update: no per-tensor work
-        backend = self._backend_for(plan.device) if plan.device is not None else None
-        grads = GradientLists([g for gs in all_grads for g in gs],
-                              [k for ks in kept or () for k in ks], backend)
-        return self._skips.decide(scaler, grads, after_perturb, plan.device, on_host)
+            return False
+        return self._skips.decide(scaler, gradients(), after_perturb, device, on_host)
 
     def _clip_coefficient(self, plan: StepPlan, all_grads: list[list[Tensor]]) -> Tensor | None:
         """``max_grad_norm``'s coefficient for an update with these gradients, as

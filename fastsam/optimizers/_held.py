@@ -247,13 +247,10 @@ class HeldSteps:
         scaler): True when the update is skipped, the perturbed weights restored
         (``after_perturb``)."""
         opt = self.opt
-        scaler = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
-        if scaler == (None, None) and not opt._skips.skip_nonfinite:
-            return False
         groups = with_params(plan)
         kept = "first" if after_perturb and opt._keeps_first_grads else None  # unscaled too
-        if not opt._skips.decide(scaler, HeldGradients(plan.held, groups, kept), after_perturb,
-                                 plan.device):
+        if not opt._decide_skip(lambda: HeldGradients(plan.held, groups, kept), plan.device,
+                                after_perturb):
             return False
         if after_perturb:  # the weights back, but those of groups never moved (own w_old)
             moved = [i for i in groups if plan.w_old[i][0] is not plan.params[i][0]]

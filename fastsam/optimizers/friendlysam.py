@@ -51,6 +51,13 @@ class _MomentumLists:
         return any(self.fresh)
 
 
+def _coefficients(group: dict[str, Any], scale: float) -> tuple[float, float, float]:
+    """A group's momentum numbers for first-pass gradients at loss scale ``scale``: (sigma·s,
+    lmbda, (1 − lmbda)/s), the :class:`~fastsam.functional.Momentum` of a stepped parameter."""
+    sigma, lmbda = float(group["sigma"]), float(group["lmbda"])
+    return float(sigma * scale), lmbda, float((1.0 - lmbda) / scale)
+
+
 def _pick(values: list, idx: list[int], whole: int) -> list:
     return values if len(idx) == whole else [values[j] for j in idx]
 
@@ -179,12 +186,11 @@ class FriendlySAM(SharpnessAwareOptimizer):
             if not group.get("perturb", True) or not ps:
                 continue
             rho, scaling = as_rho(group["rho"]), self._scaling(group)
-            sigma, lmbda = float(group["sigma"]), float(group["lmbda"])
             n = len(ps)
             stepped, fresh = lists.stepped[i], lists.fresh[i]
             if stepped:
-                momentum = Momentum(lists.current[i], lists.next[i], sigma * scale, lmbda,
-                                    (1.0 - lmbda) / scale)
+                momentum = Momentum(lists.current[i], lists.next[i],
+                                    *_coefficients(group, scale))
                 out.append(PerturbGroup(
                     _pick(ps, stepped, n), _pick(gs, stepped, n), _pick(olds, stepped, n),
                     rho, scaling, None, momentum,
@@ -269,12 +275,9 @@ class FriendlySAM(SharpnessAwareOptimizer):
             self._held_lists, self._held_a = lists, lists.current
         names = ("fm_a", "fm_b") if lists.current is self._held_a else ("fm_b", "fm_a")
         scale = 1.0 if self._step_scale is None else self._step_scale
-        scalars = []
-        for i in groups:  # as _perturb_groups' Momentum(..., sigma·s, lmbda, (1 − lmbda)/s)
-            group = self.param_groups[i]
-            sigma, lmbda = float(group["sigma"]), float(group["lmbda"])
-            scalars += (float(sigma * scale), float(lmbda), float((1.0 - lmbda) / scale))
-        return (*names, tuple(scalars))
+        scalars = tuple(x for i in groups  # (Momentum.kernel_scalars of _perturb_groups')
+                        for x in _coefficients(self.param_groups[i], scale))
+        return (*names, scalars)
 
     def _held_sources(self, plan: StepPlan, backend: NativeBackend,
                       clip: Tensor | None) -> None:
