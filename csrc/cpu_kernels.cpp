@@ -29,26 +29,78 @@ namespace fastsam {
 namespace cpu {
 namespace {
 
+// Streaming stores (x86-64): a line written without being read first is not read for
+// ownership, so a pass that writes a list it does not read moves 4 bytes per fp32 element
+// fewer. Where they pay was measured on the ResNet-50 set (2 threads, the 2-core CI machine):
+// pass B with w_old streamed 17 ms against 21 with plain stores, and GSAM's pass B with its
+// kept g copied (streamed) after each segment 20 against 28, where a second streamed store in
+// each block made it 4x slower and streaming w too (its lines were just read) 1.4x slower;
+// restore 8.5 against 13.5 ms.
+constexpr int kStreamBlock = 16;  // elements per block: 32-128 bytes, whole 16-byte stores
+
+// Whether dst can take streamed blocks (16-byte aligned).
+inline bool streamable(const void* dst) {
+#ifdef FASTSAM_STREAMING_STORES
+  return reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// Streamed stores are weakly ordered: publish them before the sweep returns.
+inline void stream_fence() {
+#ifdef FASTSAM_STREAMING_STORES
+  _mm_sfence();
+#endif
+}
+
+// dst[0:kStreamBlock) = src[0:kStreamBlock), the bytes as they are (any storage dtype);
+// streamable(dst).
+template <typename S>
+inline void stream_copy_block(S* dst, const S* src) {
+#ifdef FASTSAM_STREAMING_STORES
+  static_assert(kStreamBlock * sizeof(S) % 16 == 0, "whole 16-byte stores");
+  auto* d = reinterpret_cast<__m128i*>(dst);
+  const auto* from = reinterpret_cast<const __m128i*>(src);
+  for (size_t k = 0; k < kStreamBlock * sizeof(S) / 16; ++k) {
+    _mm_stream_si128(d + k, _mm_loadu_si128(from + k));
+  }
+#else
+  std::memcpy(dst, src, kStreamBlock * sizeof(S));
+#endif
+}
+
+// dst[0:n) = src[0:n), streamed where dst allows (restore, pass B's copies of a skipped step).
+template <typename S>
+void copy_streamed(S* __restrict__ dst, const S* __restrict__ src, int64_t n) {
+  int64_t i = 0;
+  if (streamable(dst)) {
+    for (; i + kStreamBlock <= n; i += kStreamBlock) stream_copy_block(dst + i, src + i);
+    stream_fence();
+  }
+  std::memcpy(dst + i, src + i, (n - i) * sizeof(S));
+}
+
 // dst[i] = value(i) for i in [0, n), value called once per i in order. The update passes write
-// w without reading it: their fp32 stores stream past the cache, so the destination line is
-// not first read for ownership (4 bytes per element saved; sgd pass on the ResNet-50 set
-// 29-30 GB/s). Perturb does not use it: see perturb_segment.
+// w without reading it (they read w_old): their fp32 stores stream (sgd pass on the ResNet-50
+// set 29-30 GB/s).
 template <typename S, typename F>
 inline void write_all(S* dst, int64_t n, F&& value) {
   int64_t i = 0;
 #ifdef FASTSAM_STREAMING_STORES
   if constexpr (std::is_same_v<S, float>) {
-    constexpr int kBlock = 16;
-    if (reinterpret_cast<std::uintptr_t>(dst) % 16 == 0 && n >= kBlock) {
-      alignas(16) float block[kBlock];
-      for (; i + kBlock <= n; i += kBlock) {
+    if (streamable(dst)) {
+      alignas(16) float block[kStreamBlock];
+      for (; i + kStreamBlock <= n; i += kStreamBlock) {
         // Elements are independent (each list's i-th element is read and written by iteration
         // i only), which the compiler cannot prove through the lambda's captured pointers.
 #pragma GCC ivdep
-        for (int j = 0; j < kBlock; ++j) block[j] = value(i + j);
-        for (int j = 0; j < kBlock; j += 4) _mm_stream_ps(dst + i + j, _mm_load_ps(block + j));
+        for (int j = 0; j < kStreamBlock; ++j) block[j] = value(i + j);
+        for (int j = 0; j < kStreamBlock; j += 4) {
+          _mm_stream_ps(dst + i + j, _mm_load_ps(block + j));
+        }
       }
-      _mm_sfence();  // streamed stores are weakly ordered: publish them before returning
+      stream_fence();
     }
   }
 #endif
@@ -185,9 +237,9 @@ inline void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc
   const S* __restrict__ m = MOM ? address<const S>(tab, a.momentum_role, seg) : nullptr;
   S* __restrict__ m_next = MOM ? address<S>(tab, a.momentum_role + 1, seg) : nullptr;
   if (!ok) {  // non-finite norm: no perturbation, w stays bit-identical (and m: m_next = m)
-    std::memcpy(old, w, seg.len * sizeof(S));
-    if (KEEP) std::memcpy(keep, g, seg.len * sizeof(S));
-    if (MOM) std::memcpy(m_next, m, seg.len * sizeof(S));
+    copy_streamed(old, w, seg.len);
+    if (KEEP) copy_streamed(keep, g, seg.len);
+    if (MOM) copy_streamed(m_next, m, seg.len);
     return;
   }
   const double* mom = MOM ? a.momentum + 3 * tab.group[seg.tensor] : nullptr;
@@ -206,29 +258,41 @@ inline void perturb_segment(const Table& tab, const PerturbArgs& a, bool ok, Acc
   const int64_t first = seg.start + (MASK && a.mask_offset != nullptr
                                          ? static_cast<int64_t>(a.mask_offset[tab.index[seg.tensor]])
                                          : 0);  // the mask's index of element 0
-  // One loop per mode (the mode is fixed per tensor), so each loop vectorises.
+  // The new w of element i (m_next's element written on the way).
+  auto moved = [&](int64_t i, auto step) {
+    const S wi = w[i];
+    const S gi = g[i];
+    A di = A(gi);
+    if constexpr (MOM) {
+      const A mi = A(m[i]);
+      di = friendly_direction(A(gi), mi, sigma);
+      m_next[i] = S(friendly_momentum(mi, A(gi), lmbda, gain));
+    }
+    const S out = S(A(wi) + scale * step(A(wi), di));
+    if constexpr (MASK) return blend(mask_draw(stream, first + i) <= last, out, wi);
+    return out;
+  };
+  // Block by block: w_old streamed, then w rewritten in place with plain stores (its lines
+  // are in cache from that read); GSAM's kept g streamed after the blocks (streaming stores,
+  // above). One loop per mode (the mode is fixed per tensor), so each loop vectorises.
   auto sweep = [&](auto step) {
-    for (int64_t i = 0; i < seg.len; ++i) {
-      const S wi = w[i];
-      const S gi = g[i];
-      old[i] = wi;
-      if (KEEP) keep[i] = gi;
-      A di = A(gi);
-      if constexpr (MOM) {
-        const A mi = A(m[i]);
-        di = friendly_direction(A(gi), mi, sigma);
-        m_next[i] = S(friendly_momentum(mi, A(gi), lmbda, gain));
+    int64_t i = 0;
+    if (streamable(old)) {
+      for (; i + kStreamBlock <= seg.len; i += kStreamBlock) {
+        stream_copy_block(old + i, w + i);
+#pragma GCC ivdep
+        for (int j = 0; j < kStreamBlock; ++j) w[i + j] = moved(i + j, step);
       }
-      const S moved = S(A(wi) + scale * step(A(wi), di));
-      if constexpr (MASK) {
-        w[i] = blend(mask_draw(stream, first + i) <= last, moved, wi);
-      } else {
-        w[i] = moved;
-      }
+      stream_fence();
+      if (KEEP) copy_streamed(keep, g, i);
+    }
+    for (; i < seg.len; ++i) {
+      const S out = moved(i, step);
+      old[i] = w[i];
+      if (KEEP) keep[i] = g[i];
+      w[i] = out;
     }
   };
-  // Plain stores here: streaming w_old measured slower (18.6 vs 16.6 ms for the ResNet-50
-  // set), and w's lines are in cache from the read just before.
   switch (mode) {
     case kPlain:
       sweep([&](A, A gi) { return direction<QM>(A(1), gi, q); });
@@ -423,8 +487,8 @@ void restore(const Table& t) {
     using S = typename decltype(tag)::type;
     for_each_segment(t, [&](int64_t s) {
       const Segment seg = segment(t, s);
-      std::memcpy(address<S>(t, kRestoreW, seg), address<const S>(t, kRestoreOld, seg),
-                  seg.len * sizeof(S));
+      copy_streamed(address<S>(t, kRestoreW, seg), address<const S>(t, kRestoreOld, seg),
+                    seg.len);
     });
   });
 }

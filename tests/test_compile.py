@@ -90,8 +90,13 @@ def test_compiled_steps_equal_eager_without_recompiling(name, backend):
     torch._dynamo.reset()
     (eager, eager_opt), (compiled, compiled_opt) = (_run(name, backend, False),
                                                     _run(name, backend, True))
+    # The torch backend's compiled step is Inductor's own code (its vectorised reductions, its
+    # order of operations): it rounds otherwise than eager torch, 1.07e-7 apart after 20
+    # LookSAM steps on one CI machine (an AVX2 AMD EPYC). The native ops are the same kernels
+    # compiled or not.
+    tol = dict(rtol=1e-5, atol=1e-6) if backend == "torch" else dict(rtol=1e-6, atol=1e-7)
     for a, b in zip(eager.parameters(), compiled.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, a, **tol)
     assert compiled_opt.state_dict()["param_groups"][0]["fastsam_counters"] == (
         eager_opt.state_dict()["param_groups"][0]["fastsam_counters"])
     saved, loaded = eager_opt.state_dict()["state"], compiled_opt.state_dict()["state"]

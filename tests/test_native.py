@@ -314,6 +314,57 @@ def test_binding_compiles_with_cuda_enabled(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+# ----------------------------------------------------------------------------- pass stores
+def _at(offset, t):
+    """A copy of t whose storage starts `offset` elements past the start of an allocation."""
+    return torch.empty(t.numel() + offset, dtype=t.dtype)[offset:].view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pass_stores_are_the_same_bits_at_every_alignment(ops, dtype):
+    """The cpu passes store the lists they do not read past the cache where the destination is
+    16-byte aligned, block by block, and plainly elsewhere (csrc/cpu_kernels.cpp kStreamBlock):
+    pass B's w_old and kept g are w and g exactly, a restore gives w_old back exactly, and the
+    new w, w_old, g, momentum and Adam moments of perturb, sgd and adam are the same bits with
+    every list starting aligned or 1-3 elements past (the blocks' tails, two segments)."""
+    shapes = [(1,), (15,), (16,), (17,), (33, 65), (40_000,)]
+    w0, g0, m0 = (_tensors(shapes, dtype, seed) for seed in (1, 2, 3))
+    v0 = [t.abs() for t in _tensors(shapes, dtype, 4)]
+    n = [len(shapes)]
+    sgd_hp, adam_hp = [0.1, 0.9, 0.0, 0.01], [1e-2, 0.9, 0.999, 1e-8, 0.01, 1e-2, 0.5, 0.999]
+    rho = torch.tensor([20.0], dtype=torch.float64)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    runs = []
+    for offset in (0, 1, 2, 3):
+        w, g, old, keep, buf, m, v = ([_at(offset, t) for t in ts]
+                                      for ts in (w0, g0, m0, m0, m0, m0, v0))
+        out, scratch = _norm(ops, w, g)
+        ops.perturb(w, g, old, n, [0], [0.0], rho, out, scratch, 2.0, 2.0, 1e-12,
+                    torch.zeros(()), keep, [], [])
+        for a, b in zip(old, w0):
+            assert torch.equal(a, b)  # w_old: w before the step, bit for bit
+        for a, b in zip(keep, g0):
+            assert torch.equal(a, b)
+        for a, b, c in zip(w, w0, g0):  # w + rho·g/‖g‖ (moves of ~0.1: seen in bf16 too)
+            assert not torch.equal(a, b)
+            torch.testing.assert_close(a.double(), b.double() + 20 * c.double() / out.double()
+                                       .sqrt(), **tol)
+        perturbed = [t.clone() for t in w]
+        ops.restore(w, old)
+        for a, b in zip(w, w0):
+            assert torch.equal(a, b)
+        for a, b in zip(w, perturbed):
+            a.copy_(b)
+        ops.sgd(w, g, old, buf, sgd_hp, None, False, False, False, *NO_GSAM)
+        sgd_w = [t.clone() for t in w]
+        ops.adam(w, g, old, m, v, [], adam_hp, None, True, False, False, *NO_GSAM)
+        runs.append([perturbed, sgd_w, buf, w, m, v])
+    for run in runs[1:]:
+        for got, want in zip(run, runs[0]):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- streaming kernels
 def test_streaming_kernels_compute_what_they_stream(ops):
     """The benchmark's floor kernels (fastsam/bench/measure.py stream_rates) do their arithmetic:

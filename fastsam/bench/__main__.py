@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           "sam-ema; SAM + clip_grad_norm_ for sam-clip), "
           "official (GSAM), naive (FreeSAM) or paper (WSAM, FriendlySAM, MSAM, AE-SAM: every "
           "step a SAM step); "
-          "floor: bytes read at the read rate + bytes written at the write rate (the streaming "
-          "kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
+          "floor: each pass at the slowest of its bytes read at the read rate, its bytes written "
+          "at the write rate and all its bytes at the fastest rate, summed over the passes (the "
+          "streaming kernels' rates above); launches: kernels (CUDA) or operators (CPU) per step; "
           "extra MB: memory held beyond the plain base optimizer; host us: the same step over "
           "one-element tensors (host work), per step and per tensor; x fused: host us over that "
           "of one step of the base optimizer with fused=True on the same tensors")
