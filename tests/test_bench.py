@@ -328,6 +328,27 @@ def test_the_floor_charges_each_pass_at_its_binding_rate():
                                    else "fastsam._C")
 
 
+def test_the_floor_is_at_the_fastest_rates_of_the_run():
+    """The run measures the rates before and after its rows; each is then the faster of the
+    two, and every row's floor and ratio are made again at those rates."""
+    from fastsam.bench.measure import fastest_rates
+    from fastsam.bench.run import floor_seconds, refloor
+
+    before = {"read": 1.0, "write": 4.0, "triad": 3.0, "kernels": "fastsam._C"}
+    after = {"read": 2.0, "write": 3.0, "triad": 3.5, "kernels": "fastsam._C"}
+    rates = fastest_rates(before, after)
+    assert rates == {"read": 2.0, "write": 4.0, "triad": 3.5, "kernels": "fastsam._C"}
+    rows = [{"provider": "plain", "optimizer": "sam", "base": "sgd", "params": 10,
+             "median_ms": 1e5, "floor_ms": 1.0, "ratio_to_floor": 1.0},
+            {"provider": "cpu", "optimizer": "gsam", "base": "adamw", "params": 10,
+             "median_ms": 1e5, "floor_ms": 1.0, "ratio_to_floor": 1.0}]
+    refloor(rows, rates)
+    for row, name in zip(rows, ("plain", "gsam")):
+        floor_ms = floor_seconds(name, row["base"], 10, rates) * 1e3
+        assert row["floor_ms"] == floor_ms and row["ratio_to_floor"] == 1e5 / floor_ms
+    assert rows[0]["floor_ms"] != rows[1]["floor_ms"]
+
+
 def test_the_figure_is_drawn_from_saved_rows(tmp_path, capsys):
     """--from-json prints a saved run's table and --plot draws its grid (sets down, optimizers
     across, a bar per provider and base, the floor per base)."""

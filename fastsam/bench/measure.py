@@ -2,6 +2,7 @@
 allocations per step, memory an optimizer holds."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -83,10 +84,26 @@ def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
     except (ImportError, OSError):
         read, fill = (lambda: torch.sum(a, dtype=torch.float64, out=out)), (lambda: a.fill_(1.0))
         triad, kernels = (lambda: torch.add(b, c, alpha=0.5, out=a)), "torch"
-    seconds = {name: min(timed(fn, device, max(reps, 10), warmup=2))
-               for name, fn in (("read", read), ("write", fill), ("triad", triad))}
+    # In rounds of one run each, so that a slow spell of a shared machine slows every kernel
+    # in some rounds rather than all the runs of one kernel.
+    kernels_ = (("read", read), ("write", fill), ("triad", triad))
+    seconds = {name: math.inf for name, _ in kernels_}
+    for _, fn in kernels_:
+        timed(fn, device, 0, warmup=2)
+    for _ in range(max(reps, 10)):
+        for name, fn in kernels_:
+            seconds[name] = min(seconds[name], timed(fn, device, 1, warmup=0)[0])
     return {"read": 4 * numel / seconds["read"], "write": 4 * numel / seconds["write"],
             "triad": 12 * numel / seconds["triad"], "kernels": kernels}
+
+
+def fastest_rates(*measured: dict) -> dict:
+    """Each rate at the fastest of several stream_rates measurements (the benchmark measures
+    before and after its rows: the floor is then the memory's speed over the whole run)."""
+    out = dict(measured[0])
+    for m in measured[1:]:
+        out.update({k: max(out[k], m[k]) for k in ("read", "write", "triad")})
+    return out
 
 
 def count_launches(fn: Callable[[], object], device: torch.device) -> int:

@@ -115,6 +115,14 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
                        for r, w in passes)
 
 
+def refloor(rows: list[dict], rates: dict) -> None:
+    """Each row's floor and ratio to it again, at ``rates`` (the fastest rates of the run)."""
+    for r in rows:
+        floor = floor_seconds("plain" if r["provider"] == "plain" else r["optimizer"], r["base"],
+                              r["params"], rates)
+        r["floor_ms"], r["ratio_to_floor"] = floor * 1e3, r["median_ms"] / (floor * 1e3)
+
+
 # The implementations each optimizer is compared with; the first is the speed-up baseline.
 REFERENCES = {"sam": ("popular",), "asam": ("popular", "official"), "gsam": ("official",),
               "freesam": ("naive",), "sam-ema": ("popular",), "sam-skip": ("popular",),
