@@ -329,8 +329,8 @@ def test_the_floor_charges_each_pass_at_its_binding_rate():
 
 
 def test_the_floor_is_at_the_fastest_rates_of_the_run():
-    """The run measures the rates before and after its rows; each is then the faster of the
-    two, and every row's floor and ratio are made again at those rates."""
+    """The run measures the rates before every row and after the last; each is then the
+    fastest of those, and every row's floor and ratio are made again at those rates."""
     from fastsam.bench.measure import fastest_rates
     from fastsam.bench.run import floor_seconds, refloor
 
@@ -380,3 +380,29 @@ def test_layout_key_benchmark_runs(tmp_path):
     assert [r["tensors"] for r in rows] == [40] and rows[0]["lists"] == 4
     assert rows[0]["c_us"] > 0 and rows[0]["python_us"] > 0
     assert json.loads((tmp_path / "k.json").read_text())["results"] == rows
+
+
+def test_pass_benchmark_runs(tmp_path, capsys):
+    """bench/passes.py (each native pass beside its own floor) runs on a small set and writes
+    its JSON: a row per pass, the bytes of fastsam/bench/run.py's table, positive times."""
+    pytest.importorskip("fastsam._C")
+    import importlib.util
+    from pathlib import Path
+
+    from fastsam.bench.run import PASS_BYTES, UPDATE_BYTES
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "passes.py"
+    spec = importlib.util.spec_from_file_location("passes_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--set", "few-tiny", "--reps", "3", "--json", str(tmp_path / "p.json")])
+    by_name = {r["name"]: r for r in rows}
+    assert list(by_name) == list(module.PASSES)
+    norm, perturb, sgd = PASS_BYTES["sam"]
+    assert (by_name["norm"]["read"], by_name["norm"]["written"]) == norm
+    assert (by_name["perturb"]["read"], by_name["perturb"]["written"]) == perturb
+    assert (by_name["sgd"]["read"], by_name["sgd"]["written"]) == sgd == UPDATE_BYTES["sgd"]
+    assert (by_name["adamw"]["read"], by_name["adamw"]["written"]) == UPDATE_BYTES["adamw"]
+    assert all(r["median_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert json.loads((tmp_path / "p.json").read_text())["results"] == rows
+    assert "x floor" in capsys.readouterr().out

@@ -211,6 +211,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     env = environment(device)
     largest = max(sum(math.prod(s) for s in SETS[name]()) for name in sets)
     rates = stream_rates(largest, device, reps)
+
+    def remeasure() -> None:
+        # The rates again before each row and after the last, each at its fastest in the run:
+        # on a shared machine the memory's speed varies over seconds (this project's 2-core CI
+        # machine: the store-only rate 20-41 GB/s in one hour), and rates measured once, or
+        # only before and after, gave floors that rows beat.
+        rates.update(fastest_rates(rates, stream_rates(largest, device, reps)))
     chosen = {
         o: [p for p in providers(o, device) if args.providers is None or p in args.providers]
         for o in args.optimizers
@@ -221,12 +228,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     try:
         for name in sets:
             rows += as_dicts(measure(name, args.optimizers, device, reps, warmup, rates,
-                                     chosen, progress, args.bases))
+                                     chosen, progress, args.bases, before_row=remeasure))
     finally:
         progress.close()
-    # The rates again after the rows, each at the fastest of the two measurements (a shared
-    # machine's slow spell during the first would otherwise give a floor some row beats).
-    rates = fastest_rates(rates, stream_rates(largest, device, reps))
+    remeasure()
     refloor(rows, rates)
     env.update({f"{name}_GBps": rates[name] / 1e9 for name in ("read", "write", "triad")})
     env["stream_kernels"] = rates["kernels"]

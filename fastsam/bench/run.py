@@ -401,8 +401,10 @@ def measure(
     names: dict[str, list[str]] | None = None,
     progress: Callable[[str], None] = lambda label: None,
     bases: list[str] = ("sgd",),
+    before_row: Callable[[], None] = lambda: None,
 ) -> list[Row]:
-    """Rows for every optimizer (× base × provider) on one parameter set."""
+    """Rows for every optimizer (× base × provider) on one parameter set; ``before_row`` runs
+    before each row is timed (the command measures the streaming rates again there)."""
     shapes = SETS[set_name]()
     numel = sum(math.prod(s) for s in shapes)
     rows = []
@@ -413,17 +415,19 @@ def measure(
         fused_host = host_seconds("plain-fused", "sam", base, len(shapes), device, reps, warmup)
         for optimizer in optimizers:
             for r in _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
-                                  rates, (names or {}).get(optimizer), held_plain, progress):
+                                  rates, (names or {}).get(optimizer), held_plain, progress,
+                                  before_row):
                 r.host_vs_fused = r.host_us / (fused_host * 1e6)
                 rows.append(r)
     return rows
 
 
 def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup, rates,
-                 names, held_plain, progress) -> list[Row]:
+                 names, held_plain, progress, before_row) -> list[Row]:
     rows, loops = [], {}
     for provider in names or providers(optimizer, device):
         progress(f"{set_name} {optimizer} {base} {provider}")
+        before_row()
         params, grads = _random_params(shapes, device, seed=0)
         _, holder = build(provider, optimizer, params, base)
         loop = loops[provider] = Loop(holder, params, grads)
