@@ -365,17 +365,23 @@ def test_the_figure_is_drawn_from_saved_rows(tmp_path, capsys):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
 
 
+def _bench_script(name: str):
+    """A script of bench/ (not a package) loaded as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / name
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_layout_key_benchmark_runs(tmp_path):
     """bench/layout_key.py (the Triton launchers' key, C beside Python) runs and writes its
     JSON, its rows timing both forms."""
     pytest.importorskip("fastsam._C")
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / "layout_key.py"
-    spec = importlib.util.spec_from_file_location("layout_key_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_script("layout_key.py")
     rows = module.main(["--tensors", "40", "--reps", "20", "--json", str(tmp_path / "k.json")])
     assert [r["tensors"] for r in rows] == [40] and rows[0]["lists"] == 4
     assert rows[0]["c_us"] > 0 and rows[0]["python_us"] > 0
@@ -386,15 +392,9 @@ def test_pass_benchmark_runs(tmp_path, capsys):
     """bench/passes.py (each native pass beside its own floor) runs on a small set and writes
     its JSON: a row per pass, the bytes of fastsam/bench/run.py's table, positive times."""
     pytest.importorskip("fastsam._C")
-    import importlib.util
-    from pathlib import Path
-
     from fastsam.bench.run import PASS_BYTES, UPDATE_BYTES
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "passes.py"
-    spec = importlib.util.spec_from_file_location("passes_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_script("passes.py")
     rows = module.main(["--set", "few-tiny", "--reps", "3", "--json", str(tmp_path / "p.json")])
     by_name = {r["name"]: r for r in rows}
     assert list(by_name) == list(module.PASSES)
