@@ -447,7 +447,7 @@ void norm_partials(const Table& t, const NormArgs& a) {
 
 namespace {
 // GSAM's three sums over one segment in one sweep, kLanes accumulators each (lane j adds the
-// elements i with i % kLanes == j, in order, as add_lanes). gcc's code for the plain loop
+// elements i with i % kLanes == j, in order, as lane_sum). gcc's code for the plain loop
 // shuffled every element into place (the pass at 2.4-2.9x its floor on the ResNet-50 set, with
 // one sweep per sum no better): for fp32 on x86-64 the lanes are written out as SSE vectors,
 // the same multiplies and adds in the same order, hence the same bits.
@@ -477,20 +477,16 @@ void gsam_segment(const S* __restrict__ adv, const S* __restrict__ first, int64_
     }
   }
 #endif
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const A a = A(adv[i + j]), f = A(first[i + j]);
-      inner[j] += f * a;
-      adv_sq[j] += a * a;
-      first_sq[j] += f * f;
-    }
-  }
-  for (int j = 0; i < len; ++i, ++j) {
-    const A a = A(adv[i]), f = A(first[i]);
+  auto add = [&](int j, int64_t e) {  // element e into lane j
+    const A a = A(adv[e]), f = A(first[e]);
     inner[j] += f * a;
     adv_sq[j] += a * a;
     first_sq[j] += f * f;
+  };
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) add(j, i + j);
   }
+  for (int j = 0; i < len; ++i, ++j) add(j, i);
   out[0] = out[1] = out[2] = 0.0;
   for (int j = 0; j < kLanes; ++j) {
     out[0] += inner[j];

@@ -99,7 +99,7 @@ def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
 
 def fastest_rates(*measured: dict) -> dict:
     """Each rate at the fastest of several stream_rates measurements (the benchmark measures
-    before and after its rows: the floor is then the memory's speed over the whole run)."""
+    before every row and after the last: the floor is then the memory's speed over the run)."""
     out = dict(measured[0])
     for m in measured[1:]:
         out.update({k: max(out[k], m[k]) for k in ("read", "write", "triad")})

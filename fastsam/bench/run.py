@@ -115,11 +115,15 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
                        for r, w in passes)
 
 
+def row_floor_seconds(provider: str, optimizer: str, base: str, numel: int, rates: dict) -> float:
+    """A row's floor: the plain base step's for the ``plain`` provider, else the optimizer's."""
+    return floor_seconds("plain" if provider == "plain" else optimizer, base, numel, rates)
+
+
 def refloor(rows: list[dict], rates: dict) -> None:
     """Each row's floor and ratio to it again, at ``rates`` (the fastest rates of the run)."""
     for r in rows:
-        floor = floor_seconds("plain" if r["provider"] == "plain" else r["optimizer"], r["base"],
-                              r["params"], rates)
+        floor = row_floor_seconds(r["provider"], r["optimizer"], r["base"], r["params"], rates)
         r["floor_ms"], r["ratio_to_floor"] = floor * 1e3, r["median_ms"] / (floor * 1e3)
 
 
@@ -447,7 +451,7 @@ def _measure_one(set_name, optimizer, base, shapes, numel, device, reps, warmup,
         host = host_seconds(provider, optimizer, base, len(shapes), device, reps, warmup)
         median = statistics.median(times)
         q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-        floor = floor_seconds("plain" if provider == "plain" else optimizer, base, numel, rates)
+        floor = row_floor_seconds(provider, optimizer, base, numel, rates)
         rows.append(Row(
             set=set_name, optimizer=optimizer, base=base, provider=provider,
             tensors=len(shapes), params=numel, median_ms=median * 1e3, p10_ms=q[0] * 1e3,
