@@ -2,8 +2,8 @@
 // the binding, binding/). Each pass is one sweep over memory, segments split across threads with
 // at::parallel_for; the per-element math is elementwise.h, shared with the CUDA kernels.
 //
-// Loops are written so gcc vectorises them without -ffast-math: reductions keep kLanes
-// independent accumulators (a fixed order that depends on the segment length only, so the
+// Loops are written so gcc vectorises them without -ffast-math: reductions keep independent
+// accumulators (lane_sum) (a fixed order that depends on the segment length only, so the
 // norm is bitwise the same for any thread count), and pointers of one sweep are __restrict__.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -135,34 +135,73 @@ S* address(const Table& tab, int role, const Segment& seg) {
 // other threads would cost more than the sweep (a table of many tiny tensors).
 constexpr int64_t kParallelElements = 1 << 15;
 
-// f(segment index) for every segment; segments are split evenly across the threads, unless
-// the table holds fewer than kParallelElements elements (the order of the norm's partial sums
-// is per segment either way: the same bits).
+// f(segment index) for every segment: the table's elements are split into one run of whole
+// segments per thread, of (within a segment) equal element counts, unless the table holds fewer
+// than kParallelElements elements (then all on the calling thread). Splitting by segment count
+// instead gave one of two threads 55 % of the ResNet-50 set's elements (its early layers are
+// many small tensors). The order of the norm's partial sums is per segment either way: the
+// same bits for any thread count.
 template <typename F>
 void for_each_segment(const Table& tab, F&& f) {
   int64_t elements = 0;
   for (int64_t s = 0; s < tab.n_segments && elements < kParallelElements; ++s) {
     elements += tab.seg[3 * s + 2];
   }
-  const int64_t grain = elements < kParallelElements ? tab.n_segments + 1 : 1;  // inline
-  at::parallel_for(0, tab.n_segments, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) f(s);
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), tab.n_segments);
+  if (elements < kParallelElements || parts < 2) {
+    for (int64_t s = 0; s < tab.n_segments; ++s) f(s);
+    return;
+  }
+  int64_t total = 0;
+  for (int64_t s = 0; s < tab.n_segments; ++s) total += tab.seg[3 * s + 2];
+  // Part p runs the segments whose first element, counted over the table, lies in
+  // [p·total/parts, (p+1)·total/parts): each scans the table's lengths (no allocation).
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t lo = p * total / parts, hi = (p + 1) * total / parts;
+      int64_t first = 0;
+      for (int64_t s = 0; s < tab.n_segments && first < hi; ++s) {
+        if (first >= lo) f(s);
+        first += tab.seg[3 * s + 2];
+      }
+    }
   });
 }
 
-constexpr int kLanes = 16;
+constexpr int kLanes = 16;  // GSAM's sums: accumulators per sum
 
-// Σ term(i) over [0, n) with kLanes accumulators: vectorisable, order fixed by n.
+// A reduction reads its segment as kRuns equal runs at once, each into kRunLanes accumulators
+// of its own: one core's reads go faster over several streams than over one (a read-only sweep
+// of the ResNet-50 set on the 2-core CI machine: 4 runs 4.1-4.7 ms against 5.2-6.2 for one;
+// 8 runs no faster). Elementwise passes keep one stream: more streams of streamed stores
+// were 1.2-5x slower.
+constexpr int kRuns = 4, kRunLanes = 8;
+
+// Σ term(i) over [0, n): run k covers [k·r, (k+1)·r) with r = n rounded down to a multiple of
+// kRuns·kRunLanes, divided by kRuns; element k·r + i goes to accumulator k·kRunLanes + i %
+// kRunLanes; the accumulators are added in order, then the tail (fewer than kRuns·kRunLanes
+// elements, from kRuns·r) one by one. The order depends on n only. Written so that gcc keeps
+// the accumulators in vector registers: the tail indexing them made it spill them every block,
+// and a loop over the runs made it shuffle elements into place.
 template <typename A, typename F>
 A lane_sum(int64_t n, F&& term) {
-  A lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lanes[j] += term(i + j);
+  static_assert(kRuns == 4, "one line per run below");
+  constexpr int kAll = kRuns * kRunLanes;
+  A lanes[kAll] = {};
+  const int64_t run = n / kAll * kRunLanes;
+  for (int64_t i = 0; i < run; i += kRunLanes) {
+    A t[kAll];
+    for (int j = 0; j < kRunLanes; ++j) {
+      t[j] = term(i + j);
+      t[kRunLanes + j] = term(run + i + j);
+      t[2 * kRunLanes + j] = term(2 * run + i + j);
+      t[3 * kRunLanes + j] = term(3 * run + i + j);
+    }
+    for (int j = 0; j < kAll; ++j) lanes[j] += t[j];
   }
-  for (int j = 0; i < n; ++i, ++j) lanes[j] += term(i);
   A total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  for (int j = 0; j < kAll; ++j) total += lanes[j];
+  for (int64_t i = kRuns * run; i < n; ++i) total += term(i);
   return total;
 }
 
@@ -447,7 +486,7 @@ void norm_partials(const Table& t, const NormArgs& a) {
 
 namespace {
 // GSAM's three sums over one segment in one sweep, kLanes accumulators each (lane j adds the
-// elements i with i % kLanes == j, in order, as lane_sum). gcc's code for the plain loop
+// elements i with i % kLanes == j, in order). gcc's code for the plain loop
 // shuffled every element into place (the pass at 2.4-2.9x its floor on the ResNet-50 set, with
 // one sweep per sum no better): for fp32 on x86-64 the lanes are written out as SSE vectors,
 // the same multiplies and adds in the same order, hence the same bits.
@@ -620,30 +659,13 @@ void for_each_chunk(int64_t n, F&& f) {
 }
 }  // namespace
 
+// The read rate of the floor: the reductions' loop (lane_sum: several runs at once) over x.
 double stream_read(const float* x, int64_t n) {
   const int64_t chunks = (n + kStreamChunk - 1) / kStreamChunk;
   std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
   for_each_chunk(n, [&](int64_t start, int64_t len) {
     const float* __restrict__ p = x + start;
-    int64_t i = 0;
-    double sum = 0.0;
-#ifdef FASTSAM_STREAMING_STORES
-    // Eight independent vector sums: bound by memory, not by the adds' latency.
-    if (reinterpret_cast<std::uintptr_t>(p) % 16 == 0) {
-      __m128 acc[8];
-      for (auto& a : acc) a = _mm_setzero_ps();
-      for (; i + 32 <= len; i += 32) {
-        for (int k = 0; k < 8; ++k) acc[k] = _mm_add_ps(acc[k], _mm_load_ps(p + i + 4 * k));
-      }
-      alignas(16) float lanes[4];
-      for (auto& a : acc) {
-        _mm_store_ps(lanes, a);
-        sum += double(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
-      }
-    }
-#endif
-    partial[start / kStreamChunk] =
-        sum + lane_sum<float>(len - i, [&](int64_t j) { return p[i + j]; });
+    partial[start / kStreamChunk] = lane_sum<float>(len, [&](int64_t i) { return p[i]; });
   });
   double total = 0.0;
   for (double v : partial) total += v;
