@@ -168,8 +168,6 @@ void for_each_segment(const Table& tab, F&& f) {
   });
 }
 
-constexpr int kLanes = 16;  // GSAM's sums: accumulators per sum
-
 // A reduction reads its segment as kRuns equal runs at once, each into kRunLanes accumulators
 // of its own: one core's reads go faster over several streams than over one (a read-only sweep
 // of the ResNet-50 set on the 2-core CI machine: 4 runs 4.1-4.7 ms against 5.2-6.2 for one;
@@ -485,52 +483,68 @@ void norm_partials(const Table& t, const NormArgs& a) {
 }
 
 namespace {
-// GSAM's three sums over one segment in one sweep, kLanes accumulators each (lane j adds the
-// elements i with i % kLanes == j, in order). gcc's code for the plain loop
-// shuffled every element into place (the pass at 2.4-2.9x its floor on the ResNet-50 set, with
-// one sweep per sum no better): for fp32 on x86-64 the lanes are written out as SSE vectors,
-// the same multiplies and adds in the same order, hence the same bits.
+// GSAM's three sums over one segment in one sweep, laid out as lane_sum's with two runs (each
+// run reads two lists: four streams, as a norm reads): run k covers [k·r, (k+1)·r) with r =
+// len rounded down to a multiple of 2·kRunLanes, halved; element k·r + i goes to accumulator
+// k·kRunLanes + i % kRunLanes of each sum; the accumulators are added in order, then the tail
+// element by element. gcc's code for the plain loop shuffled every element into place (the
+// pass at 2.4-2.9x its floor on the ResNet-50 set): for fp32 on x86-64 the lanes are written
+// out as SSE vectors, the same multiplies and adds in the same order, hence the same bits.
 template <typename S>
 void gsam_segment(const S* __restrict__ adv, const S* __restrict__ first, int64_t len,
                   double* out) {
   using A = Acc<S>;
-  A inner[kLanes] = {}, adv_sq[kLanes] = {}, first_sq[kLanes] = {};
-  int64_t i = 0;
+  constexpr int kRunsHere = 2, kAll = kRunsHere * kRunLanes;
+  A inner[kAll] = {}, adv_sq[kAll] = {}, first_sq[kAll] = {};
+  const int64_t run = len / kAll * kRunLanes;
+  auto add = [&](int lane, int64_t e) {  // element e into accumulator `lane` of each sum
+    const A a = A(adv[e]), f = A(first[e]);
+    inner[lane] += f * a;
+    adv_sq[lane] += a * a;
+    first_sq[lane] += f * f;
+  };
+  bool done = false;
 #ifdef FASTSAM_STREAMING_STORES
   if constexpr (std::is_same_v<S, float>) {
-    static_assert(kLanes == 16, "four SSE vectors per sum");
-    __m128 in[4], aa[4], ff[4];
-    for (int k = 0; k < 4; ++k) in[k] = aa[k] = ff[k] = _mm_setzero_ps();
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int k = 0; k < 4; ++k) {
-        const __m128 a = _mm_loadu_ps(adv + i + 4 * k), f = _mm_loadu_ps(first + i + 4 * k);
-        in[k] = _mm_add_ps(in[k], _mm_mul_ps(f, a));
-        aa[k] = _mm_add_ps(aa[k], _mm_mul_ps(a, a));
-        ff[k] = _mm_add_ps(ff[k], _mm_mul_ps(f, f));
+    static_assert(kRunLanes == 8, "two SSE vectors per run and sum");
+    constexpr int kVectors = kAll / 4;  // vector v holds accumulators 4v .. 4v+3
+    __m128 in[kVectors], aa[kVectors], ff[kVectors];
+    for (int v = 0; v < kVectors; ++v) in[v] = aa[v] = ff[v] = _mm_setzero_ps();
+    for (int64_t i = 0; i < run; i += kRunLanes) {
+      for (int v = 0; v < kVectors; ++v) {
+        const int64_t e = (v / 2) * run + i + 4 * (v % 2);
+        const __m128 a = _mm_loadu_ps(adv + e), f = _mm_loadu_ps(first + e);
+        in[v] = _mm_add_ps(in[v], _mm_mul_ps(f, a));
+        aa[v] = _mm_add_ps(aa[v], _mm_mul_ps(a, a));
+        ff[v] = _mm_add_ps(ff[v], _mm_mul_ps(f, f));
       }
     }
-    for (int k = 0; k < 4; ++k) {
-      _mm_storeu_ps(inner + 4 * k, in[k]);
-      _mm_storeu_ps(adv_sq + 4 * k, aa[k]);
-      _mm_storeu_ps(first_sq + 4 * k, ff[k]);
+    for (int v = 0; v < kVectors; ++v) {
+      _mm_storeu_ps(inner + 4 * v, in[v]);
+      _mm_storeu_ps(adv_sq + 4 * v, aa[v]);
+      _mm_storeu_ps(first_sq + 4 * v, ff[v]);
     }
+    done = true;
   }
 #endif
-  auto add = [&](int j, int64_t e) {  // element e into lane j
-    const A a = A(adv[e]), f = A(first[e]);
-    inner[j] += f * a;
-    adv_sq[j] += a * a;
-    first_sq[j] += f * f;
-  };
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) add(j, i + j);
+  if (!done) {
+    for (int64_t i = 0; i < run; i += kRunLanes) {
+      for (int k = 0; k < kRunsHere; ++k) {
+        for (int j = 0; j < kRunLanes; ++j) add(k * kRunLanes + j, k * run + i + j);
+      }
+    }
   }
-  for (int j = 0; i < len; ++i, ++j) add(j, i);
   out[0] = out[1] = out[2] = 0.0;
-  for (int j = 0; j < kLanes; ++j) {
+  for (int j = 0; j < kAll; ++j) {
     out[0] += inner[j];
     out[1] += adv_sq[j];
     out[2] += first_sq[j];
+  }
+  for (int64_t e = kRunsHere * run; e < len; ++e) {
+    const A a = A(adv[e]), f = A(first[e]);
+    out[0] += f * a;
+    out[1] += a * a;
+    out[2] += f * f;
   }
 }
 }  // namespace
@@ -659,13 +673,20 @@ void for_each_chunk(int64_t n, F&& f) {
 }
 }  // namespace
 
-// The read rate of the floor: the reductions' loop (lane_sum: several runs at once) over x.
+// The read rate of the floor: the reductions' loop (lane_sum: four runs at once) over each
+// thread's share of x, one range per thread (runs as long as they can be: runs within 64K-element
+// chunks read the ResNet-50 set's 25.6M elements ~10 % slower, and GSAM's sums, two lists of
+// two runs each, outran them).
 double stream_read(const float* x, int64_t n) {
-  const int64_t chunks = (n + kStreamChunk - 1) / kStreamChunk;
-  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
-  for_each_chunk(n, [&](int64_t start, int64_t len) {
-    const float* __restrict__ p = x + start;
-    partial[start / kStreamChunk] = lane_sum<float>(len, [&](int64_t i) { return p[i]; });
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                               n / kStreamChunk));
+  std::vector<double> partial(static_cast<size_t>(parts), 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t lo = p * n / parts, hi = (p + 1) * n / parts;
+      const float* __restrict__ q = x + lo;
+      partial[p] = lane_sum<float>(hi - lo, [&](int64_t i) { return q[i]; });
+    }
   });
   double total = 0.0;
   for (double v : partial) total += v;
