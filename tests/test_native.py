@@ -1,5 +1,6 @@
 """The native extension fastsam._C: its operators' input checks and schemas, a norm that does
-not depend on the thread count, and compilation of the CUDA sources (which only a GPU runs).
+not depend on the thread count and adds in the documented order, and compilation of the CUDA
+sources (which only a GPU runs).
 
 Numerical parity of the cpu/cuda backends over whole steps is in test_parity.py and
 test_fused.py (the shared matrix)."""
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +99,58 @@ def test_gsam_along_is_the_formula_and_independent_of_thread_count(ops, dtype):
     cosine = (a @ f) / (a.norm() * f.norm() + 1e-12)
     expected = float(cosine * f.norm() / (a.norm() + 1e-12))
     assert math.isclose(float(results[0]), expected, rel_tol=1e-5)
+
+
+def _in_order_f32(terms, runs, lanes):
+    """The accumulators of cpu_kernels.cpp's reductions over one segment, emulated in float32
+    (docs/design.md §3): run k of r elements (r = n rounded down to a multiple of runs·lanes,
+    divided by runs), element k·r + i into accumulator k·lanes + i % lanes, added one block
+    after another. Returns the accumulators and the tail (the elements after the runs)."""
+    n = terms.shape[0]
+    run = n // (runs * lanes) * lanes
+    blocks = np.concatenate([terms[k * run:(k + 1) * run].reshape(-1, lanes)
+                             for k in range(runs)], axis=1)
+    acc = (np.add.accumulate(blocks, axis=0, dtype=np.float32)[-1] if run
+           else np.zeros(runs * lanes, np.float32))
+    return acc, terms[runs * run:]
+
+
+def _segments(tensors, chunk=32768):
+    for t in tensors:
+        flat = t.flatten().numpy()
+        for start in range(0, flat.shape[0], chunk):
+            yield slice(start, start + chunk), flat
+
+
+def test_reductions_add_in_the_documented_order(ops):
+    """The norm's and GSAM's per-segment partial sums are, to the bit, the order docs/design.md
+    §3 and cpu_kernels.cpp state (four runs of 8 accumulators; GSAM: two runs per list),
+    emulated here in float32 (a mutant that only reorders the accumulators fails this)."""
+    params, grads = _tensors(SHAPES, seed=1), _tensors(SHAPES, seed=2)
+    _, scratch = _norm(ops, params, grads)
+    expected = []
+    for part, g in _segments(grads):
+        terms = g[part] * g[part]  # float32 products, as pow_q<kQ2>
+        acc, tail = _in_order_f32(terms, runs=4, lanes=8)
+        total = np.float32(0)
+        for x in (*acc, *tail):
+            total = np.float32(total + x)
+        expected.append(float(total))
+    assert scratch[:len(expected)].tolist() == expected
+
+    adv, first = _tensors(SHAPES, seed=5), _tensors(SHAPES, seed=6)
+    scratch = torch.zeros(0, dtype=torch.float64)
+    ops.gsam_sums(adv, first, torch.zeros(3, dtype=torch.float64), scratch)
+    expected = []
+    for (part, a), (_, f) in zip(_segments(adv), _segments(first)):
+        a, f = a[part], f[part]
+        for terms in (f * a, a * a, f * f):  # inner, |adv|², |first|²
+            acc, tail = _in_order_f32(terms, runs=2, lanes=8)
+            total = 0.0
+            for x in (*acc, *tail):
+                total += float(x)
+            expected.append(total)
+    assert scratch[:len(expected)].tolist() == expected
 
 
 # ----------------------------------------------------------------------------- checks
