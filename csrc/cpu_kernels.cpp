@@ -3,7 +3,7 @@
 // at::parallel_for; the per-element math is elementwise.h, shared with the CUDA kernels.
 //
 // Loops are written so gcc vectorises them without -ffast-math: reductions keep independent
-// accumulators (lane_sum) (a fixed order that depends on the segment length only, so the
+// accumulators (lane_sum: a fixed order that depends on the segment length only, so the
 // norm is bitwise the same for any thread count), and pointers of one sweep are __restrict__.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -497,11 +497,13 @@ void gsam_segment(const S* __restrict__ adv, const S* __restrict__ first, int64_
   constexpr int kRunsHere = 2, kAll = kRunsHere * kRunLanes;
   A inner[kAll] = {}, adv_sq[kAll] = {}, first_sq[kAll] = {};
   const int64_t run = len / kAll * kRunLanes;
-  auto add = [&](int lane, int64_t e) {  // element e into accumulator `lane` of each sum
+  // Element e into one accumulator of each sum (the products in A, the sums in T: A for the
+  // lanes, double for the tail).
+  auto accumulate = [&](auto& in, auto& aa, auto& ff, int64_t e) {
     const A a = A(adv[e]), f = A(first[e]);
-    inner[lane] += f * a;
-    adv_sq[lane] += a * a;
-    first_sq[lane] += f * f;
+    in += f * a;
+    aa += a * a;
+    ff += f * f;
   };
   bool done = false;
 #ifdef FASTSAM_STREAMING_STORES
@@ -530,7 +532,10 @@ void gsam_segment(const S* __restrict__ adv, const S* __restrict__ first, int64_
   if (!done) {
     for (int64_t i = 0; i < run; i += kRunLanes) {
       for (int k = 0; k < kRunsHere; ++k) {
-        for (int j = 0; j < kRunLanes; ++j) add(k * kRunLanes + j, k * run + i + j);
+        for (int j = 0; j < kRunLanes; ++j) {
+          const int lane = k * kRunLanes + j;
+          accumulate(inner[lane], adv_sq[lane], first_sq[lane], k * run + i + j);
+        }
       }
     }
   }
@@ -540,12 +545,7 @@ void gsam_segment(const S* __restrict__ adv, const S* __restrict__ first, int64_
     out[1] += adv_sq[j];
     out[2] += first_sq[j];
   }
-  for (int64_t e = kRunsHere * run; e < len; ++e) {
-    const A a = A(adv[e]), f = A(first[e]);
-    out[0] += f * a;
-    out[1] += a * a;
-    out[2] += f * f;
-  }
+  for (int64_t e = kRunsHere * run; e < len; ++e) accumulate(out[0], out[1], out[2], e);
 }
 }  // namespace
 
