@@ -30,7 +30,8 @@
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
-//   stream_read, stream_fill, stream_triad: the benchmark's streaming kernels (kernels.h)
+//   stream_read, stream_fill, stream_triad, stream_update: the benchmark's streaming kernels
+//            (kernels.h)
 //
 // fastsam._C.HeldPlan (binding/held.h, binding/held_python.h), a step plan's tensors held in
 // C++, runs norm, perturb, restore, sgd and adam as methods: each takes the groups of the call
@@ -98,6 +99,7 @@ TORCH_LIBRARY(fastsam, m) {
   m.def("stream_read(Tensor x, Tensor(a!) out) -> ()");
   m.def("stream_fill(Tensor(a!) x, float value) -> ()");
   m.def("stream_triad(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
+  m.def("stream_update(Tensor(a!) a, Tensor b, Tensor c, Tensor(b!) d, float s) -> ()");
 #ifdef FASTSAM_WITH_CUDA
   // Whether the CUDA kernels can run on device `device` (built for its architecture).
   m.def("cuda_runnable(int device) -> bool", &fastsam::cuda_runnable_op);
@@ -115,6 +117,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cpu>);
   m.impl("stream_fill", &fastsam::stream_fill_op<fastsam::Cpu>);
   m.impl("stream_triad", &fastsam::stream_triad_op<fastsam::Cpu>);
+  m.impl("stream_update", &fastsam::stream_update_op<fastsam::Cpu>);
 }
 
 #ifdef FASTSAM_WITH_CUDA
@@ -129,6 +132,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cuda>);
   m.impl("stream_fill", &fastsam::stream_fill_op<fastsam::Cuda>);
   m.impl("stream_triad", &fastsam::stream_triad_op<fastsam::Cuda>);
+  m.impl("stream_update", &fastsam::stream_update_op<fastsam::Cuda>);
 }
 #endif
 

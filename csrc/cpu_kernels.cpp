@@ -707,5 +707,22 @@ void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) 
   });
 }
 
+// The update's shape, looped as sgd_segment loops: a written through write_all (streamed), d
+// read and written in place. (s is copied: a store to d through a reference to s would keep
+// gcc from vectorising, as it might change s.)
+void stream_update(float* a, const float* b, const float* c, float* d, float s, int64_t n) {
+  for_each_chunk(n, [&](int64_t start, int64_t len) {
+    const float* __restrict__ bb = b + start;
+    const float* __restrict__ cc = c + start;
+    float* __restrict__ dd = d + start;
+    const float k = s;
+    write_all(a + start, len, [&](int64_t i) {
+      const float di = k * dd[i] + cc[i];
+      dd[i] = di;
+      return bb[i] - k * di;
+    });
+  });
+}
+
 }  // namespace cpu
 }  // namespace fastsam

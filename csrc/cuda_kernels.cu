@@ -515,6 +515,18 @@ __global__ void __launch_bounds__(kThreads) stream_triad_kernel(float* a, const 
   }
 }
 
+__global__ void __launch_bounds__(kThreads) stream_update_kernel(float* a, const float* b,
+                                                                 const float* c, float* d,
+                                                                 float s, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const float di = s * __ldcs(d + i) + __ldcs(c + i);
+    __stcs(d + i, di);
+    __stcs(a + i, __ldcs(b + i) - s * di);
+  }
+}
+
 int stream_blocks(int64_t n) {
   const int64_t needed = (n + kThreads - 1) / kThreads;
   return static_cast<int>(needed < kStreamBlocks ? (needed > 0 ? needed : 1) : kStreamBlocks);
@@ -534,6 +546,12 @@ void stream_fill(float* x, int64_t n, float value, void* stream) {
 void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, void* stream) {
   stream_triad_kernel<<<stream_blocks(n), kThreads, 0, as_stream(stream)>>>(a, b, c, s, n);
   check_launch("stream triad");
+}
+
+void stream_update(float* a, const float* b, const float* c, float* d, float s, int64_t n,
+                   void* stream) {
+  stream_update_kernel<<<stream_blocks(n), kThreads, 0, as_stream(stream)>>>(a, b, c, d, s, n);
+  check_launch("stream update");
 }
 
 bool runnable(int device) {

@@ -149,14 +149,16 @@ FASTSAM_HOST_DEVICE inline const double* scalars(const Args& a) {
 }
 
 // The benchmark's streaming kernels (fastsam/bench/measure.py: the bytes-moved floor), over
-// one contiguous fp32 array each: a read-only reduction (Σ x into a double), a store-only fill
-// and a triad a = b + s·c, written the way the passes write (stores that skip the cache where
-// the passes' do).
+// one contiguous fp32 array each: a read-only reduction (Σ x into a double), a store-only fill,
+// a triad a = b + s·c, and the update's shape (SGD momentum's pass: three lists read, one
+// written in place, one written without being read): d ← s·d + c, a ← b − s·d; written the
+// way the passes write (stores that skip the cache where the passes' do).
 
 namespace cpu {
 double stream_read(const float* x, int64_t n);
 void stream_fill(float* x, int64_t n, float value);
 void stream_triad(float* a, const float* b, const float* c, float s, int64_t n);
+void stream_update(float* a, const float* b, const float* c, float* d, float s, int64_t n);
 void norm_partials(const Table& t, const NormArgs& a);
 // Σ partials[0:n] in index order.
 double sum_partials(const double* partials, int64_t n);
@@ -178,6 +180,8 @@ namespace cuda {
 void stream_read(const float* x, int64_t n, double* out, void* stream);
 void stream_fill(float* x, int64_t n, float value, void* stream);
 void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, void* stream);
+void stream_update(float* a, const float* b, const float* c, float* d, float s, int64_t n,
+                   void* stream);
 void norm_partials(const Table& t, const NormArgs& a, void* stream);
 // out = Σ partials[0:n] in a fixed order (one block), stored as float or double.
 void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, void* stream);

@@ -307,23 +307,30 @@ def test_trainer_benchmark_runs(tmp_path):
 
 def test_the_floor_charges_each_pass_at_its_binding_rate():
     """floor = Σ over passes of max(bytes read / read rate, bytes written / write rate, all
-    bytes / the fastest of the three rates), per element: SAM with SGD has passes of (4, 0),
-    (8, 8), (12, 8) B read and written; AdamW's update reads and writes 4 B more than SGD's."""
-    from fastsam.bench.measure import stream_rates
+    bytes / the fastest rate of the streaming kernels), per element: SAM with SGD has passes of
+    (4, 0), (8, 8), (12, 8) B read and written; AdamW's update reads and writes 4 B more than
+    SGD's."""
+    from fastsam.bench.measure import STREAM_BYTES, stream_rates
     from fastsam.bench.run import FLOOR_BYTES, floor_seconds
 
-    rates = {"read": 1.0, "write": 2.0, "triad": 4.0}
+    rates = {"read": 1.0, "write": 2.0, "triad": 4.0, "update": 3.0}
     # norm: 4/1; perturb: max(8, 4, 4) = 8; update: max(12, 4, 5) = 12
     assert floor_seconds("sam", "sgd", 10, rates) == 10 * (4 + 8 + 12)
     assert floor_seconds("sam", "adamw", 10, rates) == 10 * (4 + 8 + 16)
-    fast_reads = {"read": 100.0, "write": 1.0, "triad": 4.0}  # then the writes bind
+    fast_reads = {"read": 100.0, "write": 1.0, "triad": 4.0, "update": 4.0}  # writes bind
     assert floor_seconds("plain", "sgd", 1, fast_reads) == 8.0
-    even = {"read": 1.0, "write": 1.0, "triad": 1.0}  # then all the bytes at the one rate
+    even = dict.fromkeys(STREAM_BYTES, 1.0)  # then all the bytes at the one rate
     assert floor_seconds("gsam", "sgd", 1, even) == 56.0 == FLOOR_BYTES["gsam"]
     # a fast triad bounds mixed passes: max(12/2, 8/2, 20/4) = 6 for SGD's update
-    assert floor_seconds("plain", "sgd", 1, {"read": 2.0, "write": 2.0, "triad": 4.0}) == 6.0
+    assert floor_seconds("plain", "sgd", 1,
+                         {"read": 2.0, "write": 2.0, "triad": 4.0, "update": 1.0}) == 6.0
+    # and so does a fast update kernel: max(12/2, 8/2, 20/5) = 6 then (16/2, 12/2, 28/5) = 8
+    fast_update = {"read": 2.0, "write": 2.0, "triad": 1.0, "update": 5.0}
+    assert floor_seconds("plain", "sgd", 1, fast_update) == 6.0
+    assert floor_seconds("plain", "adamw", 1, fast_update) == 8.0
+    assert floor_seconds("plain", "sgd", 1, {**fast_update, "read": 4.0, "write": 4.0}) == 4.0
     measured = stream_rates(1 << 16, torch.device("cpu"), 3)
-    assert measured["read"] > 0 and measured["write"] > 0 and measured["triad"] > 0
+    assert all(measured[name] > 0 for name in STREAM_BYTES) and len(measured) == 5
     assert measured["kernels"] == ("torch" if os.environ.get("FASTSAM_SKIP_BUILD") == "1"
                                    else "fastsam._C")
 
@@ -334,10 +341,11 @@ def test_the_floor_is_at_the_fastest_rates_of_the_run():
     from fastsam.bench.measure import fastest_rates
     from fastsam.bench.run import floor_seconds, refloor
 
-    before = {"read": 1.0, "write": 4.0, "triad": 3.0, "kernels": "fastsam._C"}
-    after = {"read": 2.0, "write": 3.0, "triad": 3.5, "kernels": "fastsam._C"}
+    before = {"read": 1.0, "write": 4.0, "triad": 3.0, "update": 2.0, "kernels": "fastsam._C"}
+    after = {"read": 2.0, "write": 3.0, "triad": 3.5, "update": 1.5, "kernels": "fastsam._C"}
     rates = fastest_rates(before, after)
-    assert rates == {"read": 2.0, "write": 4.0, "triad": 3.5, "kernels": "fastsam._C"}
+    assert rates == {"read": 2.0, "write": 4.0, "triad": 3.5, "update": 2.0,
+                     "kernels": "fastsam._C"}
     rows = [{"provider": "plain", "optimizer": "sam", "base": "sgd", "params": 10,
              "median_ms": 1e5, "floor_ms": 1.0, "ratio_to_floor": 1.0},
             {"provider": "cpu", "optimizer": "gsam", "base": "adamw", "params": 10,
@@ -392,6 +400,7 @@ def test_pass_benchmark_runs(tmp_path, capsys):
     """bench/passes.py (each native pass beside its own floor) runs on a small set and writes
     its JSON: a row per pass, the bytes of fastsam/bench/run.py's table, positive times."""
     pytest.importorskip("fastsam._C")
+    from fastsam.bench.measure import STREAM_BYTES
     from fastsam.bench.run import PASS_BYTES, UPDATE_BYTES
 
     module = _bench_script("passes.py")
@@ -404,5 +413,7 @@ def test_pass_benchmark_runs(tmp_path, capsys):
     assert (by_name["sgd"]["read"], by_name["sgd"]["written"]) == sgd == UPDATE_BYTES["sgd"]
     assert (by_name["adamw"]["read"], by_name["adamw"]["written"]) == UPDATE_BYTES["adamw"]
     assert all(r["median_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert all(0 < r["fastest_ratio_to_floor"] <= r["ratio_to_floor"] for r in rows)
+    assert STREAM_BYTES["update"] == sum(UPDATE_BYTES["sgd"])  # the floor's kernel of that shape
     assert json.loads((tmp_path / "p.json").read_text())["results"] == rows
-    assert "x floor" in capsys.readouterr().out
+    assert "fastest x floor" in capsys.readouterr().out

@@ -422,7 +422,8 @@ def test_pass_stores_are_the_same_bits_at_every_alignment(ops, dtype):
 # ----------------------------------------------------------------------------- streaming kernels
 def test_streaming_kernels_compute_what_they_stream(ops):
     """The benchmark's floor kernels (fastsam/bench/measure.py stream_rates) do their arithmetic:
-    a read-only sum, a fill, a triad, over odd sizes and misaligned starts."""
+    a read-only sum, a fill, a triad, the update's shape (d ← s·d + c, a ← b − s·d, both
+    in the kernel's own float32 order), over odd sizes and misaligned starts."""
     for n in (1, 31, 4097, 100_003):
         x = torch.randn(n + 1)[1:]  # a start that is not 16-byte aligned
         out = torch.zeros((), dtype=torch.float64)
@@ -433,6 +434,11 @@ def test_streaming_kernels_compute_what_they_stream(ops):
         torch.testing.assert_close(x, b + 0.5 * c)
         ops.stream_fill(x, 2.5)
         assert torch.equal(x, torch.full((n,), 2.5))
+        d = torch.randn(n + 3)[3:]
+        want_d = 0.9 * d + c
+        want_a = b - 0.9 * want_d
+        ops.stream_update(x, b, c, d, 0.9)
+        assert torch.equal(d, want_d) and torch.equal(x, want_a)
 
 
 def test_streaming_kernels_check_their_arrays(ops):
@@ -445,9 +451,13 @@ def test_streaming_kernels_check_their_arrays(ops):
         ops.stream_read(x, torch.zeros(()))
     with pytest.raises(ValueError, match="stream_triad: c has 7 elements"):
         ops.stream_triad(x, torch.zeros(8), torch.zeros(7), 1.0)
+    with pytest.raises(ValueError, match="stream_update: d has 9 elements"):
+        ops.stream_update(x, torch.zeros(8), torch.zeros(8), torch.zeros(9), 1.0)
     for op, args in ((ops.stream_read.default, (x, torch.zeros((), dtype=torch.float64))),
                      (ops.stream_fill.default, (x, 1.0)),
-                     (ops.stream_triad.default, (x, torch.ones(8), torch.ones(8), 2.0))):
+                     (ops.stream_triad.default, (x, torch.ones(8), torch.ones(8), 2.0)),
+                     (ops.stream_update.default,
+                      (x, torch.ones(8), torch.ones(8), torch.ones(8), 0.5))):
         torch.library.opcheck(op, args)
 
 

@@ -48,6 +48,10 @@ struct Cpu {
   void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) const {
     cpu::stream_triad(a, b, c, s, n);
   }
+  void stream_update(float* a, const float* b, const float* c, float* d, float s,
+                     int64_t n) const {
+    cpu::stream_update(a, b, c, d, s, n);
+  }
 };
 
 }  // namespace

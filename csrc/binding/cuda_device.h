@@ -163,6 +163,10 @@ struct Cuda {
   void stream_triad(float* a, const float* b, const float* c, float s, int64_t n) const {
     cuda::stream_triad(a, b, c, s, n, stream);
   }
+  void stream_update(float* a, const float* b, const float* c, float* d, float s,
+                     int64_t n) const {
+    cuda::stream_update(a, b, c, d, s, n, stream);
+  }
 
   c10::Device device;
   c10::cuda::CUDAGuard guard;

@@ -482,5 +482,18 @@ void stream_triad_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, do
                    static_cast<float>(s), a.numel());
 }
 
+template <class D>
+void stream_update_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::Tensor& d,
+                      double s) {
+  check_stream_array("stream_update", "a", a, a);
+  check_stream_array("stream_update", "b", b, a);
+  check_stream_array("stream_update", "c", c, a);
+  check_stream_array("stream_update", "d", d, a);
+  check_device<D>("stream_update", "a", a);
+  const D dev(a.device());
+  dev.stream_update(a.data_ptr<float>(), b.data_ptr<float>(), c.data_ptr<float>(),
+                    d.data_ptr<float>(), static_cast<float>(s), a.numel());
+}
+
 }  // namespace
 }  // namespace fastsam

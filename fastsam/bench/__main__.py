@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from .measure import fastest_rates, stream_rates
+from .measure import STREAM_BYTES, fastest_rates, stream_rates
 from .param_sets import SETS
 from .run import BASES, OPTIMIZERS, REFERENCES, as_dicts, measure, providers, refloor, save_json
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         progress.close()
     remeasure()
     refloor(rows, rates)
-    env.update({f"{name}_GBps": rates[name] / 1e9 for name in ("read", "write", "triad")})
+    env.update({f"{name}_GBps": rates[name] / 1e9 for name in STREAM_BYTES})
     env["stream_kernels"] = rates["kernels"]
     print("# " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in env.items()))

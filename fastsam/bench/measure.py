@@ -64,37 +64,53 @@ def timed_step(loop, device: torch.device, reps: int, warmup: int) -> list[float
     return out
 
 
-def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
-    """Bytes per second of the project's streaming kernels over ``numel`` fp32 elements
-    (``fastsam._C``: csrc/kernels.h): ``read``, a read-only reduction; ``write``, a store-only
-    fill (stores that skip the cache where the CPU has them, as the update passes write);
-    ``triad``, a = b + s·c (two reads and a write per element). Each rate is the fastest of
-    at least 10 runs: the speed the memory allows, not a typical one (a floor from medians
-    would be beaten by a pass that runs when the machine is quieter). ``kernels`` says which
-    ran: without the extension, torch's ``sum``, ``fill_`` and ``add`` stand in (and the floor
-    is then only as good as they are)."""
-    a, b, c = (torch.rand(numel, device=device) for _ in range(3))
+# The streaming kernels of the floor and the fp32 bytes each moves per element.
+STREAM_BYTES = {"read": 4, "write": 4, "triad": 12, "update": 20}
+
+
+def stream_kernels(numel: int, device: torch.device) -> tuple[dict, str]:
+    """The streaming kernels over ``numel`` fp32 elements, by name (:data:`STREAM_BYTES`), and
+    whose they are: ``fastsam._C``'s (csrc/kernels.h), ``read`` a read-only reduction over
+    several streams; ``write`` a store-only fill (stores that skip the cache where the CPU
+    has them, as the passes write the lists they do not read); ``triad`` a = b + s·c;
+    ``update`` the update pass's shape, SGD momentum's (reads three lists, writes one in place
+    and one it does not read: d ← s·d + c, a ← b − s·d). Without the extension, torch's
+    operators stand in, ``"torch"`` (and a floor is then only as good as they are)."""
+    a, b, c, d = (torch.rand(numel, device=device) for _ in range(4))
     out = torch.zeros((), dtype=torch.float64, device=device)
     try:
         import fastsam._C  # noqa: F401
-
-        ops = torch.ops.fastsam
-        read, fill = (lambda: ops.stream_read(a, out)), (lambda: ops.stream_fill(a, 1.0))
-        triad, kernels = (lambda: ops.stream_triad(a, b, c, 0.5)), "fastsam._C"
     except (ImportError, OSError):
-        read, fill = (lambda: torch.sum(a, dtype=torch.float64, out=out)), (lambda: a.fill_(1.0))
-        triad, kernels = (lambda: torch.add(b, c, alpha=0.5, out=a)), "torch"
+        def update() -> None:
+            d.mul_(0.5).add_(c)
+            torch.add(b, d, alpha=-0.5, out=a)
+
+        return {"read": lambda: torch.sum(a, dtype=torch.float64, out=out),
+                "write": lambda: a.fill_(1.0),
+                "triad": lambda: torch.add(b, c, alpha=0.5, out=a),
+                "update": update}, "torch"
+    ops = torch.ops.fastsam
+    return {"read": lambda: ops.stream_read(a, out), "write": lambda: ops.stream_fill(a, 1.0),
+            "triad": lambda: ops.stream_triad(a, b, c, 0.5),
+            "update": lambda: ops.stream_update(a, b, c, d, 0.5)}, "fastsam._C"
+
+
+def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
+    """Bytes per second of the streaming kernels (:func:`stream_kernels`) over ``numel`` fp32
+    elements, by name, and ``kernels``, whose ran. Each rate is the fastest of at least 10
+    runs: the speed the memory allows, not a typical one (a floor from medians would be beaten
+    by a pass that runs when the machine is quieter)."""
+    kernels, whose = stream_kernels(numel, device)
     # In rounds of one run each, so that a slow spell of a shared machine slows every kernel
     # in some rounds rather than all the runs of one kernel.
-    kernels_ = (("read", read), ("write", fill), ("triad", triad))
-    seconds = {name: math.inf for name, _ in kernels_}
-    for _, fn in kernels_:
+    seconds = dict.fromkeys(kernels, math.inf)
+    for fn in kernels.values():
         timed(fn, device, 0, warmup=2)
     for _ in range(max(reps, 10)):
-        for name, fn in kernels_:
+        for name, fn in kernels.items():
             seconds[name] = min(seconds[name], timed(fn, device, 1, warmup=0)[0])
-    return {"read": 4 * numel / seconds["read"], "write": 4 * numel / seconds["write"],
-            "triad": 12 * numel / seconds["triad"], "kernels": kernels}
+    return {**{name: STREAM_BYTES[name] * numel / s for name, s in seconds.items()},
+            "kernels": whose}
 
 
 def fastest_rates(*measured: dict) -> dict:
@@ -102,7 +118,7 @@ def fastest_rates(*measured: dict) -> dict:
     before every row and after the last: the floor is then the memory's speed over the run)."""
     out = dict(measured[0])
     for m in measured[1:]:
-        out.update({k: max(out[k], m[k]) for k in ("read", "write", "triad")})
+        out.update({k: max(out[k], m[k]) for k in STREAM_BYTES})
     return out
 
 

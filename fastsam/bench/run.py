@@ -37,6 +37,7 @@ import torch
 import fastsam
 
 from .measure import (
+    STREAM_BYTES,
     count_launches,
     count_operators,
     cuda_allocations,
@@ -103,14 +104,14 @@ COSINE_STEPS = 1000  # the schedule's period: every step has a new lr
 def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
     """The bytes-moved floor of one step: over its passes, each at the largest of its bytes read
     at the read rate, its bytes written at the write rate and all its bytes at the fastest rate
-    of the three streaming kernels (``rates``: bytes/s, measure.stream_rates). A pass cannot
-    read faster than the read-only kernel, write faster than the store-only one, nor move bytes
-    faster than the memory moved them in any of the three."""
+    of the streaming kernels (``rates``: bytes/s, measure.stream_rates). A pass cannot read
+    faster than the read-only kernel, write faster than the store-only one, nor move bytes
+    faster than the memory moved them in any of them (the triad, the update's shape)."""
     passes = list(PASS_BYTES[optimizer])
     read, written = passes[-1]
     passes[-1] = (read + UPDATE_BYTES[base][0] - UPDATE_BYTES["sgd"][0],
                   written + UPDATE_BYTES[base][1] - UPDATE_BYTES["sgd"][1])
-    fastest = max(rates["read"], rates["write"], rates["triad"])
+    fastest = max(rates[name] for name in STREAM_BYTES)
     return numel * sum(max(r / rates["read"], w / rates["write"], (r + w) / fastest)
                        for r, w in passes)
 
