@@ -335,6 +335,29 @@ def test_the_floor_charges_each_pass_at_its_binding_rate():
                                    else "fastsam._C")
 
 
+def test_without_the_extension_torch_stands_in_for_the_streaming_kernels(monkeypatch):
+    """A pure-Python install measures the floor with torch's operators, which compute what the
+    kernels do (so the rates mean the same bytes)."""
+    import sys
+
+    from fastsam.bench.measure import STREAM_BYTES, stream_kernels, stream_rates
+
+    monkeypatch.setitem(sys.modules, "fastsam._C", None)  # import fails
+    a, b, c, d = (torch.randn(1000) for _ in range(4))
+    kernels, whose = stream_kernels(a, b, c, d)
+    assert whose == "torch" and list(kernels) == list(STREAM_BYTES)
+    d0 = d.clone()
+    kernels["update"]()
+    torch.testing.assert_close(d, 0.5 * d0 + c)
+    torch.testing.assert_close(a, b - 0.5 * d)
+    kernels["triad"]()
+    torch.testing.assert_close(a, b + 0.5 * c)
+    kernels["write"]()
+    assert torch.equal(a, torch.ones(1000))
+    rates = stream_rates(1 << 12, torch.device("cpu"), 1)
+    assert rates["kernels"] == "torch" and all(rates[name] > 0 for name in STREAM_BYTES)
+
+
 def test_the_floor_is_at_the_fastest_rates_of_the_run():
     """The run measures the rates before every row and after the last; each is then the
     fastest of those, and every row's floor and ratio are made again at those rates."""

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 
 def sync(device: torch.device) -> None:
@@ -68,16 +69,16 @@ def timed_step(loop, device: torch.device, reps: int, warmup: int) -> list[float
 STREAM_BYTES = {"read": 4, "write": 4, "triad": 12, "update": 20}
 
 
-def stream_kernels(numel: int, device: torch.device) -> tuple[dict, str]:
-    """The streaming kernels over ``numel`` fp32 elements, by name (:data:`STREAM_BYTES`), and
+def stream_kernels(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[dict, str]:
+    """The streaming kernels over the contiguous fp32 arrays ``a``, ``b``, ``c``, ``d`` (of
+    one size and device; ``a`` and ``d`` are written), by name (:data:`STREAM_BYTES`), and
     whose they are: ``fastsam._C``'s (csrc/kernels.h), ``read`` a read-only reduction over
     several streams; ``write`` a store-only fill (stores that skip the cache where the CPU
     has them, as the passes write the lists they do not read); ``triad`` a = b + s·c;
     ``update`` the update pass's shape, SGD momentum's (reads three lists, writes one in place
     and one it does not read: d ← s·d + c, a ← b − s·d). Without the extension, torch's
     operators stand in, ``"torch"`` (and a floor is then only as good as they are)."""
-    a, b, c, d = (torch.rand(numel, device=device) for _ in range(4))
-    out = torch.zeros((), dtype=torch.float64, device=device)
+    out = torch.zeros((), dtype=torch.float64, device=a.device)
     try:
         import fastsam._C  # noqa: F401
     except (ImportError, OSError):
@@ -85,7 +86,7 @@ def stream_kernels(numel: int, device: torch.device) -> tuple[dict, str]:
             d.mul_(0.5).add_(c)
             torch.add(b, d, alpha=-0.5, out=a)
 
-        return {"read": lambda: torch.sum(a, dtype=torch.float64, out=out),
+        return {"read": lambda: torch.sum(a, 0, dtype=torch.float64, out=out),
                 "write": lambda: a.fill_(1.0),
                 "triad": lambda: torch.add(b, c, alpha=0.5, out=a),
                 "update": update}, "torch"
@@ -100,7 +101,7 @@ def stream_rates(numel: int, device: torch.device, reps: int) -> dict:
     elements, by name, and ``kernels``, whose ran. Each rate is the fastest of at least 10
     runs: the speed the memory allows, not a typical one (a floor from medians would be beaten
     by a pass that runs when the machine is quieter)."""
-    kernels, whose = stream_kernels(numel, device)
+    kernels, whose = stream_kernels(*(torch.rand(numel, device=device) for _ in range(4)))
     # In rounds of one run each, so that a slow spell of a shared machine slows every kernel
     # in some rounds rather than all the runs of one kernel.
     seconds = dict.fromkeys(kernels, math.inf)
