@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 
 #include "../kernels.h"
@@ -441,21 +442,32 @@ void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& 
   gsam_reduce<D>(Fresh{}, "gsam_sums", grads, first_grads, 0.0, true, out, scratch);
 }
 
-// The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays of one device.
-void check_stream_array(const char* op, const char* name, const at::Tensor& t,
-                        const at::Tensor& like) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat,
-                   msg("fastsam.", op, ": ", name, " must be float32, got ", t.scalar_type()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), msg("fastsam.", op, ": ", name, " must be contiguous"));
-  TORCH_CHECK_VALUE(t.numel() == like.numel() && t.device() == like.device(),
-                    msg("fastsam.", op, ": ", name, " has ", t.numel(), " elements on ",
-                        t.device(), ", the first array ", like.numel(), " on ", like.device()));
+// The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays of one device, the
+// first array's (named first; the device one the kernels of D run on).
+struct StreamArray {
+  const char* name;
+  const at::Tensor& t;
+};
+
+template <class D>
+void check_stream_arrays(const char* op, std::initializer_list<StreamArray> arrays) {
+  const StreamArray& first = *arrays.begin();
+  for (const StreamArray& a : arrays) {
+    const at::Tensor& t = a.t;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat,
+                     msg("fastsam.", op, ": ", a.name, " must be float32, got ", t.scalar_type()));
+    TORCH_CHECK_VALUE(t.is_contiguous(), msg("fastsam.", op, ": ", a.name, " must be contiguous"));
+    TORCH_CHECK_VALUE(t.numel() == first.t.numel() && t.device() == first.t.device(),
+                      msg("fastsam.", op, ": ", a.name, " has ", t.numel(), " elements on ",
+                          t.device(), ", the first array ", first.t.numel(), " on ",
+                          first.t.device()));
+  }
+  check_device<D>(op, first.name, first.t);
 }
 
 template <class D>
 void stream_read_op(const at::Tensor& x, at::Tensor& out) {
-  check_stream_array("stream_read", "x", x, x);
-  check_device<D>("stream_read", "x", x);
+  check_stream_arrays<D>("stream_read", {{"x", x}});
   TORCH_CHECK_TYPE(out.scalar_type() == at::kDouble && out.numel() == 1 &&
                        out.device() == x.device(),
                    msg("fastsam.stream_read: out must be one float64 element on ", x.device()));
@@ -465,18 +477,14 @@ void stream_read_op(const at::Tensor& x, at::Tensor& out) {
 
 template <class D>
 void stream_fill_op(at::Tensor& x, double value) {
-  check_stream_array("stream_fill", "x", x, x);
-  check_device<D>("stream_fill", "x", x);
+  check_stream_arrays<D>("stream_fill", {{"x", x}});
   const D dev(x.device());
   dev.stream_fill(x.data_ptr<float>(), x.numel(), static_cast<float>(value));
 }
 
 template <class D>
 void stream_triad_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double s) {
-  check_stream_array("stream_triad", "a", a, a);
-  check_stream_array("stream_triad", "b", b, a);
-  check_stream_array("stream_triad", "c", c, a);
-  check_device<D>("stream_triad", "a", a);
+  check_stream_arrays<D>("stream_triad", {{"a", a}, {"b", b}, {"c", c}});
   const D dev(a.device());
   dev.stream_triad(a.data_ptr<float>(), b.data_ptr<float>(), c.data_ptr<float>(),
                    static_cast<float>(s), a.numel());
@@ -485,11 +493,7 @@ void stream_triad_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, do
 template <class D>
 void stream_update_op(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, at::Tensor& d,
                       double s) {
-  check_stream_array("stream_update", "a", a, a);
-  check_stream_array("stream_update", "b", b, a);
-  check_stream_array("stream_update", "c", c, a);
-  check_stream_array("stream_update", "d", d, a);
-  check_device<D>("stream_update", "a", a);
+  check_stream_arrays<D>("stream_update", {{"a", a}, {"b", b}, {"c", c}, {"d", d}});
   const D dev(a.device());
   dev.stream_update(a.data_ptr<float>(), b.data_ptr<float>(), c.data_ptr<float>(),
                     d.data_ptr<float>(), static_cast<float>(s), a.numel());
