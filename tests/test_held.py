@@ -588,6 +588,34 @@ def test_excluded_configurations_have_no_held_path():
         assert opt._held is None, type(opt).__name__
 
 
+def test_increment_steps_adds_one_only_when_the_steps_agree():
+    """HeldPlan.increment_steps (Adam's CPU steps of a held update): every step + 1 when they
+    hold one value (a step that is a view into a larger storage too), nothing changed and -1
+    when they differ, an error for a step that is not one float32 value whatever the others
+    hold."""
+    import fastsam._C  # noqa: F401
+
+    ps = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    plan = fastsam._C.HeldPlan(ps, [1, 1], [])
+    storage = torch.zeros(5)
+    first, second = torch.tensor(3.0), storage[2]  # the second at offset 2 of its storage
+    second.fill_(3.0)
+    plan.bind("step", 0, [first])
+    plan.bind("step", 1, [second])
+    assert plan.increment_steps("step", [0, 1]) == 4.0
+    assert first.item() == 4.0 and torch.equal(storage, torch.tensor([0.0, 0.0, 4.0, 0.0, 0.0]))
+    second.fill_(7.0)
+    assert plan.increment_steps("step", [0, 1]) == -1.0
+    assert first.item() == 4.0 and second.item() == 7.0
+    assert plan.increment_steps("step", [1]) == 8.0 and first.item() == 4.0
+    assert plan.increment_steps("", [0, 1]) == -1.0  # no list
+    plan.bind("step", 0, [torch.tensor(8.0, dtype=torch.float64)])
+    for groups in ([0, 1], [1, 0]):
+        with pytest.raises(ValueError, match="not one float32 value"):
+            plan.increment_steps("step", groups)
+    assert second.item() == 8.0
+
+
 def test_held_plan_refuses_misuse():
     import fastsam._C  # noqa: F401
 

@@ -199,15 +199,21 @@ class HeldPlan : public c10::intrusive_ptr_target {
   double increment_steps(const std::string& name, at::IntArrayRef groups) const {
     const Resolved steps = resolve(name, groups);
     if (steps.view.empty()) return -1.0;
-    for (const at::Tensor& s : steps.view) {
+    // One checked read per tensor (the first one's twice; every tensor checked before anything
+    // is decided), then the writes through addresses that need no second check.
+    auto read = [](const at::Tensor& s) {
       TORCH_CHECK_VALUE(s.is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
                         "fastsam.HeldPlan: a step tensor is not one float32 value on the CPU");
-    }
-    const float value = *steps.view.front().data_ptr<float>();
+      return *s.data_ptr<float>();
+    };
+    const float value = read(steps.view.front());
+    bool agree = true;
+    for (const at::Tensor& s : steps.view) agree = read(s) == value && agree;
+    if (!agree) return -1.0;
     for (const at::Tensor& s : steps.view) {
-      if (*s.data_ptr<float>() != value) return -1.0;
+      const c10::TensorImpl* impl = s.unsafeGetTensorImpl();
+      static_cast<float*>(impl->storage().mutable_data())[impl->storage_offset()] = value + 1.0f;
     }
-    for (const at::Tensor& s : steps.view) *s.data_ptr<float>() = value + 1.0f;
     return static_cast<double>(value + 1.0f);
   }
 
