@@ -7,7 +7,7 @@ for the floor).
 
 The operators of ``fastsam._C`` are called directly on fp32 tensors shaped like the set, rounds
 of every pass and the streaming kernels in turn (so that a slow spell of a shared machine
-slows them all). Each pass's floor is that of ``fastsam.bench.run.floor_seconds``: its bytes
+slows them all). Each pass's floor is ``fastsam.bench.run.pass_floor``'s: its bytes
 read at the read rate, its bytes written at the write rate and all its bytes at the fastest
 rate, whichever is slowest, with each rate the fastest of the run. Prints medians, and each
 pass's fastest run over its floor (under 1: the pass outran the floor's kernels).
@@ -24,7 +24,7 @@ import torch
 
 from fastsam.bench.measure import STREAM_BYTES, stream_kernels
 from fastsam.bench.param_sets import SETS
-from fastsam.bench.run import save_json
+from fastsam.bench.run import pass_floor, save_json
 
 NO_SOURCE = ([], None, 0.0, 0, [])  # sgd/adam: no gradient source, no average
 SGD_HP = [1e-9, 0.9, 0.0, 0.0]  # lr, momentum, dampening, weight decay (lr tiny: w ≈ const)
@@ -104,7 +104,6 @@ def main(argv=None) -> list[dict]:
         for name, fn in calls.items():
             times[name].append(timed_once(fn, device))
     rates = {name: size * numel / min(times[name]) for name, size in STREAM_BYTES.items()}
-    fastest = max(rates.values())
     env = dict(set=args.set, tensors=len(shapes), params=numel, device=str(device),
                threads=torch.get_num_threads(), torch=torch.__version__,
                python=platform.python_version(), machine=platform.machine(),
@@ -115,8 +114,7 @@ def main(argv=None) -> list[dict]:
           f"{'x floor':>9s}{'GB/s':>7s}{'fastest x floor':>16s}")
     rows = []
     for name, (read, written) in PASSES.items():
-        floor = numel * max(read / rates["read"], written / rates["write"],
-                            (read + written) / fastest)
+        floor = numel * pass_floor(read, written, rates)
         median = statistics.median(times[name])
         rows.append(dict(name=name, read=read, written=written, median_ms=median * 1e3,
                          floor_ms=floor * 1e3, ratio_to_floor=median / floor,

@@ -442,8 +442,8 @@ void gsam_sums_op(at::TensorList grads, at::TensorList first_grads, at::Tensor& 
   gsam_reduce<D>(Fresh{}, "gsam_sums", grads, first_grads, 0.0, true, out, scratch);
 }
 
-// The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays of one device, the
-// first array's (named first; the device one the kernels of D run on).
+// The benchmark's streaming kernels (kernels.h): contiguous fp32 arrays, each of the first
+// one's size and device (a device of D's kind).
 struct StreamArray {
   const char* name;
   const at::Tensor& t;

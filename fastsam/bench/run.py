@@ -101,6 +101,13 @@ UPDATE_BYTES = {"sgd": (12, 8), "adamw": (16, 12)}
 COSINE_STEPS = 1000  # the schedule's period: every step has a new lr
 
 
+def pass_floor(read: int, written: int, rates: dict) -> float:
+    """Seconds per element of one pass that reads ``read`` and writes ``written`` bytes per
+    element (:func:`floor_seconds`)."""
+    fastest = max(rates[name] for name in STREAM_BYTES)
+    return max(read / rates["read"], written / rates["write"], (read + written) / fastest)
+
+
 def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
     """The bytes-moved floor of one step: over its passes, each at the largest of its bytes read
     at the read rate, its bytes written at the write rate and all its bytes at the fastest rate
@@ -111,9 +118,7 @@ def floor_seconds(optimizer: str, base: str, numel: int, rates: dict) -> float:
     read, written = passes[-1]
     passes[-1] = (read + UPDATE_BYTES[base][0] - UPDATE_BYTES["sgd"][0],
                   written + UPDATE_BYTES[base][1] - UPDATE_BYTES["sgd"][1])
-    fastest = max(rates[name] for name in STREAM_BYTES)
-    return numel * sum(max(r / rates["read"], w / rates["write"], (r + w) / fastest)
-                       for r, w in passes)
+    return numel * sum(pass_floor(r, w, rates) for r, w in passes)
 
 
 def row_floor_seconds(provider: str, optimizer: str, base: str, numel: int, rates: dict) -> float:
