@@ -18,6 +18,8 @@
 //            ESAM's: only the elements whose draw of the stream (mask_key0, mask_key1, the
 //            tensor's position) falls below their group's threshold move, kernels.h PerturbArgs)
 //   restore  w ← w_old
+//   nonfinite  found ← 1 when an element of the tensors is inf or NaN (skip_nonfinite's check;
+//            found: one float32 element, left as it is otherwise)
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
 //            (both: with `average`, the averaged weights follow the new w in the same pass,
@@ -38,9 +40,9 @@
 // and a name per list argument, and the other arguments as the operator it stands for. They are the eager
 // steady state of the native backends; torch.compile traces the list operators. refresh:
 // whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
-// GSAM's reduction; scale and check_nonfinite: GradScaler's unscale and skip_nonfinite's
-// check over the plan's gradients (torch's foreach operators, one call per dtype); add: a
-// foreach axpy between two of its lists (WSAM's decoupled term).
+// GSAM's reduction; check_nonfinite: skip_nonfinite's check over the plan's gradients (the
+// nonfinite operator); scale: GradScaler's unscale of them (torch's foreach operator, one call
+// per dtype); add: a foreach axpy between two of its lists (WSAM's decoupled term).
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -76,6 +78,7 @@ TORCH_LIBRARY(fastsam, m) {
       "Tensor? group_momentum=None, Tensor? group_mask=None, int mask_key0=0, "
       "int mask_key1=0) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
+  m.def("nonfinite(Tensor[] tensors, Tensor(a!) found) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "float[] hp, Tensor? hp_device, bool nesterov, bool maximize, bool fresh, "
@@ -110,6 +113,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("norm", &fastsam::norm_op<fastsam::Cpu>);
   m.impl("perturb", &fastsam::perturb_op<fastsam::Cpu>);
   m.impl("restore", &fastsam::restore_op<fastsam::Cpu>);
+  m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cpu>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cpu>);
@@ -125,6 +129,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("norm", &fastsam::norm_op<fastsam::Cuda>);
   m.impl("perturb", &fastsam::perturb_op<fastsam::Cuda>);
   m.impl("restore", &fastsam::restore_op<fastsam::Cuda>);
+  m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cuda>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cuda>);

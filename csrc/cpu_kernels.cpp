@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -595,6 +596,28 @@ void restore(const Table& t) {
                     seg.len);
     });
   });
+}
+
+// x − x is 0 for every finite x and NaN for inf and NaN, and a NaN stays NaN through a sum:
+// one lane_sum per segment (vectorised, no branch per element) is 0 exactly when the segment
+// is finite. Segments after the first non-finite one are not read.
+void nonfinite(const Table& t, float* found) {
+  std::atomic<bool> any{false};
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using A = Acc<S>;
+    for_each_segment(t, [&](int64_t s) {
+      if (any.load(std::memory_order_relaxed)) return;
+      const Segment seg = segment(t, s);
+      const S* __restrict__ x = address<const S>(t, kCheckX, seg);
+      const A sum = lane_sum<A>(seg.len, [&](int64_t i) {
+        const A v = A(x[i]);
+        return v - v;
+      });
+      if (!(sum == A(0))) any.store(true, std::memory_order_relaxed);
+    });
+  });
+  if (any.load()) *found = 1.0f;
 }
 
 void sgd(const Table& t, const SgdArgs& a) {

@@ -209,6 +209,21 @@ __global__ void __launch_bounds__(kThreads) restore_kernel(Table tab) {
   for_each(seg.len, [&](int64_t i) { w[i] = old[i]; });
 }
 
+// *found ← 1 when an element of the segment is inf or NaN (every thread that sees one stores
+// the same value).
+template <typename S>
+__global__ void __launch_bounds__(kThreads) nonfinite_kernel(Table tab, float* found) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  const S* x = address<const S>(tab, kCheckX, seg);
+  bool bad = false;
+  for_each(seg.len, [&](int64_t i) {
+    const A v = Storage<S>::load(x[i]);
+    bad |= !(v - v == A(0));
+  });
+  if (bad) *found = 1.0f;
+}
+
 // The per-block scalars of update_gradient: 1 + alpha·along (along read on the device; along
 // itself for LookSAM's correction), alpha, and the sign.
 template <typename A>
@@ -409,6 +424,15 @@ void restore(const Table& t, void* stream) {
     restore_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t);
   });
   check_launch("restore");
+}
+
+void nonfinite(const Table& t, float* found, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    nonfinite_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, found);
+  });
+  check_launch("nonfinite");
 }
 
 void sgd(const Table& t, const SgdArgs& a, void* stream) {

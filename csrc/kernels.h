@@ -32,6 +32,7 @@ enum PerturbRole : int { kPertW = 0, kPertG = 1, kPertOld = 2, kPertKeep = 3 };
 enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
 enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
 enum GsamRole : int { kGsamAdv = 0, kGsamFirst = 1 };
+enum CheckRole : int { kCheckX = 0 };
 
 // FriendlySAM (fastsam.functional.Momentum): with `momentum` (3 per group: sigma, lmbda, gain),
 // the norm and the perturbation follow d = g − sigma·m, m at role `momentum_role`, and the
@@ -164,6 +165,9 @@ void norm_partials(const Table& t, const NormArgs& a);
 double sum_partials(const double* partials, int64_t n);
 void perturb(const Table& t, const PerturbArgs& a);
 void restore(const Table& t);
+// *found ← 1 when an element of the table is inf or NaN (left as it was otherwise): the
+// skip_nonfinite check, reading each element once.
+void nonfinite(const Table& t, float* found);
 void sgd(const Table& t, const SgdArgs& a);
 void adam(const Table& t, const AdamArgs& a);
 // GSAM's reduction: partials[3s + {0, 1, 2}] = Σ over segment s of g_first·g, g², g_first².
@@ -187,6 +191,7 @@ void norm_partials(const Table& t, const NormArgs& a, void* stream);
 void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, void* stream);
 void perturb(const Table& t, const PerturbArgs& a, void* stream);
 void restore(const Table& t, void* stream);
+void nonfinite(const Table& t, float* found, void* stream);
 void sgd(const Table& t, const SgdArgs& a, void* stream);
 void adam(const Table& t, const AdamArgs& a, void* stream);
 void gsam_partials(const Table& t, double* partials, void* stream);

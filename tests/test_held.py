@@ -616,6 +616,40 @@ def test_increment_steps_adds_one_only_when_the_steps_agree():
     assert second.item() == 8.0
 
 
+def test_check_nonfinite_over_held_gradients_of_any_layout():
+    """A held plan's skip_nonfinite check: the nonfinite operator's pass when every gradient
+    is laid out as its parameter, torch's per-dtype kernel when one is not (a transposed
+    gradient): the same answers as torch.isfinite, group by group, dtypes mixed."""
+    import fastsam._C  # noqa: F401
+
+    ps = [torch.nn.Parameter(torch.ones(3, 4)), torch.nn.Parameter(torch.ones(5000)),
+          torch.nn.Parameter(torch.ones(7, dtype=torch.float64)),
+          torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
+    plan = fastsam._C.HeldPlan(ps, [2, 2], [])
+    for transposed in (False, True):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        if transposed:
+            ps[0].grad = torch.randn(4, 3).t()
+        assert plan.refresh()
+        for index, where in [(0, (2, 1)), (1, (4999,)), (2, (0,)), (3, (1,))]:
+            for value in (float("nan"), float("inf"), None):
+                grad = ps[index].grad
+                before = grad[where].item()
+                if value is not None:
+                    grad[where] = value
+                for groups in ([0], [1], [0, 1], [1, 0]):
+                    found = torch.zeros(1)
+                    plan.check_nonfinite(groups, found, torch.ones(1))
+                    members = [p for g in groups for p in ps[2 * g:2 * g + 2]]
+                    want = not all(bool(torch.isfinite(p.grad).all()) for p in members)
+                    assert found.item() == float(want), (transposed, index, value, groups)
+                grad[where] = before
+        with pytest.raises(ValueError, match="found is on meta"):
+            plan.check_nonfinite([0], torch.zeros(1, device="meta"), torch.ones(1))
+        plan.release()
+
+
 def test_held_plan_refuses_misuse():
     import fastsam._C  # noqa: F401
 

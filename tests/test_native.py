@@ -301,6 +301,55 @@ def test_operator_schemas_pass_opcheck(ops):
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
 
+def _poisoned(dtype, seed):
+    """Tensors of SHAPES in ``dtype``, finite, holding their dtype's largest finite value (a
+    check that squares or sums the values would overflow on it)."""
+    out = _tensors(SHAPES, dtype, seed)
+    out[2][0, 0] = torch.finfo(dtype).max
+    out[6][5] = -torch.finfo(dtype).max
+    return out
+
+
+def test_nonfinite_finds_inf_and_nan_anywhere(ops):
+    """skip_nonfinite's check (the held path's, csrc/kernels.h nonfinite) against
+    torch.isfinite: every dtype in one call, inf, -inf and NaN at a tensor's first and last
+    element, in a one-element tensor and deep in a tensor split across threads; `found` left as
+    it was when all is finite (largest finite values included)."""
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    tensors = [t for k, dtype in enumerate(dtypes) for t in _poisoned(dtype, k)]
+    found = torch.zeros(1)
+    ops.nonfinite(tensors, found)
+    assert found.item() == 0.0
+    found.fill_(1.0)
+    ops.nonfinite(tensors, found)  # a flag: only ever set
+    assert found.item() == 1.0
+    ops.nonfinite([], found.zero_())
+    assert found.item() == 0.0
+    places = [(0, (0,)), (0, (4096,)), (3, (0,)), (6, (0,)), (6, (71_234,)), (6, (100_002,)),
+              (5, (5, 2, 2, 1)), (2, (32, 64))]
+    for k, dtype in enumerate(dtypes):
+        for value in (float("inf"), float("-inf"), float("nan")):
+            for index, where in places:
+                poisoned = _poisoned(dtype, k)
+                poisoned[index][where] = value
+                lists = tensors[:7 * k] + poisoned + tensors[7 * (k + 1):]
+                assert not all(bool(torch.isfinite(t).all()) for t in lists)
+                found.zero_()
+                ops.nonfinite(lists, found)
+                assert found.item() == 1.0, (dtype, value, index, where)
+
+
+def test_nonfinite_checks_its_arguments(ops):
+    tensors = _tensors([(5,), (3, 4)])
+    with pytest.raises(TypeError, match="nonfinite: found must be float32"):
+        ops.nonfinite(tensors, torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="nonfinite: found has 0 elements"):
+        ops.nonfinite(tensors, torch.zeros(0))
+    with pytest.raises(ValueError, match=r"nonfinite: tensors\[0\] is not dense"):
+        ops.nonfinite([torch.zeros(4, 6)[:, ::2]], torch.zeros(1))
+    torch.library.opcheck(ops.nonfinite.default, (tensors, torch.zeros(1)))
+
+
 def test_cuda_backend_refused_on_cpu_parameters():
     import fastsam
 

@@ -608,12 +608,23 @@ void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::
   }
 }
 
-// skip_nonfinite's check over the gradients of `groups`: torch's GradScaler kernel
-// (_amp_foreach_non_finite_check_and_unscale_, `one` the factor: 1) per dtype; `found` (one
-// float32 element) set to 1 when a gradient holds inf/NaN.
+// skip_nonfinite's check over the gradients of `groups`: `found` (one float32 element) set to 1
+// when one holds inf/NaN. The nonfinite operator's pass over its tables when refresh() kept the
+// gradients' addresses (each laid out as its parameter: dense, checked); else torch's GradScaler
+// kernel per dtype (_amp_foreach_non_finite_check_and_unscale_, `one` the factor: 1), which
+// takes any strides.
 void held_check_nonfinite(const Held& plan, std::vector<int64_t> groups, at::Tensor found,
                           at::Tensor one) {
   RECORD_FUNCTION("fastsam::held_check_nonfinite", std::vector<c10::IValue>());
+  check_scalar_tensor("nonfinite", "found", found, {plan->first_param()}, 1);
+  if (plan->grad_addresses() != nullptr) {
+    const HeldCall l(plan, "nonfinite", groups, {"grad"}, 1);
+    on_plan_device(plan, [&](auto* tag) {
+      using D = std::remove_pointer_t<decltype(tag)>;
+      nonfinite_pass<D>(l.tables, l[0], found);
+    });
+    return;
+  }
   for (const std::vector<at::Tensor>& grads : by_dtype(plan->resolve("grad", groups).view)) {
     at::_amp_foreach_non_finite_check_and_unscale_(grads, found, one);
   }

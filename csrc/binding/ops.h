@@ -206,6 +206,29 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
   restore_pass<D>(Fresh{}, params, w_old);
 }
 
+// skip_nonfinite's check: `found` (one float32 element) ← 1 when an element of `tensors` is
+// inf or NaN, left as it is otherwise (a flag several calls add to, as torch's
+// _amp_foreach_non_finite_check_and_unscale_ keeps one). Reads each element once, any dtype
+// in one call; a held call leaves the gradients to its tables (`tensors` empty).
+template <class D, class Src>
+void nonfinite_pass(const Src& src, at::TensorList tensors, at::Tensor& found) {
+  const Lists lists{{"tensors", tensors}};
+  src.check("nonfinite", lists);
+  check_scalar_tensor("nonfinite", "found", found, tensors, 1);
+  TORCH_CHECK_TYPE(found.scalar_type() == at::kFloat,
+                   msg("fastsam.nonfinite: found must be float32, got ", found.scalar_type()));
+  check_device<D>("nonfinite", "found", found);
+  const D dev(device_of(tensors, found));
+  const TablesPtr tables =
+      src.template tables<D>("nonfinite", dev, lists, no_options);  // alive for the loop
+  for (const Table& t : tables->views) dev.nonfinite(t, found.data_ptr<float>());
+}
+
+template <class D>
+void nonfinite_op(at::TensorList tensors, at::Tensor& found) {
+  nonfinite_pass<D>(Fresh{}, tensors, found);
+}
+
 // The gradient source of an update (kernels.h GradMode `grad_mode`): appends first_grads to
 // the lists for every mode but plain: GSAM's first gradients (with along and alpha), FreeSAM's
 // stored gradients (which the update reads and then overwrites with g), or LookSAM's

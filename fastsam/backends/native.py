@@ -225,8 +225,10 @@ class HeldSource(NamedTuple):
 
 class HeldGradients:
     """The gradients of ``groups`` of a held plan as the skip decision reads and unscales them
-    (fastsam.optimizers._skips.Gradients; one foreach call per dtype in C++); ``kept``: the
-    name of the bound list of first-pass gradients unscaled with them (GSAM's), or None."""
+    (fastsam.optimizers._skips.Gradients; the check one ``nonfinite`` pass over the plan's
+    tables, the unscale one foreach call per dtype, both in C++; csrc/binding/held.h);
+    ``kept``: the name of the bound list of first-pass gradients unscaled with them (GSAM's),
+    or None."""
 
     def __init__(self, held: HeldLists, groups: list[int], kept: str | None = None) -> None:
         self.held, self.groups, self.device = held, groups, held.device

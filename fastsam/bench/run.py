@@ -64,8 +64,8 @@ OPTIMIZERS = ("sam", "asam", "gsam", "freesam", "sam-ema", "sam-skip", "sam-clip
 # GSAM's perturb also keeps g (+4 written), a reduction reads g and g_adv (8, 0), the update
 # reads g again (+4 read): 56 B. The plain SGD step is the update alone; FreeSAM's reads and
 # writes the stored gradient too (+4, +4). SAM with an EMA of the weights: the update reads and
-# writes the average (+4, +4). skip_nonfinite's check reads and rewrites g (torch's GradScaler
-# kernel, unscaling by 1: a pass of (4, 4)).
+# writes the average (+4, +4). skip_nonfinite's check reads g (4, 0): the native backends' held
+# nonfinite pass (torch's GradScaler kernel, elsewhere, also rewrites g: (4, 4), above the floor).
 PASS_BYTES = {
     "plain": [(12, 8)],
     "sam": [(4, 0), (8, 8), (12, 8)],
@@ -73,7 +73,7 @@ PASS_BYTES = {
     "gsam": [(4, 0), (8, 12), (8, 0), (16, 8)],
     "freesam": [(16, 12)],
     "sam-ema": [(4, 0), (8, 8), (16, 12)],
-    "sam-skip": [(4, 0), (8, 8), (4, 4), (12, 8)],
+    "sam-skip": [(4, 0), (8, 8), (4, 0), (12, 8)],
     # SAM with max_grad_norm: one more reduction over g_adv (the update reads the coefficient)
     "sam-clip": [(4, 0), (8, 8), (4, 0), (12, 8)],
     # WSAM, decoupled: GSAM's perturb (keeps g); the update reads g too; then g - g_adv into
