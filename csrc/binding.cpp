@@ -29,6 +29,8 @@
 //            there instead (values formed on the device, a tensor lr); with `skip`, a
 //            one-element float32 flag read by the kernels, a non-zero flag makes them write
 //            w ← w_old only; adam's `bias`, float64 (n, 2): per-tensor bias corrections)
+//   wsam_decoupled  first ← first − clip·g, then w ← w + alpha·first (WSAM's decoupled term
+//            after its update; `clip`: max_grad_norm's coefficient, 0-d, optional)
 //   gsam_along  out ← GSAM's along from ⟨g_first, g⟩, ‖g‖², ‖g_first‖² (one reduction;
 //            partial sums in `scratch`, fp64, grown when too small)
 //   gsam_sums   out[0:3] ← those three sums (sharded parameters all-reduce them first)
@@ -42,7 +44,7 @@
 // whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
 // GSAM's reduction; check_nonfinite: skip_nonfinite's check over the plan's gradients (the
 // nonfinite operator); scale: GradScaler's unscale of them (torch's foreach operator, one call
-// per dtype); add: a foreach axpy between two of its lists (WSAM's decoupled term).
+// per dtype); wsam_decoupled: WSAM's decoupled term over the plan's lists.
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -93,6 +95,9 @@ TORCH_LIBRARY(fastsam, m) {
       "float alpha, int grad_mode, Tensor(f!)[] average, Tensor? skip=None, Tensor? bias=None, "
       "Tensor? clip=None) -> ()");
   m.def(
+      "wsam_decoupled(Tensor(a!)[] params, Tensor(b!)[] first, Tensor[] grads, float alpha, "
+      "Tensor? clip=None) -> ()");
+  m.def(
       "gsam_along(Tensor[] grads, Tensor[] first_grads, float eps, Tensor(a!) out, "
       "Tensor(b!) scratch) -> ()");
   m.def(
@@ -116,6 +121,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cpu>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
+  m.impl("wsam_decoupled", &fastsam::wsam_decoupled_op<fastsam::Cpu>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cpu>);
   m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cpu>);
   m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cpu>);
@@ -132,6 +138,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cuda>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
+  m.impl("wsam_decoupled", &fastsam::wsam_decoupled_op<fastsam::Cuda>);
   m.impl("gsam_along", &fastsam::gsam_along_op<fastsam::Cuda>);
   m.impl("gsam_sums", &fastsam::gsam_sums_op<fastsam::Cuda>);
   m.impl("stream_read", &fastsam::stream_read_op<fastsam::Cuda>);

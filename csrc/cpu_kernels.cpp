@@ -620,6 +620,29 @@ void nonfinite(const Table& t, float* found) {
   if (any.load()) *found = 1.0f;
 }
 
+void wsam_decoupled(const Table& t, const WsamArgs& a) {
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using A = Acc<S>;
+    const A c = a.gain == nullptr ? A(1)
+                : a.gain_fp64     ? A(*static_cast<const double*>(a.gain))
+                                  : A(*static_cast<const float*>(a.gain));
+    const A alpha = A(a.alpha);
+    for_each_segment(t, [&](int64_t s) {
+      const Segment seg = segment(t, s);
+      S* __restrict__ w = address<S>(t, kWsamW, seg);
+      S* __restrict__ first = address<S>(t, kWsamFirst, seg);
+      const S* __restrict__ g = address<const S>(t, kWsamG, seg);
+#pragma GCC ivdep
+      for (int64_t i = 0; i < seg.len; ++i) {
+        const S d = S(A(first[i]) - c * A(g[i]));
+        first[i] = d;
+        w[i] = S(A(w[i]) + alpha * A(d));
+      }
+    });
+  });
+}
+
 void sgd(const Table& t, const SgdArgs& a) {
   if (skipped_update(t, a.skip, kSgdOld)) return;
   with_storage(t.dtype, [&](auto tag) {

@@ -224,6 +224,24 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(Table tab, float* f
   if (bad) *found = 1.0f;
 }
 
+template <typename S>
+__global__ void __launch_bounds__(kThreads) wsam_decoupled_kernel(Table tab, WsamArgs a) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  S* w = address<S>(tab, kWsamW, seg);
+  S* first = address<S>(tab, kWsamFirst, seg);
+  const S* g = address<const S>(tab, kWsamG, seg);
+  const A c = a.gain == nullptr ? A(1)
+              : a.gain_fp64     ? A(*static_cast<const double*>(a.gain))
+                                : A(*static_cast<const float*>(a.gain));
+  const A alpha = A(a.alpha);
+  for_each(seg.len, [&](int64_t i) {
+    const S d = Storage<S>::store(Storage<S>::load(first[i]) - c * Storage<S>::load(g[i]));
+    first[i] = d;
+    w[i] = Storage<S>::store(Storage<S>::load(w[i]) + alpha * Storage<S>::load(d));
+  });
+}
+
 // The per-block scalars of update_gradient: 1 + alpha·along (along read on the device; along
 // itself for LookSAM's correction), alpha, and the sign.
 template <typename A>
@@ -433,6 +451,15 @@ void nonfinite(const Table& t, float* found, void* stream) {
     nonfinite_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, found);
   });
   check_launch("nonfinite");
+}
+
+void wsam_decoupled(const Table& t, const WsamArgs& a, void* stream) {
+  if (t.n_segments == 0) return;
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    wsam_decoupled_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+  });
+  check_launch("wsam_decoupled");
 }
 
 void sgd(const Table& t, const SgdArgs& a, void* stream) {

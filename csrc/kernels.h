@@ -33,6 +33,7 @@ enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
 enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
 enum GsamRole : int { kGsamAdv = 0, kGsamFirst = 1 };
 enum CheckRole : int { kCheckX = 0 };
+enum WsamRole : int { kWsamW = 0, kWsamFirst = 1, kWsamG = 2 };
 
 // FriendlySAM (fastsam.functional.Momentum): with `momentum` (3 per group: sigma, lmbda, gain),
 // the norm and the perturbation follow d = g − sigma·m, m at role `momentum_role`, and the
@@ -137,6 +138,16 @@ struct AdamArgs {
   const double* bias;
 };
 
+// WSAM's decoupled term after its update (fastsam.WSAM, decouple=True), one pass: the kept
+// first gradient becomes first − c·g (stored), then w ← w + alpha·first; c is max_grad_norm's
+// clip coefficient, `gain` (0-d, float or double by gain_fp64, device memory for CUDA), 1 when
+// null.
+struct WsamArgs {
+  double alpha;
+  const void* gain;
+  bool gain_fp64;
+};
+
 #if defined(__CUDACC__)
 #define FASTSAM_HOST_DEVICE __host__ __device__
 #else
@@ -168,6 +179,7 @@ void restore(const Table& t);
 // *found ← 1 when an element of the table is inf or NaN (left as it was otherwise): the
 // skip_nonfinite check, reading each element once.
 void nonfinite(const Table& t, float* found);
+void wsam_decoupled(const Table& t, const WsamArgs& a);
 void sgd(const Table& t, const SgdArgs& a);
 void adam(const Table& t, const AdamArgs& a);
 // GSAM's reduction: partials[3s + {0, 1, 2}] = Σ over segment s of g_first·g, g², g_first².
@@ -192,6 +204,7 @@ void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, v
 void perturb(const Table& t, const PerturbArgs& a, void* stream);
 void restore(const Table& t, void* stream);
 void nonfinite(const Table& t, float* found, void* stream);
+void wsam_decoupled(const Table& t, const WsamArgs& a, void* stream);
 void sgd(const Table& t, const SgdArgs& a, void* stream);
 void adam(const Table& t, const AdamArgs& a, void* stream);
 void gsam_partials(const Table& t, double* partials, void* stream);

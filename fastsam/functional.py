@@ -587,6 +587,15 @@ class Backend:
         """Pass C without an update: ``w ← w_old`` exactly."""
         raise NotImplementedError
 
+    def wsam_decoupled(self, params: list[Tensor], first: list[Tensor], grads: list[Tensor],
+                       alpha: float, clip: Tensor | None = None) -> None:
+        """WSAM's decoupled term after its update (:class:`fastsam.WSAM`): ``first ← first −
+        clip·g``, then ``w ← w + alpha·first``; ``clip`` is max_grad_norm's 0-d coefficient (1
+        when None). Here torch's foreach operators (two passes); the native backends fuse them
+        into one."""
+        torch._foreach_sub_(first, grads if clip is None else torch._foreach_mul(grads, clip))
+        torch._foreach_add_(params, first, alpha=alpha)
+
     def restore_sgd(
         self,
         params: list[Tensor],

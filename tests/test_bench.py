@@ -335,6 +335,18 @@ def test_the_floor_charges_each_pass_at_its_binding_rate():
                                    else "fastsam._C")
 
 
+def test_every_step_lists_its_update_last():
+    """floor_seconds puts another base's update bytes on the last pass of a step: every step
+    lists its update last (each reads and writes at least SGD momentum's update bytes; WSAM's
+    decoupled term, after its update, once stood last and took AdamW's extra bytes)."""
+    from fastsam.bench.run import PASS_BYTES, UPDATE_BYTES
+
+    least_read, least_written = UPDATE_BYTES["sgd"]
+    for name, passes in PASS_BYTES.items():
+        read, written = passes[-1]
+        assert read >= least_read and written >= least_written, name
+
+
 def test_without_the_extension_torch_stands_in_for_the_streaming_kernels(monkeypatch):
     """A pure-Python install measures the floor with torch's operators, which compute what the
     kernels do (so the rates mean the same bytes)."""

@@ -673,11 +673,12 @@ def test_held_plan_refuses_misuse():
     plan.scale([1], ["grad"], [torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.0)])
     assert torch.equal(ps[1].grad, torch.full((3,), 6.0)) and torch.equal(ps[0].grad,
                                                                           torch.zeros(2))
-    with pytest.raises(ValueError, match="cannot write 'grad'"):
-        plan.add([0], "grad", "params", 1.0, None)
-    with torch.no_grad():
-        plan.add([1], "params", "grad", -0.5, torch.tensor(2.0))  # p += -0.5·(g·2)
-        assert torch.equal(ps[1], torch.full((3,), -5.0))
+    with pytest.raises(ValueError, match="wsam_decoupled: 2 list names, needs 3"):
+        plan.wsam_decoupled([0], ["params", "grad"], 1.0, None)
+    plan.bind("first", 1, [torch.full((3,), 4.0)])
+    with torch.no_grad():  # first ← 4 − 2·6 = −8, then p ← 1 − 0.5·(−8) = 5
+        plan.wsam_decoupled([1], ["params", "first", "grad"], -0.5, torch.tensor(2.0))
+        assert torch.equal(ps[1], torch.full((3,), 5.0))
         ps[1].fill_(1.0)
     found = torch.zeros(1)
     plan.check_nonfinite([0, 1], found, torch.ones(1))

@@ -350,6 +350,34 @@ def test_nonfinite_checks_its_arguments(ops):
     torch.library.opcheck(ops.nonfinite.default, (tensors, torch.zeros(1)))
 
 
+def test_wsam_decoupled_is_both_foreach_passes_in_one(ops):
+    """WSAM's decoupled term (csrc/kernels.h WsamArgs) against its two foreach passes in
+    float64: first ← first − clip·g (stored in its dtype), then w ← w + alpha·first; with and
+    without a clip coefficient (float32 and float64), every storage dtype, several steps."""
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        params = _tensors(SHAPES, dtype, seed=1)
+        first = _tensors(SHAPES, dtype, seed=2)
+        want_w = [p.to(torch.float64, copy=True) for p in params]  # (not the fp64 tensors)
+        want_first = [f.to(torch.float64, copy=True) for f in first]
+        clips = (None, torch.tensor(0.25), torch.tensor(3.0, dtype=torch.float64))
+        for step, clip in enumerate(clips):
+            grads = _tensors(SHAPES, dtype, seed=10 + step)
+            alpha = -0.1 * (step + 1)
+            ops.wsam_decoupled(params, first, grads, alpha, clip)
+            c = 1.0 if clip is None else clip.item()
+            for k, g in enumerate(grads):
+                want_first[k] = (want_first[k] - c * g.double()).to(dtype).double()
+                want_w[k] = (want_w[k] + alpha * want_first[k]).to(dtype).double()
+            tol = {torch.float16: 2e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)
+            for got, want in zip(first + params, want_first + want_w):
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match=r"wsam_decoupled: first\[1\] has shape"):
+        ops.wsam_decoupled(params[:2], [params[0], params[0]], params[:2], 1.0)
+    torch.library.opcheck(ops.wsam_decoupled.default,
+                          (_tensors([(5,), (3, 4)]), _tensors([(5,), (3, 4)], seed=1),
+                           _tensors([(5,), (3, 4)], seed=2), 0.5, torch.tensor(2.0)))
+
+
 def test_cuda_backend_refused_on_cpu_parameters():
     import fastsam
 

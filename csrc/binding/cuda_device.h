@@ -143,6 +143,9 @@ struct Cuda {
   void perturb(const Table& t, const PerturbArgs& a) const { cuda::perturb(t, a, stream); }
   void restore(const Table& t) const { cuda::restore(t, stream); }
   void nonfinite(const Table& t, float* found) const { cuda::nonfinite(t, found, stream); }
+  void wsam_decoupled(const Table& t, const WsamArgs& a) const {
+    cuda::wsam_decoupled(t, a, stream);
+  }
   void sgd(const Table& t, const SgdArgs& a) const { cuda::sgd(t, a, stream); }
   void adam(const Table& t, const AdamArgs& a) const { cuda::adam(t, a, stream); }
   void gsam_partials(const Table& t, double* partials) const {

@@ -555,20 +555,16 @@ void held_gsam(const Held& plan, std::vector<int64_t> groups, std::vector<std::s
   });
 }
 
-// target += alpha·source (·factor, a 0-d tensor, when given) over lists `target` and `source`
-// of `groups`: torch's foreach operators, as a variant's foreach code over Python lists makes
-// it (WSAM's decoupled term).
-void held_add(const Held& plan, std::vector<int64_t> groups, std::string target,
-              std::string source, double alpha, std::optional<at::Tensor> factor) {
-  RECORD_FUNCTION("fastsam::held_add", std::vector<c10::IValue>());
-  TORCH_CHECK_VALUE(target != "grad" && !target.empty() && !source.empty(),
-                    msg("fastsam.HeldPlan.add: cannot write '", target, "' from '", source, "'"));
-  const Resolved to = plan->resolve(target, groups), from = plan->resolve(source, groups);
-  if (factor.has_value()) {
-    at::_foreach_add_(to.view, at::_foreach_mul(from.view, *factor), alpha);
-  } else {
-    at::_foreach_add_(to.view, from.view, alpha);
-  }
+// lists: params, first (WSAM's kept g), grads
+void held_wsam_decoupled(const Held& plan, std::vector<int64_t> groups,
+                         std::vector<std::string> lists, double alpha,
+                         std::optional<at::Tensor> clip) {
+  RECORD_FUNCTION("fastsam::held_wsam_decoupled", std::vector<c10::IValue>());
+  const HeldCall l(plan, "wsam_decoupled", groups, lists, 3);
+  on_plan_device(plan, [&](auto* tag) {
+    using D = std::remove_pointer_t<decltype(tag)>;
+    wsam_decoupled_pass<D>(l.tables, l[0], l[1], l[2], alpha, clip);
+  });
 }
 
 // The tensors of `tensors` in one list per dtype, in the order the dtypes first appear (the

@@ -259,15 +259,16 @@ DecomposeArgs gradient_source(const char* op, Lists& lists, at::TensorList first
           false};
 }
 
-// max_grad_norm's clip coefficient (kernels.h DecomposeArgs.gain) into `decompose` when given.
+// max_grad_norm's clip coefficient (kernels.h DecomposeArgs.gain, WsamArgs.gain) into `gain`
+// and `gain_fp64` when given.
 template <class D>
-void clip_gain(const char* op, DecomposeArgs& decompose, const std::optional<at::Tensor>& clip,
-               at::TensorList params) {
+void clip_gain(const char* op, const void*& gain, bool& gain_fp64,
+               const std::optional<at::Tensor>& clip, at::TensorList params) {
   if (!clip.has_value()) return;
   check_norm_out(op, "clip", *clip, params);
   check_device<D>(op, "clip", *clip);
-  decompose.gain = clip->data_ptr();
-  decompose.gain_fp64 = clip->scalar_type() == at::kDouble;
+  gain = clip->data_ptr();
+  gain_fp64 = clip->scalar_type() == at::kDouble;
 }
 
 // The role of the averaged weights (kernels.h SgdArgs), appended to the lists when given.
@@ -333,7 +334,7 @@ void sgd_pass(const Src& src, at::TensorList params, at::TensorList grads, at::T
   if (has_momentum) lists.emplace_back("momentum_buffers", momentum_buffers);
   DecomposeArgs decompose =
       gradient_source<D>("sgd", lists, first_grads, along, alpha, grad_mode);
-  clip_gain<D>("sgd", decompose, clip, params);
+  clip_gain<D>("sgd", decompose.gain, decompose.gain_fp64, clip, params);
   const int avg_role = average_role(lists, average);
   src.check("sgd", lists);
   SgdArgs args = update_args<D, SgdArgs>("sgd", hp, hp_device, params,
@@ -377,7 +378,7 @@ void adam_pass(const Src& src, at::TensorList params, at::TensorList grads, at::
   if (amsgrad) lists.emplace_back("max_exp_avg_sqs", max_exp_avg_sqs);
   DecomposeArgs decompose =
       gradient_source<D>("adam", lists, first_grads, along, alpha, grad_mode);
-  clip_gain<D>("adam", decompose, clip, params);
+  clip_gain<D>("adam", decompose.gain, decompose.gain_fp64, clip, params);
   const int avg_role = average_role(lists, average);
   src.check("adam", lists);
   AdamArgs args = update_args<D, AdamArgs>("adam", hp, hp_device, params,
@@ -420,6 +421,28 @@ void adam_op(at::TensorList params, at::TensorList grads, at::TensorList w_old,
   adam_pass<D>(Fresh{}, params, grads, w_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp,
                hp_device, decoupled, amsgrad, maximize, first_grads, along, alpha, grad_mode,
                average, skip, bias, clip);
+}
+
+// WSAM's decoupled term (kernels.h WsamArgs): first ← first − clip·g, w ← w + alpha·first.
+template <class D, class Src>
+void wsam_decoupled_pass(const Src& src, at::TensorList params, at::TensorList first,
+                         at::TensorList grads, double alpha,
+                         const std::optional<at::Tensor>& clip) {
+  const Lists lists{{"params", params}, {"first", first}, {"grads", grads}};
+  src.check("wsam_decoupled", lists);
+  WsamArgs args{alpha, nullptr, false};
+  clip_gain<D>("wsam_decoupled", args.gain, args.gain_fp64, clip, params);
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  const TablesPtr tables =
+      src.template tables<D>("wsam_decoupled", dev, lists, no_options);  // alive for the loop
+  for (const Table& t : tables->views) dev.wsam_decoupled(t, args);
+}
+
+template <class D>
+void wsam_decoupled_op(at::TensorList params, at::TensorList first, at::TensorList grads,
+                       double alpha, const std::optional<at::Tensor>& clip) {
+  wsam_decoupled_pass<D>(Fresh{}, params, first, grads, alpha, clip);
 }
 
 // GSAM's reduction: along (sums = false: out is one element) or the three sums (out has 3).

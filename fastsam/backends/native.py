@@ -442,12 +442,15 @@ class NativeBackend(Backend):
         held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
                        hyper.maximize, *_held_source(source), hyper.skip, hyper.clip)
 
-    def held_add(self, held: HeldLists, groups: list[int], target: str, source: str,
-                 alpha: float, factor: Tensor | None = None) -> None:
-        """``target += alpha·source`` (times the 0-d ``factor`` when given) over the lists
-        ``target`` and ``source`` of ``groups`` of ``held`` (torch's foreach operators, called
-        from C++)."""
-        held.plan.add(groups, target, source, alpha, factor)
+    def wsam_decoupled(self, params: list[Tensor], first: list[Tensor], grads: list[Tensor],
+                       alpha: float, clip: Tensor | None = None) -> None:
+        torch.ops.fastsam.wsam_decoupled(params, first, grads, alpha, clip)
+
+    def held_wsam_decoupled(self, held: HeldLists, groups: list[int], alpha: float,
+                            clip: Tensor | None = None) -> None:
+        """:meth:`wsam_decoupled` over ``groups`` of ``held``: its parameters, the bound list
+        "first" (WSAM's kept g) and the gradients."""
+        held.plan.wsam_decoupled(groups, ["params", "first", "grad"], alpha, clip)
 
     def held_gsam_along(self, held: HeldLists, groups: list[int], eps: float) -> Tensor:
         """GSAM's along over ``groups`` of ``held`` (the gradients and the kept "first"), as

@@ -171,6 +171,11 @@ class ShardedBackend(Backend):
     def restore(self, params: list[Tensor], w_old: list[Tensor]) -> None:
         self.inner.restore(local_tensors(params), local_tensors(w_old))
 
+    def wsam_decoupled(self, params: list[Tensor], first: list[Tensor], grads: list[Tensor],
+                       alpha: float, clip: Tensor | None = None) -> None:
+        self.inner.wsam_decoupled(local_tensors(params), local_tensors(first),
+                                  local_tensors(grads), alpha, clip)
+
     def restore_sgd(
         self,
         params: list[Tensor],

@@ -76,9 +76,11 @@ PASS_BYTES = {
     "sam-skip": [(4, 0), (8, 8), (4, 0), (12, 8)],
     # SAM with max_grad_norm: one more reduction over g_adv (the update reads the coefficient)
     "sam-clip": [(4, 0), (8, 8), (4, 0), (12, 8)],
-    # WSAM, decoupled: GSAM's perturb (keeps g); the update reads g too; then g - g_adv into
-    # the kept g and w += lr·α·(g - g_adv): two passes of (8, 4)
-    "wsam": [(4, 0), (8, 12), (16, 8), (8, 4), (8, 4)],
+    # WSAM, decoupled: GSAM's perturb (keeps g); after the update (which reads g too) g - g_adv
+    # into the kept g and w += lr·α·(g - g_adv): one pass reading w, the kept g and g_adv,
+    # writing w and the kept g, (12, 8) (the native backends' wsam_decoupled; two foreach
+    # passes of (8, 4) elsewhere), listed before the update (the floor is a sum over passes)
+    "wsam": [(4, 0), (8, 12), (12, 8), (16, 8)],
     # FriendlySAM: the norm reads g and m; perturb reads w, g, m and writes w, w_old, m_next
     "friendlysam": [(8, 0), (12, 12), (12, 8)],
     # MSAM, one pass: the norm reads the momentum; perturb reads w and the momentum and writes

@@ -31,10 +31,11 @@ class WSAM(SharpnessAwareOptimizer):
 
     ``gamma = 0.5`` (α = 1) without decoupling is SAM. With SGD, Adam and AdamW the gradient is
     formed inside the fused update (GSAM's gradient mode with coefficients (α, 1 − α), or
-    (0, 1) for the decoupled base update); the decoupled term is one more foreach pass over w
-    and the kept g. Argument names follow pytorch-optimizer's ``WSAM`` (which also takes the
-    model as its second argument; here BatchNorm is the caller's, as for every fastsam
-    optimizer: :func:`fastsam.frozen_bn_stats`).
+    (0, 1) for the decoupled base update); the decoupled term is one more pass over w, the kept
+    g and g_adv (one kernel on the native backends, two foreach passes on the others).
+    Argument names follow pytorch-optimizer's ``WSAM`` (which also takes the model as its
+    second argument; here BatchNorm is the caller's, as for every fastsam optimizer:
+    :func:`fastsam.frozen_bn_stats`).
 
     Args:
         params, base_optimizer, rho, adaptive, eps, backend, skip_nonfinite, interval,
@@ -163,14 +164,12 @@ class WSAM(SharpnessAwareOptimizer):
 
     def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
                            clip: Tensor | None) -> None:
-        """:meth:`_after_update`'s two foreach passes over the held lists (called from C++)."""
+        """:meth:`_after_update`'s pass over the held lists, group by group (the lr)."""
         if not self.decouple:
             return
-        groups = with_params(plan)
-        backend.held_add(plan.held, groups, "first", "grad", -1.0, clip)  # g − c·g_adv
-        for i in groups:
-            backend.held_add(plan.held, [i], "params", "first",
-                             float(self.param_groups[i]["lr"]) * self.alpha)
+        for i in with_params(plan):
+            backend.held_wsam_decoupled(plan.held, [i],
+                                        float(self.param_groups[i]["lr"]) * self.alpha, clip)
 
     def _after_update(
         self, perturbed: StepPlan, now: StepPlan, grads: list[list[Tensor]], fused: bool,
@@ -180,13 +179,14 @@ class WSAM(SharpnessAwareOptimizer):
         ``clip``)."""
         if not self.decouple or now.device is None:
             return
-        local = self._backend_for(now.device).local
+        backend = self._backend_for(now.device)
+        local = backend.local
         for group, params, adv, first in zip(self.param_groups, now.params, grads,
                                               self._first_buffers(perturbed)):
             if not params:
                 continue
-            first = local(first)
-            if fused:  # the kept g becomes g − g_adv (the non-fused path did it before)
-                adv = local(adv)
-                torch._foreach_sub_(first, adv if clip is None else torch._foreach_mul(adv, clip))
-            torch._foreach_add_(local(params), first, alpha=float(group["lr"]) * self.alpha)
+            alpha = float(group["lr"]) * self.alpha
+            if fused:  # the kept g becomes g − g_adv (the non-fused path did it before): one
+                backend.wsam_decoupled(params, first, adv, alpha, clip)  # pass with the term
+            else:
+                torch._foreach_add_(local(params), local(first), alpha=alpha)
