@@ -186,6 +186,11 @@ template <typename A, typename F>
 A lane_sum(int64_t n, F&& term) {
   static_assert(kRuns == 4, "one line per run below");
   constexpr int kAll = kRuns * kRunLanes;
+  if (n < kAll) {  // no whole block: the tail alone, in the same order (the lanes add up to +0)
+    A total = 0;   // (tiny tensors: adding 32 zero lanes in order cost more than their sum)
+    for (int64_t i = 0; i < n; ++i) total += term(i);
+    return total;
+  }
   A lanes[kAll] = {};
   const int64_t run = n / kAll * kRunLanes;
   for (int64_t i = 0; i < run; i += kRunLanes) {
