@@ -435,31 +435,34 @@ void perturb(const Table& t, const PerturbArgs& a, void* stream) {
   check_launch("perturb");
 }
 
-void restore(const Table& t, void* stream) {
+// launch(Tag<S>) for the table's storage type S (nothing for an empty table), then the
+// launch checked: the passes whose kernel has no other template argument.
+template <typename F>
+void launch_by_storage(const Table& t, const char* what, F&& launch) {
   if (t.n_segments == 0) return;
-  with_storage(t.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    restore_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t);
+  with_storage(t.dtype, launch);
+  check_launch(what);
+}
+
+void restore(const Table& t, void* stream) {
+  launch_by_storage(t, "restore", [&](auto tag) {
+    restore_kernel<typename decltype(tag)::type>
+        <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t);
   });
-  check_launch("restore");
 }
 
 void nonfinite(const Table& t, float* found, void* stream) {
-  if (t.n_segments == 0) return;
-  with_storage(t.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    nonfinite_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, found);
+  launch_by_storage(t, "nonfinite", [&](auto tag) {
+    nonfinite_kernel<typename decltype(tag)::type>
+        <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, found);
   });
-  check_launch("nonfinite");
 }
 
 void wsam_decoupled(const Table& t, const WsamArgs& a, void* stream) {
-  if (t.n_segments == 0) return;
-  with_storage(t.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    wsam_decoupled_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
+  launch_by_storage(t, "wsam_decoupled", [&](auto tag) {
+    wsam_decoupled_kernel<typename decltype(tag)::type>
+        <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, a);
   });
-  check_launch("wsam_decoupled");
 }
 
 void sgd(const Table& t, const SgdArgs& a, void* stream) {
@@ -494,12 +497,10 @@ void adam(const Table& t, const AdamArgs& a, void* stream) {
 }
 
 void gsam_partials(const Table& t, double* partials, void* stream) {
-  if (t.n_segments == 0) return;
-  with_storage(t.dtype, [&](auto tag) {
-    using S = typename decltype(tag)::type;
-    gsam_partials_kernel<S><<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, partials);
+  launch_by_storage(t, "gsam partials", [&](auto tag) {
+    gsam_partials_kernel<typename decltype(tag)::type>
+        <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, partials);
   });
-  check_launch("gsam partials");
 }
 
 namespace {

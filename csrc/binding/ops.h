@@ -32,6 +32,17 @@ struct Fresh {
 
 std::optional<PerTensor> no_options() { return std::nullopt; }
 
+// A pass without per-tensor options over `lists` (the parameters first): its tables from `src`
+// on the parameters' device, and f(dev, table) for each; nothing without parameters.
+template <class D, class Src, class F>
+void over_tables(const Src& src, const char* op, const Lists& lists, F&& f) {
+  const at::TensorList params = lists.front().second;
+  if (params.empty()) return;
+  const D dev(params[0].device());
+  const TablesPtr tables = src.template tables<D>(op, dev, lists, no_options);  // (alive for
+  for (const Table& t : tables->views) f(dev, t);  // the loop: the views point into it)
+}
+
 // FriendlySAM's momentum of a norm or perturb call (kernels.h NormArgs.momentum): the lists
 // join the call's lists (m, then m_next for perturb) and group_momentum, 3 float64 per group,
 // must be on the parameters' device. Returns the per-group array, null without a momentum.
@@ -194,11 +205,7 @@ template <class D, class Src>
 void restore_pass(const Src& src, at::TensorList params, at::TensorList w_old) {
   const Lists lists{{"params", params}, {"w_old", w_old}};
   src.check("restore", lists);
-  if (params.empty()) return;
-  const D dev(params[0].device());
-  const TablesPtr tables =
-      src.template tables<D>("restore", dev, lists, no_options);  // alive for the loop
-  for (const Table& t : tables->views) dev.restore(t);
+  over_tables<D>(src, "restore", lists, [](const D& dev, const Table& t) { dev.restore(t); });
 }
 
 template <class D>
@@ -343,11 +350,7 @@ void sgd_pass(const Src& src, at::TensorList params, at::TensorList grads, at::T
   args.has_momentum = has_momentum;
   args.fresh = fresh;
   args.nesterov = nesterov;
-  if (params.empty()) return;
-  const D dev(params[0].device());
-  const TablesPtr tables =
-      src.template tables<D>("sgd", dev, lists, no_options);  // alive for the loop
-  for (const Table& t : tables->views) dev.sgd(t, args);
+  over_tables<D>(src, "sgd", lists, [&](const D& dev, const Table& t) { dev.sgd(t, args); });
 }
 
 template <class D>
@@ -432,11 +435,8 @@ void wsam_decoupled_pass(const Src& src, at::TensorList params, at::TensorList f
   src.check("wsam_decoupled", lists);
   WsamArgs args{alpha, nullptr, false};
   clip_gain<D>("wsam_decoupled", args.gain, args.gain_fp64, clip, params);
-  if (params.empty()) return;
-  const D dev(params[0].device());
-  const TablesPtr tables =
-      src.template tables<D>("wsam_decoupled", dev, lists, no_options);  // alive for the loop
-  for (const Table& t : tables->views) dev.wsam_decoupled(t, args);
+  over_tables<D>(src, "wsam_decoupled", lists,
+                 [&](const D& dev, const Table& t) { dev.wsam_decoupled(t, args); });
 }
 
 template <class D>
