@@ -20,6 +20,8 @@
 //   restore  w ← w_old
 //   nonfinite  found ← 1 when an element of the tensors is inf or NaN (skip_nonfinite's check;
 //            found: one float32 element, left as it is otherwise)
+//   scale    each tensor times the factor of its dtype (GradScaler's unscale; `factors`: one
+//            value per dtype, 1/scale rounded to it), as torch's mul_ rounds it
 //   sgd      w ← SGD(w_old, g, momentum_buffer)           hp = [lr, momentum, dampening, wd]
 //   adam     w ← Adam/AdamW(w_old, g, m, v, vmax)           hp as elementwise.h AdamScalars
 //            (both: with `average`, the averaged weights follow the new w in the same pass,
@@ -42,9 +44,9 @@
 // and a name per list argument, and the other arguments as the operator it stands for. They are the eager
 // steady state of the native backends; torch.compile traces the list operators. refresh:
 // whether the plan still holds; increment_steps: Adam's CPU steps + 1 when they agree; gsam:
-// GSAM's reduction; check_nonfinite: skip_nonfinite's check over the plan's gradients (the
-// nonfinite operator); scale: GradScaler's unscale of them (torch's foreach operator, one call
-// per dtype); wsam_decoupled: WSAM's decoupled term over the plan's lists.
+// GSAM's reduction; check_nonfinite and scale: skip_nonfinite's check and GradScaler's
+// unscale over the plan's gradients (the nonfinite and scale operators); wsam_decoupled:
+// WSAM's decoupled term over the plan's lists.
 //
 // sgd and adam take a gradient source optionally (fastsam.functional.GradientSource), by
 // grad_mode: 1 first_grads with along and alpha, GSAM's (1 + alpha·along)·g − alpha·g_first;
@@ -81,6 +83,7 @@ TORCH_LIBRARY(fastsam, m) {
       "int mask_key1=0) -> ()");
   m.def("restore(Tensor(a!)[] params, Tensor[] w_old) -> ()");
   m.def("nonfinite(Tensor[] tensors, Tensor(a!) found) -> ()");
+  m.def("scale(Tensor(a!)[] tensors, Tensor[] factors) -> ()");
   m.def(
       "sgd(Tensor(a!)[] params, Tensor[] grads, Tensor[] w_old, Tensor(b!)[] momentum_buffers, "
       "float[] hp, Tensor? hp_device, bool nesterov, bool maximize, bool fresh, "
@@ -119,6 +122,7 @@ TORCH_LIBRARY_IMPL(fastsam, CPU, m) {
   m.impl("perturb", &fastsam::perturb_op<fastsam::Cpu>);
   m.impl("restore", &fastsam::restore_op<fastsam::Cpu>);
   m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cpu>);
+  m.impl("scale", &fastsam::scale_op<fastsam::Cpu>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cpu>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cpu>);
   m.impl("wsam_decoupled", &fastsam::wsam_decoupled_op<fastsam::Cpu>);
@@ -136,6 +140,7 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
   m.impl("perturb", &fastsam::perturb_op<fastsam::Cuda>);
   m.impl("restore", &fastsam::restore_op<fastsam::Cuda>);
   m.impl("nonfinite", &fastsam::nonfinite_op<fastsam::Cuda>);
+  m.impl("scale", &fastsam::scale_op<fastsam::Cuda>);
   m.impl("sgd", &fastsam::sgd_op<fastsam::Cuda>);
   m.impl("adam", &fastsam::adam_op<fastsam::Cuda>);
   m.impl("wsam_decoupled", &fastsam::wsam_decoupled_op<fastsam::Cuda>);

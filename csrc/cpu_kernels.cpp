@@ -625,6 +625,19 @@ void nonfinite(const Table& t, float* found) {
   if (any.load()) *found = 1.0f;
 }
 
+void scale(const Table& t, const void* factor) {
+  with_storage(t.dtype, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using A = Acc<S>;
+    const A f = A(*static_cast<const S*>(factor));
+    for_each_segment(t, [&](int64_t s) {
+      const Segment seg = segment(t, s);
+      S* __restrict__ x = address<S>(t, kScaleX, seg);
+      for (int64_t i = 0; i < seg.len; ++i) x[i] = S(A(x[i]) * f);
+    });
+  });
+}
+
 void wsam_decoupled(const Table& t, const WsamArgs& a) {
   with_storage(t.dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;

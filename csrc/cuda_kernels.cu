@@ -225,6 +225,15 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(Table tab, float* f
 }
 
 template <typename S>
+__global__ void __launch_bounds__(kThreads) scale_kernel(Table tab, const S* factor) {
+  using A = typename Storage<S>::A;
+  const Segment seg = segment(tab);
+  S* x = address<S>(tab, kScaleX, seg);
+  const A f = Storage<S>::load(*factor);
+  for_each(seg.len, [&](int64_t i) { x[i] = Storage<S>::store(Storage<S>::load(x[i]) * f); });
+}
+
+template <typename S>
 __global__ void __launch_bounds__(kThreads) wsam_decoupled_kernel(Table tab, WsamArgs a) {
   using A = typename Storage<S>::A;
   const Segment seg = segment(tab);
@@ -455,6 +464,14 @@ void nonfinite(const Table& t, float* found, void* stream) {
   launch_by_storage(t, "nonfinite", [&](auto tag) {
     nonfinite_kernel<typename decltype(tag)::type>
         <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, found);
+  });
+}
+
+void scale(const Table& t, const void* factor, void* stream) {
+  launch_by_storage(t, "scale", [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    scale_kernel<S>
+        <<<t.n_segments, kThreads, 0, as_stream(stream)>>>(t, static_cast<const S*>(factor));
   });
 }
 

@@ -33,6 +33,7 @@ enum SgdRole : int { kSgdW = 0, kSgdG = 1, kSgdOld = 2, kSgdBuf = 3 };
 enum AdamRole : int { kAdamW = 0, kAdamG = 1, kAdamOld = 2, kAdamM = 3, kAdamV = 4, kAdamVmax = 5 };
 enum GsamRole : int { kGsamAdv = 0, kGsamFirst = 1 };
 enum CheckRole : int { kCheckX = 0 };
+enum ScaleRole : int { kScaleX = 0 };
 enum WsamRole : int { kWsamW = 0, kWsamFirst = 1, kWsamG = 2 };
 
 // FriendlySAM (fastsam.functional.Momentum): with `momentum` (3 per group: sigma, lmbda, gain),
@@ -179,6 +180,9 @@ void restore(const Table& t);
 // *found ← 1 when an element of the table is inf or NaN (left as it was otherwise): the
 // skip_nonfinite check, reading each element once.
 void nonfinite(const Table& t, float* found);
+// x ← x·factor (GradScaler's unscale), `factor` one value of the table's storage type: the
+// product of the two widened values, rounded once (torch's own mul_ by a 0-d tensor).
+void scale(const Table& t, const void* factor);
 void wsam_decoupled(const Table& t, const WsamArgs& a);
 void sgd(const Table& t, const SgdArgs& a);
 void adam(const Table& t, const AdamArgs& a);
@@ -204,6 +208,7 @@ void sum_partials(const double* partials, int64_t n, void* out, bool out_fp64, v
 void perturb(const Table& t, const PerturbArgs& a, void* stream);
 void restore(const Table& t, void* stream);
 void nonfinite(const Table& t, float* found, void* stream);
+void scale(const Table& t, const void* factor, void* stream);
 void wsam_decoupled(const Table& t, const WsamArgs& a, void* stream);
 void sgd(const Table& t, const SgdArgs& a, void* stream);
 void adam(const Table& t, const AdamArgs& a, void* stream);

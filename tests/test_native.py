@@ -350,6 +350,30 @@ def test_nonfinite_checks_its_arguments(ops):
     torch.library.opcheck(ops.nonfinite.default, (tensors, torch.zeros(1)))
 
 
+def test_scale_rounds_as_torchs_mul_by_a_factor_of_each_dtype(ops):
+    """GradScaler's unscale on a held plan (csrc/kernels.h scale) against torch's own
+    _foreach_mul_ by a 0-d factor of each dtype, bit for bit: every dtype in one call, a factor
+    that is not a power of two (1/3 rounded to each dtype); a dtype without its factor is
+    refused before anything is written."""
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    tensors = [t * 1000 for k, dtype in enumerate(dtypes) for t in _tensors(SHAPES, dtype, k)]
+    factors = [torch.tensor(1 / 3, dtype=torch.float64).to(dtype) for dtype in dtypes]
+    want = [t.clone() for t in tensors]
+    for t in want:
+        torch._foreach_mul_([t], factors[dtypes.index(t.dtype)])
+    ops.scale(tensors, factors[::-1])  # (any order)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, want))
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError, match="scale: no factor of dtype Half"):
+        ops.scale(tensors, [f for f in factors if f.dtype != torch.float16])
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+    with pytest.raises(ValueError, match="needs the factor of each dtype"):
+        ops.scale(tensors, [])
+    with pytest.raises(ValueError, match=r"factors\[0\] must be one value"):
+        ops.scale(tensors[:1], [torch.ones(2)])
+    torch.library.opcheck(ops.scale.default, (_tensors([(5,), (3, 4)]), [torch.tensor(0.5)]))
+
+
 def test_wsam_decoupled_is_both_foreach_passes_in_one(ops):
     """WSAM's decoupled term (csrc/kernels.h WsamArgs) against its two foreach passes in
     float64: first ← first − clip·g (stored in its dtype), then w ← w + alpha·first; with and

@@ -27,6 +27,7 @@ struct Cpu {
   void perturb(const Table& t, const PerturbArgs& a) const { cpu::perturb(t, a); }
   void restore(const Table& t) const { cpu::restore(t); }
   void nonfinite(const Table& t, float* found) const { cpu::nonfinite(t, found); }
+  void scale(const Table& t, const void* factor) const { cpu::scale(t, factor); }
   void wsam_decoupled(const Table& t, const WsamArgs& a) const { cpu::wsam_decoupled(t, a); }
   void sgd(const Table& t, const SgdArgs& a) const { cpu::sgd(t, a); }
   void adam(const Table& t, const AdamArgs& a) const { cpu::adam(t, a); }

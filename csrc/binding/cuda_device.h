@@ -143,6 +143,7 @@ struct Cuda {
   void perturb(const Table& t, const PerturbArgs& a) const { cuda::perturb(t, a, stream); }
   void restore(const Table& t) const { cuda::restore(t, stream); }
   void nonfinite(const Table& t, float* found) const { cuda::nonfinite(t, found, stream); }
+  void scale(const Table& t, const void* factor) const { cuda::scale(t, factor, stream); }
   void wsam_decoupled(const Table& t, const WsamArgs& a) const {
     cuda::wsam_decoupled(t, a, stream);
   }

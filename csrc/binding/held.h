@@ -586,10 +586,24 @@ std::vector<std::vector<at::Tensor>> by_dtype(at::TensorList tensors) {
 
 // GradScaler's unscale (SkipPolicy.decide over lists): each tensor of lists `names` ("grad";
 // GSAM's kept first gradients) over `groups` times the 0-d factor of its dtype in `factors`
-// (1/scale rounded once to it).
+// (1/scale rounded once to it). The scale operator's pass over the plan's tables when refresh()
+// kept the gradients' addresses; else torch's _foreach_mul_ per dtype, which takes any strides.
 void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> names,
                 std::vector<at::Tensor> factors) {
   RECORD_FUNCTION("fastsam::held_scale", std::vector<c10::IValue>());
+  if (plan->grad_addresses() != nullptr) {
+    for (const at::Tensor& f : factors) {
+      check_scalar_tensor("scale", "factors", f, {plan->first_param()}, 1);
+    }
+    for (const std::string& name : names) {
+      const HeldCall l(plan, "scale", groups, {name}, 1);
+      on_plan_device(plan, [&](auto* tag) {
+        using D = std::remove_pointer_t<decltype(tag)>;
+        scale_pass<D>(l.tables, l[0], factors);
+      });
+    }
+    return;
+  }
   for (const std::string& name : names) {
     for (const std::vector<at::Tensor>& tensors : by_dtype(plan->resolve(name, groups).view)) {
       const at::ScalarType dtype = tensors.front().scalar_type();

@@ -236,6 +236,39 @@ void nonfinite_op(at::TensorList tensors, at::Tensor& found) {
   nonfinite_pass<D>(Fresh{}, tensors, found);
 }
 
+// GradScaler's unscale: each tensor of `tensors` times the factor of its dtype in `factors`
+// (one-element tensors, at most one per dtype: 1/scale rounded once to it), in place, as
+// torch's mul_ by a 0-d tensor of the tensor's dtype computes it. A dtype without its factor is
+// refused before anything is written. A held call leaves the gradients to its tables.
+template <class D, class Src>
+void scale_pass(const Src& src, at::TensorList tensors, at::TensorList factors) {
+  const Lists lists{{"tensors", tensors}};
+  src.check("scale", lists);
+  TORCH_CHECK_VALUE(!factors.empty(), "fastsam.scale: needs the factor of each dtype, got none");
+  const c10::Device device = device_of(tensors, factors.front());
+  const void* factor_of[4] = {};  // by DType
+  for (size_t i = 0; i < factors.size(); ++i) {
+    const at::Tensor& f = factors[i];
+    TORCH_CHECK_VALUE(f.defined() && f.numel() == 1 && f.device() == device,
+                      msg("fastsam.scale: factors[", i, "] must be one value on ", device));
+    check_device<D>("scale", "factors", f);
+    factor_of[storage_code("scale", "factors", i, f)] = f.data_ptr();
+  }
+  const D dev(device);
+  const TablesPtr tables = src.template tables<D>("scale", dev, lists, no_options);
+  static constexpr const char* kNames[] = {"Float", "Double", "Half", "BFloat16"};
+  for (const Table& t : tables->views) {
+    TORCH_CHECK_VALUE(factor_of[t.dtype] != nullptr,
+                      msg("fastsam.scale: no factor of dtype ", kNames[t.dtype]));
+  }
+  for (const Table& t : tables->views) dev.scale(t, factor_of[t.dtype]);
+}
+
+template <class D>
+void scale_op(at::TensorList tensors, at::TensorList factors) {
+  scale_pass<D>(Fresh{}, tensors, factors);
+}
+
 // The gradient source of an update (kernels.h GradMode `grad_mode`): appends first_grads to
 // the lists for every mode but plain: GSAM's first gradients (with along and alpha), FreeSAM's
 // stored gradients (which the update reads and then overwrites with g), or LookSAM's

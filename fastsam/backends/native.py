@@ -225,8 +225,8 @@ class HeldSource(NamedTuple):
 
 class HeldGradients:
     """The gradients of ``groups`` of a held plan as the skip decision reads and unscales them
-    (fastsam.optimizers._skips.Gradients; the check one ``nonfinite`` pass over the plan's
-    tables, the unscale one foreach call per dtype, both in C++; csrc/binding/held.h);
+    (fastsam.optimizers._skips.Gradients; the check and the unscale one ``nonfinite`` and one
+    ``scale`` pass over the plan's tables, in C++: csrc/binding/held.h);
     ``kept``: the name of the bound list of first-pass gradients unscaled with them (GSAM's),
     or None."""
 

@@ -19,9 +19,9 @@ decoupled term ``_held_after_update``; FriendlySAM's momentum ``_held_momentum``
 and commit; any other override takes the general path), a fused SGD/Adam/AdamW update, no
 ``capturable``, one native backend (not sharded), not under torch.compile. GradScaler's and
 ``skip_nonfinite``'s decisions are the general path's (:class:`~._skips.SkipPolicy`), over the
-held gradients: the unscale is torch's foreach operator called from C++ on them, the inf/NaN
-check the native ``nonfinite`` pass over the plan's tables (torch's GradScaler kernel when a
-gradient is not laid out as its parameter). A plan is held after its first general step; an
+held gradients: the unscale and the inf/NaN check are the native ``scale`` and ``nonfinite``
+passes over the plan's tables (torch's foreach operators, called from C++, when a gradient is
+not laid out as its parameter). A plan is held after its first general step; an
 update whose state is not all made yet (a parameter's first step, Adam steps that differ) takes
 the general path for that group.
 Averaging and ``max_grad_norm`` (its norm a held pass too) are folded in as in the general
