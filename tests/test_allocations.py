@@ -124,8 +124,28 @@ def test_clipping_allocates_nothing(backend, config):
     _assert_allocates_nothing(backend, "cosine", {"max_grad_norm": 0.1}, False, config)
 
 
+# WSAM's decoupled form (it takes no averaging): its term is one native pass after the update
+DECOUPLED = {
+    "wsam_decoupled_sgd": lambda ps, **kw: fastsam.WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.8,
+                                                        lr=0.05, momentum=0.9, **kw),
+    "wsam_decoupled_adamw": lambda ps, **kw: fastsam.WSAM(ps, torch.optim.AdamW, rho=0.1,
+                                                          gamma=0.8, lr=1e-2, **kw),
+}
+DECOUPLED_OPTIONS = {"plain": {}, "max_grad_norm": {"max_grad_norm": 0.1},
+                     "skip_nonfinite": {"skip_nonfinite": True}}
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b != "triton"])
+@pytest.mark.parametrize("option", sorted(DECOUPLED_OPTIONS))
+@pytest.mark.parametrize("config", sorted(DECOUPLED))
+def test_wsam_decoupled_allocates_nothing(backend, option, config):
+    """The native backends' wsam_decoupled pass reads max_grad_norm's coefficient on the device
+    (torch's foreach form, the triton backend's, multiplies g_adv by it into a temporary)."""
+    _assert_allocates_nothing(backend, "cosine", DECOUPLED_OPTIONS[option], False, config)
+
+
 def _assert_allocates_nothing(backend, schedule, options, scaled, config):
-    make = {**CONFIGS, **EXTRA}[config]
+    make = {**CONFIGS, **EXTRA, **DECOUPLED}[config]
     model = _model()
     opt = make(list(model.parameters()), backend=backend, **options)
     scheduler = SCHEDULES[schedule]
