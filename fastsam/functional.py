@@ -551,7 +551,8 @@ def dual_exponent(p: float) -> float:
 
 
 class Backend:
-    """The passes of docs/design.md §2. A backend overrides every method below.
+    """The passes of docs/design.md §2. A backend overrides every method below that raises
+    NotImplementedError; the others have portable defaults (torch operators) it may replace.
 
     No method synchronises with the host: reductions stay on the device as 0-d fp32 tensors.
     """

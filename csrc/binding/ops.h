@@ -33,14 +33,15 @@ struct Fresh {
 std::optional<PerTensor> no_options() { return std::nullopt; }
 
 // A pass without per-tensor options over `lists` (the parameters first): its tables from `src`
-// on the parameters' device, and f(dev, table) for each; nothing without parameters.
+// on the parameters' device, and f(dev, table) for each; nothing without parameters. `tables`
+// stays alive over the loop (the views point into it).
 template <class D, class Src, class F>
 void over_tables(const Src& src, const char* op, const Lists& lists, F&& f) {
   const at::TensorList params = lists.front().second;
   if (params.empty()) return;
   const D dev(params[0].device());
-  const TablesPtr tables = src.template tables<D>(op, dev, lists, no_options);  // (alive for
-  for (const Table& t : tables->views) f(dev, t);  // the loop: the views point into it)
+  const TablesPtr tables = src.template tables<D>(op, dev, lists, no_options);
+  for (const Table& t : tables->views) f(dev, t);
 }
 
 // FriendlySAM's momentum of a norm or perturb call (kernels.h NormArgs.momentum): the lists

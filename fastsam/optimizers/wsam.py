@@ -186,7 +186,7 @@ class WSAM(SharpnessAwareOptimizer):
             if not params:
                 continue
             alpha = float(group["lr"]) * self.alpha
-            if fused:  # the kept g becomes g − g_adv (the non-fused path did it before): one
-                backend.wsam_decoupled(params, first, adv, alpha, clip)  # pass with the term
-            else:
+            if fused:  # the kept g becomes g − g_adv and w takes the term, in one pass
+                backend.wsam_decoupled(params, first, adv, alpha, clip)
+            else:  # (_before_update made the kept g − g_adv already)
                 torch._foreach_add_(local(params), local(first), alpha=alpha)
