@@ -142,6 +142,12 @@ class HeldPlan : public c10::intrusive_ptr_target {
     calls_.clear();  // (binding is once per plan and list: every call builds afresh after it)
   }
 
+  // Forgets list `name` (every group; nothing if it is not bound): the calls over it build
+  // afresh once it is bound again.
+  void unbind(const std::string& name) {
+    if (lists_.erase(name) != 0) calls_.clear();
+  }
+
   // The tensors of list `name` over `groups`, concatenated ("" gives an empty list).
   Resolved resolve(const std::string& name, at::IntArrayRef groups) const {
     Resolved out;

@@ -13,10 +13,13 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -26,9 +29,133 @@
 namespace fastsam {
 namespace {  // this header is included by csrc/binding.cpp only
 
+// A dict's version tag (PEP 509): a new value at every change of the dict, the same while it
+// is unchanged (Python 3.10 to 3.13; deprecated in 3.12, gone in 3.14, where dicts are walked).
+#if PY_VERSION_HEX < 0x030E0000
+#define FASTSAM_DICT_VERSIONS 1
+inline uint64_t dict_version(PyObject* dict) {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag;
+#pragma GCC diagnostic pop
+}
+#endif
+
+// The state entries a plan's lists were bound from (HeldPlan.bind_entries): each parameter's
+// state dict, and per list name bound from it the object found under the name, all
+// referenced here. A held update first asks unchanged(): a dict whose entry is now another
+// object (a state tensor replaced in its dict, `state[p]["exp_avg"] = t`, or removed) fails
+// it, and the caller binds the lists afresh from the dicts. A dict whose version tag is the
+// one last seen is unchanged (a load per dict: 2 us for 2000 dicts); another is walked, its
+// items against its entries (~25 ns per dict of Adam's state; every dict on Python 3.14).
+// Used with the GIL held only: the plan's Python object is its only owner.
+class Entries {
+ public:
+  Entries() = default;
+  Entries(const Entries&) = delete;
+  Entries& operator=(const Entries&) = delete;
+  ~Entries() { clear(); }
+
+  // Keeps `dict[key] is value` (the entry of list `name`; one entry per dict and name).
+  void record(PyObject* dict, const std::string& name, PyObject* key, PyObject* value) {
+    auto [it, made] = index_.try_emplace(dict, dicts_.size());
+    if (made) {
+      Py_INCREF(dict);
+      dicts_.push_back({dict, 0, {}});
+    }
+    Dict& d = dicts_[it->second];
+    d.version = version_of(dict);
+    for (Entry& e : d.entries) {
+      if (e.name == name) {  // (bound again: the object now)
+        Py_INCREF(value);
+        Py_DECREF(e.value);
+        e.value = value;
+        return;
+      }
+    }
+    Py_INCREF(key);
+    Py_INCREF(value);
+    d.entries.push_back({name, key, value});
+    if (std::find(names_.begin(), names_.end(), name) == names_.end()) names_.push_back(name);
+  }
+
+  // Whether every kept entry still holds its object (a dict found changed but with its
+  // entries intact is unchanged, its version tag kept).
+  bool unchanged() {
+    for (Dict& d : dicts_) {
+#ifdef FASTSAM_DICT_VERSIONS
+      if (dict_version(d.dict) == d.version) continue;
+#endif
+      if (!holds(d)) return false;
+      d.version = version_of(d.dict);
+    }
+    return true;
+  }
+
+  // The names of the lists kept here.
+  const std::vector<std::string>& names() const { return names_; }
+
+  void clear() {
+    for (Dict& d : dicts_) {
+      for (Entry& e : d.entries) {
+        Py_DECREF(e.key);
+        Py_DECREF(e.value);
+      }
+      Py_DECREF(d.dict);
+    }
+    dicts_.clear();
+    index_.clear();
+    names_.clear();
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    PyObject* key;
+    PyObject* value;
+  };
+  struct Dict {
+    PyObject* dict;
+    uint64_t version;  // its version tag when last found holding its entries (0 without)
+    std::vector<Entry> entries;
+  };
+
+  static uint64_t version_of(PyObject* dict) {
+#ifdef FASTSAM_DICT_VERSIONS
+    return dict_version(dict);
+#else
+    (void)dict;
+    return 0;
+#endif
+  }
+
+  // One walk over the dict's items (a state dict has a few): each entry is found when an
+  // item holds its object under its name.
+  static bool holds(const Dict& d) {
+    Py_ssize_t pos = 0;
+    PyObject* key = nullptr;
+    PyObject* value = nullptr;
+    size_t found = 0;
+    while (PyDict_Next(d.dict, &pos, &key, &value)) {
+      for (const Entry& e : d.entries) {
+        if (value == e.value) {
+          found += key == e.key || (PyUnicode_Check(key) && PyUnicode_Compare(key, e.key) == 0);
+          break;
+        }
+      }
+    }
+    return found == d.entries.size();
+  }
+
+  std::vector<Dict> dicts_;
+  std::unordered_map<PyObject*, size_t> index_;  // dict → its place in dicts_
+  std::vector<std::string> names_;
+};
+
 struct PyHeld {
   PyObject_HEAD
   Held plan;
+  Entries entries;
 };
 
 // One argument, read as type T (`index` names it in errors).
@@ -162,6 +289,59 @@ double held_increment_steps(const Held& plan, std::string name, std::vector<int6
   return plan->increment_steps(name, groups);
 }
 
+// bind_entries(name, group, dicts): binds list `name` of `group` to the tensors the dicts (one
+// per parameter of the group, in order) hold under `name`, and keeps the entries (Entries);
+// False, with nothing bound, when a dict has no tensor there (the caller makes the state).
+PyObject* held_bind_entries(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3, msg("fastsam.HeldPlan.bind_entries: takes 3 arguments, got ",
+                                   nargs));
+  PyHeld* held = reinterpret_cast<PyHeld*>(self);
+  const std::string name = FromPython<std::string>::read(args[0], 0);
+  const int64_t group = FromPython<int64_t>::read(args[1], 1);
+  PyObject* key = args[0];
+  if (!PyList_Check(args[2])) wrong_argument(2, "a list", args[2]);
+  const Py_ssize_t n = PyList_GET_SIZE(args[2]);
+  std::vector<PyObject*> dicts, values;
+  std::vector<at::Tensor> tensors;
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* dict = PyList_GET_ITEM(args[2], k);
+    if (!PyDict_Check(dict)) wrong_argument(2, "a list of dicts", dict);
+    PyObject* value = PyDict_GetItemWithError(dict, key);
+    if (value == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_FALSE;
+    }
+    if (!THPVariable_Check(value)) Py_RETURN_FALSE;
+    dicts.push_back(dict);
+    values.push_back(value);
+    tensors.push_back(THPVariable_Unpack(value));
+  }
+  held->plan->bind(name, group, std::move(tensors));
+  for (size_t k = 0; k < dicts.size(); ++k) held->entries.record(dicts[k], name, key, values[k]);
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+// entries_unchanged(): whether every entry bind_entries kept still holds its tensor.
+PyObject* held_entries_unchanged(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 0, "fastsam.HeldPlan.entries_unchanged: takes no arguments");
+  return PyBool_FromLong(reinterpret_cast<PyHeld*>(self)->entries.unchanged());
+  END_HANDLE_TH_ERRORS
+}
+
+// unbind_entries(): forgets the lists bound by bind_entries (every group) and their entries.
+PyObject* held_unbind_entries(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 0, "fastsam.HeldPlan.unbind_entries: takes no arguments");
+  PyHeld* held = reinterpret_cast<PyHeld*>(self);
+  for (const std::string& name : held->entries.names()) held->plan->unbind(name);
+  held->entries.clear();
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // HeldPlan(params, group_sizes, idle)
 PyObject* held_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   HANDLE_TH_ERRORS
@@ -176,11 +356,13 @@ PyObject* held_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   PyObject* self = type->tp_alloc(type, 0);
   if (self == nullptr) return nullptr;
   new (&reinterpret_cast<PyHeld*>(self)->plan) Held(std::move(plan));
+  new (&reinterpret_cast<PyHeld*>(self)->entries) Entries();
   return self;
   END_HANDLE_TH_ERRORS
 }
 
 void held_dealloc(PyObject* self) {
+  reinterpret_cast<PyHeld*>(self)->entries.~Entries();
   reinterpret_cast<PyHeld*>(self)->plan.~Held();
   Py_TYPE(self)->tp_free(self);
 }
@@ -191,6 +373,15 @@ void held_dealloc(PyObject* self) {
 
 PyMethodDef held_methods[] = {
     FASTSAM_HELD_METHOD("bind", held_bind, "bind(name, group, tensors): a list of a group"),
+    {"bind_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+         &held_bind_entries)), METH_FASTCALL,
+     "bind_entries(name, group, dicts): a group's list from its state dicts, kept checked"},
+    {"entries_unchanged", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+         &held_entries_unchanged)), METH_FASTCALL,
+     "Whether the state entries bind_entries read still hold their tensors"},
+    {"unbind_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+         &held_unbind_entries)), METH_FASTCALL,
+     "Forget the lists bind_entries bound"},
     FASTSAM_HELD_METHOD("refresh", held_refresh, "Whether the plan still holds (reads grads)"),
     FASTSAM_HELD_METHOD("release", held_release, "Forget the gradients refresh() read"),
     FASTSAM_HELD_METHOD("increment_steps", held_increment_steps,

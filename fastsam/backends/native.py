@@ -176,6 +176,8 @@ class HeldLists:
             [p for ps in params for p in ps], [len(ps) for ps in params], idle)
         # what is bound, mirrored here: a lookup without a call into C++
         self.bound: set[tuple[str, int]] = set()
+        self.entry_names: set[str] = set()  # the lists bound from state entries
+        self.state_changes = -1  # the state mapping's changes when they were bound
         self.device = next(p for ps in params for p in ps).device
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
         self.accumulation = accumulation_dtype([p for ps in params for p in ps])
@@ -189,6 +191,29 @@ class HeldLists:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
         self.plan.bind(name, group, tensors)
         self.bound.add((name, group))
+
+    def bind_entries(self, name: str, group: int, dicts: list[dict]) -> bool:
+        """List ``name`` of group ``group`` from the parameters' state dicts (each one's
+        ``dict[name]``), their entries kept for :meth:`entries_unchanged`; False, with nothing
+        bound, when a dict holds no tensor under ``name``."""
+        if not self.plan.bind_entries(name, group, dicts):
+            return False
+        self.bound.add((name, group))
+        self.entry_names.add(name)
+        return True
+
+    def entries_unchanged(self) -> bool:
+        """Whether each state entry a list was bound from by :meth:`bind_entries` still holds
+        that tensor (one dict lookup per entry, in C++): False when one was replaced or
+        removed (``state[p]["exp_avg"] = t``)."""
+        return self.plan.entries_unchanged()
+
+    def unbind_entries(self) -> None:
+        """Forget the lists :meth:`bind_entries` bound (to be bound afresh)."""
+        self.plan.unbind_entries()
+        self.bound = {(name, group) for name, group in self.bound
+                      if name not in self.entry_names}
+        self.entry_names.clear()
 
     @staticmethod
     def same_items(a: list, b: list) -> bool:

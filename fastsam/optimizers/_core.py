@@ -26,7 +26,7 @@ from . import _checkpoint
 from ._averager import WeightAverager
 from ._checkpoint import AVERAGE_KEY
 from ._checks import check_max_grad_norm
-from ._plan import StepPlan, StepPlanner
+from ._plan import StateMapping, StepPlan, StepPlanner
 from ._skips import Counters, GradientLists, Gradients, SkipPolicy
 from ._update import FUSED_KINDS, FusedUpdate, fused_kind, not_capturable
 
@@ -144,8 +144,12 @@ class FusedOptimizer(Optimizer):
         self.base_optimizer = base
 
     def _link_base(self) -> None:
-        """Share param_groups and state with the base optimizer (one source of truth)."""
+        """Share param_groups and state with the base optimizer (one source of truth; the
+        state as a :class:`~._plan.StateMapping`, which counts a parameter's dict set or
+        removed)."""
         self.param_groups = self.base_optimizer.param_groups
+        if not isinstance(self.base_optimizer.state, StateMapping):
+            self.base_optimizer.state = StateMapping(dict, self.base_optimizer.state)
         self.state = self.base_optimizer.state
         self._fused.place_steps(self.base_optimizer)
         self.defaults = {**self.base_optimizer.defaults, **self._sam_defaults}

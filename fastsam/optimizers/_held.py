@@ -261,9 +261,15 @@ class HeldSteps:
         return True
 
     def _bind_state(self, plan: StepPlan, kind: str) -> bool:
-        """Bind the base optimizer's state lists of every group the update reads; False when a
-        group's state is not all made (the general path makes it)."""
+        """Bind the base optimizer's state lists of every group the update reads, from the
+        parameters' state dicts; False when a group's state is not all made (the general path
+        makes it). Bound once, and afresh after a parameter's dict was set or removed
+        (``StateMapping.changes``) or an entry in one replaced (checked at every update)."""
         held = plan.held
+        changes = self.opt.state.changes
+        if held.entry_names and (held.state_changes != changes
+                                 or not held.entries_unchanged()):
+            held.unbind_entries()
         states = None
         for i, group in enumerate(self.opt.param_groups):
             if not plan.params[i]:
@@ -278,10 +284,9 @@ class HeldSteps:
                     continue
                 if states is None:
                     states = self.opt._planner.states(plan, self.opt.state)
-                tensors = [state.get(name) for state in states[i]]
-                if any(t is None for t in tensors):
+                if not held.bind_entries(name, i, states[i]):
                     return False
-                held.bind(name, i, tensors)
+        held.state_changes = self.opt.state.changes
         if kind == "sgd" and self.opt._fused.cohorts:
             return False
         return True

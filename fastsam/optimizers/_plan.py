@@ -2,6 +2,7 @@
 for as long as nothing it depends on changes (docs/design.md §5, §7)."""
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
@@ -37,6 +38,52 @@ def swap_contents(pairs: Iterable[tuple[Tensor, Tensor]]) -> None:
             b.copy_(held)
 
 
+class StateMapping(defaultdict):
+    """An optimizer's state (each parameter's state dict), shared by a fastsam optimizer and
+    its base optimizer: torch.optim's ``defaultdict(dict)``, counting in :attr:`changes` every
+    change of which dict a parameter has (one set, made on first use, removed; all cleared),
+    so that a plan that looked the dicts up (:meth:`StepPlanner.states`) looks again after
+    one. A change inside a parameter's dict (an entry replaced) is not counted here: the
+    general path reads the entries at each step, the held path checks them
+    (``HeldLists.entries_unchanged``)."""
+
+    def __init__(self, default_factory=dict, *args, **kwargs) -> None:
+        super().__init__(default_factory, *args, **kwargs)
+        self.changes = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.changes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.changes += 1
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        self.changes += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.changes += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.changes += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self.changes += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs) -> None:
+        self.changes += 1
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+
 @dataclass
 class StepPlan:
     """Per group, the parameters that have a gradient and their persistent w_old buffers.
@@ -55,6 +102,7 @@ class StepPlan:
     has_complex: bool
     idle: list[Tensor]  # parameters without a gradient this step (averaged on their own)
     states: list[list[dict]] | None = None  # per-parameter state dicts, looked up once
+    states_changes: int = -1  # StateMapping.changes when they were looked up
     averaged: list[list[Tensor]] | None = None  # per group, the averaged copies (once)
     first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
     idle_averaged: list[Tensor] | None = None
@@ -191,8 +239,11 @@ class StepPlanner:
     @staticmethod
     def states(plan: StepPlan, state: dict) -> list[list[dict]]:
         """Per group of ``plan``, its parameters' state dicts. Tensor-keyed lookups cost ~1.6 us
-        each (Tensor.__hash__ is Python): once per plan. torch.optim only ever replaces the
-        whole state mapping, which expires the plan."""
-        if plan.states is None:
+        each (Tensor.__hash__ is Python): once per plan, and again after a parameter's dict
+        was set or removed (``state.changes``; a load replaces the whole mapping, which
+        expires the plan)."""
+        changes = getattr(state, "changes", None)  # (None: looked up at every call)
+        if plan.states is None or changes is None or plan.states_changes != changes:
             plan.states = [[state[p] for p in ps] for ps in plan.params]
+            plan.states_changes = getattr(state, "changes", -1)  # (after: lookups make dicts)
         return plan.states
