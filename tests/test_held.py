@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, NATIVE
-from harness import Landscape, clone_params, drive, make_params
+from harness import Landscape, assert_state_close, clone_params, drive, make_params
+from oracle import OracleSAM
 
 import fastsam
 from fastsam.backends.native import NativeBackend
@@ -291,6 +292,36 @@ def test_plan_changes_leave_the_held_path(base, calls):
         drive(opt, params, land, 3, first=18)
     assert_same(a, b)
     assert calls["perturb"] > held_steps
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+@pytest.mark.parametrize("change", ["shrunk", "reshaped"])
+def test_a_parameter_changed_at_its_address_makes_a_new_plan(change, calls):
+    """``p.data = p.data[:k]`` (or a view of another shape) keeps the parameter's address: the
+    held plan sees the new shape and a new plan is made (the kept tables would have read the
+    gradient past its end), the steps following the oracle's."""
+    def resize(t):
+        return t[:29] if change == "shrunk" else t.view(11, 3)
+
+    params = make_params([(33,), (7,), (4, 5)], torch.float64, DEVICE, seed=3)
+    ref = clone_params(params)
+    opt = fastsam.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, backend="cpu")
+    oracle = OracleSAM([{"params": ref, "rho": 0.05, "T": ("none", 0.0)}], torch.optim.SGD,
+                       lr=0.1, momentum=0.9, foreach=False)
+    land = Landscape([(33,), (7,), (4, 5)])
+    drive(opt, params, land, 3)
+    drive(oracle, ref, land, 3)
+    for ps, state in ((params, opt.state), (ref, oracle.base.state)):
+        ps[0].data = resize(ps[0].data)
+        state[ps[0]]["momentum_buffer"] = resize(state[ps[0]]["momentum_buffer"])
+    before = calls["perturb"]
+    land = Landscape([tuple(p.shape) for p in params], seed=2)
+    drive(opt, params, land, 4, first=3)
+    drive(oracle, ref, land, 4, first=3)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+    assert_state_close(opt, params, oracle.base, ref, rtol=1e-10, atol=1e-12)
+    assert calls["perturb"] == before + 3  # held again from the step after the new plan's
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")

@@ -72,12 +72,19 @@ class HeldPlan : public c10::intrusive_ptr_target {
     TORCH_CHECK_VALUE(starts_.back() == static_cast<int64_t>(params_.size()),
                       msg("fastsam.HeldPlan: group sizes add up to ", starts_.back(), ", there are ",
                           params_.size(), " parameters"));
-    for (const at::Tensor& p : params_) addresses_.push_back(p.data_ptr());
+    for (const at::Tensor& p : params_) {
+      addresses_.push_back(p.data_ptr());
+      dtypes_.push_back(p.dtype());
+      dims_.push_back(p.dim());
+      dims_.insert(dims_.end(), p.sizes().begin(), p.sizes().end());
+      dims_.insert(dims_.end(), p.strides().begin(), p.strides().end());
+    }
   }
 
-  // Whether the plan still holds: each of its parameters has a dense gradient and the address
-  // it had when the plan was made, and no idle parameter has gained a gradient (false: the
-  // caller makes a new plan). When it holds and every gradient is laid out as its parameter
+  // Whether the plan still holds: each of its parameters has a dense gradient and the address,
+  // dtype, shape and strides it had when the plan was made (a `p.data = p.data[:k]` keeps the
+  // address: the kept tables would read k's gradient past its end), and no idle parameter has
+  // gained a gradient (false: the caller makes a new plan). When it holds and every gradient is laid out as its parameter
   // (dtype, device, shape, strides: the passes' check, made here once per step call), their
   // addresses are kept for the passes of this step call, until release(): the passes then
   // rewrite their tables' gradient rows from them, without reading a gradient again. No
@@ -91,15 +98,21 @@ class HeldPlan : public c10::intrusive_ptr_target {
     }
     grad_addresses_.resize(params_.size());
     bool laid_out = true;
+    const int64_t* dims = dims_.data();  // (each parameter's: rank, sizes, strides)
     for (size_t i = 0; i < params_.size(); ++i) {
       const c10::TensorImpl* p = params_[i].unsafeGetTensorImpl();
+      const c10::IntArrayRef sizes = p->sizes(), strides = p->strides();
+      const int64_t rank = *dims++;
+      const bool same = p->dtype() == dtypes_[i] && same_dims(sizes, {dims, dims + rank}) &&
+                        same_dims(strides, {dims + rank, dims + 2 * rank});
+      dims += 2 * rank;
       const at::Tensor& g = p->grad();
-      if (!g.defined() || g.layout() != at::kStrided || address_of(p) != addresses_[i]) {
+      if (!same || !g.defined() || g.layout() != at::kStrided || address_of(p) != addresses_[i]) {
         return false;
       }
       const c10::TensorImpl* q = g.unsafeGetTensorImpl();
-      laid_out = laid_out && q->dtype() == p->dtype() && q->device() == p->device() &&
-                 same_dims(q->sizes(), p->sizes()) && same_dims(q->strides(), p->strides());
+      laid_out = laid_out && q->dtype() == dtypes_[i] && q->device() == p->device() &&
+                 same_dims(q->sizes(), sizes) && same_dims(q->strides(), strides);
       grad_addresses_[i] = laid_out ? reinterpret_cast<int64_t>(address_of(q)) : 0;
     }
     grads_read_ = laid_out;
@@ -255,6 +268,8 @@ class HeldPlan : public c10::intrusive_ptr_target {
   std::vector<at::Tensor> idle_;
   std::vector<int64_t> starts_;
   std::vector<const void*> addresses_;
+  std::vector<caffe2::TypeMeta> dtypes_;  // the parameters' when the plan was made
+  std::vector<int64_t> dims_;  // per parameter, when the plan was made: rank, sizes, strides
   std::vector<int64_t> grad_addresses_;  // kept by refresh(), until release()
   bool grads_read_ = false;
   std::unordered_map<std::string, List> lists_;

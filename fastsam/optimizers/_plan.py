@@ -200,8 +200,9 @@ class StepPlanner:
     def held(self, param_groups: list[dict]) -> StepPlan | None:
         """The current plan when it is held in C++ (:attr:`StepPlan.held`) and still holds:
         nothing expired it, the groups have the same parameters (identity, a C loop) and
-        perturb flags, and in C++ every parameter of the plan has a gradient at its address and
-        no other has gained one. None: make the plan with :meth:`plan`."""
+        perturb flags, and in C++ every parameter of the plan has a gradient, its address,
+        dtype, shape and strides, and no other has gained a gradient (else the plan expires).
+        None: make the plan with :meth:`plan`."""
         plan = self.current
         if plan is None or plan.held is None or plan.key[0] != self._version:
             return None
@@ -211,7 +212,12 @@ class StepPlanner:
         for group, members, perturb in zip(param_groups, plan.members, plan.key[3]):
             if group.get("perturb", True) != perturb or not same(group["params"], members):
                 return None
-        return plan if plan.held.holds() else None
+        if plan.held.holds():
+            return plan
+        # (mostly gradients come or go, which the key sees too; a parameter whose shape or
+        # dtype changed at the same address does not change the key: the plan is made afresh)
+        self.expire()
+        return None
 
     def _traced_plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
         """Under torch.compile: the plan of the eager steps before, whose key is checked but
