@@ -640,10 +640,12 @@ def test_increment_steps_adds_one_only_when_the_steps_agree():
     assert first.item() == 4.0 and second.item() == 7.0
     assert plan.increment_steps("step", [1]) == 8.0 and first.item() == 4.0
     assert plan.increment_steps("", [0, 1]) == -1.0  # no list
-    plan.bind("step", 0, [torch.tensor(8.0, dtype=torch.float64)])
-    for groups in ([0, 1], [1, 0]):
-        with pytest.raises(ValueError, match="not one float32 value"):
-            plan.increment_steps("step", groups)
+    for bad in (torch.tensor(8.0, dtype=torch.float64), torch.full((2,), 8.0),
+                torch.empty((), device="meta"), torch.tensor(8.0).to_sparse()):
+        plan.bind("step", 0, [bad])
+        for groups in ([0, 1], [1, 0]):
+            with pytest.raises(ValueError, match="not one float32 value"):
+                plan.increment_steps("step", groups)
     assert second.item() == 8.0
 
 

@@ -221,9 +221,11 @@ class HeldPlan : public c10::intrusive_ptr_target {
     // One checked read per tensor (the first one's twice; every tensor checked before anything
     // is decided), then the writes through addresses that need no second check.
     auto read = [](const at::Tensor& s) {
-      TORCH_CHECK_VALUE(s.is_cpu() && s.scalar_type() == at::kFloat && s.numel() == 1,
+      const c10::TensorImpl* t = s.unsafeGetTensorImpl();
+      TORCH_CHECK_VALUE(t->dtype() == caffe2::TypeMeta::Make<float>() && t->is_cpu() &&
+                            t->numel() == 1 && t->layout() == at::kStrided,
                         "fastsam.HeldPlan: a step tensor is not one float32 value on the CPU");
-      return *s.data_ptr<float>();
+      return *static_cast<const float*>(address_of(t));
     };
     const float value = read(steps.view.front());
     bool agree = true;
