@@ -84,11 +84,11 @@ class HeldPlan : public c10::intrusive_ptr_target {
   // Whether the plan still holds: each of its parameters has a dense gradient and the address,
   // dtype, shape and strides it had when the plan was made (a `p.data = p.data[:k]` keeps the
   // address: the kept tables would read k's gradient past its end), and no idle parameter has
-  // gained a gradient (false: the caller makes a new plan). When it holds and every gradient is laid out as its parameter
-  // (dtype, device, shape, strides: the passes' check, made here once per step call), their
-  // addresses are kept for the passes of this step call, until release(): the passes then
-  // rewrite their tables' gradient rows from them, without reading a gradient again. No
-  // gradient is referenced here between steps.
+  // gained a gradient (false: the caller makes a new plan). When it holds and every gradient
+  // is laid out as its parameter (dtype, device, shape, strides: the passes' check, made here
+  // once per step call), their addresses are kept for the passes of this step call, until
+  // release(): the passes then rewrite their tables' gradient rows from them, without reading
+  // a gradient again. No gradient is referenced here between steps.
   // (TensorImpl::grad() reads the gradient without Tensor::grad()'s hooks, which warn about
   // non-leaf tensors: a plan's parameters are leaves.)
   bool refresh() {

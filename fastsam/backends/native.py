@@ -204,8 +204,8 @@ class HeldLists:
 
     def entries_unchanged(self) -> bool:
         """Whether each state entry a list was bound from by :meth:`bind_entries` still holds
-        that tensor (one dict lookup per entry, in C++): False when one was replaced or
-        removed (``state[p]["exp_avg"] = t``)."""
+        that tensor (in C++: a dict's version tag, and a walk of its items when it changed):
+        False when one was replaced or removed (``state[p]["exp_avg"] = t``)."""
         return self.plan.entries_unchanged()
 
     def unbind_entries(self) -> None:
