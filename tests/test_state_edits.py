@@ -194,3 +194,23 @@ def test_state_mapping_counts_changes_and_copies():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert len(loaded["state"]) == len(params)
+
+
+def test_a_whole_optimizer_is_not_copied_but_its_state_dict_is():
+    """torch.optim's pickling keeps only defaults, state and param_groups: a fastsam optimizer
+    copied whole would lack its base optimizer. Copying or pickling one is refused with what
+    to do instead; its state dict, loaded into a new optimizer, continues the same steps."""
+    params = make_params(SHAPES, torch.float32, torch.device("cpu"), seed=5)
+    opt = _make("adamw", "torch", params)
+    land = Landscape(SHAPES)
+    drive(opt, params, land, 2)
+    for copier in (copy.deepcopy, copy.copy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match="state_dict"):
+            copier(opt)
+    twin_params = clone_params(params)
+    twin = _make("adamw", "torch", twin_params)
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    drive(opt, params, land, 2, first=2)
+    drive(twin, twin_params, land, 2, first=2)
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q)

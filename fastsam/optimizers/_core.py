@@ -404,6 +404,16 @@ class FusedOptimizer(Optimizer):
         self._averager.refuse_when_swapped(what)
 
     # ----------------------------------------------------------------- checkpoints
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: torch.optim's pickling keeps only defaults, state and param_groups, so a
+        copied or unpickled fastsam optimizer would lack its base optimizer, plans and
+        backends and fail at its first call. A state dict carries everything instead."""
+        raise TypeError(
+            f"a fastsam {type(self).__name__} cannot be copied or pickled whole "
+            "(copy.deepcopy, pickle, torch.save of the optimizer object): save its "
+            "state_dict() and load it into a new optimizer built over the parameters"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (momentum, Adam moments, step) with this optimizer's
         per-group options (rho, ...) in its param_groups. Loadable by the base optimizer class
