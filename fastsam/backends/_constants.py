@@ -89,26 +89,32 @@ class ConstantArrays:
         self._last: tuple | None = None
 
     def __call__(self, values: tuple, device: torch.device) -> Tensor:
-        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        for v in values:  # (a loop, not a comprehension: a few values, at every step)
+            if isinstance(v, Tensor):
+                return self._with_tensors(values, device)
         last = self._last  # (numbers only: a tensor is never compared on the host)
-        if (not tensors and last is not None and last[0] == values and last[1] == device
-                and not capturing()):
+        if (last is not None and last[0] == values and last[1] == device
+                and (last[3] or not capturing())):  # (last[3]: on the CPU, never captured)
             return last[2]
-        if tensors:
-            numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
-            slots = tuple(i for i, _ in tensors)
-            array = self._arrays.get_or_build(
-                (numbers, slots, device),
-                lambda: upload(torch.tensor(numbers, dtype=torch.float64), device),
-            )
-            for i, v in tensors:
-                array[i].copy_(v.reshape(()), non_blocking=True)
-            self._last = None
-            return array
         array = self._arrays.get_or_build(
             (values, device), lambda: upload(torch.tensor(values, dtype=torch.float64), device)
         )
-        self._last = (values, device, array)
+        # (device.type makes a new string at each read: ~0.3 us, read once here)
+        self._last = (values, device, array, device.type == "cpu")
+        return array
+
+    def _with_tensors(self, values: tuple, device: torch.device) -> Tensor:
+        """The array of ``values`` some of which are tensors: copied in on the device."""
+        tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
+        numbers = tuple(0.0 if isinstance(v, Tensor) else v for v in values)
+        slots = tuple(i for i, _ in tensors)
+        array = self._arrays.get_or_build(
+            (numbers, slots, device),
+            lambda: upload(torch.tensor(numbers, dtype=torch.float64), device),
+        )
+        for i, v in tensors:
+            array[i].copy_(v.reshape(()), non_blocking=True)
+        self._last = None
         return array
 
 

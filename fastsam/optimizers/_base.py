@@ -196,19 +196,20 @@ class SharpnessAwareOptimizer(FusedOptimizer):
             zero_grad: clear the gradients afterwards (default False), ready for the second
                 forward/backward pass.
         """
-        if self._perturbed is not None:
+        progress = self._progress  # (its fields, not the properties: a call less each)
+        if progress.perturbed is not None:
             raise RuntimeError(
                 "first_step() was called twice without second_step() in between: the weights "
                 "are already perturbed. Call second_step() (or step()) to restore and update."
             )
         self._refuse_when_swapped("first_step()")
         sam_step = self.sam_step_next
-        self._begun += 1
+        progress.begun += 1
         if not sam_step:
             self._between_sam_steps(zero_grad)
             return False
         self._perturb(zero_grad)
-        return self._perturbed is not None  # (AE-SAM may decide on a plain step instead)
+        return progress.perturbed is not None  # (AE-SAM may decide on a plain step instead)
 
     def _perturbs(self, total: Tensor) -> bool:
         """Whether a SAM step, pass A's sum ``total`` made (S, a 0-d device tensor), goes on to
@@ -316,13 +317,14 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         Args:
             zero_grad: clear the gradients afterwards (default False).
         """
-        if self._perturbed is None:
+        progress = self._progress  # (its fields, not the properties: a call less each)
+        perturbed = progress.perturbed
+        if perturbed is None:
             raise RuntimeError(
                 "second_step() was called without a pending first_step(): there is no "
                 "perturbation to undo. Call first_step() after the first backward pass."
             )
-        perturbed = self._perturbed
-        self._perturbed = None  # (before any hook: a refused update leaves no step pending)
+        progress.perturbed = None  # (before any hook: a refused update leaves no step pending)
         if self._held is not None and self._held.update(perturbed):  # the steady state
             self._mark_stepped()
             if zero_grad:

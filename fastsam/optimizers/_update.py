@@ -63,16 +63,10 @@ def not_capturable(plan: StepPlan) -> str:
 
 def sgd_hyper(group: dict, skip: Tensor | None = None, clip: Tensor | None = None) -> SGDHyper:
     """torch.optim.SGD's hyper-parameters of ``group`` (``skip``, ``clip``: SGDHyper's)."""
-    return SGDHyper(
-        lr=as_lr(group["lr"]),
-        momentum=group["momentum"],
-        dampening=group["dampening"],
-        weight_decay=group["weight_decay"],
-        nesterov=group["nesterov"],
-        maximize=group.get("maximize", False),
-        skip=skip,
-        clip=clip,
-    )
+    # (by position, in the fields' order: keywords cost ~0.7 us more, at every step)
+    return SGDHyper(as_lr(group["lr"]), group["momentum"], group["dampening"],
+                    group["weight_decay"], group["nesterov"], group.get("maximize", False), skip,
+                    clip)
 
 
 def adam_hyper(group: dict, decoupled: bool, step: float | None, skip: Tensor | None = None,
@@ -80,19 +74,10 @@ def adam_hyper(group: dict, decoupled: bool, step: float | None, skip: Tensor | 
     """torch.optim.Adam/AdamW's hyper-parameters of ``group`` at ``step`` (after the
     increment; None: set per call)."""
     beta1, beta2 = group["betas"]
-    return AdamHyper(
-        lr=as_lr(group["lr"]),
-        beta1=beta1,
-        beta2=beta2,
-        eps=group["eps"],
-        weight_decay=group["weight_decay"],
-        decoupled=decoupled,
-        amsgrad=group["amsgrad"],
-        maximize=group.get("maximize", False),
-        step=step,
-        skip=skip,
-        clip=clip,
-    )
+    # (by position, in the fields' order: see sgd_hyper)
+    return AdamHyper(as_lr(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                     decoupled, group["amsgrad"], group.get("maximize", False), step, skip, None,
+                     clip)
 
 
 def decoupled_weight_decay(base: Optimizer, group: dict) -> bool:
