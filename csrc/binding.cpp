@@ -155,22 +155,6 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
 
 namespace {
 
-// same_items(a, b): whether two lists hold the same objects, in order (identity, a pointer
-// comparison per item: a held plan checks each param group's list against its own at every
-// step call; map(operator.is_) costs ten times as much per item).
-PyObject* same_items(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2 || !PyList_Check(args[0]) || !PyList_Check(args[1])) {
-    PyErr_SetString(PyExc_TypeError, "fastsam._C.same_items takes two lists");
-    return nullptr;
-  }
-  const Py_ssize_t n = PyList_GET_SIZE(args[0]);
-  if (PyList_GET_SIZE(args[1]) != n) Py_RETURN_FALSE;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (PyList_GET_ITEM(args[0], i) != PyList_GET_ITEM(args[1], i)) Py_RETURN_FALSE;
-  }
-  Py_RETURN_TRUE;
-}
-
 // layout_key(lists): what the Triton launchers' cached tables depend on, as (hash, bytes):
 // the bytes hold the number of lists and their lengths, every tensor's address and dtype, and
 // the sizes and strides of the first list's tensors (the parameters); the hash is of those
@@ -239,8 +223,6 @@ PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef methods[] = {
-    {"same_items", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(same_items)),
-     METH_FASTCALL, "Whether two lists hold the same objects, in order."},
     {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layout_key)),
      METH_FASTCALL, "(hash, bytes): the Triton launchers' table key of lists of tensors."},
     {nullptr, nullptr, 0, nullptr},

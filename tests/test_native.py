@@ -562,24 +562,44 @@ def test_streaming_kernels_check_their_arrays(ops):
         torch.library.opcheck(op, args)
 
 
-def test_same_items_compares_identity_item_by_item(ops):
-    """fastsam._C.same_items (a held plan's check of each param group's list): the same objects
-    in the same order, never their values; sequences that are not lists take the Python
-    loop."""
+def test_holds_checks_the_groups_by_identity_then_refreshes(ops):
+    """HeldPlan.holds(param_groups), a held plan's check at each step call: None unless the
+    groups are those bound (the same parameter objects in order, in a list or a tuple, and
+    equal perturb values, a missing one True); then whether the plan still holds (refresh)."""
     from fastsam import _C
-    from fastsam.backends.native import HeldLists
 
     a = [torch.zeros(1), torch.zeros(1), torch.ones(2)]
-    assert _C.same_items(a, list(a)) and _C.same_items([], [])
-    assert not _C.same_items(a, a[:2])
-    assert not _C.same_items(a, [a[0], torch.zeros(1), a[2]])  # equal values, another object
-    assert not _C.same_items(a, a[::-1])
-    assert HeldLists.same_items(tuple(a), list(a))
-    assert not HeldLists.same_items(tuple(a), [a[0], a[1], torch.ones(2)])
-    with pytest.raises(TypeError, match="two lists"):
-        _C.same_items(tuple(a), list(a))
-    with pytest.raises(TypeError, match="two lists"):
-        _C.same_items(a)
+    for p in a:
+        p.grad = torch.zeros_like(p)
+    plan = _C.HeldPlan(a, [3], [])
+    plan.bind_groups([a], (True,))
+    assert plan.holds([{"params": a}]) is True
+    assert plan.holds([{"params": list(a), "lr": 0.1}]) is True
+    assert plan.holds([{"params": tuple(a), "perturb": True}]) is True
+    for other in ([{"params": a, "perturb": False}],  # another perturb value
+                  [{"params": a[:2]}], [{"params": a[::-1]}],
+                  [{"params": [a[0], torch.zeros(1), a[2]]}],  # equal values, another object
+                  [{"params": a}, {"params": []}], [], ({"params": a},), [{"lr": 0.1}], [a],
+                  [{"params": set(a)}]):
+        assert plan.holds(other) is None, other
+    a[1].grad = None  # the groups are the same, the plan no longer holds
+    assert plan.holds([{"params": a}]) is False
+    a[1].grad = torch.zeros(1)
+    assert plan.holds([{"params": a}]) is True
+
+    class Refusing:
+        def __eq__(self, other):
+            raise RuntimeError("no comparison")
+
+    with pytest.raises(RuntimeError, match="no comparison"):
+        plan.holds([{"params": a, "perturb": Refusing()}])
+    plan.bind_groups([a[:2], a[2:]], [True, False])  # bound again: these groups now
+    assert plan.holds([{"params": a}]) is None
+    assert plan.holds([{"params": a[:2]}, {"params": a[2:], "perturb": False}]) is True
+    with pytest.raises(ValueError, match="as many members as perturbs"):
+        plan.bind_groups([a], (True, False))
+    with pytest.raises(TypeError, match="members"):
+        plan.bind_groups(1, (True,))
 
 
 def test_layout_key_changes_with_what_a_table_depends_on(ops):

@@ -152,10 +152,114 @@ class Entries {
   std::vector<std::string> names_;
 };
 
+// The param groups a plan was made for (HeldPlan.bind_groups): per group, its parameters'
+// Python objects and its "perturb" value, referenced here. At each step call, holds() first
+// asks same(): the optimizer's param groups now have these parameters (identity, in order) and
+// perturb values (==), in one C loop over the groups (the Python loop it replaces cost ~1.5 us
+// a call). Used with the GIL held only.
+class Groups {
+ public:
+  Groups() = default;
+  Groups(const Groups&) = delete;
+  Groups& operator=(const Groups&) = delete;
+  ~Groups() { clear(); }
+
+  // Keeps `members` (per group, a sequence of parameters) and `perturbs` (per group, a value).
+  // False with a Python error set when they are not sequences of as many groups.
+  bool set(PyObject* members, PyObject* perturbs) {
+    clear();
+    PyObject* ms = PySequence_Fast(members, "fastsam.HeldPlan.bind_groups: members");
+    if (ms == nullptr) return false;
+    PyObject* ps = PySequence_Fast(perturbs, "fastsam.HeldPlan.bind_groups: perturbs");
+    if (ps == nullptr) {
+      Py_DECREF(ms);
+      return false;
+    }
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(ms);
+    bool ok = PySequence_Fast_GET_SIZE(ps) == n;
+    if (!ok) PyErr_SetString(PyExc_ValueError, "fastsam.HeldPlan.bind_groups: as many members "
+                             "as perturbs");
+    for (Py_ssize_t g = 0; ok && g < n; ++g) {
+      PyObject* group = PySequence_Fast(PySequence_Fast_GET_ITEM(ms, g),
+                                        "fastsam.HeldPlan.bind_groups: a group's members");
+      ok = group != nullptr;
+      if (!ok) break;
+      std::vector<PyObject*> items(PySequence_Fast_ITEMS(group),
+                                   PySequence_Fast_ITEMS(group) + PySequence_Fast_GET_SIZE(group));
+      for (PyObject* item : items) Py_INCREF(item);
+      params_.push_back(std::move(items));
+      PyObject* perturb = PySequence_Fast_GET_ITEM(ps, g);
+      Py_INCREF(perturb);
+      perturbs_.push_back(perturb);
+      Py_DECREF(group);
+    }
+    Py_DECREF(ms);
+    Py_DECREF(ps);
+    if (!ok) clear();
+    return ok;
+  }
+
+  // 1 when `param_groups` (the optimizer's list of group dicts) has the kept groups: the same
+  // parameter objects in order (in a list or tuple) and perturb values equal to the kept ones
+  // (a missing "perturb" is True); 0 when it does not; -1 with a Python error set.
+  int same(PyObject* param_groups) const {
+    if (!PyList_Check(param_groups) ||
+        PyList_GET_SIZE(param_groups) != static_cast<Py_ssize_t>(params_.size())) {
+      return 0;
+    }
+    if (params_key() == nullptr || perturb_key() == nullptr) return -1;  // (out of memory)
+    for (size_t g = 0; g < params_.size(); ++g) {
+      PyObject* group = PyList_GET_ITEM(param_groups, static_cast<Py_ssize_t>(g));
+      if (!PyDict_Check(group)) return 0;
+      PyObject* params = PyDict_GetItemWithError(group, params_key());
+      if (params == nullptr) return PyErr_Occurred() ? -1 : 0;
+      if (!PyList_Check(params) && !PyTuple_Check(params)) return 0;
+      if (PySequence_Fast_GET_SIZE(params) != static_cast<Py_ssize_t>(params_[g].size())) {
+        return 0;
+      }
+      PyObject* const* items = PySequence_Fast_ITEMS(params);  // (a list's or a tuple's)
+      for (size_t k = 0; k < params_[g].size(); ++k) {
+        if (items[k] != params_[g][k]) return 0;
+      }
+      PyObject* perturb = PyDict_GetItemWithError(group, perturb_key());
+      if (perturb == nullptr && PyErr_Occurred()) return -1;
+      const int equal = PyObject_RichCompareBool(perturb == nullptr ? Py_True : perturb,
+                                                 perturbs_[g], Py_EQ);
+      if (equal != 1) return equal;
+    }
+    return 1;
+  }
+
+  void clear() {
+    for (std::vector<PyObject*>& items : params_) {
+      for (PyObject* item : items) Py_DECREF(item);
+    }
+    for (PyObject* perturb : perturbs_) Py_DECREF(perturb);
+    params_.clear();
+    perturbs_.clear();
+  }
+
+ private:
+  // The keys read from a group dict as interned strs, made at the first call (a dict lookup
+  // of an interned key compares pointers first); never freed.
+  static PyObject* params_key() {
+    static PyObject* const text = PyUnicode_InternFromString("params");
+    return text;
+  }
+  static PyObject* perturb_key() {
+    static PyObject* const text = PyUnicode_InternFromString("perturb");
+    return text;
+  }
+
+  std::vector<std::vector<PyObject*>> params_;
+  std::vector<PyObject*> perturbs_;
+};
+
 struct PyHeld {
   PyObject_HEAD
   Held plan;
   Entries entries;
+  Groups groups;
 };
 
 // One argument, read as type T (`index` names it in errors).
@@ -216,6 +320,21 @@ struct FromPython<std::string> {
   }
 };
 
+// A view of the str's UTF-8 text, kept by the str (the call's argument: alive for the call).
+template <>
+struct FromPython<std::string_view> {
+  static std::string_view read(PyObject* o, size_t index) {
+    if (!PyUnicode_Check(o)) wrong_argument(index, "a str", o);
+    Py_ssize_t size = 0;
+    const char* text = PyUnicode_AsUTF8AndSize(o, &size);
+    if (text == nullptr) {
+      PyErr_Clear();
+      wrong_argument(index, "a UTF-8 str", o);
+    }
+    return std::string_view(text, static_cast<size_t>(size));
+  }
+};
+
 template <>
 struct FromPython<at::Tensor> {
   static at::Tensor read(PyObject* o, size_t index) {
@@ -232,19 +351,31 @@ struct FromPython<std::optional<at::Tensor>> {
   }
 };
 
+// A list or tuple, item by item, into a std::vector or a c10::SmallVector (Ints, Doubles,
+// Names: on the stack for a call's few items).
+template <class Vector>
+Vector read_sequence(PyObject* o, size_t index) {
+  using T = typename Vector::value_type;
+  if (!PyList_Check(o) && !PyTuple_Check(o)) wrong_argument(index, "a list or tuple", o);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+  PyObject* const* items = PySequence_Fast_ITEMS(o);
+  Vector out;
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) out.push_back(FromPython<T>::read(items[i], index));
+  return out;
+}
+
 template <class T>
 struct FromPython<std::vector<T>> {
   static std::vector<T> read(PyObject* o, size_t index) {
-    const bool list = PyList_Check(o);
-    if (!list && !PyTuple_Check(o)) wrong_argument(index, "a list or tuple", o);
-    const Py_ssize_t n = list ? PyList_GET_SIZE(o) : PyTuple_GET_SIZE(o);
-    std::vector<T> out;
-    out.reserve(static_cast<size_t>(n));
-    for (Py_ssize_t i = 0; i < n; ++i) {
-      out.push_back(FromPython<T>::read(list ? PyList_GET_ITEM(o, i) : PyTuple_GET_ITEM(o, i),
-                                        index));
-    }
-    return out;
+    return read_sequence<std::vector<T>>(o, index);
+  }
+};
+
+template <class T, unsigned N>
+struct FromPython<c10::SmallVector<T, N>> {
+  static c10::SmallVector<T, N> read(PyObject* o, size_t index) {
+    return read_sequence<c10::SmallVector<T, N>>(o, index);
   }
 };
 
@@ -285,7 +416,7 @@ void held_bind(const Held& plan, std::string name, int64_t group, std::vector<at
 }
 bool held_refresh(const Held& plan) { return plan->refresh(); }
 void held_release(const Held& plan) { plan->release(); }
-double held_increment_steps(const Held& plan, std::string name, std::vector<int64_t> groups) {
+double held_increment_steps(const Held& plan, std::string_view name, const Ints& groups) {
   return plan->increment_steps(name, groups);
 }
 
@@ -342,6 +473,30 @@ PyObject* held_unbind_entries(PyObject* self, PyObject* const*, Py_ssize_t nargs
   END_HANDLE_TH_ERRORS
 }
 
+// bind_groups(members, perturbs): the param groups the plan was made for (Groups).
+PyObject* held_bind_groups(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 2, msg("fastsam.HeldPlan.bind_groups: takes 2 arguments, got ",
+                                   nargs));
+  if (!reinterpret_cast<PyHeld*>(self)->groups.set(args[0], args[1])) return nullptr;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// holds(param_groups): None when the optimizer's param groups are not those bound by
+// bind_groups; else refresh(): whether the plan still holds (True: the gradients are read for
+// this step call, until release()).
+PyObject* held_holds(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 1, msg("fastsam.HeldPlan.holds: takes 1 argument, got ", nargs));
+  PyHeld* held = reinterpret_cast<PyHeld*>(self);
+  const int same = held->groups.same(args[0]);
+  if (same < 0) return nullptr;
+  if (same == 0) Py_RETURN_NONE;
+  return PyBool_FromLong(held->plan->refresh());
+  END_HANDLE_TH_ERRORS
+}
+
 // HeldPlan(params, group_sizes, idle)
 PyObject* held_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   HANDLE_TH_ERRORS
@@ -357,11 +512,13 @@ PyObject* held_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
   if (self == nullptr) return nullptr;
   new (&reinterpret_cast<PyHeld*>(self)->plan) Held(std::move(plan));
   new (&reinterpret_cast<PyHeld*>(self)->entries) Entries();
+  new (&reinterpret_cast<PyHeld*>(self)->groups) Groups();
   return self;
   END_HANDLE_TH_ERRORS
 }
 
 void held_dealloc(PyObject* self) {
+  reinterpret_cast<PyHeld*>(self)->groups.~Groups();
   reinterpret_cast<PyHeld*>(self)->entries.~Entries();
   reinterpret_cast<PyHeld*>(self)->plan.~Held();
   Py_TYPE(self)->tp_free(self);
@@ -382,6 +539,12 @@ PyMethodDef held_methods[] = {
     {"unbind_entries", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
          &held_unbind_entries)), METH_FASTCALL,
      "Forget the lists bind_entries bound"},
+    {"bind_groups", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+         &held_bind_groups)), METH_FASTCALL,
+     "bind_groups(members, perturbs): the param groups the plan was made for"},
+    {"holds", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&held_holds)),
+     METH_FASTCALL,
+     "holds(param_groups): None when they are not the bound groups, else refresh()"},
     FASTSAM_HELD_METHOD("refresh", held_refresh, "Whether the plan still holds (reads grads)"),
     FASTSAM_HELD_METHOD("release", held_release, "Forget the gradients refresh() read"),
     FASTSAM_HELD_METHOD("increment_steps", held_increment_steps,

@@ -21,7 +21,6 @@ and shown when one of these backends is asked for.
 from __future__ import annotations
 
 from collections.abc import Callable
-from operator import is_
 from typing import NamedTuple
 
 import torch
@@ -215,18 +214,17 @@ class HeldLists:
                       if name not in self.entry_names}
         self.entry_names.clear()
 
-    @staticmethod
-    def same_items(a: list, b: list) -> bool:
-        """Whether ``a`` and ``b`` hold the same objects, in order (identity: for lists, a
-        pointer comparison per item in ``fastsam._C``)."""
-        if isinstance(a, list) and isinstance(b, list):
-            return _C.same_items(a, b)
-        return len(a) == len(b) and all(map(is_, a, b))
+    def bind_groups(self, members: list, perturbs: tuple) -> None:
+        """The param groups the plan was made for: per group, its parameters (kept by
+        identity, in order) and its "perturb" value."""
+        self.plan.bind_groups(members, perturbs)
 
-    def holds(self) -> bool:
-        """Whether the plan still holds (csrc/binding/held.h HeldPlan::refresh); when it does,
-        the gradients are read for this step call, until :meth:`release`."""
-        return self.plan.refresh()
+    def holds(self, param_groups: list[dict]) -> bool | None:
+        """None when ``param_groups`` are not the groups bound by :meth:`bind_groups` (other
+        parameters, by identity, or perturb values); else whether the plan still holds
+        (csrc/binding/held.h HeldPlan::refresh). When it does, the gradients are read for this
+        step call, until :meth:`release`. One C++ call (binding/held_python.h Groups)."""
+        return self.plan.holds(param_groups)
 
     def release(self) -> None:
         """Drop the gradients :meth:`holds` read (at the end of each step call)."""
@@ -292,7 +290,10 @@ class NativeBackend(Backend):
         """An update's scalars as the operators take them: the numbers by value (carried by
         the launch, nothing uploaded), and when a value is a tensor (an lr given as one) also
         the device array the kernels read instead (csrc/kernels.h SgdArgs)."""
-        if not any(isinstance(v, Tensor) for v in values):
+        for v in values:  # (a loop: any() over a generator costs a call per value)
+            if isinstance(v, Tensor):
+                break
+        else:
             return list(values), None
         numbers = [0.0 if isinstance(v, Tensor) else v for v in values]
         return numbers, self._constants(values, device)
@@ -397,8 +398,10 @@ class NativeBackend(Backend):
         lists in the places of g and w_old (MSAM's momentum and "weights"). ``momentum``:
         FriendlySAM's (the bound lists m and m_next, and the per-group scalars of
         :func:`~fastsam.functional.momentum_scalars`), or None."""
-        modes = [s.mode for s in scalings]
-        etas = [float(s.eta) for s in scalings]
+        modes, etas = [], []
+        for s in scalings:  # (one loop: comprehensions cost a call each, at every step)
+            modes.append(s.mode)
+            etas.append(float(s.eta))
         m = m_next = ""
         coefficients = None
         if momentum is not None:

@@ -72,14 +72,23 @@ def applies(opt: SharpnessAwareOptimizer) -> bool:
                                     or "_between_sam_steps" in opt._held_hooks)
 
 
+# The base optimizer's state lists a held update reads (bound from the state dicts).
+_MOMENTUM = ("momentum_buffer",)
+_ADAM = ("exp_avg", "exp_avg_sq", "step")
+_AMSGRAD = _ADAM + ("max_exp_avg_sq",)
+
 # A plain update's gradient source per group of a plan (None: the plain gradient), given
 # max_grad_norm's coefficient of the update (or None).
 PlainSources = Callable[[StepPlan, "Tensor | None"], "list[HeldSource | None]"]
 
 
 def with_params(plan: StepPlan) -> list[int]:
-    """The groups of ``plan`` with parameters (those a held call over the plan goes over)."""
-    return [i for i, ps in enumerate(plan.params) if ps]
+    """The groups of ``plan`` with parameters (those a held call over the plan goes over),
+    listed once per plan (not to be changed)."""
+    groups = plan.with_params
+    if groups is None:
+        groups = plan.with_params = [i for i, ps in enumerate(plan.params) if ps]
+    return groups
 
 
 class HeldSteps:
@@ -106,7 +115,8 @@ class HeldSteps:
         if backend is None:
             return
         plan.held = backend.hold(plan.params, plan.idle)
-        plan.members = [list(group["params"]) for group in self.opt.param_groups]
+        plan.held.bind_groups([group["params"] for group in self.opt.param_groups],
+                              plan.key[3])
         # GSAM's and WSAM's kept g (persistent, made once)
         keeps = getattr(self.opt, "_keeps_first_grads", False)  # (FreeSAM keeps none)
         firsts = self.opt._first_buffers(plan) if keeps else None
@@ -139,8 +149,10 @@ class HeldSteps:
 
     def _perturb(self, plan: StepPlan) -> StepPlan | bool | None:
         opt = self.opt
-        groups = [i for i, group in enumerate(opt.param_groups)
-                  if group.get("perturb", True) and plan.params[i]]
+        groups = plan.perturbing
+        if groups is None:  # (the groups' "perturb" flags are the plan's: listed once)
+            groups = plan.perturbing = [i for i in with_params(plan)
+                                        if opt.param_groups[i].get("perturb", True)]
         flag = opt._skips.perturb_flag(plan.device)
         if not groups:
             flag.zero_()  # nothing perturbed: nothing to skip
@@ -148,12 +160,15 @@ class HeldSteps:
         momentum = opt._held_momentum(plan, groups)
         if momentum is False:  # (FriendlySAM's first steps of some parameters)
             return None
-        chosen = [opt.param_groups[i] for i in groups]
-        masks = opt._masks(chosen)
+        chosen, scalings, rhos = [], [], []
+        for i in groups:  # (one loop: comprehensions cost a call each, at every step)
+            group = opt.param_groups[i]
+            chosen.append(group)
+            scalings.append(opt._scaling(group))
+            rhos.append(opt._rho(group))
         perturbed = opt._backend_for(plan.device).held_perturb(
-            plan.held, groups, [opt._scaling(g) for g in chosen],
-            tuple(opt._rho(g) for g in chosen), opt._q, opt._p, opt._eps, flag,
-            opt._perturbs, masks, "first" if opt._keeps_first_grads else "",
+            plan.held, groups, scalings, tuple(rhos), opt._q, opt._p, opt._eps, flag,
+            opt._perturbs, opt._masks(chosen), "first" if opt._keeps_first_grads else "",
             momentum=momentum,
         )
         return plan if perturbed else False
@@ -163,8 +178,13 @@ class HeldSteps:
         False, with nothing done, when the general path must take it."""
         if perturbed.held is None or not self.sam_steps:
             return False
-        return self._over_current(
-            lambda current: current is perturbed and self._update(perturbed, "w_old"))
+        current = self.current()  # (as _over_current, without a closure: at every step)
+        if current is None:
+            return False
+        try:
+            return current is perturbed and self._update(perturbed, "w_old")
+        finally:
+            current.held.release()
 
     def plain(self, sources: PlainSources | None = None, w_old: str = "params") -> bool:
         """A plain update over the held plan (the steps between SAM steps of interval SAM and
@@ -208,9 +228,8 @@ class HeldSteps:
             clip = self.clip(perturbed, backend)
             sources = plain_sources(perturbed, clip) if plain_sources is not None else None
         averages = opt._averager.count_update(perturbed)
-        for i, group in enumerate(opt.param_groups):
-            if not perturbed.params[i]:
-                continue
+        for i in with_params(perturbed):
+            group = opt.param_groups[i]
             average = averages[i] if averages else None
             source = sources[i] if sources else None
             if average is not None and ("average", i) not in held.bound:
@@ -271,14 +290,13 @@ class HeldSteps:
                                  or not held.entries_unchanged()):
             held.unbind_entries()
         states = None
-        for i, group in enumerate(self.opt.param_groups):
-            if not plan.params[i]:
-                continue
+        param_groups = self.opt.param_groups
+        for i in with_params(plan):
+            group = param_groups[i]
             if kind == "sgd":
-                names = ("momentum_buffer",) if group["momentum"] != 0 else ()
+                names = _MOMENTUM if group["momentum"] != 0 else ()
             else:
-                names = ("exp_avg", "exp_avg_sq", "step") + (
-                    ("max_exp_avg_sq",) if group["amsgrad"] else ())
+                names = _AMSGRAD if group["amsgrad"] else _ADAM
             for name in names:
                 if (name, i) in held.bound:
                     continue
@@ -286,7 +304,7 @@ class HeldSteps:
                     states = self.opt._planner.states(plan, self.opt.state)
                 if not held.bind_entries(name, i, states[i]):
                     return False
-        held.state_changes = self.opt.state.changes
+        held.state_changes = self.opt.state.changes  # (after: lookups may make dicts)
         if kind == "sgd" and self.opt._fused.cohorts:
             return False
         return True

@@ -107,10 +107,13 @@ class StepPlan:
     first: list[list[Tensor]] | None = None  # per group, the kept first gradients (once)
     idle_averaged: list[Tensor] | None = None
     fused: tuple[str | None] | None = None  # the update kind an eager step decided (1-tuple)
-    # the plan's tensors held in C++ (fastsam/optimizers/_held.py), with every group's
-    # parameters when it was made (the held path's check of the groups)
+    # the plan's tensors held in C++ (fastsam/optimizers/_held.py), with the param groups it
+    # was made for (the held path's check of the groups)
     held: object | None = None
-    members: list[list[Tensor]] | None = None
+    # the numbers of the groups with parameters, and of those the perturbation goes over (the
+    # held calls' groups; "perturb" flags are part of the key), listed once (_held.py)
+    with_params: list[int] | None = None
+    perturbing: list[int] | None = None
 
     def grads(self, flat_grads: list) -> list[list[Tensor]]:
         """Per group, the gradients of the plan's parameters, taken from this step's flat list."""
@@ -199,25 +202,21 @@ class StepPlanner:
 
     def held(self, param_groups: list[dict]) -> StepPlan | None:
         """The current plan when it is held in C++ (:attr:`StepPlan.held`) and still holds:
-        nothing expired it, the groups have the same parameters (identity, a C loop) and
-        perturb flags, and in C++ every parameter of the plan has a gradient, its address,
-        dtype, shape and strides, and no other has gained a gradient (else the plan expires).
-        None: make the plan with :meth:`plan`."""
+        nothing expired it, and in one C++ call (``HeldLists.holds``) the groups have the same
+        parameters (identity) and perturb flags, and every parameter of the plan has a
+        gradient, its address, dtype, shape and strides, and no other has gained a gradient
+        (else the plan expires). None: make the plan with :meth:`plan`."""
         plan = self.current
         if plan is None or plan.held is None or plan.key[0] != self._version:
             return None
-        if len(param_groups) != len(plan.members):
-            return None
-        same = plan.held.same_items  # identity, item by item (a C loop)
-        for group, members, perturb in zip(param_groups, plan.members, plan.key[3]):
-            if group.get("perturb", True) != perturb or not same(group["params"], members):
-                return None
-        if plan.held.holds():
+        holds = plan.held.holds(param_groups)
+        if holds:
             return plan
-        # (mostly gradients come or go, which the key sees too; a parameter whose shape or
-        # dtype changed at the same address does not change the key: the plan is made afresh)
-        self.expire()
-        return None
+        if holds is False:
+            # (mostly gradients come or go, which the key sees too; a parameter whose shape or
+            # dtype changed at the same address does not change the key: made afresh)
+            self.expire()
+        return None  # (None: other groups, whose key tells whether a plan fits)
 
     def _traced_plan(self, param_groups: list[dict]) -> tuple[StepPlan, list]:
         """Under torch.compile: the plan of the eager steps before, whose key is checked but
