@@ -15,11 +15,13 @@
 #include <ATen/Functions.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
+#include <c10/util/SmallVector.h>
 #include <c10/util/intrusive_ptr.h>
 
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <unordered_map>
 #include <utility>
@@ -49,6 +51,13 @@ inline bool same_dims(c10::IntArrayRef a, c10::IntArrayRef b) {
   }
   return true;
 }
+
+// The arguments of a held call as read from Python (binding/held_python.h FromPython): on the
+// stack for the few groups and names of a call (no allocation per call); a name views the
+// Python str it was read from, alive for the call.
+using Ints = c10::SmallVector<int64_t, 8>;
+using Doubles = c10::SmallVector<double, 12>;
+using Names = c10::SmallVector<std::string_view, 8>;
 
 // The tensors of one list argument of a held call: a view of the plan's own storage, or
 // (the gradients, groups that are not consecutive) a vector of this call's.
@@ -162,7 +171,7 @@ class HeldPlan : public c10::intrusive_ptr_target {
   }
 
   // The tensors of list `name` over `groups`, concatenated ("" gives an empty list).
-  Resolved resolve(const std::string& name, at::IntArrayRef groups) const {
+  Resolved resolve(std::string_view name, at::IntArrayRef groups) const {
     Resolved out;
     if (name.empty()) return out;
     for (int64_t g : groups) check_group(g);
@@ -180,7 +189,7 @@ class HeldPlan : public c10::intrusive_ptr_target {
     }
     const std::vector<at::Tensor>* all = &params_;
     if (name != "params") {
-      auto it = lists_.find(name);
+      auto it = lists_.find(std::string(name));  // (a short name: no allocation)
       TORCH_CHECK_VALUE(it != lists_.end(), msg("fastsam.HeldPlan: no list '", name, "'"));
       for (int64_t g : groups) {
         TORCH_CHECK_VALUE(it->second.bound[g],
@@ -203,8 +212,8 @@ class HeldPlan : public c10::intrusive_ptr_target {
   }
 
   // Per group of `groups`, its number of parameters (the group_sizes of an operator).
-  std::vector<int64_t> sizes(at::IntArrayRef groups) const {
-    std::vector<int64_t> out;
+  Ints sizes(at::IntArrayRef groups) const {
+    Ints out;
     for (int64_t g : groups) {
       check_group(g);
       out.push_back(size(g));
@@ -215,7 +224,7 @@ class HeldPlan : public c10::intrusive_ptr_target {
   // Adam's CPU step tensors of list `name` over `groups` (float32, 0-d): when they all hold
   // one value, add 1 to each and return the new value; else change nothing and return -1
   // (the caller takes the per-value path).
-  double increment_steps(const std::string& name, at::IntArrayRef groups) const {
+  double increment_steps(std::string_view name, at::IntArrayRef groups) const {
     const Resolved steps = resolve(name, groups);
     if (steps.view.empty()) return -1.0;
     // One checked read per tensor (the first one's twice; every tensor checked before anything
@@ -254,6 +263,12 @@ class HeldPlan : public c10::intrusive_ptr_target {
   };
   std::unordered_map<std::string, Call>& calls() { return calls_; }
 
+  // The buffer a held call forms its key in (HeldCall): its capacity kept, no allocation per
+  // call. One call at a time uses it (the calls of a plan run one after another, under the
+  // GIL; `key_in_use` asserts it).
+  std::string& key_buffer() { return key_buffer_; }
+  bool key_in_use = false;
+
  private:
   struct List {
     std::vector<at::Tensor> tensors;
@@ -276,6 +291,7 @@ class HeldPlan : public c10::intrusive_ptr_target {
   bool grads_read_ = false;
   std::unordered_map<std::string, List> lists_;
   std::unordered_map<std::string, Call> calls_;
+  std::string key_buffer_;
 };
 
 using Held = c10::intrusive_ptr<HeldPlan>;
@@ -289,19 +305,24 @@ using Held = c10::intrusive_ptr<HeldPlan>;
 // device adapter's own cache serves the tables (it uploads when an address changed).
 class HeldTables {
  public:
-  HeldTables(HeldPlan& plan, std::string key, std::vector<bool> is_grad,
-             std::vector<bool> is_params, std::vector<bool> is_private,
-             std::vector<int64_t> groups, bool lazy)
-      : plan_(plan), key_(std::move(key)), is_grad_(std::move(is_grad)),
-        is_params_(std::move(is_params)), is_private_(std::move(is_private)),
-        groups_(std::move(groups)), lazy_(lazy) {}
+  // Per list the operator builds (the non-empty names, in order), as bits: the gradients, the
+  // parameters, the plan's private w_old (at most 32 lists).
+  struct Rows {
+    uint32_t grad = 0, params = 0, priv = 0;
+    size_t count = 0;
+  };
+
+  // `key` (the plan's key buffer) and `groups` live for the call.
+  HeldTables(HeldPlan& plan, const std::string& key, Rows rows, at::IntArrayRef groups,
+             bool lazy)
+      : plan_(plan), key_(key), rows_(rows), groups_(groups), lazy_(lazy) {}
 
   void check(const char*, const Lists&) const {}
   bool lazy() const { return lazy_; }
 
   template <class D, class Options>
   TablesPtr tables(const char* op, const D& dev, const Lists& lists, Options&& options) const {
-    TORCH_INTERNAL_ASSERT(lists.size() == is_grad_.size(), "fastsam: held lists out of step");
+    TORCH_INTERNAL_ASSERT(lists.size() == rows_.count, "fastsam: held lists out of step");
     auto& calls = plan_.calls();
     auto it = calls.find(key_);
     if (it != calls.end() && fixed_unmoved(lists, it->second.fixed)) {
@@ -313,7 +334,7 @@ class HeldTables {
           return call.tables;
         }
         for (size_t r = 0; r < lists.size(); ++r) {
-          if (is_grad_[r] && !laid_out_as(lists.front().second, lists[r].second)) {
+          if (is_grad(r) && !laid_out_as(lists.front().second, lists[r].second)) {
             check_lists(op, {lists.front(), lists[r]});  // the exact check (and its message)
           }
         }
@@ -323,7 +344,7 @@ class HeldTables {
         Resolved grads;
         const Lists full = with_grads(lists, grads);
         for (size_t r = 0; r < full.size(); ++r) {
-          if (is_grad_[r] && !laid_out_as(full.front().second, full[r].second)) {
+          if (is_grad(r) && !laid_out_as(full.front().second, full[r].second)) {
             check_lists(op, {full.front(), full[r]});
           }
         }
@@ -335,7 +356,7 @@ class HeldTables {
     check_lists(op, full);
     HeldPlan::Call call{nullptr, options(), {}, {}};
     for (size_t r = 0; r < full.size(); ++r) {
-      if (is_grad_[r] || is_private_[r]) continue;
+      if (is_grad(r) || is_private(r)) continue;
       for (const at::Tensor& t : full[r].second) call.fixed.push_back(address_of(t));
     }
     call.tables = dev.tables(op, full, call.options ? &*call.options : nullptr);
@@ -351,7 +372,7 @@ class HeldTables {
     if (!lazy_) return full;
     grads = plan_.resolve("grad", groups_);
     for (size_t r = 0; r < full.size(); ++r) {
-      if (is_grad_[r]) full[r].second = grads.view;
+      if (is_grad(r)) full[r].second = grads.view;
     }
     return full;
   }
@@ -363,8 +384,8 @@ class HeldTables {
   bool fixed_unmoved(const Lists& lists, const std::vector<const void*>& fixed) const {
     size_t k = 0;
     for (size_t r = 0; r < lists.size(); ++r) {
-      if (is_grad_[r] || is_private_[r]) continue;
-      if (lazy_ && is_params_[r]) {
+      if (is_grad(r) || is_private(r)) continue;
+      if (lazy_ && is_params(r)) {
         k += lists[r].second.size();
         if (k > fixed.size()) return false;
         continue;
@@ -395,7 +416,7 @@ class HeldTables {
   void rewrite_grads(HostTable& tab, const Lists& lists) const {
     const size_t n = tab.index.size();
     for (size_t r = 0; r < lists.size(); ++r) {
-      if (!is_grad_[r]) continue;
+      if (!is_grad(r)) continue;
       for (size_t k = 0; k < n; ++k) {
         tab.addr[r * n + k] = reinterpret_cast<int64_t>(lists[r].second[tab.index[k]].data_ptr());
       }
@@ -406,18 +427,20 @@ class HeldTables {
   void rewrite_grads(HostTable& tab, const std::vector<int64_t>& positions) const {
     const int64_t* addresses = plan_.grad_addresses();
     const size_t n = tab.index.size();
-    for (size_t r = 0; r < is_grad_.size(); ++r) {
-      if (!is_grad_[r]) continue;
+    for (size_t r = 0; r < rows_.count; ++r) {
+      if (!is_grad(r)) continue;
       for (size_t k = 0; k < n; ++k) tab.addr[r * n + k] = addresses[positions[tab.index[k]]];
     }
   }
 
+  bool is_grad(size_t r) const { return (rows_.grad >> r) & 1u; }
+  bool is_params(size_t r) const { return (rows_.params >> r) & 1u; }
+  bool is_private(size_t r) const { return (rows_.priv >> r) & 1u; }
+
   HeldPlan& plan_;
-  std::string key_;
-  std::vector<bool> is_grad_;
-  std::vector<bool> is_params_;
-  std::vector<bool> is_private_;
-  std::vector<int64_t> groups_;
+  const std::string& key_;
+  Rows rows_;
+  at::IntArrayRef groups_;
   bool lazy_;
 };
 
@@ -433,54 +456,91 @@ void on_plan_device(const Held& plan, F&& f) {
   f(static_cast<Cpu*>(nullptr));
 }
 
+// A word's bytes appended to a key.
+inline void append_word(std::string& key, int64_t word) {
+  key.append(reinterpret_cast<const char*>(&word), sizeof(word));
+}
+
+// A plan's key buffer, in use by one held call for as long as this lives.
+class KeyLease {
+ public:
+  explicit KeyLease(HeldPlan& plan) : plan_(plan) {
+    TORCH_INTERNAL_ASSERT(!plan.key_in_use, "fastsam: two held calls at once on one plan");
+    plan.key_in_use = true;
+  }
+  ~KeyLease() { plan_.key_in_use = false; }
+  KeyLease(const KeyLease&) = delete;
+  KeyLease& operator=(const KeyLease&) = delete;
+
+ private:
+  HeldPlan& plan_;
+};
+
 // The lists of one held call, resolved in the order of `names`, and its table source: keyed
-// by the operator, the names, the groups and `extra` (what else its tables depend on).
+// by the operator, the names, the groups and what else its tables depend on (`extra`: the
+// per-group scaling options, amsgrad), formed in the plan's key buffer. Nothing allocated on
+// the heap in the steady state but the gradients' list when a call reads them itself.
 struct HeldCall {
-  std::vector<Resolved> lists;
+ private:
+  KeyLease lease_;  // (first: released last, and when a later member's construction throws)
+
+ public:
+  c10::SmallVector<Resolved, 8> lists;
   HeldTables tables;
 
-  HeldCall(const Held& plan, const char* op, at::IntArrayRef groups,
-           const std::vector<std::string>& names, size_t count, const std::string& extra = {})
-      : tables(*plan, key_of(op, groups, names, extra), rows_named(names, "grad"),
-               rows_named(names, "params"), rows_named(names, "w_old"), groups.vec(),
+  template <class Extra = void (*)(std::string&)>
+  HeldCall(const Held& plan, const char* op, at::IntArrayRef groups, const Names& names,
+           size_t count, Extra extra = [](std::string&) {})
+      : lease_(*plan),
+        tables(*plan, key_of(*plan, op, groups, names, extra), rows_of(names), groups,
                plan->grad_addresses() != nullptr) {
     TORCH_CHECK_VALUE(names.size() == count, msg("fastsam.", op, ": ", names.size(),
                                                  " list names, needs ", count));
-    for (const std::string& name : names) {
+    for (std::string_view name : names) {
       // lazy: the gradients stay unread (HeldTables reads them only to build tables)
       lists.push_back(tables.lazy() && name == "grad" ? Resolved{} : plan->resolve(name, groups));
     }
   }
   at::TensorList operator[](size_t i) const { return lists[i].view; }
 
-  static std::string key_of(const char* op, at::IntArrayRef groups,
-                            const std::vector<std::string>& names, const std::string& extra) {
-    std::string key(op);
-    for (const std::string& name : names) key += "|" + name;
-    key += "|";
-    for (int64_t g : groups) key += std::to_string(g) + ",";
-    return key + "|" + extra;
-  }
-  // Per list the operator builds (the non-empty names, in order): whether it is list `name`.
-  static std::vector<bool> rows_named(const std::vector<std::string>& names, const char* name) {
-    std::vector<bool> out;
-    for (const std::string& n : names) {
-      if (!n.empty()) out.push_back(n == name);
+ private:
+  // The key in the plan's buffer (binary: lengths, then bytes; the groups' numbers as words).
+  template <class Extra>
+  static const std::string& key_of(HeldPlan& plan, const char* op, at::IntArrayRef groups,
+                                   const Names& names, Extra& extra) {
+    std::string& key = plan.key_buffer();
+    key.assign(op);
+    append_word(key, static_cast<int64_t>(names.size()));
+    for (std::string_view name : names) {
+      append_word(key, static_cast<int64_t>(name.size()));
+      key.append(name.data(), name.size());
     }
-    return out;
+    append_word(key, static_cast<int64_t>(groups.size()));
+    for (int64_t g : groups) append_word(key, g);
+    extra(key);
+    return key;
+  }
+  static HeldTables::Rows rows_of(const Names& names) {
+    HeldTables::Rows rows;
+    for (std::string_view n : names) {
+      if (n.empty()) continue;
+      TORCH_INTERNAL_ASSERT(rows.count < 32, "fastsam: too many lists in a held call");
+      const uint32_t bit = 1u << rows.count++;
+      if (n == "grad") rows.grad |= bit;
+      if (n == "params") rows.params |= bit;
+      if (n == "w_old") rows.priv |= bit;
+    }
+    return rows;
   }
 };
 
 // The per-group scaling options, as part of a call's key (the tables' per-tensor options).
-std::string options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
-  std::string key;
-  for (int64_t m : modes) key += std::to_string(m) + ",";
-  for (double e : etas) {
-    char bits[sizeof(double)];
-    std::memcpy(bits, &e, sizeof(double));
-    key.append(bits, sizeof(double));
-  }
-  return key;
+auto options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
+  return [modes, etas](std::string& key) {
+    append_word(key, static_cast<int64_t>(modes.size()));
+    for (int64_t m : modes) append_word(key, m);
+    for (double e : etas) key.append(reinterpret_cast<const char*>(&e), sizeof(e));
+  };
 }
 
 // The passes over a held plan, methods of fastsam._C.HeldPlan (binding/held_python.h): each
@@ -488,12 +548,12 @@ std::string options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
 // dispatched operators, so each records a profiler event of its own.
 
 // lists: params, grads, momentum
-void held_norm(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
-               std::vector<int64_t> group_modes, std::vector<double> group_etas, double q,
+void held_norm(const Held& plan, const Ints& groups, const Names& lists,
+               const Ints& group_modes, const Doubles& group_etas, double q,
                at::Tensor out, at::Tensor scratch, std::optional<at::Tensor> group_momentum) {
   RECORD_FUNCTION("fastsam::held_norm", std::vector<c10::IValue>());
   const HeldCall l(plan, "norm", groups, lists, 3, options_key(group_modes, group_etas));
-  const std::vector<int64_t> sizes = plan->sizes(groups);
+  const Ints sizes = plan->sizes(groups);
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
     norm_pass<D>(l.tables, l[0], l[1], sizes, group_modes, group_etas, q, out, scratch, l[2],
@@ -502,15 +562,15 @@ void held_norm(const Held& plan, std::vector<int64_t> groups, std::vector<std::s
 }
 
 // lists: params, grads, w_old, keep, momentum, momentum_next
-void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
-                  std::vector<int64_t> group_modes, std::vector<double> group_etas,
+void held_perturb(const Held& plan, const Ints& groups, const Names& lists,
+                  const Ints& group_modes, const Doubles& group_etas,
                   at::Tensor group_rhos, at::Tensor norm_sum, at::Tensor scratch, double q,
                   double p, double eps, at::Tensor skipped,
                   std::optional<at::Tensor> group_momentum, std::optional<at::Tensor> group_mask,
                   int64_t mask_key0, int64_t mask_key1) {
   RECORD_FUNCTION("fastsam::held_perturb", std::vector<c10::IValue>());
   const HeldCall l(plan, "perturb", groups, lists, 6, options_key(group_modes, group_etas));
-  const std::vector<int64_t> sizes = plan->sizes(groups);
+  const Ints sizes = plan->sizes(groups);
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
     perturb_pass<D>(l.tables, l[0], l[1], l[2], sizes, group_modes, group_etas, group_rhos,
@@ -520,8 +580,7 @@ void held_perturb(const Held& plan, std::vector<int64_t> groups, std::vector<std
 }
 
 // lists: params, w_old
-void held_restore(const Held& plan, std::vector<int64_t> groups,
-                  std::vector<std::string> lists) {
+void held_restore(const Held& plan, const Ints& groups, const Names& lists) {
   RECORD_FUNCTION("fastsam::held_restore", std::vector<c10::IValue>());
   const HeldCall l(plan, "restore", groups, lists, 2);
   on_plan_device(plan, [&](auto* tag) {
@@ -531,8 +590,8 @@ void held_restore(const Held& plan, std::vector<int64_t> groups,
 }
 
 // lists: params, grads, w_old, momentum_buffers, first_grads, average
-void held_sgd(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
-              std::vector<double> hp, std::optional<at::Tensor> hp_device, bool nesterov,
+void held_sgd(const Held& plan, const Ints& groups, const Names& lists,
+              const Doubles& hp, std::optional<at::Tensor> hp_device, bool nesterov,
               bool maximize, bool fresh, std::optional<at::Tensor> along, double alpha,
               int64_t grad_mode, std::optional<at::Tensor> skip, std::optional<at::Tensor> clip) {
   RECORD_FUNCTION("fastsam::held_sgd", std::vector<c10::IValue>());
@@ -546,13 +605,14 @@ void held_sgd(const Held& plan, std::vector<int64_t> groups, std::vector<std::st
 
 // lists: params, grads, w_old, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, first_grads, average
 // (no per-tensor bias corrections: those are capturable's, which takes the list operators)
-void held_adam(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
-               std::vector<double> hp, std::optional<at::Tensor> hp_device, bool decoupled,
+void held_adam(const Held& plan, const Ints& groups, const Names& lists,
+               const Doubles& hp, std::optional<at::Tensor> hp_device, bool decoupled,
                bool amsgrad, bool maximize, std::optional<at::Tensor> along, double alpha,
                int64_t grad_mode, std::optional<at::Tensor> skip,
                std::optional<at::Tensor> clip) {
   RECORD_FUNCTION("fastsam::held_adam", std::vector<c10::IValue>());
-  const HeldCall l(plan, "adam", groups, lists, 8, amsgrad ? "amsgrad" : "");
+  const HeldCall l(plan, "adam", groups, lists, 8,
+                   [amsgrad](std::string& key) { key += amsgrad ? 'a' : '-'; });
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
     adam_pass<D>(l.tables, l[0], l[1], l[2], l[3], l[4], l[5], hp, hp_device, decoupled, amsgrad,
@@ -563,7 +623,7 @@ void held_adam(const Held& plan, std::vector<int64_t> groups, std::vector<std::s
 // lists: grads, first_grads (GSAM's reduction: `sums`, the three sums, else along). The
 // gradients left to the tables when refresh() kept their addresses (laid out as their
 // parameters, as the kept first gradients are); else read and checked at each call.
-void held_gsam(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> lists,
+void held_gsam(const Held& plan, const Ints& groups, const Names& lists,
                double eps, bool sums, at::Tensor out, at::Tensor scratch) {
   RECORD_FUNCTION("fastsam::held_gsam", std::vector<c10::IValue>());
   const char* op = sums ? "gsam_sums" : "gsam_along";
@@ -579,8 +639,8 @@ void held_gsam(const Held& plan, std::vector<int64_t> groups, std::vector<std::s
 }
 
 // lists: params, first (WSAM's kept g), grads
-void held_wsam_decoupled(const Held& plan, std::vector<int64_t> groups,
-                         std::vector<std::string> lists, double alpha,
+void held_wsam_decoupled(const Held& plan, const Ints& groups, const Names& lists,
+                         double alpha,
                          std::optional<at::Tensor> clip) {
   RECORD_FUNCTION("fastsam::held_wsam_decoupled", std::vector<c10::IValue>());
   const HeldCall l(plan, "wsam_decoupled", groups, lists, 3);
@@ -611,14 +671,14 @@ std::vector<std::vector<at::Tensor>> by_dtype(at::TensorList tensors) {
 // GSAM's kept first gradients) over `groups` times the 0-d factor of its dtype in `factors`
 // (1/scale rounded once to it). The scale operator's pass over the plan's tables when refresh()
 // kept the gradients' addresses; else torch's _foreach_mul_ per dtype, which takes any strides.
-void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::string> names,
+void held_scale(const Held& plan, const Ints& groups, const Names& names,
                 std::vector<at::Tensor> factors) {
   RECORD_FUNCTION("fastsam::held_scale", std::vector<c10::IValue>());
   if (plan->grad_addresses() != nullptr) {
     for (const at::Tensor& f : factors) {
       check_scalar_tensor("scale", "factors", f, {plan->first_param()}, 1);
     }
-    for (const std::string& name : names) {
+    for (std::string_view name : names) {
       const HeldCall l(plan, "scale", groups, {name}, 1);
       on_plan_device(plan, [&](auto* tag) {
         using D = std::remove_pointer_t<decltype(tag)>;
@@ -627,7 +687,7 @@ void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::
     }
     return;
   }
-  for (const std::string& name : names) {
+  for (std::string_view name : names) {
     for (const std::vector<at::Tensor>& tensors : by_dtype(plan->resolve(name, groups).view)) {
       const at::ScalarType dtype = tensors.front().scalar_type();
       const at::Tensor* factor = nullptr;
@@ -646,7 +706,7 @@ void held_scale(const Held& plan, std::vector<int64_t> groups, std::vector<std::
 // gradients' addresses (each laid out as its parameter: dense, checked); else torch's GradScaler
 // kernel per dtype (_amp_foreach_non_finite_check_and_unscale_, `one` the factor: 1), which
 // takes any strides.
-void held_check_nonfinite(const Held& plan, std::vector<int64_t> groups, at::Tensor found,
+void held_check_nonfinite(const Held& plan, const Ints& groups, at::Tensor found,
                           at::Tensor one) {
   RECORD_FUNCTION("fastsam::held_check_nonfinite", std::vector<c10::IValue>());
   check_scalar_tensor("nonfinite", "found", found, {plan->first_param()}, 1);

@@ -9,6 +9,7 @@
 
 #include <cstdio>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 namespace fastsam {
@@ -20,6 +21,7 @@ namespace {  // this header is included by csrc/binding.cpp only
 // num_put facet) instead of raising. TORCH_CHECK passes one std::string through untouched.
 std::string text(const char* s) { return s; }
 std::string text(const std::string& s) { return s; }
+std::string text(std::string_view s) { return std::string(s); }
 template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
 std::string text(I v) {
   return std::to_string(v);
