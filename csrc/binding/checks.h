@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <c10/util/SmallVector.h>
 
 #include <utility>
 #include <vector>
@@ -15,7 +16,8 @@
 namespace fastsam {
 namespace {  // this header is included by csrc/binding.cpp only
 
-using Lists = std::vector<std::pair<const char*, at::TensorList>>;
+// An operator's list arguments, named (on the stack: an operator has at most eight).
+using Lists = c10::SmallVector<std::pair<const char*, at::TensorList>, 8>;
 
 DType storage_code(const char* op, const char* what, size_t i, const at::Tensor& t) {
   switch (t.scalar_type()) {
