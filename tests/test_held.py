@@ -246,6 +246,24 @@ def test_schedules_are_read_each_step(calls):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_gsam_alpha_is_read_each_step(calls):
+    """GSAM's per-group alpha changed between steps (a schedule; 0 turns the decomposition
+    off for the group): the held update's gradient sources follow it, bit for bit the general
+    path's (the held path keeps its sources while plan, along and alphas are the same)."""
+    a, b = pair(lambda ps: fastsam.GSAM(two_groups(ps), torch.optim.SGD, lr=0.1, momentum=0.9,
+                                        alpha=0.4, backend="cpu"))
+    land = Landscape(SHAPES)
+    alphas = [(0.4, 0.4), (0.4, 0.4), (0.1, 0.4), (0.1, 0.0), (0.0, 0.0), (0.7, 0.2)]
+    for t, pair_of_alphas in enumerate(alphas):
+        for opt, params in (a, b):
+            for group, alpha in zip(opt.param_groups, pair_of_alphas):
+                group["gsam_alpha"] = alpha
+            drive(opt, params, land, 1, first=t)
+        assert_same(a, b)
+    assert calls["perturb"] == 5 and calls["sgd"] == 2 * 5
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_plan_changes_leave_the_held_path(base, calls):
     """Gradients that come and go, a parameter whose storage is replaced, a state tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -89,9 +90,8 @@ class ConstantArrays:
         self._last: tuple | None = None
 
     def __call__(self, values: tuple, device: torch.device) -> Tensor:
-        for v in values:  # (a loop, not a comprehension: a few values, at every step)
-            if isinstance(v, Tensor):
-                return self._with_tensors(values, device)
+        if any(map(isinstance, values, repeat(Tensor))):  # (no Python frame per value)
+            return self._with_tensors(values, device)
         last = self._last  # (numbers only: a tensor is never compared on the host)
         if (last is not None and last[0] == values and last[1] == device
                 and (last[3] or not capturing())):  # (last[3]: on the CPU, never captured)

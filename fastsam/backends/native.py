@@ -21,6 +21,7 @@ and shown when one of these backends is asked for.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -185,6 +186,7 @@ class HeldLists:
         # _held_norm), looked up once: a held step is never captured (capturable takes the
         # list operators)
         self.buffers: tuple[Tensor, Tensor] | None = None
+        self.gsam_buffers: dict[str, tuple[Tensor, Tensor]] = {}  # GSAM's, by output name
 
     def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
@@ -290,10 +292,7 @@ class NativeBackend(Backend):
         """An update's scalars as the operators take them: the numbers by value (carried by
         the launch, nothing uploaded), and when a value is a tensor (an lr given as one) also
         the device array the kernels read instead (csrc/kernels.h SgdArgs)."""
-        for v in values:  # (a loop: any() over a generator costs a call per value)
-            if isinstance(v, Tensor):
-                break
-        else:
+        if not any(map(isinstance, values, repeat(Tensor))):  # (no Python frame per value)
             return list(values), None
         numbers = [0.0 if isinstance(v, Tensor) else v for v in values]
         return numbers, self._constants(values, device)
@@ -491,8 +490,12 @@ class NativeBackend(Backend):
 
     def _held_gsam(self, held: HeldLists, groups: list[int], out_name: str,
                    eps: float) -> Tensor:
-        out = self._buffer(out_name, held.device, held.accumulation)
-        scratch = self._buffer("gsam_scratch", held.device, torch.float64)
+        buffers = held.gsam_buffers.get(out_name)
+        if buffers is None:  # (looked up once per plan, as held.buffers)
+            buffers = held.gsam_buffers[out_name] = (
+                self._buffer(out_name, held.device, held.accumulation),
+                self._buffer("gsam_scratch", held.device, torch.float64))
+        out, scratch = buffers
         held.plan.gsam(groups, _HELD_GSAM, eps, out_name == "gsam_sums", out, scratch)
         return out
 

@@ -39,12 +39,12 @@ def fused_kind(base: Optimizer, plan: StepPlan | None = None) -> str | None:
     for group in base.param_groups:
         if group.get("differentiable"):
             return None
-        if kind == "adam" and (
-            group.get("capturable")
-            or group.get("fused")
-            or any(isinstance(b, Tensor) for b in group["betas"])
-        ):
-            return None
+        if kind == "adam":
+            if group.get("capturable") or group.get("fused"):
+                return None
+            for beta in group["betas"]:  # (a loop: a generator costs a call per beta)
+                if isinstance(beta, Tensor):
+                    return None
     return None if plan is not None and plan.has_complex else kind
 
 

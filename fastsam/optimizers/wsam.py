@@ -82,6 +82,7 @@ class WSAM(SharpnessAwareOptimizer):
         self.gamma, self.decouple = float(gamma), decouple
         self.alpha = self.gamma / (1.0 - self.gamma)
         self._one: Tensor | None = None
+        self._held_sources_kept: tuple | None = None  # see _held_sources
         super().__init__(
             params, base_optimizer, dict(rho=rho, adaptive=adaptive), p=2, eps=eps,
             backend=backend, base_kwargs=base_kwargs, average=average,
@@ -159,8 +160,14 @@ class WSAM(SharpnessAwareOptimizer):
     def _held_sources(self, plan: StepPlan, backend: NativeBackend,
                       clip: Tensor | None) -> list[HeldSource | None]:
         self._refuse(plan, plan)
-        return [None if d is None else HeldSource("first", d)
-                for d in self._decompositions(plan)]
+        kept = self._held_sources_kept  # the same plan, alpha and decoupling: the same
+        if (kept is not None and kept[0] is plan and kept[1] == self.alpha
+                and kept[2] == self.decouple):
+            return kept[3]
+        sources = [None if d is None else HeldSource("first", d)
+                   for d in self._decompositions(plan)]
+        self._held_sources_kept = (plan, self.alpha, self.decouple, sources)  # (never changed)
+        return sources
 
     def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
                            clip: Tensor | None) -> None:
