@@ -21,7 +21,6 @@ and shown when one of these backends is asked for.
 from __future__ import annotations
 
 from collections.abc import Callable
-from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -43,7 +42,7 @@ from ..functional import (
     momentum_scalars,
 )
 from . import _constants
-from ._constants import ConstantArrays, held_for_graphs
+from ._constants import ConstantArrays, any_tensor, held_for_graphs
 
 try:
     from .. import _C  # (importing registers torch.ops.fastsam.*)
@@ -292,7 +291,7 @@ class NativeBackend(Backend):
         """An update's scalars as the operators take them: the numbers by value (carried by
         the launch, nothing uploaded), and when a value is a tensor (an lr given as one) also
         the device array the kernels read instead (csrc/kernels.h SgdArgs)."""
-        if not any(map(isinstance, values, repeat(Tensor))):  # (no Python frame per value)
+        if not any_tensor(values):
             return list(values), None
         numbers = [0.0 if isinstance(v, Tensor) else v for v in values]
         return numbers, self._constants(values, device)

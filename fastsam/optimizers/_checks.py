@@ -39,6 +39,8 @@ def check_rho(value: Any) -> None:
 def as_lr(lr: float | Tensor) -> float | Tensor:
     """A number as float; a tensor as is: the backends read it on the device, and quantities
     derived from it (lr/(1 - β1^t), 1 - lr·wd) are tensor ops in its dtype, as in torch.optim."""
+    if type(lr) is float:  # (the usual case, told before isinstance, which goes through
+        return lr          # Tensor's metaclass: ~0.1 us)
     return lr.detach() if isinstance(lr, Tensor) else float(lr)
 
 
@@ -46,6 +48,8 @@ def as_rho(rho: float | Tensor) -> float | Tensor:
     """A number as float; a one-element tensor as a 0-d view of it: the backends read it on
     the device (a device tensor rho changed in place between steps is never read by the
     host)."""
+    if type(rho) is float:  # (see as_lr)
+        return rho
     return rho.detach().reshape(()) if isinstance(rho, Tensor) else float(rho)
 
 

@@ -42,8 +42,8 @@ def fused_kind(base: Optimizer, plan: StepPlan | None = None) -> str | None:
         if kind == "adam":
             if group.get("capturable") or group.get("fused"):
                 return None
-            for beta in group["betas"]:  # (a loop: a generator costs a call per beta)
-                if isinstance(beta, Tensor):
+            for beta in group["betas"]:  # (a float first: isinstance goes through a metaclass)
+                if type(beta) is not float and isinstance(beta, Tensor):
                     return None
     return None if plan is not None and plan.has_complex else kind
 
