@@ -186,6 +186,17 @@ class HeldLists:
         # list operators)
         self.buffers: tuple[Tensor, Tensor] | None = None
         self.gsam_buffers: dict[str, tuple[Tensor, Tensor]] = {}  # GSAM's, by output name
+        # The calls of every step, the plan's own methods (no Python frame in between):
+        # holds(param_groups): None when ``param_groups`` are not the groups bound by
+        # bind_groups (other parameters, by identity, or perturb values); else whether the
+        # plan still holds (csrc/binding/held.h HeldPlan::refresh), and when it does the
+        # gradients are read for this step call, until release() drops them (binding/
+        # held_python.h Groups). entries_unchanged(): whether each state entry a list was
+        # bound from by bind_entries still holds that tensor (a dict's version tag, a walk of
+        # its items when it changed): False when one was replaced or removed.
+        self.holds = self.plan.holds
+        self.release = self.plan.release
+        self.entries_unchanged = self.plan.entries_unchanged
 
     def bind(self, name: str, group: int, tensors: list[Tensor]) -> None:
         """List ``name`` of group ``group`` (a tensor per parameter of the group, in order)."""
@@ -194,19 +205,13 @@ class HeldLists:
 
     def bind_entries(self, name: str, group: int, dicts: list[dict]) -> bool:
         """List ``name`` of group ``group`` from the parameters' state dicts (each one's
-        ``dict[name]``), their entries kept for :meth:`entries_unchanged`; False, with nothing
+        ``dict[name]``), their entries kept for ``entries_unchanged``; False, with nothing
         bound, when a dict holds no tensor under ``name``."""
         if not self.plan.bind_entries(name, group, dicts):
             return False
         self.bound.add((name, group))
         self.entry_names.add(name)
         return True
-
-    def entries_unchanged(self) -> bool:
-        """Whether each state entry a list was bound from by :meth:`bind_entries` still holds
-        that tensor (in C++: a dict's version tag, and a walk of its items when it changed):
-        False when one was replaced or removed (``state[p]["exp_avg"] = t``)."""
-        return self.plan.entries_unchanged()
 
     def unbind_entries(self) -> None:
         """Forget the lists :meth:`bind_entries` bound (to be bound afresh)."""
@@ -219,17 +224,6 @@ class HeldLists:
         """The param groups the plan was made for: per group, its parameters (kept by
         identity, in order) and its "perturb" value."""
         self.plan.bind_groups(members, perturbs)
-
-    def holds(self, param_groups: list[dict]) -> bool | None:
-        """None when ``param_groups`` are not the groups bound by :meth:`bind_groups` (other
-        parameters, by identity, or perturb values); else whether the plan still holds
-        (csrc/binding/held.h HeldPlan::refresh). When it does, the gradients are read for this
-        step call, until :meth:`release`. One C++ call (binding/held_python.h Groups)."""
-        return self.plan.holds(param_groups)
-
-    def release(self) -> None:
-        """Drop the gradients :meth:`holds` read (at the end of each step call)."""
-        self.plan.release()
 
     def increment_steps(self, group: int) -> float | None:
         """Adam's steps of ``group`` (bound as "step") + 1, and their new value, when they all

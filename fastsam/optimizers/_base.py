@@ -182,7 +182,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
     def sam_step_next(self) -> bool:
         """Whether the next :meth:`first_step` is a SAM step (two passes): always, unless
         ``interval`` > 1 (then every ``interval``-th step, from the first)."""
-        return self._begun % self.interval == 0
+        return self._progress.begun % self.interval == 0
 
     # ----------------------------------------------------------------- the step
     @without_grad
