@@ -306,20 +306,6 @@ struct FromPython<bool> {
   }
 };
 
-template <>
-struct FromPython<std::string> {
-  static std::string read(PyObject* o, size_t index) {
-    if (!PyUnicode_Check(o)) wrong_argument(index, "a str", o);
-    Py_ssize_t size = 0;
-    const char* text = PyUnicode_AsUTF8AndSize(o, &size);
-    if (text == nullptr) {
-      PyErr_Clear();
-      wrong_argument(index, "a UTF-8 str", o);
-    }
-    return std::string(text, static_cast<size_t>(size));
-  }
-};
-
 // A view of the str's UTF-8 text, kept by the str (the call's argument: alive for the call).
 template <>
 struct FromPython<std::string_view> {
@@ -332,6 +318,14 @@ struct FromPython<std::string_view> {
       wrong_argument(index, "a UTF-8 str", o);
     }
     return std::string_view(text, static_cast<size_t>(size));
+  }
+};
+
+// A copy of the str's text (a name kept beyond the call).
+template <>
+struct FromPython<std::string> {
+  static std::string read(PyObject* o, size_t index) {
+    return std::string(FromPython<std::string_view>::read(o, index));
   }
 };
 
