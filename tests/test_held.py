@@ -714,6 +714,8 @@ def test_held_plan_refuses_misuse():
         plan.bind("w_old", 2, [])
     with pytest.raises(ValueError, match="add up to 3"):
         fastsam._C.HeldPlan(ps, [3], [])
+    with pytest.raises(ValueError, match="parameters on cpu and meta"):
+        fastsam._C.HeldPlan([ps[0], torch.zeros(2, device="meta")], [2], [])
     assert not plan.refresh()  # no gradients yet
     for p in ps:
         p.grad = torch.zeros_like(p)

@@ -82,6 +82,9 @@ class HeldPlan : public c10::intrusive_ptr_target {
                       msg("fastsam.HeldPlan: group sizes add up to ", starts_.back(), ", there are ",
                           params_.size(), " parameters"));
     for (const at::Tensor& p : params_) {
+      TORCH_CHECK_VALUE(p.device() == params_.front().device(),
+                        msg("fastsam.HeldPlan: parameters on ", params_.front().device(), " and ",
+                            p.device(), " (a plan's parameters are on one device)"));
       addresses_.push_back(p.data_ptr());
       dtypes_.push_back(p.dtype());
       dims_.push_back(p.dim());
@@ -106,6 +109,8 @@ class HeldPlan : public c10::intrusive_ptr_target {
       if (p.unsafeGetTensorImpl()->grad().defined()) return false;
     }
     grad_addresses_.resize(params_.size());
+    // every parameter's device (checked when the plan was made; one moved has another address)
+    const c10::Device device = params_.empty() ? c10::Device(c10::kCPU) : params_[0].device();
     bool laid_out = true;
     const int64_t* dims = dims_.data();  // (each parameter's: rank, sizes, strides)
     for (size_t i = 0; i < params_.size(); ++i) {
@@ -120,7 +125,7 @@ class HeldPlan : public c10::intrusive_ptr_target {
         return false;
       }
       const c10::TensorImpl* q = g.unsafeGetTensorImpl();
-      laid_out = laid_out && q->dtype() == dtypes_[i] && q->device() == p->device() &&
+      laid_out = laid_out && q->dtype() == dtypes_[i] && q->device() == device &&
                  same_dims(q->sizes(), sizes) && same_dims(q->strides(), strides);
       grad_addresses_[i] = laid_out ? reinterpret_cast<int64_t>(address_of(q)) : 0;
     }
