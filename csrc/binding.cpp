@@ -57,8 +57,13 @@
 // The mutation annotations ("Tensor(a!)[]") tell the dispatcher and torch.compile which lists
 // each operator writes. Kernels: CPU always; CUDA when built with FASTSAM_WITH_CUDA.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <ATen/ops/sqrt.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <initializer_list>
 
 #include "binding/checks.h"
 #include "binding/cpu_device.h"
@@ -155,6 +160,51 @@ TORCH_LIBRARY_IMPL(fastsam, CUDA, m) {
 
 namespace {
 
+// clip_coefficient(square_sum, max_norm, out): out ← min(1, max_norm / (sqrt(square_sum) +
+// 1e-6)), max_grad_norm's coefficient as torch.nn.utils.clip_grad_norm_ forms it, in the dtype
+// of the one-element CPU tensors square_sum and out (float32 or float64), rounded as torch's
+// operators round it step by step: torch's own sqrt (on the CPU not always the correctly
+// rounded one), then + and / correctly rounded in that dtype, 1e-6 and max_norm rounded to it
+// first; NaN stays NaN. One dispatch (the sqrt) where the optimizer's torch operators (sqrt,
+// add, div, minimum and their operands' fills) made seven.
+template <class T>
+void clip_coefficient_as(double max_norm, const at::Tensor& out) {
+  const T coefficient = static_cast<T>(max_norm) / (*out.data_ptr<T>() + static_cast<T>(1e-6));
+  *out.data_ptr<T>() = std::isnan(coefficient) || coefficient < T(1) ? coefficient : T(1);
+}
+
+PyObject* clip_coefficient(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 3 && THPVariable_Check(args[0]) && PyFloat_Check(args[1]) &&
+                       THPVariable_Check(args[2]),
+                   "fastsam._C.clip_coefficient takes (square_sum: Tensor, max_norm: float, "
+                   "out: Tensor)");
+  const at::Tensor& square_sum = THPVariable_Unpack(args[0]);
+  const at::Tensor& out = THPVariable_Unpack(args[2]);  // (written through its data)
+  for (const at::Tensor* t : {&square_sum, &out}) {
+    TORCH_CHECK_VALUE(t->is_cpu() && t->numel() == 1 && t->layout() == at::kStrided,
+                      fastsam::msg("fastsam._C.clip_coefficient: a one-element CPU tensor, got ",
+                                   t->numel(), " elements on ", t->device()));
+  }
+  TORCH_CHECK_TYPE(square_sum.scalar_type() == out.scalar_type() &&
+                       (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble),
+                   fastsam::msg("fastsam._C.clip_coefficient: float32 or float64 tensors of one "
+                                "dtype, got ", square_sum.scalar_type(), " and ",
+                                out.scalar_type()));
+  const double max_norm = PyFloat_AS_DOUBLE(args[1]);
+  {
+    at::Tensor root = out;  // (sqrt_out takes a mutable reference: the same tensor)
+    at::sqrt_out(root, square_sum);
+  }
+  if (out.scalar_type() == at::kDouble) {
+    clip_coefficient_as<double>(max_norm, out);
+  } else {
+    clip_coefficient_as<float>(max_norm, out);
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 // layout_key(lists): what the Triton launchers' cached tables depend on, as (hash, bytes):
 // the bytes hold the number of lists and their lengths, every tensor's address and dtype, and
 // the sizes and strides of the first list's tensors (the parameters); the hash is of those
@@ -223,6 +273,9 @@ PyObject* layout_key(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyMethodDef methods[] = {
+    {"clip_coefficient",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(clip_coefficient)),
+     METH_FASTCALL, "clip_coefficient(square_sum, max_norm, out): max_grad_norm's coefficient"},
     {"layout_key", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layout_key)),
      METH_FASTCALL, "(hash, bytes): the Triton launchers' table key of lists of tensors."},
     {nullptr, nullptr, 0, nullptr},

@@ -588,6 +588,13 @@ class Backend:
         """Pass C without an update: ``w ← w_old`` exactly."""
         raise NotImplementedError
 
+    def clip_coefficient(self, square_sum: Tensor, max_norm: float, out: Tensor) -> bool:
+        """max_grad_norm's coefficient ``min(1, max_norm / (sqrt(square_sum) + 1e-6))`` into
+        the 0-d ``out`` (the dtype of ``square_sum``), rounded as torch's operators round it
+        step by step, in one call; False, with nothing written, where the backend has no such
+        call for these tensors (the optimizer then forms it with torch's operators)."""
+        return False
+
     def wsam_decoupled(self, params: list[Tensor], first: list[Tensor], grads: list[Tensor],
                        alpha: float, clip: Tensor | None = None) -> None:
         """WSAM's decoupled term after its update (:class:`fastsam.WSAM`): ``first ← first −

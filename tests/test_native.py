@@ -602,6 +602,50 @@ def test_holds_checks_the_groups_by_identity_then_refreshes(ops):
         plan.bind_groups(1, (True,))
 
 
+def test_clip_coefficient_rounds_as_torchs_operators(ops):
+    """fastsam._C.clip_coefficient (max_grad_norm's coefficient on the CPU in one call) writes
+    what the optimizer's torch operators write, bit for bit: min(1, max_norm / (sqrt(s) +
+    1e-6)) in float32 and float64 (torch's own sqrt, which on the CPU is not always the
+    correctly rounded one), NaN kept, over zero, tiny, huge, infinite and negative sums."""
+    from fastsam import _C
+    from fastsam.backends.native import NativeBackend
+
+    def by_torch(s, max_norm):
+        c, eps, m, one = (torch.empty_like(s) for _ in range(4))
+        torch.sqrt(s, out=c).add_(eps.fill_(1e-6))
+        torch.div(m.fill_(max_norm), c, out=c)
+        return torch.minimum(c, one.fill_(1.0), out=c)
+
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        sums = [0.0, 1e-30, 1e-12, 0.25, 1.0, 4.0, 1e6, float(torch.finfo(dtype).max),
+                float("inf"), float("nan"), -1.0]
+        sums += (torch.rand(300, generator=gen, dtype=torch.float64)
+                 * 10.0 ** torch.randint(-8, 8, (300,), generator=gen)).tolist()
+        for value in sums:
+            for max_norm in (1e-3, 0.5, 1.0, 7.3, 1e5):
+                s = torch.tensor(value, dtype=dtype)
+                out = torch.empty_like(s)
+                _C.clip_coefficient(s, max_norm, out)
+                want = by_torch(s, max_norm)
+                assert torch.equal(out, want) or (out.isnan() and want.isnan()), (value, max_norm)
+    s, out = torch.tensor(4.0), torch.empty(())
+    with pytest.raises(TypeError, match="one dtype"):
+        _C.clip_coefficient(s, 1.0, torch.empty((), dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _C.clip_coefficient(s.half(), 1.0, out.half())
+    with pytest.raises(ValueError, match="one-element CPU tensor, got 2 elements"):
+        _C.clip_coefficient(s, 1.0, torch.empty(2))
+    with pytest.raises(ValueError, match="on meta"):
+        _C.clip_coefficient(s, 1.0, torch.empty((), device="meta"))
+    with pytest.raises(TypeError, match="takes"):
+        _C.clip_coefficient(s, 1, out)
+    # the backend takes the call on the CPU only (elsewhere the optimizer's torch operators)
+    assert NativeBackend("cpu").clip_coefficient(s, 1.0, out)
+    assert torch.equal(out, by_torch(s, 1.0)) and 0.4999 < out.item() < 0.5
+    assert not NativeBackend("cpu").clip_coefficient(s, 1.0, torch.empty((), device="meta"))
+
+
 def test_layout_key_changes_with_what_a_table_depends_on(ops):
     """fastsam._C.layout_key (the Triton launchers' table key): equal for the same tensors,
     different when any tensor is another (an equal copy), is viewed at another offset, changes

@@ -326,6 +326,13 @@ class NativeBackend(Backend):
         if params:
             torch.ops.fastsam.restore(params, w_old)
 
+    def clip_coefficient(self, square_sum: Tensor, max_norm: float, out: Tensor) -> bool:
+        # (CUDA: torch's operators, queued on the stream; under torch.compile: traced)
+        if not out.is_cpu or torch.compiler.is_compiling():
+            return False
+        _C.clip_coefficient(square_sum, max_norm, out)
+        return True
+
     def restore_sgd(
         self,
         params: list[Tensor],

@@ -259,12 +259,17 @@ class FusedOptimizer(Optimizer):
             return None
         groups = [PerturbGroup(ps, gs, ps, 0.0, Scaling()) for ps, gs in zip(plan.params, all_grads)
                   if ps]
-        return self._clip_from(self._backend_for(plan.device).perturbation_norm(groups, 2.0).total)
+        backend = self._backend_for(plan.device)
+        return self._clip_from(backend.perturbation_norm(groups, 2.0).total, backend)
 
-    def _clip_from(self, square_sum: Tensor) -> Tensor:
-        """The clip coefficient from ‖g‖₂² (a 0-d device tensor a reduction made)."""
-        coefficient, eps, max_norm, one = self._clip_kept(square_sum, "coefficient", "eps",
-                                                          "max_norm", "one")
+    def _clip_from(self, square_sum: Tensor, backend: Backend) -> Tensor:
+        """The clip coefficient from ‖g‖₂² (a 0-d device tensor a reduction made): the
+        backend's one call where it has one (``Backend.clip_coefficient``), else torch's
+        operators (the same numbers)."""
+        coefficient, = self._clip_kept(square_sum, "coefficient")
+        if backend.clip_coefficient(square_sum, self.max_grad_norm, coefficient):
+            return coefficient
+        eps, max_norm, one = self._clip_kept(square_sum, "eps", "max_norm", "one")
         torch.sqrt(square_sum, out=coefficient).add_(eps.fill_(1e-6))
         torch.div(max_norm.fill_(self.max_grad_norm), coefficient, out=coefficient)
         return torch.minimum(coefficient, one.fill_(1.0), out=coefficient)

@@ -260,7 +260,7 @@ class HeldSteps:
         opt = self.opt
         if opt.max_grad_norm is None:
             return None
-        return opt._clip_from(backend.held_norm(plan.held, with_params(plan)))
+        return opt._clip_from(backend.held_norm(plan.held, with_params(plan)), backend)
 
     def _skipped(self, plan: StepPlan, backend: NativeBackend, after_perturb: bool) -> bool:
         """GradScaler's and ``skip_nonfinite``'s decision over the held gradients, as the

@@ -248,14 +248,14 @@ class GSAM(SharpnessAwareOptimizer):
             return super()._update_clip(perturbed, now, grads, fused)
         backend = self._backend_for(now.device)
         self._clip_sums = backend.gsam_sums(self._decompose_groups(perturbed, grads))
-        return self._clip_from(self._clip_sums[1])
+        return self._clip_from(self._clip_sums[1], backend)
 
     def _held_update_clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
         """:meth:`_update_clip` over a held plan: the three sums a held reduction."""
         if self.max_grad_norm is None:
             return None
         self._clip_sums = backend.held_gsam_sums(plan.held, with_params(plan))
-        return self._clip_from(self._clip_sums[1])
+        return self._clip_from(self._clip_sums[1], backend)
 
     def _held_sources(self, plan: StepPlan, backend: NativeBackend,
                       clip: Tensor | None) -> list[HeldSource | None]:
