@@ -109,6 +109,7 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         self._q = dual_exponent(self._p)
         self._eps = check_finite_nonnegative("eps", eps)
         self._closure_drives = False  # see _closure_makes_the_passes()
+        self._kept_sources: tuple | None = None  # see _kept_held_sources
         super().__init__(
             params, base_optimizer, defaults, backend=backend, base_kwargs=base_kwargs,
             average=average, skip_nonfinite=skip_nonfinite, capturable=capturable,
@@ -407,6 +408,21 @@ class SharpnessAwareOptimizer(FusedOptimizer):
         plan of both passes): per group, the gradient source of its held update (None: the
         plain gradient), or None for every group."""
         return None
+
+    def _kept_held_sources(self, plan: StepPlan, along: Tensor, coefficients: object,
+                           make: Callable[[], list[HeldSource | None]]
+                           ) -> list[HeldSource | None]:
+        """``make()``, the held update's gradient sources over ``plan`` (GSAM's and WSAM's
+        decompositions, reading the kept buffer ``along``), kept while ``plan`` and ``along``
+        are the same objects and ``coefficients`` equal: made once, not at every step. The
+        sources are read, never changed."""
+        kept = self._kept_sources
+        if (kept is not None and kept[0] is plan and kept[1] is along
+                and kept[2] == coefficients):
+            return kept[3]
+        sources = make()
+        self._kept_sources = (plan, along, coefficients, sources)
+        return sources
 
     def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
                            clip: Tensor | None) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..backends._constants import any_tensor
 from ..functional import (
     AdamHyper,
     Average,
@@ -42,9 +43,8 @@ def fused_kind(base: Optimizer, plan: StepPlan | None = None) -> str | None:
         if kind == "adam":
             if group.get("capturable") or group.get("fused"):
                 return None
-            for beta in group["betas"]:  # (a float first: isinstance goes through a metaclass)
-                if type(beta) is not float and isinstance(beta, Tensor):
-                    return None
+            if any_tensor(group["betas"]):
+                return None
     return None if plan is not None and plan.has_complex else kind
 
 

@@ -162,7 +162,6 @@ class GSAM(SharpnessAwareOptimizer):
         )
         self.rho_t = rho
         self._clip_sums: Tensor | None = None  # see _update_clip
-        self._held_sources_kept: tuple | None = None  # see _held_sources
         if rho_scheduler is not None:
             current = getattr(rho_scheduler, "value", None)
             self._set_rho(float(current) if current is not None else rho_scheduler.step())
@@ -266,15 +265,10 @@ class GSAM(SharpnessAwareOptimizer):
         else:
             along = self._clipped_along(self._clip_sums, clip)
         alphas = [float(group["gsam_alpha"]) for group in self.param_groups]
-        kept = self._held_sources_kept  # the same plan, along buffer and alphas: the same
-        if kept is not None and kept[0] is plan and kept[1] is along and kept[2] == alphas:
-            return kept[3]
-        sources = [
+        return self._kept_held_sources(plan, along, alphas, lambda: [
             HeldSource("first", Decomposition(f, alpha, along)) if alpha != 0.0 and f else None
             for f, alpha in zip(self._first_buffers(plan), alphas)
-        ]
-        self._held_sources_kept = (plan, along, alphas, sources)  # (read, never changed)
-        return sources
+        ])
 
     def _clipped_along(self, sums: Tensor, clip: Tensor) -> Tensor:
         """``along`` (:func:`fastsam.functional.gsam_along_from_sums`) of the clipped c·g_adv

@@ -82,7 +82,6 @@ class WSAM(SharpnessAwareOptimizer):
         self.gamma, self.decouple = float(gamma), decouple
         self.alpha = self.gamma / (1.0 - self.gamma)
         self._one: Tensor | None = None
-        self._held_sources_kept: tuple | None = None  # see _held_sources
         super().__init__(
             params, base_optimizer, dict(rho=rho, adaptive=adaptive), p=2, eps=eps,
             backend=backend, base_kwargs=base_kwargs, average=average,
@@ -160,14 +159,10 @@ class WSAM(SharpnessAwareOptimizer):
     def _held_sources(self, plan: StepPlan, backend: NativeBackend,
                       clip: Tensor | None) -> list[HeldSource | None]:
         self._refuse(plan, plan)
-        kept = self._held_sources_kept  # the same plan, alpha and decoupling: the same
-        if (kept is not None and kept[0] is plan and kept[1] == self.alpha
-                and kept[2] == self.decouple):
-            return kept[3]
-        sources = [None if d is None else HeldSource("first", d)
-                   for d in self._decompositions(plan)]
-        self._held_sources_kept = (plan, self.alpha, self.decouple, sources)  # (never changed)
-        return sources
+        return self._kept_held_sources(
+            plan, self._along(plan.device), (self.alpha, self.decouple),
+            lambda: [None if d is None else HeldSource("first", d)
+                     for d in self._decompositions(plan)])
 
     def _held_after_update(self, plan: StepPlan, backend: NativeBackend,
                            clip: Tensor | None) -> None:
