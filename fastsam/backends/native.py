@@ -108,13 +108,6 @@ def _held_lists(names: list[str], w_old: str, source: HeldSource | None = None,
     return names
 
 
-def _held_source(source: HeldSource | None) -> tuple:
-    """The (along, alpha, grad_mode) arguments of a held update (its operand goes by name)."""
-    if source is None:
-        return None, 0.0, 0
-    return source.source.scalar, source.source.coefficient, source.source.mode
-
-
 def _flatten(groups: list[PerturbGroup]):
     """The per-group lists the perturbation operators take."""
     return (
@@ -290,6 +283,20 @@ class NativeBackend(Backend):
         numbers = [0.0 if isinstance(v, Tensor) else v for v in values]
         return numbers, self._constants(values, device)
 
+    def _held_scalars(self, hyper: SGDHyper | AdamHyper, average: Average | None,
+                      source: HeldSource | None, held: HeldLists) -> tuple:
+        """The scalar arguments of a held update: its hp numbers and their device array (as
+        :meth:`_scalars`, the averaging weight one more entry), then the (along, alpha,
+        grad_mode) of ``source`` (its operand goes by name; None: the plain gradient)."""
+        scalars = hyper.kernel_scalars
+        if average is not None:
+            scalars, _ = _averaging(scalars, average)
+        hp, hp_device = ((scalars, None) if not any_tensor(scalars)  # (no list made: a tuple
+                         else self._scalars(scalars, held.device))  # reads as well)
+        if source is None:
+            return hp, hp_device, None, 0.0, 0
+        return hp, hp_device, source.source.scalar, source.source.coefficient, source.source.mode
+
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         flat = _flatten(groups)
         params, grads, sizes, modes, etas = flat
@@ -390,8 +397,9 @@ class NativeBackend(Backend):
                      names: tuple[str, str] = ("grad", "w_old"),
                      momentum: tuple[str, str, tuple] | None = None) -> bool:
         """Passes A and B over ``groups`` of ``held`` (their params, gradients and w_old): as
-        :meth:`perturbation_norm` then :meth:`perturb`, ``scalings``, ``rhos`` and ESAM's
-        ``masks`` (one per group, every one or none a Mask, with one key) per group.
+        :meth:`perturbation_norm` then :meth:`perturb` (``q``: the dual exponent of ``p``),
+        ``scalings``, ``rhos`` and ESAM's ``masks`` (one per group, every one or none a Mask,
+        with one key) per group.
         ``perturbs(S)``, given: whether pass B follows pass A (False returned: it did not).
         ``keep``: the bound list pass B copies g into (GSAM's "first"), or "". ``names``: the
         lists in the places of g and w_old (MSAM's momentum and "weights"). ``momentum``:
@@ -415,7 +423,7 @@ class NativeBackend(Backend):
             key = masks[0].key
         # lists: params, grads, w_old, keep, momentum, momentum_next (binding/held.h)
         held.plan.perturb(groups, ["params", *names, keep, m, m_next], modes, etas,
-                          self._constants(rhos, held.device), out, scratch, dual_exponent(p), p,
+                          self._constants(rhos, held.device), out, scratch, q, p,
                           eps, skipped, coefficients, thresholds, *key)
         return True
 
@@ -449,12 +457,12 @@ class NativeBackend(Backend):
         "average" bound as the update needs them), as :meth:`restore_sgd`; ``w_old``
         "params": a plain update from the weights as they are; ``source``: what it reads
         instead of the plain gradient."""
-        scalars, _ = _averaging(hyper.kernel_scalars, average)
-        hp, hp_device = self._scalars(scalars, held.device)
-        lists = _held_lists(_HELD_SGD[hyper.momentum != 0, average is not None], w_old, source,
-                            _SGD_OPERAND)
-        held.plan.sgd([group], lists, hp, hp_device, hyper.nesterov, hyper.maximize, False,
-                      *_held_source(source), hyper.skip, hyper.clip)
+        hp, hp_device, along, alpha, mode = self._held_scalars(hyper, average, source, held)
+        lists = _HELD_SGD[hyper.momentum != 0, average is not None]
+        if w_old != "w_old" or source is not None:
+            lists = _held_lists(lists, w_old, source, _SGD_OPERAND)
+        held.plan.sgd((group,), lists, hp, hp_device, hyper.nesterov, hyper.maximize, False,
+                      along, alpha, mode, hyper.skip, hyper.clip)
 
     def held_adam(self, held: HeldLists, group: int, hyper: AdamHyper,
                   average: Average | None, w_old: str = "w_old",
@@ -462,12 +470,12 @@ class NativeBackend(Backend):
         """Pass C with Adam/AdamW over group ``group`` of ``held`` (w_old, "exp_avg",
         "exp_avg_sq", "max_exp_avg_sq" with amsgrad and "average" bound), as
         :meth:`restore_adam`; ``w_old`` and ``source`` as in :meth:`held_sgd`."""
-        scalars, _ = _averaging(hyper.kernel_scalars, average)
-        hp, hp_device = self._scalars(scalars, held.device)
-        lists = _held_lists(_HELD_ADAM[hyper.amsgrad, average is not None], w_old, source,
-                            _ADAM_OPERAND)
-        held.plan.adam([group], lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
-                       hyper.maximize, *_held_source(source), hyper.skip, hyper.clip)
+        hp, hp_device, along, alpha, mode = self._held_scalars(hyper, average, source, held)
+        lists = _HELD_ADAM[hyper.amsgrad, average is not None]
+        if w_old != "w_old" or source is not None:
+            lists = _held_lists(lists, w_old, source, _ADAM_OPERAND)
+        held.plan.adam((group,), lists, hp, hp_device, hyper.decoupled, hyper.amsgrad,
+                       hyper.maximize, along, alpha, mode, hyper.skip, hyper.clip)
 
     def wsam_decoupled(self, params: list[Tensor], first: list[Tensor], grads: list[Tensor],
                        alpha: float, clip: Tensor | None = None) -> None:
