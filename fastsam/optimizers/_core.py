@@ -215,6 +215,11 @@ class FusedOptimizer(Optimizer):
             return fused_kind(self.base_optimizer, plan)
         if torch.compiler.is_compiling() and plan.fused is not None:
             return plan.fused[0]
+        return self._eager_update_kind(plan)
+
+    def _eager_update_kind(self, plan: StepPlan) -> str | None:
+        """:meth:`_fused_update_kind` of an eager step over ``plan`` (the held steps': they are
+        never traced), kept for torch.compile's traces of ``plan``."""
         kind = fused_kind(self.base_optimizer, plan)
         plan.fused = (kind,)
         return kind

@@ -46,10 +46,10 @@ if TYPE_CHECKING:
     from ._core import FusedOptimizer
 
 
-def _same_hook(opt: SharpnessAwareOptimizer, name: str) -> bool:
+def _same_hook(opt: SharpnessAwareOptimizer | FusedOptimizer, name: str) -> bool:
     from ._base import SharpnessAwareOptimizer
 
-    return getattr(type(opt), name) is getattr(SharpnessAwareOptimizer, name)
+    return getattr(type(opt), name, None) is getattr(SharpnessAwareOptimizer, name)
 
 
 # The hooks a variant overrides when its step is more than passes A, B and C.
@@ -71,6 +71,13 @@ def applies(opt: SharpnessAwareOptimizer) -> bool:
     return not opt._capturable and (sam_steps_apply(opt)
                                     or "_between_sam_steps" in opt._held_hooks)
 
+
+# The hooks a held step calls that the base class defines as doing nothing (no masks, no
+# momentum, always perturbing, no gradient sources, nothing after the update; no averaging
+# left over without averages): called only where the optimizer's class overrides them
+# (HeldSteps.overrides), a call less each at every step.
+_NO_OP_HOOKS = ("_masks", "_held_momentum", "_perturbs", "_held_sources", "_held_after_update",
+                "_held_average_rest")
 
 # The base optimizer's state lists a held update reads (bound from the state dicts).
 _MOMENTUM = ("momentum_buffer",)
@@ -100,6 +107,7 @@ class HeldSteps:
         self.opt = opt
         self.sam_steps = sam_steps  # first and second steps held too (not LookSAM's, FreeSAM's)
         self.skipped = False  # whether the last held update was skipped (inf/NaN, GradScaler)
+        self.overrides = frozenset(name for name in _NO_OP_HOOKS if not _same_hook(opt, name))
 
     def _backend(self, plan: StepPlan) -> NativeBackend | None:
         if plan.device is None or torch.compiler.is_compiling():
@@ -157,18 +165,20 @@ class HeldSteps:
         if not groups:
             flag.zero_()  # nothing perturbed: nothing to skip
             return plan
-        momentum = opt._held_momentum(plan, groups)
+        overrides = self.overrides
+        momentum = opt._held_momentum(plan, groups) if "_held_momentum" in overrides else None
         if momentum is False:  # (FriendlySAM's first steps of some parameters)
             return None
-        chosen, scalings, rhos = [], [], []
+        scalings, rhos = [], []
         for i in groups:  # (one loop: comprehensions cost a call each, at every step)
             group = opt.param_groups[i]
-            chosen.append(group)
             scalings.append(opt._scaling(group))
             rhos.append(opt._rho(group))
         perturbed = opt._backend_for(plan.device).held_perturb(
             plan.held, groups, scalings, tuple(rhos), opt._q, opt._p, opt._eps, flag,
-            opt._perturbs, opt._masks(chosen), "first" if opt._keeps_first_grads else "",
+            opt._perturbs if "_perturbs" in overrides else None,
+            opt._masks([opt.param_groups[i] for i in groups]) if "_masks" in overrides else None,
+            "first" if opt._keeps_first_grads else "",
             momentum=momentum,
         )
         return plan if perturbed else False
@@ -212,7 +222,7 @@ class HeldSteps:
         """Pass C over ``perturbed``, restoring from the list ``w_old`` ("params": a plain
         update from the weights as they are)."""
         opt = self.opt
-        kind = opt._fused_update_kind(perturbed)
+        kind = opt._eager_update_kind(perturbed)
         if kind is None or not self._bind_state(perturbed, kind):
             return False
         backend = opt._backend_for(perturbed.device)
@@ -223,7 +233,8 @@ class HeldSteps:
             return True
         if after_perturb:  # the hooks of a SAM step's update (GSAM's decomposition)
             clip = opt._held_update_clip(perturbed, backend)
-            sources = opt._held_sources(perturbed, backend, clip)
+            sources = (opt._held_sources(perturbed, backend, clip)
+                       if "_held_sources" in self.overrides else None)
         else:
             clip = self.clip(perturbed, backend)
             sources = plain_sources(perturbed, clip) if plain_sources is not None else None
@@ -249,9 +260,10 @@ class HeldSteps:
                             params if w_old == "params" else perturbed.w_old[i],
                             opt._planner.states(perturbed, opt.state)[i],
                             source.source if source else None, average, None, clip)
-        if after_perturb:
+        if after_perturb and "_held_after_update" in self.overrides:
             opt._held_after_update(perturbed, backend, clip)
-        opt._held_average_rest(perturbed, averages)
+        if averages or "_held_average_rest" in self.overrides:
+            opt._held_average_rest(perturbed, averages)
         return True
 
     def clip(self, plan: StepPlan, backend: NativeBackend) -> Tensor | None:
@@ -268,13 +280,12 @@ class HeldSteps:
         scaler): True when the update is skipped, the perturbed weights restored
         (``after_perturb``)."""
         opt = self.opt
-        groups = with_params(plan)
         kept = "first" if after_perturb and opt._keeps_first_grads else None  # unscaled too
-        if not opt._decide_skip(lambda: HeldGradients(plan.held, groups, kept), plan.device,
-                                after_perturb):
+        if not opt._decide_skip(lambda: HeldGradients(plan.held, with_params(plan), kept),
+                                plan.device, after_perturb):
             return False
         if after_perturb:  # the weights back, but those of groups never moved (own w_old)
-            moved = [i for i in groups if plan.w_old[i][0] is not plan.params[i][0]]
+            moved = [i for i in with_params(plan) if plan.w_old[i][0] is not plan.params[i][0]]
             if moved:
                 backend.held_restore(plan.held, moved)
         return True

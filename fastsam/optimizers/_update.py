@@ -43,7 +43,9 @@ def fused_kind(base: Optimizer, plan: StepPlan | None = None) -> str | None:
         if kind == "adam":
             if group.get("capturable") or group.get("fused"):
                 return None
-            if any_tensor(group["betas"]):
+            beta1, beta2 = group["betas"]  # (floats told by type first: a call less)
+            if (type(beta1) is not float or type(beta2) is not float) and any_tensor(
+                    (beta1, beta2)):
                 return None
     return None if plan is not None and plan.has_complex else kind
 
