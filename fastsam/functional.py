@@ -356,11 +356,17 @@ class AdamHyper:            # group and step; nothing changes one after it is ma
     @property
     def kernel_scalars(self) -> tuple:
         """The scalars the fused kernels read, in their order: [lr, β1, β2, eps, weight_decay,
-        lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay]."""
-        return (
-            self.lr, self.beta1, self.beta2, self.eps, self.weight_decay,
-            self.step_size, self.bias_correction2_sqrt, self.decay,
-        )
+        lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay]: :attr:`step_size`,
+        :attr:`bias_correction2_sqrt` and :attr:`decay` formed inline (three property calls
+        cost ~0.3 us, per group and step; tests/test_functional.py checks they agree)."""
+        lr, step = self.lr, self.step
+        if step is None:  # per tensor in ``bias``
+            step_size = bias_correction2_sqrt = 0.0
+        else:
+            step_size = lr / (1.0 - self.beta1**step)
+            bias_correction2_sqrt = (1.0 - self.beta2**step) ** 0.5
+        return (lr, self.beta1, self.beta2, self.eps, self.weight_decay, step_size,
+                bias_correction2_sqrt, 1.0 - lr * self.weight_decay)
 
 
 @dataclass

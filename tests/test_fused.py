@@ -266,3 +266,22 @@ def test_triton_kernels_compile_for_a_gpu():
                           timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("ok ") == 66
+
+
+@pytest.mark.parametrize("lr", [1e-3, "tensor"])
+@pytest.mark.parametrize("step", [None, 1.0, 7.0])
+def test_adam_kernel_scalars_are_the_properties_values(lr, step):
+    """AdamHyper.kernel_scalars forms step_size, bias_correction2_sqrt and decay inline (the
+    properties cost a call each at every step): the same values, of the same type, as the
+    properties the torch backend reads; a tensor lr included."""
+    from fastsam.functional import AdamHyper
+
+    lr = torch.tensor(3e-3, dtype=torch.float64) if lr == "tensor" else lr
+    hyper = AdamHyper(lr, 0.9, 0.999, 1e-8, 0.01, True, False, False, step)
+    want = (hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+            hyper.step_size, hyper.bias_correction2_sqrt, hyper.decay)
+    got = hyper.kernel_scalars
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert type(a) is type(b)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
