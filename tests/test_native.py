@@ -602,6 +602,29 @@ def test_holds_checks_the_groups_by_identity_then_refreshes(ops):
         plan.bind_groups(1, (True,))
 
 
+def test_any_tensor_in_c_tells_what_the_loop_tells(ops):
+    """fastsam._C.any_tensor (the held updates' check of their scalars) answers as
+    fastsam.backends._constants.any_tensor: numbers (floats, ints, bools, in lists or tuples)
+    are no tensors; a tensor, a Parameter, a 0-d or a subclass instance is one; other objects
+    (a numpy float, None) are not; a non-sequence is refused."""
+    from fastsam import _C
+    from fastsam.backends._constants import any_tensor
+
+    class Sub(torch.Tensor):
+        pass
+
+    t = torch.ones(())
+    cases = [(), [], (1.0,), (1, True, 2.5, False, 0), [0.1, 0.9, 5e-4], (np.float64(1.0),),
+             (None, "x"), (t,), [1.0, 2.0, t], (torch.nn.Parameter(torch.ones(2)),),
+             (0.5, t.as_subclass(Sub)), (np.float64(2.0), 1, torch.zeros(3))]
+    for values in cases:
+        assert _C.any_tensor(values) is any_tensor(values), values
+    assert [any_tensor(v) for v in cases] == [False] * 7 + [True] * 5  # (the oracle itself)
+    for wrong in (iter([t]), {1.0}, t, 1.0):
+        with pytest.raises(TypeError, match="list or tuple"):
+            _C.any_tensor(wrong)
+
+
 def test_clip_coefficient_rounds_as_torchs_operators(ops):
     """fastsam._C.clip_coefficient (max_grad_norm's coefficient on the CPU in one call) writes
     what the optimizer's torch operators write, bit for bit: min(1, max_norm / (sqrt(s) +

@@ -291,8 +291,10 @@ class NativeBackend(Backend):
         scalars = hyper.kernel_scalars
         if average is not None:
             scalars, _ = _averaging(scalars, average)
-        hp, hp_device = ((scalars, None) if not any_tensor(scalars)  # (no list made: a tuple
-                         else self._scalars(scalars, held.device))  # reads as well)
+        # (_C.any_tensor: any_tensor's loop in C, which torch.compile cannot trace: a held step
+        # is never traced. The tuple as it is: it reads as a list does.)
+        hp, hp_device = ((scalars, None) if not _C.any_tensor(scalars)
+                         else self._scalars(scalars, held.device))
         if source is None:
             return hp, hp_device, None, 0.0, 0
         return hp, hp_device, source.source.scalar, source.source.coefficient, source.source.mode
