@@ -246,6 +246,25 @@ def test_schedules_are_read_each_step(calls):
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
+def test_held_calls_record_profiler_events(calls):
+    """Each held call records its own profiler event (they are not dispatched operators), once
+    a call, while the profiler listens; before and after, the same steps record nothing."""
+    params = make_params(SHAPES, torch.float32, DEVICE, seed=3)
+    opt = fastsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, skip_nonfinite=True,
+                      max_grad_norm=1.0, backend="cpu")
+    land = Landscape(SHAPES)
+    drive(opt, params, land, 2)  # held from the second step on
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        drive(opt, params, land, 3, first=2)
+    drive(opt, params, land, 1, first=5)  # (no listener: no event begun)
+    names = [e.name for e in prof.events()]
+    # per step: pass A, and the update's clip norm; pass B; the update; the skip's check
+    for name, count in (("norm", 6), ("perturb", 3), ("sgd", 3), ("check_nonfinite", 3)):
+        assert names.count(f"fastsam::held_{name}") == count, name
+    assert calls["perturb"] == 5 and calls["sgd"] == 5
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend")
 def test_gsam_alpha_is_read_each_step(calls):
     """GSAM's per-group alpha changed between steps (a schedule; 0 turns the decomposition
     off for the group): the held update's gradient sources follow it, bit for bit the general

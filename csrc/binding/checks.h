@@ -100,12 +100,13 @@ void check_exponents(const char* op, double q) {
 // A scratch tensor grows onto new storage instead of resizing its own: a CUDA graph captured
 // with the old storage reads it at every replay, and fastsam/backends/native.py keeps it alive
 // for that graph (a resize would free it under the graph).
-void grow_scratch(at::Tensor& scratch, int64_t numel) {
+void grow_scratch(const at::Tensor& scratch, int64_t numel) {
   scratch.set_(at::empty({numel}, scratch.options()));
 }
 
 // Scratch (fp64): [0, n) per-segment partials, [n, 2n) filter norms. Grown, never shrunk.
-void check_scratch(const char* op, at::Tensor& scratch, at::TensorList w, int64_t n, bool grow) {
+void check_scratch(const char* op, const at::Tensor& scratch, at::TensorList w, int64_t n,
+                   bool grow) {
   check_scalar_tensor(op, "scratch", scratch, w, 0);
   TORCH_CHECK_TYPE(scratch.scalar_type() == at::kDouble, msg("fastsam.", op,
                    ": scratch must be float64, got ", scratch.scalar_type()));

@@ -14,7 +14,7 @@ namespace {  // this header is included by csrc/binding.cpp only
 
 // A one-element float32 or float64 tensor (the reductions' outputs, checked so before) set
 // to `v`: one store, where a dispatched fill_ costs ~800 instructions a call.
-inline void store_value(at::Tensor& out, double v) {
+inline void store_value(const at::Tensor& out, double v) {
   if (out.scalar_type() == at::kDouble) {
     *out.data_ptr<double>() = v;
   } else {
@@ -31,7 +31,7 @@ struct Cpu {
     return host_tables(lists, options, kCpuChunk);
   }
   void norm_partials(const Table& t, const NormArgs& a) const { cpu::norm_partials(t, a); }
-  void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
+  void norm_sum(const double* partials, int64_t n, const at::Tensor& out) const {
     store_value(out, cpu::sum_partials(partials, n));
   }
   void perturb(const Table& t, const PerturbArgs& a) const { cpu::perturb(t, a); }
@@ -42,10 +42,10 @@ struct Cpu {
   void sgd(const Table& t, const SgdArgs& a) const { cpu::sgd(t, a); }
   void adam(const Table& t, const AdamArgs& a) const { cpu::adam(t, a); }
   void gsam_partials(const Table& t, double* partials) const { cpu::gsam_partials(t, partials); }
-  void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
+  void gsam_along(const double* partials, int64_t n, double eps, const at::Tensor& out) const {
     store_value(out, cpu::gsam_along(partials, n, eps));
   }
-  void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
+  void gsam_sums(const double* partials, int64_t n, const at::Tensor& out) const {
     double sums[3];
     cpu::gsam_sums(partials, n, sums);
     if (out.scalar_type() == at::kDouble) {

@@ -137,7 +137,7 @@ struct Cuda {
   void norm_partials(const Table& t, const NormArgs& a) const {
     cuda::norm_partials(t, a, stream);
   }
-  void norm_sum(const double* partials, int64_t n, at::Tensor& out) const {
+  void norm_sum(const double* partials, int64_t n, const at::Tensor& out) const {
     cuda::sum_partials(partials, n, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
   }
   void perturb(const Table& t, const PerturbArgs& a) const { cuda::perturb(t, a, stream); }
@@ -152,10 +152,10 @@ struct Cuda {
   void gsam_partials(const Table& t, double* partials) const {
     cuda::gsam_partials(t, partials, stream);
   }
-  void gsam_along(const double* partials, int64_t n, double eps, at::Tensor& out) const {
+  void gsam_along(const double* partials, int64_t n, double eps, const at::Tensor& out) const {
     cuda::gsam_along(partials, n, eps, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
   }
-  void gsam_sums(const double* partials, int64_t n, at::Tensor& out) const {
+  void gsam_sums(const double* partials, int64_t n, const at::Tensor& out) const {
     cuda::gsam_sums(partials, n, out.data_ptr(), out.scalar_type() == at::kDouble, stream);
   }
   void stream_read(const float* x, int64_t n, at::Tensor& out) const {

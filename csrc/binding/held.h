@@ -550,13 +550,28 @@ auto options_key(at::IntArrayRef modes, at::ArrayRef<double> etas) {
 
 // The passes over a held plan, methods of fastsam._C.HeldPlan (binding/held_python.h): each
 // as the operator of binding/ops.h it stands for, the list arguments given by name. Not
-// dispatched operators, so each records a profiler event of its own.
+// dispatched operators, so each records a profiler event of its own (FASTSAM_HELD_EVENT).
+
+// A held call's profiler event `name`, begun only while the profiler (or another observer)
+// listens, as the dispatcher does for the operators: RecordFunction's plain constructor (the
+// RECORD_FUNCTION macro) gathers the callbacks at every call (~150 instructions) to find none.
+#define FASTSAM_HELD_EVENT(name)                                                        \
+  std::optional<at::RecordFunction> held_event;                                         \
+  if (auto callbacks = at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION)) {    \
+    held_event.emplace(std::move(*callbacks));                                          \
+    if (held_event->needsInputs()) {                                                    \
+      held_event->before(name, c10::ArrayRef<const c10::IValue>{});                     \
+    } else {                                                                            \
+      held_event->before(name);                                                         \
+    }                                                                                   \
+  }
 
 // lists: params, grads, momentum
 void held_norm(const Held& plan, const Ints& groups, const Names& lists,
                const Ints& group_modes, const Doubles& group_etas, double q,
-               at::Tensor out, at::Tensor scratch, std::optional<at::Tensor> group_momentum) {
-  RECORD_FUNCTION("fastsam::held_norm", std::vector<c10::IValue>());
+               const at::Tensor& out, const at::Tensor& scratch,
+               std::optional<at::Tensor> group_momentum) {
+  FASTSAM_HELD_EVENT("fastsam::held_norm");
   const HeldCall l(plan, "norm", groups, lists, 3, options_key(group_modes, group_etas));
   const Ints sizes = plan->sizes(groups);
   on_plan_device(plan, [&](auto* tag) {
@@ -569,11 +584,12 @@ void held_norm(const Held& plan, const Ints& groups, const Names& lists,
 // lists: params, grads, w_old, keep, momentum, momentum_next
 void held_perturb(const Held& plan, const Ints& groups, const Names& lists,
                   const Ints& group_modes, const Doubles& group_etas,
-                  at::Tensor group_rhos, at::Tensor norm_sum, at::Tensor scratch, double q,
-                  double p, double eps, at::Tensor skipped,
+                  const at::Tensor& group_rhos, const at::Tensor& norm_sum,
+                  const at::Tensor& scratch, double q, double p, double eps,
+                  const at::Tensor& skipped,
                   std::optional<at::Tensor> group_momentum, std::optional<at::Tensor> group_mask,
                   int64_t mask_key0, int64_t mask_key1) {
-  RECORD_FUNCTION("fastsam::held_perturb", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_perturb");
   const HeldCall l(plan, "perturb", groups, lists, 6, options_key(group_modes, group_etas));
   const Ints sizes = plan->sizes(groups);
   on_plan_device(plan, [&](auto* tag) {
@@ -586,7 +602,7 @@ void held_perturb(const Held& plan, const Ints& groups, const Names& lists,
 
 // lists: params, w_old
 void held_restore(const Held& plan, const Ints& groups, const Names& lists) {
-  RECORD_FUNCTION("fastsam::held_restore", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_restore");
   const HeldCall l(plan, "restore", groups, lists, 2);
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
@@ -599,7 +615,7 @@ void held_sgd(const Held& plan, const Ints& groups, const Names& lists,
               const Doubles& hp, std::optional<at::Tensor> hp_device, bool nesterov,
               bool maximize, bool fresh, std::optional<at::Tensor> along, double alpha,
               int64_t grad_mode, std::optional<at::Tensor> skip, std::optional<at::Tensor> clip) {
-  RECORD_FUNCTION("fastsam::held_sgd", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_sgd");
   const HeldCall l(plan, "sgd", groups, lists, 6);
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
@@ -615,7 +631,7 @@ void held_adam(const Held& plan, const Ints& groups, const Names& lists,
                bool amsgrad, bool maximize, std::optional<at::Tensor> along, double alpha,
                int64_t grad_mode, std::optional<at::Tensor> skip,
                std::optional<at::Tensor> clip) {
-  RECORD_FUNCTION("fastsam::held_adam", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_adam");
   const HeldCall l(plan, "adam", groups, lists, 8,
                    [amsgrad](std::string& key) { key += amsgrad ? 'a' : '-'; });
   on_plan_device(plan, [&](auto* tag) {
@@ -629,8 +645,8 @@ void held_adam(const Held& plan, const Ints& groups, const Names& lists,
 // gradients left to the tables when refresh() kept their addresses (laid out as their
 // parameters, as the kept first gradients are); else read and checked at each call.
 void held_gsam(const Held& plan, const Ints& groups, const Names& lists,
-               double eps, bool sums, at::Tensor out, at::Tensor scratch) {
-  RECORD_FUNCTION("fastsam::held_gsam", std::vector<c10::IValue>());
+               double eps, bool sums, const at::Tensor& out, const at::Tensor& scratch) {
+  FASTSAM_HELD_EVENT("fastsam::held_gsam");
   const char* op = sums ? "gsam_sums" : "gsam_along";
   const HeldCall l(plan, op, groups, lists, 2);
   on_plan_device(plan, [&](auto* tag) {
@@ -647,7 +663,7 @@ void held_gsam(const Held& plan, const Ints& groups, const Names& lists,
 void held_wsam_decoupled(const Held& plan, const Ints& groups, const Names& lists,
                          double alpha,
                          std::optional<at::Tensor> clip) {
-  RECORD_FUNCTION("fastsam::held_wsam_decoupled", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_wsam_decoupled");
   const HeldCall l(plan, "wsam_decoupled", groups, lists, 3);
   on_plan_device(plan, [&](auto* tag) {
     using D = std::remove_pointer_t<decltype(tag)>;
@@ -678,7 +694,7 @@ std::vector<std::vector<at::Tensor>> by_dtype(at::TensorList tensors) {
 // kept the gradients' addresses; else torch's _foreach_mul_ per dtype, which takes any strides.
 void held_scale(const Held& plan, const Ints& groups, const Names& names,
                 std::vector<at::Tensor> factors) {
-  RECORD_FUNCTION("fastsam::held_scale", std::vector<c10::IValue>());
+  FASTSAM_HELD_EVENT("fastsam::held_scale");
   if (plan->grad_addresses() != nullptr) {
     for (const at::Tensor& f : factors) {
       check_scalar_tensor("scale", "factors", f, {plan->first_param()}, 1);
@@ -711,9 +727,9 @@ void held_scale(const Held& plan, const Ints& groups, const Names& names,
 // gradients' addresses (each laid out as its parameter: dense, checked); else torch's GradScaler
 // kernel per dtype (_amp_foreach_non_finite_check_and_unscale_, `one` the factor: 1), which
 // takes any strides.
-void held_check_nonfinite(const Held& plan, const Ints& groups, at::Tensor found,
-                          at::Tensor one) {
-  RECORD_FUNCTION("fastsam::held_check_nonfinite", std::vector<c10::IValue>());
+void held_check_nonfinite(const Held& plan, const Ints& groups, const at::Tensor& found,
+                          const at::Tensor& one) {
+  FASTSAM_HELD_EVENT("fastsam::held_check_nonfinite");
   check_scalar_tensor("nonfinite", "found", found, {plan->first_param()}, 1);
   if (plan->grad_addresses() != nullptr) {
     const HeldCall l(plan, "nonfinite", groups, {"grad"}, 1);
@@ -723,8 +739,9 @@ void held_check_nonfinite(const Held& plan, const Ints& groups, at::Tensor found
     });
     return;
   }
+  at::Tensor flag = found;  // (the operator takes a mutable reference: the same tensor)
   for (const std::vector<at::Tensor>& grads : by_dtype(plan->resolve("grad", groups).view)) {
-    at::_amp_foreach_non_finite_check_and_unscale_(grads, found, one);
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, flag, one);
   }
 }
 

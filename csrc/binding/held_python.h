@@ -331,7 +331,8 @@ struct FromPython<std::string> {
 
 template <>
 struct FromPython<at::Tensor> {
-  static at::Tensor read(PyObject* o, size_t index) {
+  // (the argument's own tensor: a copy would take a reference through the interpreter)
+  static const at::Tensor& read(PyObject* o, size_t index) {
     if (!THPVariable_Check(o)) wrong_argument(index, "a Tensor", o);
     return THPVariable_Unpack(o);
   }

@@ -69,7 +69,8 @@ const double* momentum_args(const char* op, Lists& lists, at::TensorList momentu
 template <class D, class Src>
 void norm_pass(const Src& src, at::TensorList params, at::TensorList grads,
                at::IntArrayRef group_sizes, at::IntArrayRef group_modes,
-               at::ArrayRef<double> group_etas, double q, at::Tensor& out, at::Tensor& scratch,
+               at::ArrayRef<double> group_etas, double q, const at::Tensor& out,
+               const at::Tensor& scratch,
                at::TensorList momentum, const std::optional<at::Tensor>& group_momentum) {
   Lists lists{{"params", params}, {"grads", grads}};
   const int momentum_role = static_cast<int>(lists.size());
@@ -110,7 +111,8 @@ void perturb_pass(const Src& src, at::TensorList params, at::TensorList grads,
                   at::TensorList w_old, at::IntArrayRef group_sizes,
                   at::IntArrayRef group_modes, at::ArrayRef<double> group_etas,
                   const at::Tensor& group_rhos, const at::Tensor& norm_sum,
-                  const at::Tensor& scratch, double q, double p, double eps, at::Tensor& skipped,
+                  const at::Tensor& scratch, double q, double p, double eps,
+                  const at::Tensor& skipped,
                   at::TensorList keep, at::TensorList momentum, at::TensorList momentum_next,
                   const std::optional<at::Tensor>& group_momentum,
                   const std::optional<at::Tensor>& group_mask, int64_t mask_key0,
@@ -219,7 +221,7 @@ void restore_op(at::TensorList params, at::TensorList w_old) {
 // _amp_foreach_non_finite_check_and_unscale_ keeps one). Reads each element once, any dtype
 // in one call; a held call leaves the gradients to its tables (`tensors` empty).
 template <class D, class Src>
-void nonfinite_pass(const Src& src, at::TensorList tensors, at::Tensor& found) {
+void nonfinite_pass(const Src& src, at::TensorList tensors, const at::Tensor& found) {
   const Lists lists{{"tensors", tensors}};
   src.check("nonfinite", lists);
   check_scalar_tensor("nonfinite", "found", found, tensors, 1);
@@ -484,8 +486,8 @@ void wsam_decoupled_op(at::TensorList params, at::TensorList first, at::TensorLi
 // which a held call gives where it leaves the gradients to its tables (held.h HeldTables).
 template <class D, class Src>
 void gsam_reduce(const Src& src, const char* op, at::TensorList grads,
-                 at::TensorList first_grads, double eps, bool sums, at::Tensor& out,
-                 at::Tensor& scratch) {
+                 at::TensorList first_grads, double eps, bool sums, const at::Tensor& out,
+                 const at::Tensor& scratch) {
   const Lists lists{{"grads", grads}, {"first_grads", first_grads}};
   src.check(op, lists);
   check_norm_out(op, "out", out, first_grads, sums ? 3 : 1);
