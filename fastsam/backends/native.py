@@ -169,6 +169,9 @@ class HeldLists:
         # what is bound, mirrored here: a lookup without a call into C++
         self.bound: set[tuple[str, int]] = set()
         self.entry_names: set[str] = set()  # the lists bound from state entries
+        # per group, the tuple of state list names a caller found all bound (by identity;
+        # forgotten with the entries): HeldSteps._bind_state's check, a lookup a group
+        self.state_bound: dict[int, tuple[str, ...]] = {}
         self.state_changes = -1  # the state mapping's changes when they were bound
         self.device = next(p for ps in params for p in ps).device
         # the dtype of the norm's accumulation (fastsam.functional.accumulation_dtype)
@@ -212,6 +215,7 @@ class HeldLists:
         self.bound = {(name, group) for name, group in self.bound
                       if name not in self.entry_names}
         self.entry_names.clear()
+        self.state_bound.clear()
 
     def bind_groups(self, members: list, perturbs: tuple) -> None:
         """The param groups the plan was made for: per group, its parameters (kept by

@@ -308,6 +308,8 @@ class HeldSteps:
                 names = _MOMENTUM if group["momentum"] != 0 else ()
             else:
                 names = _AMSGRAD if group["amsgrad"] else _ADAM
+            if held.state_bound.get(i) is names:  # (all bound: a lookup, not one per name)
+                continue
             for name in names:
                 if (name, i) in held.bound:
                     continue
@@ -315,6 +317,7 @@ class HeldSteps:
                     states = self.opt._planner.states(plan, self.opt.state)
                 if not held.bind_entries(name, i, states[i]):
                     return False
+            held.state_bound[i] = names
         held.state_changes = self.opt.state.changes  # (after: lookups may make dicts)
         if kind == "sgd" and self.opt._fused.cohorts:
             return False
