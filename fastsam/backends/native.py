@@ -423,14 +423,14 @@ class NativeBackend(Backend):
         out, scratch = self._held_norm(held, groups, modes, etas, q, names[0], m, coefficients)
         if perturbs is not None and not perturbs(out):
             return False
-        thresholds, key = None, (0, 0)
+        thresholds, key0, key1 = None, 0, 0
         if masks is not None and masks[0] is not None:
             thresholds = self._constants(tuple(m.threshold for m in masks), held.device)
-            key = masks[0].key
+            key0, key1 = masks[0].key
         # lists: params, grads, w_old, keep, momentum, momentum_next (binding/held.h)
-        held.plan.perturb(groups, ["params", *names, keep, m, m_next], modes, etas,
-                          self._constants(rhos, held.device), out, scratch, q, p,
-                          eps, skipped, coefficients, thresholds, *key)
+        held.plan.perturb(groups, ("params", names[0], names[1], keep, m, m_next), modes, etas,
+                          self._constants(rhos, held.device), out, scratch, q, p, eps, skipped,
+                          coefficients, thresholds, key0, key1)
         return True
 
     def held_norm(self, held: HeldLists, groups: list[int]) -> Tensor:
@@ -448,7 +448,7 @@ class NativeBackend(Backend):
             held.buffers = (self._buffer("norm", held.device, held.accumulation),
                             self._buffer("scratch", held.device, torch.float64))
         out, scratch = held.buffers
-        held.plan.norm(groups, ["params", grad, momentum], modes, etas, q, out, scratch,
+        held.plan.norm(groups, ("params", grad, momentum), modes, etas, q, out, scratch,
                        coefficients)
         return out, scratch
 

@@ -80,14 +80,17 @@ class SkipPolicy:
         self.capturable = capturable
         self.counters = counters
         self.perturb_skipped: Tensor | None = None  # pass B's flag: the norm was not finite
+        self._flag_device: torch.device | None = None  # its device (a tensor's .device makes
+        # a new device object at each read: ~0.3 us)
         self._found: Tensor | None = None  # skip_nonfinite's flag, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
         self._inverses: dict[tuple, Tensor] = {}  # 1/loss scale per (device, dtype): _inverse
 
     def perturb_flag(self, device: torch.device) -> Tensor:
         """The 0-d fp32 flag the perturb pass sets (1: the norm was not finite)."""
-        if self.perturb_skipped is None or self.perturb_skipped.device != device:
+        if self.perturb_skipped is None or self._flag_device != device:
             self.perturb_skipped = torch.zeros((), dtype=torch.float32, device=device)
+            self._flag_device = device
         return self.perturb_skipped
 
     def decide(
