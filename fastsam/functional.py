@@ -575,6 +575,11 @@ class Backend:
         all-reduce across the shards for sharded parameters."""
         return partial
 
+    def any_over_shards(self, flag: Tensor) -> Tensor:
+        """A 0/1 flag computed over :meth:`local` tensors made global (in place): 1 where a
+        shard's is; the identity, or an all-reduce (max) across the shards."""
+        return flag
+
     def perturbation_norm(self, groups: list[PerturbGroup], q: float) -> PerturbationNorm:
         """Pass A. ``S = Σ |T·g|^q`` over every tensor of every group, as the ``total`` (a 0-d
         tensor on the parameters' device, fp32 accumulation) of a :class:`PerturbationNorm`.

@@ -256,7 +256,7 @@ class HeldGradients:
         self.held.plan.scale(self.groups, self.names,
                              [factor(self.device, dtype) for dtype in self.held.dtypes])
 
-    def sum_over_shards(self, found: Tensor) -> Tensor:
+    def any_over_shards(self, found: Tensor) -> Tensor:
         return found  # (a held plan is never sharded)
 
 

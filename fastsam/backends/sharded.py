@@ -131,6 +131,11 @@ class ShardedBackend(Backend):
             dist.all_reduce(partial, op=dist.ReduceOp.SUM, group=group)
         return partial
 
+    def any_over_shards(self, flag: Tensor) -> Tensor:
+        for group in self.groups:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return flag
+
     def _local_groups(self, groups: list[PerturbGroup]) -> list[PerturbGroup]:
         out = []
         for g in groups:

@@ -84,6 +84,7 @@ class SkipPolicy:
         # a new device object at each read: ~0.3 us)
         self._found: Tensor | None = None  # skip_nonfinite's flag, on the device
         self._one: Tensor | None = None  # its check's unscale factor, 1
+        self._found_device: torch.device | None = None
         self._inverses: dict[tuple, Tensor] = {}  # 1/loss scale per (device, dtype): _inverse
 
     def perturb_flag(self, device: torch.device) -> Tensor:
@@ -167,16 +168,17 @@ class SkipPolicy:
         device = grads.device
         if device is None:
             return None
-        if self._found is None or self._found.device != device:
+        if self._found is None or self._found_device != device:  # (see _flag_device)
             self._found = torch.zeros(1, dtype=torch.float32, device=device)
             self._one = torch.ones(1, dtype=torch.float32, device=device)
+            self._found_device = device
         found = self._found
         if after_perturb and self.perturb_skipped is not None:
             found.copy_(self.perturb_skipped)  # 1 when the first pass's norm was not finite
         else:
             found.zero_()
-        grads.check_nonfinite(found, self._one)
-        return grads.sum_over_shards(found).clamp_(max=1.0)
+        grads.check_nonfinite(found, self._one)  # (sets 1, never adds: found stays 0 or 1)
+        return grads.any_over_shards(found)
 
 
 class Gradients(Protocol):
@@ -193,8 +195,9 @@ class Gradients(Protocol):
     def scale(self, factor: Callable[[torch.device, torch.dtype], Tensor]) -> None:
         """Every gradient times ``factor(device, dtype)`` of its own, in place."""
 
-    def sum_over_shards(self, found: Tensor) -> Tensor:
-        """``found`` summed over the shards of sharded parameters (in place)."""
+    def any_over_shards(self, found: Tensor) -> Tensor:
+        """``found`` (0 or 1) made 1 where any shard of sharded parameters found one (in
+        place)."""
 
 
 class GradientLists:
@@ -219,5 +222,5 @@ class GradientLists:
         for (where, dtype), tensors in by_dtype.items():
             torch._foreach_mul_(tensors, factor(where, dtype))
 
-    def sum_over_shards(self, found: Tensor) -> Tensor:
-        return self.backend.sum_over_shards(found)
+    def any_over_shards(self, found: Tensor) -> Tensor:
+        return self.backend.any_over_shards(found)
