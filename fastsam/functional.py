@@ -358,7 +358,7 @@ class AdamHyper:            # group and step; nothing changes one after it is ma
         """The scalars the fused kernels read, in their order: [lr, β1, β2, eps, weight_decay,
         lr/(1-β1^t), sqrt(1-β2^t), 1 - lr·weight_decay]: :attr:`step_size`,
         :attr:`bias_correction2_sqrt` and :attr:`decay` formed inline (three property calls
-        cost ~0.3 us, per group and step; tests/test_functional.py checks they agree)."""
+        cost ~0.3 us, per group and step; tests/test_fused.py checks they agree)."""
         lr, step = self.lr, self.step
         if step is None:  # per tensor in ``bias``
             step_size = bias_correction2_sqrt = 0.0

@@ -107,6 +107,8 @@ class HeldSteps:
         self.opt = opt
         self.sam_steps = sam_steps  # first and second steps held too (not LookSAM's, FreeSAM's)
         self.skipped = False  # whether the last held update was skipped (inf/NaN, GradScaler)
+        # (FreeSAM and MSAM, no SharpnessAwareOptimizer, lack the SAM steps' hooks: counted
+        # as overridden, never called, as their steps are no SAM steps)
         self.overrides = frozenset(name for name in _NO_OP_HOOKS if not _same_hook(opt, name))
 
     def _backend(self, plan: StepPlan) -> NativeBackend | None:
